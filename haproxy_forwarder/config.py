@@ -1,0 +1,271 @@
+"""Configuration: a TOML file overridden by HAPROXY_FORWARDER_<SECTION>__<KEY> variables.
+
+Loading never raises past `load()`: every problem becomes one readable line in ConfigError.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+DEFAULT_CONFIG_PATH = "/etc/haproxy-forwarder/config.toml"
+CONFIG_ENV = "HAPROXY_FORWARDER_CONFIG"
+ENV_PREFIX = "HAPROXY_FORWARDER_"
+
+KIB = 1024
+MIB = 1024 * KIB
+
+# Base URLs from Sekoia's region documentation; the endpoint path is appended to them.
+REGIONS: dict[str, str] = {
+    "fra1": "https://intake.sekoia.io",
+    "fra2": "https://intake.fra2.sekoia.io/api/v1/intake-http",
+    "mco1": "https://intake.mco1.sekoia.io/api/v1/intake-http",
+    "uae1": "https://intake.uae1.sekoia.io/api/v1/intake-http",
+    "usa1": "https://intake.usa1.sekoia.io/api/v1/intake-http",
+}
+DEFAULT_URL = REGIONS["fra1"]
+
+# The intake rejects a single event over 250 KiB; it is dead-lettered instead of sent.
+MAX_EVENT_BYTES = 250 * KIB
+# Sekoia's clients stay under 10 MiB per request; we keep every encoded body under this.
+MAX_REQUEST_BYTES = 9 * MIB
+
+
+class ConfigError(Exception):
+    """Invalid configuration; `problems` holds one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    # A misspelt key must be an error, not a silently ignored default.
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port (e.g. \"0.0.0.0:1514\")")
+    return value
+
+
+class ListenConfig(_Section):
+    tcp: list[str] = Field(default_factory=lambda: ["0.0.0.0:1514"])
+    udp: list[str] = Field(default_factory=lambda: ["0.0.0.0:1514"])
+    max_message_size: int = Field(default=256 * KIB, ge=1024, le=64 * MIB)
+    # Bounded so a connection flood cannot exhaust memory or file descriptors (Vector #8238).
+    max_connections: int = Field(default=1024, ge=1)
+
+    @field_validator("tcp", "udp")
+    @classmethod
+    def _addresses(cls, values: list[str]) -> list[str]:
+        return [_check_hostport(v) for v in values]
+
+
+class FilterConfig(_Section):
+    programs: list[str] = Field(default_factory=lambda: ["haproxy", "hapee"])
+
+    @field_validator("programs")
+    @classmethod
+    def _non_empty(cls, values: list[str]) -> list[str]:
+        if not values or any(not v for v in values):
+            raise ValueError("needs at least one non-empty program name prefix")
+        return values
+
+
+class BatchConfig(_Section):
+    max_events: int = Field(default=5000, ge=1, le=100_000)
+    max_bytes: int = Field(default=4 * MIB, ge=1024, le=8 * MIB)
+    max_delay: float = Field(default=1.0, gt=0, le=60)
+    # Batches waiting for delivery in memory; beyond this the listeners stop reading.
+    max_in_flight: int = Field(default=8, ge=1, le=1024)
+
+
+Endpoint = Literal["array", "batch", "jsons", "plain-batch"]
+ENDPOINT_PATHS: dict[str, str] = {
+    "array": "/array",
+    "batch": "/batch",
+    "jsons": "/jsons",
+    "plain-batch": "/plain/batch",
+}
+
+
+class IntakeConfig(_Section):
+    url: str = DEFAULT_URL
+    region: Literal["fra1", "fra2", "mco1", "uae1", "usa1"] | None = None
+    key: SecretStr | None = None
+    endpoint: Endpoint = "array"
+    gzip: bool = True
+    ca_file: Path | None = None
+    proxy: str | None = None
+    timeout: float = Field(default=30.0, gt=0, le=600)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    # Backoff cap for transient failures (network, 408, 429, 5xx); retried forever.
+    retry_max: float = Field(default=60.0, ge=0.5, le=3600)
+    # Wait between attempts after 401/403/404: a wrong key or URL does not fix itself fast.
+    auth_retry: float = Field(default=60.0, ge=0.1, le=3600)
+    dry_run: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(f"{value!r} must start with https:// (or http:// for tests)")
+        return value.rstrip("/")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Never echo the key back: the message names the rule, not the value.
+        if value is not None and not value.get_secret_value().isalnum():
+            raise ValueError("the intake key must be alphanumeric (as shown in Sekoia.io)")
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)!r} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _region(self) -> IntakeConfig:
+        if self.region is not None:
+            if "url" in self.model_fields_set and self.url != REGIONS[self.region]:
+                raise ValueError("set either intake.url or intake.region, not both")
+            self.url = REGIONS[self.region]
+        return self
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.url + ENDPOINT_PATHS[self.endpoint]
+
+
+class SpoolConfig(_Section):
+    dir: Path = Path("/var/lib/haproxy-forwarder")
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # "auto": JSON, or the console renderer when stderr is a terminal.
+    format: Literal["auto", "json", "console"] = "auto"
+    stats_interval: float = Field(default=60.0, gt=0)
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    shutdown_timeout: float = Field(default=10.0, ge=0, le=3600)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment wins over it.
+        return (env_settings, init_settings)
+
+    def require_key(self) -> None:
+        """A real run (not dry-run) cannot start without an intake key."""
+        if not self.intake.dry_run and self.intake.key is None:
+            raise ConfigError(
+                [
+                    "intake.key: missing: set it in the config file or "
+                    "HAPROXY_FORWARDER_INTAKE__KEY (or use --dry-run)"
+                ]
+            )
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data, with the key masked."""
+        data = self.model_dump(mode="json")
+        if self.intake.key is not None:
+            data["intake"]["key"] = "********"
+        return data
+
+
+def config_path(cli_value: str | None) -> tuple[Path, bool]:
+    """The config file to read, and whether it was asked for explicitly."""
+    if cli_value:
+        return Path(cli_value), True
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env), True
+    return Path(DEFAULT_CONFIG_PATH), False
+
+
+def _format_error(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (misspelt?)"
+    # pydantic's message never contains the input value, so the key cannot leak through here.
+    return f"{loc}: {msg}"
+
+
+def load(cli_value: str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read the TOML file (optional when not named explicitly), apply env, validate."""
+    path, explicit = config_path(cli_value)
+    data: dict[str, Any] = {}
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError([f"{path}: config file not found"]) from None
+    except PermissionError:
+        raise ConfigError([f"{path}: permission denied"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a config file"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(e) for e in exc.errors()]) from None
+    except SettingsError as exc:
+        # Raised for an environment value that is not valid JSON where a list is expected.
+        raise ConfigError([f"environment: {exc}"]) from None

@@ -1,0 +1,122 @@
+"""The Sekoia.io intake client: one POST per batch, answers classified into outcomes.
+
+No httpx exception leaves this module; the delivery loop only sees Outcome values.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import ssl
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from . import __version__
+from .config import IntakeConfig
+
+# Cap what a Retry-After may impose, so a bogus header cannot park delivery for days.
+MAX_RETRY_AFTER = 600.0
+
+
+class Kind(enum.Enum):
+    DELIVERED = "delivered"
+    RETRY = "retry"  # transient: network, timeout, 408, 429, 5xx
+    AUTH = "auth"  # 401/403/404...: configuration problem, retried slowly and loudly
+    TOO_LARGE = "too_large"  # 413: split and retry the halves
+    REJECTED = "rejected"  # 400: never retried, dead-lettered
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: Kind
+    status: int | None = None
+    detail: str = ""
+    retry_after: float | None = None
+    # True when the request may have been processed although we got no answer: a retry
+    # can then duplicate events (a timeout after sending).
+    uncertain: bool = False
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return min(max(delay, 0.0), MAX_RETRY_AFTER)
+
+
+def classify(status: int, body: str, retry_after: str | None) -> Outcome:
+    detail = body[:500]
+    if 200 <= status < 300:
+        return Outcome(Kind.DELIVERED, status)
+    if status in (408, 429) or status >= 500:
+        return Outcome(Kind.RETRY, status, detail, parse_retry_after(retry_after))
+    if status == 413:
+        return Outcome(Kind.TOO_LARGE, status, detail)
+    if status in (400, 422):
+        return Outcome(Kind.REJECTED, status, detail)
+    # 401/403 (wrong key), 404/405 (wrong URL) and the rest: fixing the config lets it flow,
+    # so the data is kept and retried rather than discarded (rsyslog #4636).
+    return Outcome(Kind.AUTH, status, detail, parse_retry_after(retry_after))
+
+
+def _ssl_context(cfg: IntakeConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if cfg.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(cfg.ca_file))
+    return ctx
+
+
+class IntakeClient:
+    """Keep-alive HTTPS client for one intake endpoint."""
+
+    def __init__(self, cfg: IntakeConfig) -> None:
+        self.cfg = cfg
+        self.url = cfg.endpoint_url
+        self.key = cfg.key.get_secret_value() if cfg.key is not None else ""
+        headers = {"User-Agent": f"haproxy-forwarder/{__version__}"}
+        if cfg.endpoint in ("jsons", "plain-batch"):
+            headers["X-SEKOIAIO-INTAKE-KEY"] = self.key
+        headers["Content-Type"] = (
+            "text/plain; charset=utf-8" if cfg.endpoint == "plain-batch" else "application/json"
+        )
+        if cfg.gzip:
+            headers["Content-Encoding"] = "gzip"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            verify=_ssl_context(cfg),
+            proxy=cfg.proxy,
+            # trust_env keeps HTTPS_PROXY / NO_PROXY working when intake.proxy is unset.
+            trust_env=True,
+            timeout=httpx.Timeout(cfg.timeout, connect=min(cfg.timeout, 10.0)),
+            limits=httpx.Limits(
+                max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
+            ),
+        )
+
+    async def post(self, body: bytes) -> Outcome:
+        try:
+            resp = await self._client.post(self.url, content=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing reached the intake: retrying cannot duplicate.
+            return Outcome(Kind.RETRY, None, f"{type(exc).__name__}: {exc}")
+        except httpx.HTTPError as exc:
+            # Read timeouts, resets after sending: the intake may have taken the batch.
+            return Outcome(Kind.RETRY, None, f"{type(exc).__name__}: {exc}", uncertain=True)
+        except (OSError, ssl.SSLError) as exc:  # pragma: no cover - httpx wraps these
+            return Outcome(Kind.RETRY, None, f"{type(exc).__name__}: {exc}")
+        return classify(resp.status_code, resp.text, resp.headers.get("retry-after"))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

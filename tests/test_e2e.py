@@ -1,0 +1,227 @@
+"""End to end: the daemon started through its CLI, real sockets in, the fake HTTPS intake out."""
+
+from __future__ import annotations
+
+import collections
+import gzip as gz
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.daemon import Daemon
+from tests.fake_intake import FakeIntake
+from tests.traffic import (
+    haproxy_line,
+    lf_framed,
+    mixed_stream,
+    octet_counted,
+    rfc5424,
+    send_tcp,
+    send_udp,
+    traditional,
+)
+
+MakeDaemon = Callable[..., Daemon]
+RECEIVED_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def assert_exactly(intake: FakeIntake, expected: list[str], timeout: float = 60.0) -> None:
+    assert intake.wait_for(len(expected), timeout), (
+        f"only {len(intake.events)} of {len(expected)} events arrived"
+    )
+    time.sleep(0.5)  # anything extra (a duplicate, a filtered message) would show up now
+    got = collections.Counter(e.event for e in intake.events)
+    want = collections.Counter(expected)
+    assert got == want, (
+        f"missing {list((want - got).elements())[:3]}, extra {list((got - want).elements())[:3]}"
+    )
+
+
+def test_100k_octet_counted_frames_one_connection(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    frames, expected = mixed_stream(100_000)
+    send_tcp(d.tcp_port, octet_counted(frames))
+    assert_exactly(intake, expected)
+    # No header time zone in the traditional format: the reception time, UTC, milliseconds.
+    assert all(RECEIVED_TS.match(e.timestamp or "") for e in intake.events)
+    assert {e.endpoint for e in intake.events} == {"/array"}
+    # Bodies are gzip-compressed by default.
+    assert all(r["content_encoding"] == "gzip" for r in intake.requests)
+    assert d.stop() == 0
+
+
+def test_rfc5424_keeps_header_time(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    frames, expected = mixed_stream(20_000, fmt="rfc5424")
+    send_tcp(d.tcp_port, octet_counted(frames))
+    assert_exactly(intake, expected)
+    assert {e.timestamp for e in intake.events} == {"2026-11-26T21:58:51.123456+01:00"}
+
+
+def test_lf_framing(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    frames, expected = mixed_stream(20_000)
+    send_tcp(d.tcp_port, lf_framed(frames))
+    assert_exactly(intake, expected)
+
+
+def test_lf_final_frame_without_trailer_is_delivered(intake: FakeIntake,
+                                                     daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    send_tcp(d.tcp_port, traditional("haproxy", "first").__add__(b"\n")
+             + traditional("haproxy", "last, no LF"))
+    assert_exactly(intake, ["first", "last, no LF"])
+
+
+def test_udp(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    frames, expected = mixed_stream(5_000)
+    send_udp(d.udp_port, (f + b"\n" for f in frames))
+    assert_exactly(intake, expected)
+
+
+def test_transient_errors_then_retry_after_nothing_lost_nothing_doubled(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    intake.inject(503, times=3)
+    intake.inject(429, headers={"Retry-After": "1"})
+    d = daemon(intake, batch={"max_events": 1000})
+    frames, expected = mixed_stream(3_000)
+    started = time.monotonic()
+    send_tcp(d.tcp_port, octet_counted(frames))
+    assert_exactly(intake, expected)
+    statuses = [r["status"] for r in intake.requests]
+    assert statuses[:4] == [503, 503, 503, 429]
+    assert time.monotonic() - started >= 1.0  # the Retry-After was honoured
+    retries = d.events("intake_retry")
+    assert [r["status"] for r in retries][:4] == [503, 503, 503, 429]
+
+
+def test_hapee_tag_kept_and_text_normalised(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    frames = [
+        b'<134>Nov 26 21:58:51 lb1 hapee-lb[16320]: [ACCESS] 2022 {"ctn":"html"}',
+        b"<134>Nov 26 21:58:51 lb1 haproxy[1]:    leading spaces\r\n\x00",
+        b"<134>Nov 26 21:58:51 lb1 haproxy[1]: \xef\xbb\xbfbom dropped",
+        b"<134>Nov 26 21:58:51 lb1 haproxy[1]: bad \xff utf-8",
+        b"<134>Nov 26 21:58:51 lb1 haproxy[1]: line one\nline two",
+        b"<134>Nov 26 21:58:51 lb1 haproxyish[1]: prefix match counts",
+        b"<134>Nov 26 21:58:51 lb1 nginx[1]: not haproxy",
+    ]
+    send_tcp(d.tcp_port, octet_counted(frames))
+    assert_exactly(intake, [
+        'hapee-lb[16320]: [ACCESS] 2022 {"ctn":"html"}',
+        "leading spaces",
+        "bom dropped",
+        "bad \ufffd utf-8",
+        "line one\nline two",
+        "prefix match counts",
+    ])
+
+
+def test_event_over_250k_goes_to_dead_letter(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    big = "x" * (250 * 1024 + 1)
+    send_tcp(d.tcp_port, octet_counted([traditional("haproxy", big),
+                                        traditional("haproxy", "small one")]))
+    assert_exactly(intake, ["small one"])
+    files = list((d.tmp / "spool" / "dead-letter").glob("*.jsonl"))
+    assert len(files) == 1
+    text = files[0].read_text()
+    assert big in text and "250 KiB" in text
+    assert d.wait_log("dead_lettered")["events"] == 1
+
+
+def test_400_dead_letters_the_batch(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    intake.inject(400, body=b'{"message": "bad request"}')
+    d = daemon(intake)
+    send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "refused one")]))
+    rec = d.wait_log("dead_lettered")
+    assert rec["status"] == 400
+    text = next((d.tmp / "spool" / "dead-letter").glob("*.jsonl")).read_text()
+    assert "refused one" in text and "bad request" in text
+    assert intake.events == []
+
+
+def test_413_splits_the_batch(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    intake.inject(413)
+    d = daemon(intake, batch={"max_delay": 0.5})
+    lines = [haproxy_line(i) for i in range(10)]
+    send_tcp(d.tcp_port, octet_counted(traditional("haproxy", x) for x in lines))
+    assert_exactly(intake, lines)
+    assert [r["n_events"] for r in intake.requests if r["status"] == 200] == [5, 5]
+
+
+def test_wrong_key_is_retried_loudly_and_flows_once_fixed(intake: FakeIntake,
+                                                          daemon: MakeDaemon) -> None:
+    intake.inject(401, times=2)
+    d = daemon(intake, intake={"auth_retry": 0.2})
+    send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "kept through 401")]))
+    assert_exactly(intake, ["kept through 401"])
+    errors = d.events("intake_refused_check_config")
+    assert len(errors) == 2 and errors[0]["level"] == "error"
+
+
+def test_other_programs_do_not_arrive(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    send_tcp(d.tcp_port, octet_counted([traditional("sshd", "no"), traditional("haproxy", "yes"),
+                                        rfc5424("cron", "no"), rfc5424("haproxy", "yes too")]))
+    assert_exactly(intake, ["yes", "yes too"])
+    assert d.stop() == 0
+    stopped = d.events("stopped")[-1]
+    assert stopped["filtered_out"] == 2 and stopped["accepted_events"] == 2
+
+
+def test_sigterm_flushes_open_batch_and_exits_0(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d = daemon(intake, batch={"max_delay": 60.0})
+    send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "in the open batch")]))
+    time.sleep(0.3)
+    assert intake.events == []
+    assert d.stop(signal.SIGTERM) == 0
+    assert [e.event for e in intake.events] == ["in the open batch"]
+
+
+def test_sigterm_with_unreachable_intake_reports_exact_drop(intake: FakeIntake,
+                                                            daemon: MakeDaemon) -> None:
+    intake.set_down(True)
+    d = daemon(intake, shutdown_timeout=1.0)
+    send_tcp(d.tcp_port, octet_counted(traditional("haproxy", f"e{i}") for i in range(7)))
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert d.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 1.0 + 2.0
+    assert d.events("shutdown_dropped")[-1]["events"] == 7
+
+
+def test_invalid_length_prefix_closes_only_that_connection(intake: FakeIntake,
+                                                           daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    good = socket.create_connection(("127.0.0.1", d.tcp_port))
+    good.sendall(octet_counted([traditional("haproxy", "before")]))
+    send_tcp(d.tcp_port, b"12 <134>bad fr" + b"amex\n" + b"garbage here\n")
+    good.sendall(octet_counted([traditional("haproxy", "after")]))
+    good.close()
+    assert_exactly(intake, ["before", "after"])
+    assert d.wait_log("framing_error")["action"] == "connection closed"
+
+
+def test_gzip_body_is_really_gzip(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d = daemon(intake)
+    send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "compressed")]))
+    assert_exactly(intake, ["compressed"])
+    assert intake.requests[0]["content_encoding"] == "gzip"
+    assert gz.decompress(gz.compress(b"x")) == b"x"
+
+
+@pytest.mark.parametrize("endpoint", ["batch", "jsons", "plain-batch"])
+def test_other_endpoints(intake: FakeIntake, daemon: MakeDaemon, endpoint: str) -> None:
+    d = daemon(intake, intake={"endpoint": endpoint})
+    lines = [haproxy_line(i) for i in range(50)]
+    send_tcp(d.tcp_port, octet_counted(traditional("haproxy", x) for x in lines))
+    assert_exactly(intake, lines)
+    path = {"batch": "/batch", "jsons": "/jsons", "plain-batch": "/plain/batch"}[endpoint]
+    assert {e.endpoint for e in intake.events} == {path}
