@@ -273,8 +273,10 @@ class RsyslogProcess(_Process):
     ``rsyslogd.out`` (stdout/stderr) and ``rsyslogd.pid``.
 
     Input: one imuxsock socket, ``.socket_path`` (a unix datagram socket, like /dev/log),
-    with rate limiting OFF (imuxsock would otherwise drop bursts from one pid) and the system
-    socket /dev/log NOT used. No imklog, no network input.
+    with rate limiting explicitly OFF (RateLimit.Interval="0", the 8.2302 default for an
+    input(); with an interval set, imuxsock keeps 200 messages per interval per SENDING pid
+    and all of HAProxy is one pid) and the system socket /dev/log NOT used. No imklog, no
+    network input.
 
     ``template``: None keeps the rule's default (RSYSLOG_TraditionalForwardFormat), otherwise
     ``template="<name>"`` is added to the omfwd action (e.g. "RSYSLOG_ForwardFormat",
