@@ -163,6 +163,19 @@ class IntakeConfig(_Section):
 
 class SpoolConfig(_Section):
     dir: Path = Path("/var/lib/haproxy-forwarder")
+    # "overflow": disk only when a batch cannot be delivered at once; "always": write-ahead,
+    # every batch is on disk before it is sent (a crash loses at most the open batch).
+    mode: Literal["overflow", "always"] = "overflow"
+    max_size: int = Field(default=1024 * MIB, ge=64 * KIB)
+    # "block": hold input back (TCP stops reading, UDP dropped and counted);
+    # "drop_oldest": delete the oldest segments, counted and logged.
+    when_full: Literal["block", "drop_oldest"] = "block"
+    dead_letter_max_size: int = Field(default=256 * MIB, ge=64 * KIB)
+
+    @property
+    def segment_size(self) -> int:
+        # Several segments per spool, so acked space comes back before the spool is full.
+        return max(16 * KIB, min(32 * MIB, self.max_size // 8))
 
 
 class LogConfig(_Section):

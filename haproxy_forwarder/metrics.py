@@ -30,6 +30,10 @@ class Counters:
     retries: int = 0
     uncertain_deliveries: int = 0
     dead_lettered_events: int = 0
+    spooled_batches: int = 0
+    spool_dropped_events: int = 0
+    spool_write_errors: int = 0
+    requeued_events: int = 0
     dropped_events: int = 0
 
     def snapshot(self) -> dict[str, int]:

@@ -8,19 +8,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .batching import Batch, Batcher
 from .config import MAX_EVENT_BYTES, Settings
-from .deadletter import DeadLetters
+from .deadletter import DeadLetters, read_dead_letters
 from .delivery import Backoff, Delivery, DryRunSink, IntakeSink, Sink
 from .intake import IntakeClient
 from .listeners import TcpListener, UdpListener
 from .metrics import Counters
+from .spool import Spool, SpoolError
 from .syslog.header import event_text, read_header
 
 HAPEE = b"hapee"
+# How often the daemon looks for dead letters an operator re-queued.
+REQUEUE_INTERVAL = 2.0
 
 
 class _Clock:
@@ -55,7 +59,8 @@ class Pipeline:
         self.prefixes = tuple(p.encode() for p in settings.filter.programs)
         self.batcher = Batcher(settings.batch.max_events, settings.batch.max_bytes)
         self.clock = _Clock()
-        self.dead = DeadLetters(settings.spool.dir)
+        self.dead = DeadLetters(settings.spool.dir, settings.spool.dead_letter_max_size)
+        self.spool: Spool | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.tcp: list[TcpListener] = []
         self.udp: list[UdpListener] = []
@@ -112,22 +117,22 @@ class Pipeline:
     def _submit(self, batch: Batch) -> None:
         assert self.delivery is not None
         self.delivery.submit(batch)
-        if not self.paused and self.delivery.pending >= self.settings.batch.max_in_flight:
-            self.paused = True
-            for lst in self.tcp:
-                lst.pause()
-            self.log.warning(
-                "backpressure_on", pending_batches=self.delivery.pending,
-                action="TCP listeners stop reading; UDP datagrams dropped and counted",
-            )
 
-    def _on_batch_done(self) -> None:
-        assert self.delivery is not None
-        if self.paused and self.delivery.pending < self.settings.batch.max_in_flight:
-            self.paused = False
-            for lst in self.tcp:
+    def _on_pressure(self, on: bool) -> None:
+        """Backpressure: TCP listeners stop reading, so senders queue on their side."""
+        self.paused = on
+        for lst in self.tcp:
+            if on:
+                lst.pause()
+            else:
                 lst.resume()
-            self.log.info("backpressure_off", pending_batches=self.delivery.pending)
+        if on:
+            self.log.warning(
+                "backpressure_on", action="TCP listeners stop reading; UDP dropped and counted",
+                in_memory_batches=self.delivery.in_memory if self.delivery else 0,
+            )
+        else:
+            self.log.info("backpressure_off")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -137,12 +142,36 @@ class Pipeline:
             return DryRunSink()
         return IntakeSink(IntakeClient(cfg), cfg.endpoint, cfg.gzip)
 
+    def _open_spool(self) -> Spool | None:
+        """The disk spool; none in dry-run, where stdout never fails."""
+        s = self.settings.spool
+        if self.settings.intake.dry_run:
+            return None
+        spool = Spool(s.dir, max_size=s.max_size, when_full=s.when_full,
+                      segment_size=s.segment_size)
+        report = spool.open()
+        st = spool.stats()
+        fields = {**report.as_dict(), "batches": st["batches"], "events": st["events"]}
+        if report.quarantined:
+            self.log.error("spool_recovered_with_corruption", **fields,
+                           quarantine=str(s.dir / "quarantine"))
+        elif report.truncated:
+            self.log.warning("spool_recovered_torn_tail", **fields)
+        else:
+            self.log.info("spool_opened", **fields)
+        return spool
+
     async def start(self) -> None:
         s = self.settings
+        self.spool = self._open_spool()
         self.delivery = Delivery(
             self._make_sink(), self.counters, self.dead, self.log,
-            workers=s.intake.concurrency, on_done=self._on_batch_done,
+            workers=s.intake.concurrency,
             backoff=Backoff(s.intake.retry_max, s.intake.auth_retry),
+            max_in_flight=s.batch.max_in_flight,
+            on_pressure=self._on_pressure,
+            spool=self.spool,
+            write_ahead=s.spool.mode == "always",
         )
         bound: list[str] = []
         for addr in s.listen.tcp:
@@ -172,6 +201,7 @@ class Pipeline:
             batch_max_bytes=s.batch.max_bytes,
             batch_max_delay=s.batch.max_delay,
             spool_dir=str(s.spool.dir),
+            spool_mode=s.spool.mode if self.spool else "off (dry-run)",
         )
 
     async def _stats_loop(self) -> None:
@@ -180,9 +210,51 @@ class Pipeline:
             self.log_stats("stats")
 
     def log_stats(self, name: str) -> None:
-        pending = self.delivery.pending if self.delivery else 0
-        self.log.info(name, **self.counters.snapshot(), pending_batches=pending,
-                      paused=self.paused)
+        d = self.delivery
+        extra: dict[str, Any] = {
+            "in_memory_batches": d.in_memory if d else 0,
+            "paused": self.paused,
+            "intake_failing": d.failing if d else False,
+        }
+        if self.spool is not None:
+            st = self.spool.stats()
+            extra.update(spool_batches=st["batches"], spool_events=st["events"],
+                         spool_bytes=st["bytes"], spool_oldest_age=st["oldest_age_seconds"])
+        self.log.info(name, **self.counters.snapshot(), **extra)
+
+    async def _requeue_loop(self) -> None:
+        """Pick up dead-letter files moved to spool.dir/requeue/ by `spool replay-dead-letter`."""
+        folder = self.settings.spool.dir / "requeue"
+        while True:
+            try:
+                files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+                for path in files:
+                    await self._requeue_file(path)
+            except (OSError, SpoolError) as exc:
+                self.log.error("requeue_failed", error=str(exc))
+            await asyncio.sleep(REQUEUE_INTERVAL)
+
+    async def _requeue_file(self, path: Path) -> None:
+        assert self.spool is not None
+        size = self.settings.batch.max_events
+        batch = Batch()
+        n = 0
+        for event, ts in read_dead_letters(path):
+            batch.events.append(event)
+            batch.times.append(ts)
+            if len(batch) >= size:
+                await asyncio.to_thread(self.spool.append, batch)
+                n += len(batch)
+                batch = Batch()
+        if batch.events:
+            await asyncio.to_thread(self.spool.append, batch)
+            n += len(batch)
+        # Only once every event is durable in the spool is the file removed.
+        path.unlink()
+        self.counters.requeued_events += n
+        self.log.info("dead_letters_requeued", file=path.name, events=n)
+        if self.delivery is not None:
+            self.delivery.poke()
 
     def request_stop(self, signame: str) -> None:
         if not self._stop.is_set():
@@ -194,9 +266,12 @@ class Pipeline:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         await self.start()
-        stats = asyncio.create_task(self._stats_loop())
+        background = [asyncio.create_task(self._stats_loop())]
+        if self.spool is not None:
+            background.append(asyncio.create_task(self._requeue_loop()))
         await self._stop.wait()
-        stats.cancel()
+        for task in background:
+            task.cancel()
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -213,15 +288,20 @@ class Pipeline:
         if last is not None:
             self.delivery.submit(last)
         timeout = self.settings.shutdown_timeout
+        in_memory = self.delivery.in_memory
         drained = await self.delivery.drain(timeout)
-        if not drained:
-            lost = self.delivery.pending_events()
-            self.counters.dropped_events += lost
-            self.log.error(
-                "shutdown_dropped",
-                events=lost,
-                batches=self.delivery.pending,
+        spooled, lost = await self.delivery.stop()
+        if self.spool is not None:
+            self.spool.close()
+        if spooled or lost or not drained:
+            self.log.warning(
+                "shutdown_incomplete",
                 reason=f"not delivered within shutdown_timeout={timeout}s",
+                spooled_events=spooled,
+                dropped_events=lost,
+                in_memory_batches_at_stop=in_memory,
+                hint="spooled events are delivered at the next start",
             )
-        await self.delivery.stop()
+        if lost:
+            self.log.error("shutdown_dropped", events=lost)
         self.log_stats("stopped")

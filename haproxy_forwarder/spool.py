@@ -395,6 +395,11 @@ class Spool:
     def pending_events(self) -> int:
         return self._pending_events
 
+    @property
+    def has_ready(self) -> bool:
+        """A cheap hint that next_batch() may return something (no lock, no IO)."""
+        return bool(self._ready)
+
     def __enter__(self) -> Spool:
         return self
 
@@ -604,11 +609,16 @@ class Spool:
 
     # -- append -----------------------------------------------------------------------------
 
-    def append(self, batch: Batch) -> int:
-        """Store `batch`; returns its record id once it is on disk (fsync'd)."""
-        return self.append_ex(batch).record_id
+    def append(self, batch: Batch, claim: bool = False) -> int:
+        """Store `batch`; returns its record id once it is on disk (fsync'd).
 
-    def append_ex(self, batch: Batch) -> AppendResult:
+        claim=True: the caller keeps the batch and is already sending it (a retry after a
+        first failure); the record counts as handed out, so next_batch() never returns it
+        in this run and delivering it twice is impossible. ack() or release() it as usual.
+        """
+        return self.append_ex(batch, claim).record_id
+
+    def append_ex(self, batch: Batch, claim: bool = False) -> AppendResult:
         """append() that also says how many batches/events drop_oldest discarded to make room."""
         created_ms = time.time_ns() // 1_000_000
         rec, n = _record(batch, created_ms)
@@ -636,7 +646,10 @@ class Spool:
                 seg.total += 1
                 seg.recs[offset] = (reclen, n, created_ms)
                 rid = _record_id(seg.seq, offset)
-                heapq.heappush(self._ready, rid)
+                if claim:
+                    self._inflight.add(rid)
+                else:
+                    heapq.heappush(self._ready, rid)
                 self._size += reclen
                 self._pending_batches += 1
                 self._pending_events += n

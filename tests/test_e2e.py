@@ -185,16 +185,22 @@ def test_sigterm_flushes_open_batch_and_exits_0(intake: FakeIntake, daemon: Make
     assert [e.event for e in intake.events] == ["in the open batch"]
 
 
-def test_sigterm_with_unreachable_intake_reports_exact_drop(intake: FakeIntake,
-                                                            daemon: MakeDaemon) -> None:
+def test_sigterm_with_unreachable_intake_spools_then_next_start_delivers(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
     intake.set_down(True)
     d = daemon(intake, shutdown_timeout=1.0)
-    send_tcp(d.tcp_port, octet_counted(traditional("haproxy", f"e{i}") for i in range(7)))
+    lines = [f"e{i}" for i in range(7)]
+    send_tcp(d.tcp_port, octet_counted(traditional("haproxy", x) for x in lines))
     time.sleep(0.5)
     started = time.monotonic()
     assert d.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 1.0 + 2.0
-    assert d.events("shutdown_dropped")[-1]["events"] == 7
+    assert d.events("shutdown_dropped") == []
+    assert d.events("stopped")[-1]["spool_events"] == 7
+    intake.set_down(False)
+    daemon(intake)  # same spool directory
+    assert_exactly(intake, lines)
 
 
 def test_invalid_length_prefix_closes_only_that_connection(intake: FakeIntake,
