@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="write events as JSON lines to stdout instead of pushing them")
     sub.add_parser("check-config", help="validate and print the effective config (key masked)")
     sub.add_parser("send-test", help="push one test event and print the intake's answer")
+    spool = sub.add_parser("spool", help="inspect or manage the disk spool")
+    spool_sub = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
+    spool_sub.add_parser("stats", help="batches, events, bytes, oldest age, dead letters (JSON)")
+    spool_sub.add_parser(
+        "replay-dead-letter",
+        help="re-queue dead-lettered events (picked up by the running daemon or its next start)",
+    )
+    purge = spool_sub.add_parser("purge", help="delete every spooled batch (daemon stopped)")
+    purge.add_argument("--yes", action="store_true", help="really delete")
     return p
 
 
@@ -64,11 +73,14 @@ def _run(settings: Settings) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency, but stay runnable
         runner = asyncio.run
+    from .spool import SpoolError
+
     pipeline = Pipeline(settings, log)
     try:
         runner(pipeline.run())
-    except OSError as exc:
-        # Typically a listen address in use or not permitted: one clear line, no traceback.
+    except (OSError, SpoolError) as exc:
+        # A listen address in use, a spool directory not writable or locked by another
+        # daemon: one clear line, no traceback.
         log.error("startup_failed", error=str(exc))
         return EXIT_FAILED
     return EXIT_OK
@@ -101,6 +113,83 @@ async def _send_test(settings: Settings) -> int:
     return EXIT_OK if outcome.kind is Kind.DELIVERED else EXIT_FAILED
 
 
+def _spool_stats(settings: Settings) -> int:
+    from .deadletter import DeadLetters
+    from .spool import inspect_spool
+
+    folder = settings.spool.dir
+    out: dict[str, Any] = {"spool_dir": str(folder)}
+    if (folder / "segments").is_dir():
+        info = inspect_spool(folder)
+        st = info["stats"]
+        out.update(
+            batches=st["batches"], events=st["events"], bytes=st["bytes"],
+            oldest_age_seconds=st["oldest_age_seconds"], segments=st["segments"],
+            recovery=info["recovery"],
+        )
+    else:
+        out.update(batches=0, events=0, bytes=0, oldest_age_seconds=0, segments=0)
+    dead = DeadLetters(folder)
+    files = dead.files()
+    out["dead_letter"] = {
+        "files": [str(p) for p in files],
+        "bytes": dead.size(),
+        "events": sum(sum(1 for _ in p.open("rb")) for p in files),
+    }
+    quarantine = folder / "quarantine"
+    out["quarantined_files"] = (
+        sorted(str(p) for p in quarantine.iterdir()) if quarantine.is_dir() else []
+    )
+    sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+def _spool_requeue(settings: Settings) -> int:
+    from .deadletter import DeadLetters
+
+    dead = DeadLetters(settings.spool.dir)
+    requeue = settings.spool.dir / "requeue"
+    files = dead.files()
+    if not files:
+        print("no dead letters to re-queue")
+        return EXIT_OK
+    requeue.mkdir(parents=True, exist_ok=True)
+    events = 0
+    for path in files:
+        events += sum(1 for _ in path.open("rb"))
+        # A rename is atomic: the daemon never sees a half-moved file.
+        path.rename(requeue / f"{path.stem}-{time.time_ns()}.jsonl")
+    print(f"re-queued {events} events from {len(files)} file(s) into {requeue}; "
+          "the running daemon (or its next start) sends them")
+    return EXIT_OK
+
+
+def _spool_purge(settings: Settings, yes: bool) -> int:
+    from .spool import Spool, SpoolLocked
+
+    folder = settings.spool.dir
+    if not (folder / "segments").is_dir():
+        print(f"nothing to purge in {folder}")
+        return EXIT_OK
+    spool = Spool(folder, max_size=settings.spool.max_size)
+    try:
+        spool.open()
+    except SpoolLocked:
+        print("the spool is in use by a running daemon: stop it first", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        st = spool.stats()
+        if not yes:
+            print(f"would delete {st['batches']} batches ({st['events']} events) in {folder}; "
+                  "run again with --yes to do it")
+            return EXIT_FAILED
+        batches, events = spool.purge()
+        print(f"deleted {batches} batches ({events} events) from {folder}")
+        return EXIT_OK
+    finally:
+        spool.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -111,12 +200,23 @@ def main(argv: list[str] | None = None) -> int:
             return _check_config(settings)
         if args.command == "send-test":
             return asyncio.run(_send_test(settings))
+        if args.command == "spool":
+            if args.spool_command == "stats":
+                return _spool_stats(settings)
+            if args.spool_command == "replay-dead-letter":
+                return _spool_requeue(settings)
+            if args.spool_command == "purge":
+                return _spool_purge(settings, args.yes)
     except ConfigError as exc:
         for line in exc.problems:
             sys.stderr.write(f"config error: {line}\n")
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+    except OSError as exc:
+        # e.g. the spool directory is not readable: one line, not a traceback.
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_FAILED
     return EXIT_CONFIG
 
 
