@@ -178,6 +178,19 @@ class SpoolConfig(_Section):
         return max(16 * KIB, min(32 * MIB, self.max_size // 8))
 
 
+class StatusConfig(_Section):
+    # GET /metrics (Prometheus) and /healthz; "" disables. Loopback by default: it is not
+    # authenticated.
+    listen: str = "127.0.0.1:9514"
+    # /healthz turns 503 when there is a backlog and nothing was delivered for this long.
+    stall_after: float = Field(default=300.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_hostport(value) if value else value
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # "auto": JSON, or the console renderer when stderr is a terminal.
@@ -204,6 +217,7 @@ class Settings(BaseSettings):
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
     shutdown_timeout: float = Field(default=10.0, ge=0, le=3600)
 
     @classmethod

@@ -160,6 +160,8 @@ class Delivery:
         self.spool_blocked = False
         self.stopping = False
         self.pressure = False
+        # Monotonic time of the last accepted request (or start): what /healthz judges.
+        self.last_progress = time.monotonic()
         self._wake_workers = asyncio.Event()
         self._wake_writer = asyncio.Event()
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(workers)]
@@ -341,6 +343,7 @@ class Delivery:
                     failed = [(b, o) for b, o in answers if o.kind in (Kind.RETRY, Kind.AUTH)]
                     for sent, outcome in answers:
                         if outcome.kind is Kind.DELIVERED:
+                            self.last_progress = time.monotonic()
                             self.counters.delivered_events += len(sent)
                             self.counters.delivered_batches += 1
                         elif outcome.kind is Kind.TOO_LARGE and len(sent) > 1:

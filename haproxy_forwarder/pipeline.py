@@ -20,6 +20,7 @@ from .intake import IntakeClient
 from .listeners import TcpListener, UdpListener
 from .metrics import Counters
 from .spool import Spool, SpoolError
+from .status import StatusServer
 from .syslog.header import event_text, read_header
 
 HAPEE = b"hapee"
@@ -65,6 +66,7 @@ class Pipeline:
         self.tcp: list[TcpListener] = []
         self.udp: list[UdpListener] = []
         self.delivery: Delivery | None = None
+        self.status: StatusServer | None = None
         self._stop = asyncio.Event()
 
     # -- hot path ---------------------------------------------------------------------------
@@ -189,6 +191,13 @@ class Pipeline:
             self.udp.append(udp)
             self.log.info("listening", proto="udp", host=h, port=p)
             bound.append(f"udp://{h}:{p}")
+        if s.status.listen:
+            host, port = _split_hostport(s.status.listen)
+            self.status = StatusServer(host, port, self.counters.snapshot, self.gauges,
+                                       self.health, self.log)
+            h, p = await self.status.start()
+            self.log.info("listening", proto="http", host=h, port=p, paths=["/metrics", "/healthz"])
+            bound.append(f"http://{h}:{p}")
         self.log.info(
             "started",
             version=__version__,
@@ -221,6 +230,39 @@ class Pipeline:
             extra.update(spool_batches=st["batches"], spool_events=st["events"],
                          spool_bytes=st["bytes"], spool_oldest_age=st["oldest_age_seconds"])
         self.log.info(name, **self.counters.snapshot(), **extra)
+
+    def gauges(self) -> dict[str, float]:
+        d = self.delivery
+        out: dict[str, float] = {
+            "in_memory_batches": d.in_memory if d else 0,
+            "paused": float(self.paused),
+            "intake_failing": float(d.failing) if d else 0.0,
+            "seconds_since_last_delivery": (time.monotonic() - d.last_progress) if d else 0.0,
+        }
+        if self.spool is not None:
+            st = self.spool.stats()
+            out.update(spool_batches=st["batches"], spool_events=st["events"],
+                       spool_bytes=st["bytes"], spool_oldest_age_seconds=st["oldest_age_seconds"],
+                       spool_blocked=float(d.spool_blocked) if d else 0.0)
+        return out
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        d = self.delivery
+        assert d is not None
+        backlog = d.in_memory + (self.spool.pending_batches if self.spool else 0)
+        idle = time.monotonic() - d.last_progress
+        reasons: list[str] = []
+        if d.spool_blocked:
+            reasons.append("the spool refuses writes (full or disk error): input is held back")
+        if backlog and idle > self.settings.status.stall_after:
+            reasons.append(f"{backlog} batches waiting and nothing delivered for {idle:.0f} s")
+        return not reasons, {
+            "status": "ok" if not reasons else "failing",
+            "reasons": reasons,
+            "intake_failing": d.failing,
+            "backlog_batches": backlog,
+            "seconds_since_last_delivery": round(idle, 1),
+        }
 
     async def _requeue_loop(self) -> None:
         """Pick up dead-letter files moved to spool.dir/requeue/ by `spool replay-dead-letter`."""
@@ -276,6 +318,8 @@ class Pipeline:
 
     async def shutdown(self) -> None:
         assert self.delivery is not None
+        if self.status is not None:
+            await self.status.stop()
         # Stop accepting and reading first, so what we flush is final.
         for lst in self.tcp:
             await lst.stop()

@@ -43,6 +43,7 @@ def base_config(tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
         "batch": {"max_delay": 0.2},
         "spool": {"dir": str(tmp / "spool")},
         "log": {"format": "json", "stats_interval": 1.0},
+        "status": {"listen": "127.0.0.1:0"},
     }
     for name, values in sections.items():
         if isinstance(values, dict):
@@ -66,6 +67,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.tcp_port = 0
         self.udp_port = 0
+        self.status_port = 0
 
     def start(self, timeout: float = 20.0) -> Daemon:
         self._err = self.stderr_path.open("wb")
@@ -83,6 +85,8 @@ class Daemon:
                         self.tcp_port = rec["port"]
                     if rec["proto"] == "udp" and not self.udp_port:
                         self.udp_port = rec["port"]
+                    if rec["proto"] == "http" and not self.status_port:
+                        self.status_port = rec["port"]
                 if rec.get("event") == "started":
                     return self
             if self.proc.poll() is not None:
