@@ -81,7 +81,8 @@ def _run(settings: Settings) -> int:
     except (OSError, SpoolError) as exc:
         # A listen address in use, a spool directory not writable or locked by another
         # daemon: one clear line, no traceback.
-        log.error("startup_failed", error=str(exc))
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        log.error("startup_failed", error=f"{exc}{cause}")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -109,7 +110,8 @@ async def _send_test(settings: Settings) -> int:
     outcome = await client.post(body)
     await client.aclose()
     status = outcome.status if outcome.status is not None else "no answer"
-    print(f"answer: {status} {outcome.detail}".rstrip())
+    # The answer may echo the request (proxies do), and /array bodies carry the key.
+    print(logs.redact(f"answer: {status} {outcome.detail}".rstrip()))
     return EXIT_OK if outcome.kind is Kind.DELIVERED else EXIT_FAILED
 
 

@@ -6,6 +6,7 @@ Loading never raises past `load()`: every problem becomes one readable line in C
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -129,8 +130,14 @@ class IntakeConfig(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value.startswith(("https://", "http://")):
-            raise ValueError(f"{value!r} must start with https:// (or http:// for tests)")
+        if value.startswith("http://"):
+            host = value[7:].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+            # Plain HTTP would carry the key in clear text; only a local TLS-terminating
+            # proxy (stunnel and the like) on this host is allowed.
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise ValueError(f"{value!r} must start with https:// (the key is a secret)")
+        elif not value.startswith("https://"):
+            raise ValueError(f"{value!r} must start with https://")
         return value.rstrip("/")
 
     @field_validator("key")
@@ -269,6 +276,31 @@ def _format_error(err: Any) -> str:
     return f"{loc}: {msg}"
 
 
+def _unknown_env() -> list[str]:
+    """HAPROXY_FORWARDER_* variables that name no setting: a typo must not pass silently."""
+    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields} | {CONFIG_ENV}
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            known |= {f"{ENV_PREFIX}{name}__{key}".upper() for key in section.model_fields}
+    return sorted(
+        f"{var}: unknown setting (misspelt? the form is "
+        f"{ENV_PREFIX}<SECTION>__<KEY>, with a double underscore)"
+        for var in os.environ
+        if var.upper().startswith(ENV_PREFIX) and var.upper() not in known
+    )
+
+
+def _bad_env_json(field: str) -> list[str]:
+    prefix = f"{ENV_PREFIX}{field}".upper()
+    names = sorted(v for v in os.environ if v.upper().startswith(prefix))
+    return [
+        f"{name} ({name[len(ENV_PREFIX):].lower().replace('__', '.')}): not valid JSON "
+        f"(lists are written as JSON, e.g. '[\"0.0.0.0:1514\"]')"
+        for name in names
+    ] or [f"environment: cannot parse the value for {field!r}"]
+
+
 def load(cli_value: str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Read the TOML file (optional when not named explicitly), apply env, validate."""
     path, explicit = config_path(cli_value)
@@ -289,10 +321,15 @@ def load(cli_value: str | None = None, overrides: dict[str, Any] | None = None) 
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
+    unknown = _unknown_env()
+    if unknown:
+        raise ConfigError(unknown)
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError([_format_error(e) for e in exc.errors()]) from None
     except SettingsError as exc:
-        # Raised for an environment value that is not valid JSON where a list is expected.
-        raise ConfigError([f"environment: {exc}"]) from None
+        # Raised for an environment value that is not valid JSON where a list is expected;
+        # pydantic-settings names the field in quotes: point at the variable instead.
+        match = re.search(r'field "([^"]+)"', str(exc))
+        raise ConfigError(_bad_env_json(match.group(1) if match else "")) from None

@@ -21,6 +21,11 @@ def add_secret(value: str) -> None:
         _secrets.append(value)
 
 
+def redact(text: str) -> str:
+    """`text` with every registered secret masked (for output that bypasses the logger)."""
+    return str(_scrub(text))
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         for secret in _secrets:

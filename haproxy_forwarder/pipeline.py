@@ -298,6 +298,13 @@ class Pipeline:
         if self.delivery is not None:
             self.delivery.poke()
 
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # Errors asyncio would print as bare text (e.g. accept() out of file descriptors)
+        # become log lines like every other, so they are seen and grepped for.
+        exc = context.get("exception")
+        self.log.error("event_loop_error", message=context.get("message", ""),
+                       error=repr(exc) if exc else None)
+
     def request_stop(self, signame: str) -> None:
         if not self._stop.is_set():
             self.log.info("stopping", signal=signame)
@@ -307,6 +314,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
+        loop.set_exception_handler(self._loop_error)
         await self.start()
         background = [asyncio.create_task(self._stats_loop())]
         if self.spool is not None:

@@ -45,6 +45,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RSYSLOG_RULE = REPO_ROOT / "config" / "rsyslog" / "haproxy-forwarder.conf"
 RSYSLOG_RULE_RELIABLE = REPO_ROOT / "config" / "rsyslog" / "haproxy-forwarder-reliable.conf"
+HAPROXY_EXAMPLE = REPO_ROOT / "config" / "haproxy" / "haproxy-log-direct.cfg"
 
 # Program -> Debian package that ships it (named in skip messages).
 DEBIAN_PACKAGE = {
@@ -556,3 +557,50 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> bytes:
                 break
             chunks.append(data)
     return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------- shipped example
+
+# Lines of config/haproxy/haproxy-log-direct.cfg that haproxy_direct_cfg() rewrites.
+_EX_UDP_LINE = "    log 192.0.2.10:1514 len 8192 format rfc5424 local0\n"
+_EX_RING_LINE = "    #log ring@haproxy-forwarder local0\n"
+_EX_SERVER_LINE = "    server forwarder 192.0.2.10:1514 log-proto octet-count\n"
+_EX_BIND = "    bind :80\n"
+_EX_BACKEND_SERVER = "server app1 192.0.2.20:8080"
+
+
+def haproxy_direct_cfg(
+    transport: Literal["udp", "ring"],
+    log_port: int,
+    http_port: int,
+    *,
+    udp_format: str = "rfc5424",
+) -> str:
+    """The SHIPPED config/haproxy/haproxy-log-direct.cfg, made runnable on loopback.
+
+    ``transport``: "udp" keeps snippet A (the UDP ``log`` line) with the forwarder at
+    127.0.0.1:``log_port`` and ``format <udp_format>`` ("rfc5424" as shipped, or "local",
+    "rfc3164"); "ring" comments A out and enables B (the ring with ``log-proto
+    octet-count``) with its server at 127.0.0.1:``log_port``. The frontend ``www`` binds
+    127.0.0.1:``http_port`` and the backend ``app`` answers 200 "ok" itself
+    (``http-request return``) instead of proxying to a real server. Everything else
+    (``log-send-hostname``, ``log-format-sd``, ``option httplog``, the ring) is as shipped.
+    """
+    text = HAPROXY_EXAMPLE.read_text()
+    for needle in (_EX_UDP_LINE, _EX_RING_LINE, _EX_SERVER_LINE, _EX_BIND, _EX_BACKEND_SERVER):
+        if needle not in text:
+            raise AssertionError(f"{HAPROXY_EXAMPLE} changed: {needle!r} not found")
+    if transport == "udp":
+        udp = _EX_UDP_LINE.replace("192.0.2.10:1514", f"127.0.0.1:{log_port}")
+        text = text.replace(_EX_UDP_LINE, udp.replace("format rfc5424", f"format {udp_format}"))
+    else:
+        text = text.replace(_EX_UDP_LINE, "    #" + _EX_UDP_LINE.lstrip())
+        text = text.replace(_EX_RING_LINE, _EX_RING_LINE.replace("#", ""))
+        text = text.replace(
+            _EX_SERVER_LINE, _EX_SERVER_LINE.replace("192.0.2.10:1514", f"127.0.0.1:{log_port}")
+        )
+    text = text.replace(_EX_BIND, f"    bind 127.0.0.1:{http_port}\n")
+    # no real backend: the backend answers by itself
+    return text.replace(
+        _EX_BACKEND_SERVER, "http-request return status 200 content-type text/plain string ok"
+    )

@@ -45,9 +45,8 @@ def _wait_events(intake: FakeIntake, want: Iterable[str], timeout: float = 20.0)
         time.sleep(0.05)
     time.sleep(0.3)  # a duplicate would show up now
     got = collections.Counter(e for e in intake.event_texts() if e in want_c)
-    assert got == want_c, (
-        f"missing {list((want_c - got).elements())[:3]}, extra {list((got - want_c).elements())[:3]}"
-    )
+    missing, extra = list((want_c - got).elements()), list((got - want_c).elements())
+    assert got == want_c, f"missing {missing[:3]} ({len(missing)}), extra {extra[:3]}"
 
 
 def _good_lines(tag: str, n: int) -> list[str]:

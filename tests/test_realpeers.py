@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from tests.realpeers import (
-    REPO_ROOT,
     RSYSLOG_RULE_RELIABLE,
     HaproxyProcess,
     RsyslogProcess,
     free_port,
+    haproxy_direct_cfg,
     http_get,
     needs,
     send_logger,
@@ -32,7 +32,6 @@ from tests.realpeers import (
 
 pytestmark = pytest.mark.timeout(30)
 
-HAPROXY_EXAMPLE = REPO_ROOT / "config" / "haproxy" / "haproxy-log-direct.cfg"
 SHORT_HOST = socket.gethostname().split(".")[0].encode()
 
 # ----------------------------------------------------------------------------- recorders
@@ -532,30 +531,6 @@ def test_haproxy_ring_keeps_lines_while_receiver_down(tmp_path: Path) -> None:
 # ============================================================================ shipped example
 
 
-def example_cfg(transport: str, log_port: int, http_port: int) -> str:
-    text = HAPROXY_EXAMPLE.read_text()
-    udp_line = "    log 192.0.2.10:1514 len 8192 format rfc5424 local0\n"
-    ring_line = "    #log ring@haproxy-forwarder local0\n"
-    server_line = "    server forwarder 192.0.2.10:1514 log-proto octet-count\n"
-    backend_server = "server app1 192.0.2.20:8080"
-    for needle in (udp_line, ring_line, server_line, "    bind :80\n", backend_server):
-        assert needle in text, f"{HAPROXY_EXAMPLE} changed: {needle!r} not found"
-    if transport == "udp":
-        text = text.replace(udp_line, udp_line.replace("192.0.2.10:1514", f"127.0.0.1:{log_port}"))
-    else:
-        text = text.replace(udp_line, "    #" + udp_line.lstrip())
-        text = text.replace(ring_line, ring_line.replace("#", ""))
-        text = text.replace(
-            server_line, server_line.replace("192.0.2.10:1514", f"127.0.0.1:{log_port}")
-        )
-    text = text.replace("    bind :80\n", f"    bind 127.0.0.1:{http_port}\n")
-    # no real backend: the backend answers by itself
-    return text.replace(
-        backend_server,
-        "http-request return status 200 content-type text/plain string ok",
-    )
-
-
 @needs("haproxy")
 @pytest.mark.parametrize("transport", ["udp", "ring"])
 def test_shipped_haproxy_example(
@@ -563,7 +538,7 @@ def test_shipped_haproxy_example(
 ) -> None:
     port = free_port()
     log_port = udp_recorder.port if transport == "udp" else tcp_recorder.port
-    cfg = example_cfg(transport, log_port, port)
+    cfg = haproxy_direct_cfg(transport, log_port, port)
     with HaproxyProcess(tmp_path / "haproxy", cfg) as hap:
         http_get(port, "/example")
         if transport == "udp":

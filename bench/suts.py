@@ -1,0 +1,349 @@
+"""Systems under test: haproxy-forwarder (through its CLI and a TOML config, as users run it)
+and syslog-ng 3.38 from Debian (extracted with apt-get download + dpkg -x, run from a folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import procs
+from .control import KEY, Intake
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".bench-cache"
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def write_toml(path: Path, cfg: dict[str, Any]) -> None:
+    lines = [f"{k} = {_toml(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    for section, values in cfg.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class Forwarder:
+    """One daemon process; defaults except what a benchmark needs (loopback, spool dir)."""
+
+    name = "haproxy-forwarder"
+
+    def __init__(self, tmp: Path, intake: Intake, spool_mode: str = "overflow",
+                 spool_dir: Path | None = None, extra: dict[str, dict[str, Any]] | None = None,
+                 wrapper: list[str] | None = None) -> None:
+        self.tmp = tmp
+        self.spool_dir = spool_dir or tmp / f"spool-{time.monotonic_ns()}"
+        cfg: dict[str, Any] = {
+            "shutdown_timeout": 5.0,
+            "listen": {"tcp": ["127.0.0.1:0"], "udp": []},
+            "intake": {"url": intake.url, "key": KEY, "ca_file": str(intake.ca_file)},
+            "spool": {"dir": str(self.spool_dir), "mode": spool_mode},
+            "log": {"format": "json", "level": "info"},
+        }
+        for section, values in (extra or {}).items():
+            cfg.setdefault(section, {}).update(values)
+        self.config = cfg
+        self.config_path = tmp / f"forwarder-{time.monotonic_ns()}.toml"
+        write_toml(self.config_path, cfg)
+        self.log_path = self.config_path.with_suffix(".log")
+        self.wrapper = wrapper or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.t_spawn = 0.0
+        self.t_started = 0.0  # monotonic, when the "started" log line was seen
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        if self.log_path.exists():
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def start(self, timeout: float = 30.0, poll: float = 0.01) -> Forwarder:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAPROXY_FORWARDER_")}
+        self._log = self.log_path.open("wb")
+        self.t_spawn = time.monotonic()
+        self.proc = procs.spawn(
+            [*self.wrapper, sys.executable, "-m", "haproxy_forwarder",
+             "--config", str(self.config_path), "run"],
+            stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=REPO,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for rec in self.logs():
+                if rec.get("event") == "listening" and rec.get("proto") == "tcp":
+                    self.port = int(rec["port"])
+                if rec.get("event") == "started":
+                    self.t_started = time.monotonic()
+                    return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"forwarder exited {self.proc.returncode}: "
+                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(poll)
+        raise RuntimeError("forwarder did not log 'started' within "
+                           f"{timeout}s: {self.log_path.read_text(errors='replace')[-2000:]}")
+
+    def stop(self) -> int:
+        rc = procs.stop(self.proc) if self.proc is not None else 0
+        self._log.close()
+        return rc
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [r for r in self.logs() if r.get("level") in ("error", "critical", "warning")
+                and r.get("event") not in ("backpressure_on",)]
+
+
+# -- syslog-ng ------------------------------------------------------------------------------
+
+SNG_PACKAGES = ("syslog-ng-core", "syslog-ng-mod-http")
+SNG_DIR = CACHE / "syslog-ng"
+SNG_ROOT = SNG_DIR / "root"
+
+
+class SyslogNgUnavailable(Exception):
+    pass
+
+
+def _run(args: list[str], timeout: float = 180.0, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _sng_env() -> dict[str, str]:
+    libs = [SNG_ROOT / "usr/lib/syslog-ng", SNG_ROOT / "usr/lib/x86_64-linux-gnu",
+            SNG_ROOT / "lib/x86_64-linux-gnu"]
+    # the multiarch triplet of this machine, in case it is not x86_64
+    try:
+        triplet = _run(["dpkg-architecture", "-qDEB_HOST_MULTIARCH"], 10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        triplet = ""
+    if triplet and triplet != "x86_64-linux-gnu":
+        libs += [SNG_ROOT / f"usr/lib/{triplet}", SNG_ROOT / f"lib/{triplet}"]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = ":".join(str(p) for p in libs)
+    return env
+
+
+def _sng_binary() -> Path:
+    return SNG_ROOT / "usr/sbin/syslog-ng"
+
+
+def _module_path() -> Path:
+    found = sorted((SNG_ROOT / "usr/lib/syslog-ng").glob("3.*"))
+    if not found:
+        raise SyslogNgUnavailable(f"no module folder under {SNG_ROOT}/usr/lib/syslog-ng")
+    return found[-1]
+
+
+def _missing_libs() -> list[str]:
+    env = _sng_env()
+    missing: set[str] = set()
+    mp = _module_path()
+    for f in [_sng_binary(), mp / "libafsocket.so", mp / "libhttp.so",
+              mp / "libsyslogformat.so", mp / "libaffile.so"]:
+        out = _run(["ldd", str(f)], 30, env=env).stdout
+        missing |= {line.split()[0] for line in out.splitlines() if "not found" in line}
+    return sorted(missing)
+
+
+def _uninstalled_deps() -> list[str]:
+    """Direct dependencies of the syslog-ng packages that dpkg does not have installed."""
+    out = _run(["apt-cache", "depends", "--no-recommends", "--no-suggests", "--no-conflicts",
+                "--no-breaks", "--no-replaces", "--no-enhances", *SNG_PACKAGES], 60).stdout
+    deps: set[str] = set()
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith(("Depends:", "|Depends:")):
+            name = line.split(":", 1)[1].strip()
+            if name.startswith("<") or name in SNG_PACKAGES:
+                continue  # virtual package, or one of ours
+            deps.add(name.split(":")[0])
+    missing = []
+    for name in sorted(deps):
+        st = _run(["dpkg-query", "-W", "-f=${Status}", name], 30)
+        if st.returncode != 0 or "install ok installed" not in st.stdout:
+            missing.append(name)
+    return missing
+
+
+def ensure_syslog_ng(log: Any = print) -> tuple[str, dict[str, Any]]:
+    """Extract syslog-ng (and its uninstalled dependencies) into .bench-cache; its version."""
+    info: dict[str, Any] = {}
+    if not _sng_binary().exists():
+        if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+            raise SyslogNgUnavailable("apt-get/dpkg not found: syslog-ng is taken from Debian")
+        debs = SNG_DIR / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        try:
+            extra = [d for d in _uninstalled_deps()
+                     if d not in ("lsb-base", "sysvinit-utils", "libelogind0")]
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SyslogNgUnavailable(f"apt-cache depends failed: {exc}") from exc
+        wanted = [*SNG_PACKAGES, *extra]
+        log(f"  extracting syslog-ng from Debian: apt-get download {' '.join(wanted)}")
+        r = _run(["apt-get", "download", *wanted], 300, cwd=debs)
+        if r.returncode != 0 and "Unable to locate" in r.stderr + r.stdout:
+            log("  package lists missing: apt-get update")
+            _run(["apt-get", "update", "-qq"], 300)
+            r = _run(["apt-get", "download", *wanted], 300, cwd=debs)
+        if r.returncode != 0:
+            raise SyslogNgUnavailable(
+                f"apt-get download {' '.join(wanted)} failed: "
+                f"{(r.stderr or r.stdout).strip()[-500:]}")
+        root_tmp = SNG_DIR / "root.tmp"
+        shutil.rmtree(root_tmp, ignore_errors=True)
+        for deb in sorted(debs.glob("*.deb")):
+            x = _run(["dpkg", "-x", str(deb), str(root_tmp)], 120)
+            if x.returncode != 0:
+                raise SyslogNgUnavailable(f"dpkg -x {deb.name} failed: {x.stderr.strip()}")
+        shutil.rmtree(SNG_ROOT, ignore_errors=True)
+        root_tmp.rename(SNG_ROOT)
+        info["extracted_dependencies"] = extra
+    info["debs"] = sorted(p.name for p in (SNG_DIR / "debs").glob("*.deb"))
+    missing = _missing_libs()
+    if missing:
+        raise SyslogNgUnavailable(
+            f"shared libraries not found for syslog-ng even with LD_LIBRARY_PATH: "
+            f"{', '.join(missing)}")
+    v = _run([str(_sng_binary()), "--version"], 30, env=_sng_env())
+    if v.returncode != 0:
+        raise SyslogNgUnavailable(f"syslog-ng --version failed: {v.stderr.strip()[-500:]}")
+    version = v.stdout.splitlines()[0] if v.stdout else "?"
+    return version, info
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    want = f"0100007F:{port:04X}"
+    try:
+        with open("/proc/net/tcp") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and parts[1] == want and parts[3] == "0A":
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+SNG_CONF = """@version: 3.38
+# As a peer would run it in front of the Sekoia intake: syslog() TCP source (octet counting),
+# program prefix filter, http() batches to /plain/batch, TLS verified against the CA,
+# flow-control end to end.  Source windows sized for a high-rate sender.
+options {{
+  threaded(yes);
+  use-dns(no);
+  dns-cache(no);
+  keep-hostname(yes);
+  chain-hostnames(no);
+  stats-freq(0);
+  log-msg-size(262144);
+}};
+
+source s_haproxy {{
+  syslog(ip("127.0.0.1") port({port}) transport("tcp")
+         max-connections(16) log-iw-size({iw}) log-fetch-limit({fetch}));
+}};
+
+filter f_haproxy {{ program("haproxy" type(string) flags(prefix)); }};
+
+destination d_sekoia {{
+  http(
+    url("{url}/plain/batch")
+    method("POST")
+    headers("X-SEKOIAIO-INTAKE-KEY: {key}", "Content-Type: text/plain")
+    body("$MSG")
+    batch-lines(1000)
+    workers(2)
+    tls(ca-file("{ca}") peer-verify(yes))
+  );
+}};
+
+log {{ source(s_haproxy); filter(f_haproxy); destination(d_sekoia); flags(flow-control); }};
+
+source s_internal {{ internal(); }};
+destination d_internal {{ file("{tmp}/syslog-ng-internal.log"); }};
+log {{ source(s_internal); destination(d_internal); }};
+"""
+
+
+class SyslogNg:
+    name = "syslog-ng"
+
+    def __init__(self, tmp: Path, intake: Intake, iw: int = 20000, fetch: int = 1000) -> None:
+        self.tmp = tmp / f"sng-{time.monotonic_ns()}"
+        self.tmp.mkdir(parents=True)
+        self.port = free_port()
+        self.conf = SNG_CONF.format(port=self.port, url=intake.url, key=KEY, ca=intake.ca_file,
+                                    tmp=self.tmp, iw=iw, fetch=fetch)
+        self.conf_path = self.tmp / "syslog-ng.conf"
+        self.conf_path.write_text(self.conf)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.t_started = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def args(self) -> list[str]:
+        return [str(_sng_binary()), "-F", "--no-caps", "-f", str(self.conf_path),
+                f"--module-path={_module_path()}", "-R", str(self.tmp / "persist"),
+                "-p", str(self.tmp / "pid"), "-c", str(self.tmp / "ctl")]
+
+    def syntax_check(self) -> str | None:
+        r = _run([*self.args(), "--syntax-only"], 30, env=_sng_env())
+        return None if r.returncode == 0 else (r.stderr or r.stdout).strip()[-1500:]
+
+    def start(self, timeout: float = 30.0) -> SyslogNg:
+        self._out = (self.tmp / "stderr.log").open("wb")
+        self.proc = procs.spawn(self.args(), stdout=self._out, stderr=subprocess.STDOUT,
+                                env=_sng_env())
+        if not procs.wait_until(lambda: _listening(self.port) or self.proc.poll() is not None,
+                                timeout, 0.01) or self.proc.poll() is not None:
+            raise RuntimeError(f"syslog-ng did not start: {self.stderr()[-1500:]}")
+        self.t_started = time.monotonic()
+        return self
+
+    def stderr(self) -> str:
+        p = self.tmp / "stderr.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def internal_log(self) -> str:
+        p = self.tmp / "syslog-ng-internal.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def stop(self) -> int:
+        rc = procs.stop(self.proc) if self.proc is not None else 0
+        self._out.close()
+        return rc

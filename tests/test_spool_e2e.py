@@ -1,0 +1,686 @@
+"""The disk spool end to end: outages, crashes, corruption, full disks, shutdown, dead letters.
+
+The real daemon is started through its CLI (tests/daemon.py), with real sockets in and the fake
+HTTPS intake out (tests/fake_intake.py). Everything asserted is observable from outside: events
+at the intake, files on disk, exit codes, JSON log lines and /proc of the daemon process.
+
+Events carry their origin ("c<connection> s<sequence>") and, in RFC 5424 frames, a timestamp
+unique to them, so loss, duplication, reordering and mixed-up timestamps are all visible.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from haproxy_forwarder.batching import Batch
+from haproxy_forwarder.spool import HEADER_SIZE, Spool
+from tests.daemon import Daemon, run_cli
+from tests.fake_intake import FakeIntake
+from tests.traffic import haproxy_line, octet_counted, rfc5424, send_tcp
+
+MakeDaemon = Callable[..., Daemon]
+KIB = 1024
+MIB = 1024 * KIB
+TAG = re.compile(r"^c(\d+) s(\d+) ")
+
+
+# -- traffic ------------------------------------------------------------------------------------
+
+
+def tagged(conn: int, seq: int, pad: int = 0) -> tuple[bytes, str, str]:
+    """(RFC 5424 frame, event text the intake must get, timestamp the intake must get)."""
+    ts = f"2026-11-26T1{conn}:00:00.{seq:06d}+01:00"
+    text = f"c{conn} s{seq} {haproxy_line(seq)}" + (" " + "p" * pad if pad else "")
+    return rfc5424("haproxy", text, ts=ts), text, ts
+
+
+def stream(conn: int, n: int, start: int = 0, pad: int = 0) -> tuple[bytes, list[str]]:
+    """An octet-counted payload of n tagged frames, and the events it must produce."""
+    items = [tagged(conn, i, pad) for i in range(start, start + n)]
+    return octet_counted(f for f, _, _ in items), [t for _, t, _ in items]
+
+
+def origin(event: str) -> tuple[int, int]:
+    m = TAG.match(event)
+    assert m is not None, f"unexpected event at the intake: {event[:80]!r}"
+    return int(m.group(1)), int(m.group(2))
+
+
+class PacedSender(threading.Thread):
+    """One TCP connection sending tagged frames at `rate` per second until told to stop."""
+
+    def __init__(self, port: int, conn: int, rate: int, stop: threading.Event,
+                 limit: float) -> None:
+        super().__init__(daemon=True, name=f"sender-{conn}")
+        self.port, self.conn, self.rate, self.stop_evt, self.limit = port, conn, rate, stop, limit
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=30) as s:
+                start = time.monotonic()
+                while not self.stop_evt.is_set() and time.monotonic() - start < self.limit:
+                    due = int((time.monotonic() - start) * self.rate)
+                    if due > self.sent:
+                        payload, _ = stream(self.conn, due - self.sent, start=self.sent)
+                        s.sendall(payload)
+                        self.sent = due
+                    time.sleep(0.005)
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(65536):  # the daemon closes once it has read everything
+                    pass
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+class Pusher(threading.Thread):
+    """Pushes a payload as fast as the daemon takes it, with short send timeouts, recording
+    progress: a stalled `offset` is input held back by the daemon (TCP backpressure)."""
+
+    def __init__(self, port: int, payload: bytes, limit: float = 120.0) -> None:
+        super().__init__(daemon=True, name="pusher")
+        self.port, self.payload, self.limit = port, payload, limit
+        self.offset = 0
+        self.last_progress = time.monotonic()
+        self.timeouts = 0
+        self.done = False
+        self.error: BaseException | None = None
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_progress
+
+    def run(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=30) as s:
+                # A small send buffer: what the daemon has not read stays here, visibly.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * KIB)
+                s.settimeout(0.2)
+                view = memoryview(self.payload)
+                deadline = time.monotonic() + self.limit
+                while self.offset < len(view) and time.monotonic() < deadline:
+                    try:
+                        n = s.send(view[self.offset : self.offset + 65536])
+                    except TimeoutError:
+                        self.timeouts += 1
+                        continue
+                    self.offset += n
+                    self.last_progress = time.monotonic()
+                s.settimeout(30)
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(65536):
+                    pass
+                self.done = self.offset == len(view)
+        except BaseException as exc:
+            self.error = exc
+
+
+# -- observation helpers --------------------------------------------------------------------------
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            return got
+        time.sleep(interval)
+
+
+def last_stats(d: Daemon) -> dict[str, Any]:
+    found = d.events("stats")
+    return found[-1] if found else {}
+
+
+def seg_sizes(spool_dir: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in sorted((spool_dir / "segments").glob("*.seg")):
+        try:
+            out[p.name] = p.stat().st_size
+        except FileNotFoundError:  # acked and deleted meanwhile
+            continue
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), from /proc/<pid>/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * KIB
+    raise AssertionError("no VmRSS line")
+
+
+def assert_delivered_once(intake: FakeIntake, expected: list[str], timeout: float = 60.0) -> None:
+    assert intake.wait_for(len(expected), timeout), (
+        f"only {len(intake.events)} of {len(expected)} events arrived"
+    )
+    time.sleep(0.5)  # a duplicate would show up now
+    got = collections.Counter(intake.event_texts())
+    want = collections.Counter(expected)
+    missing, extra = want - got, got - want
+    assert not missing and not extra, (
+        f"{sum(missing.values())} missing (e.g. {list(missing)[:2]}), "
+        f"{sum(extra.values())} extra (e.g. {list(extra)[:2]})"
+    )
+
+
+def cli(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("--config", str(d.config_path), "spool", *args)
+
+
+def spool_stats(d: Daemon) -> dict[str, Any]:
+    r = cli(d, "stats")
+    assert r.returncode == 0, r.stderr
+    out: dict[str, Any] = orjson.loads(r.stdout)
+    return out
+
+
+# -- 1. intake down for a while under steady load -----------------------------------------------
+
+RATE = 1000  # per connection; three connections
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "outage"), [(1, 20.0), (4, 3.0)], ids=["ordered-20s", "concurrent-3s"]
+)
+def test_outage_under_load_every_event_once(
+    intake: FakeIntake, daemon: MakeDaemon, concurrency: int, outage: float
+) -> None:
+    d = daemon(intake, intake={"concurrency": concurrency, "retry_max": 1.0})
+    segs = d.tmp / "spool"
+    stop = threading.Event()
+    senders = [PacedSender(d.tcp_port, c, RATE, stop, limit=outage + 40) for c in range(3)]
+    try:
+        for s in senders:
+            s.start()
+        assert intake.wait_for(1, 5), "nothing flows before the outage"
+        time.sleep(1.5)
+        intake.set_down(True)
+        down_at = time.monotonic()
+        # The failing batch is written to disk at its first failure.
+        assert wait_until(lambda: any(seg_sizes(segs).values()), timeout=5, interval=0.01), (
+            "no batch reached spool/segments within 5 s of the intake failing"
+        )
+        on_disk_after = time.monotonic() - down_at
+        assert on_disk_after < 1.5, f"first batch on disk only {on_disk_after:.2f}s after failure"
+        time.sleep(max(0.0, down_at + outage - time.monotonic()))
+        during = [r for r in d.events("stats") if r["intake_failing"]]
+        assert during and max(r["spool_batches"] for r in during) > 0, "stats show no spooling"
+        assert max(r["spool_events"] for r in during) > RATE, "the spool did not absorb the load"
+        intake.set_down(False)
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        for s in senders:
+            s.join(30)
+    assert [s.error for s in senders] == [None] * 3
+    sent = {s.conn: s.sent for s in senders}
+    expected = [tagged(c, i)[1] for c, n in sent.items() for i in range(n)]
+    assert len(expected) > 3 * RATE * (outage + 3)  # several thousand a second, all along
+    assert_delivered_once(intake, expected)
+
+    events = intake.events
+    # Each event keeps its own timestamp, whatever batches it travelled in.
+    for e in events:
+        c, i = origin(e.event)
+        assert e.timestamp == tagged(c, i)[2], f"{e.event[:20]} arrived with {e.timestamp}"
+    if concurrency == 1:
+        # One request at a time: arrival order is per-connection send order, outage or not.
+        per_conn: dict[int, list[int]] = collections.defaultdict(list)
+        for e in events:
+            c, i = origin(e.event)
+            per_conn[c].append(i)
+        for c, seqs in per_conn.items():
+            assert seqs == list(range(sent[c])), f"connection {c} out of order"
+    assert d.stop() == 0
+    stopped = d.events("stopped")[-1]
+    assert stopped["dropped_events"] == 0 and stopped["spool_events"] == 0
+    assert stopped["delivered_events"] == len(expected)
+
+
+# -- 2. SIGKILL with everything on disk -----------------------------------------------------------
+
+
+def test_sigkill_with_intake_down_then_restart_delivers_all_without_duplicates(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    intake.set_down(True)
+    d = daemon(intake, intake={"retry_max": 1.0})
+    payload, expected = stream(0, 50_000)
+    send_tcp(d.tcp_port, payload)
+    # Everything read, every batch closed and written: only then is nothing left in memory.
+    assert wait_until(
+        lambda: last_stats(d).get("spool_events") == 50_000
+        and last_stats(d).get("in_memory_batches") == 0,
+        timeout=20,
+    ), f"not all on disk: {last_stats(d)}"
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert sum(seg_sizes(d.tmp / "spool").values()) > 0
+    assert intake.requests == []  # nothing reached the intake: no delivery was in doubt
+
+    intake.set_down(False)
+    d2 = daemon(intake, intake={"retry_max": 1.0})
+    opened = d2.wait_log("spool_opened")
+    assert opened["events"] == 50_000 and opened["truncated"] == []
+    # The intake never saw a byte while down, so a duplicate would be a bug: exactly once.
+    assert_delivered_once(intake, expected)
+    assert d2.stop() == 0
+    assert d2.events("stopped")[-1]["uncertain_deliveries"] == 0
+
+
+# -- 3. corrupted spool on disk ----------------------------------------------------------------
+
+
+def named_batch(tag: str, n: int = 5) -> Batch:
+    return Batch([f"{tag}-{i} {haproxy_line(i)}" for i in range(n)],
+                 [f"2026-11-26T21:58:5{i % 10}.000Z" for i in range(n)])
+
+
+def build_segment(spool_dir: Path, tags: list[str]) -> tuple[Path, list[int]]:
+    """A new segment holding one record per tag (the Spool API itself); its record offsets."""
+    before = set(seg_sizes(spool_dir))
+    sp = Spool(spool_dir)
+    sp.open()
+    for tag in tags:
+        sp.append(named_batch(tag))
+    sp.close()
+    (name,) = set(seg_sizes(spool_dir)) - before
+    path = spool_dir / "segments" / name
+    data = path.read_bytes()
+    offsets, pos = [], 0
+    while pos < len(data):
+        offsets.append(pos)
+        (plen,) = struct.unpack_from("<I", data, pos + 4)
+        pos += HEADER_SIZE + plen
+    assert pos == len(data) and len(offsets) == len(tags)
+    return path, offsets
+
+
+def events_of(*tags: str) -> list[str]:
+    return [e for t in tags for e in named_batch(t).events]
+
+
+def test_corrupted_spool_good_records_delivered_bad_file_quarantined(
+    intake: FakeIntake, daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    # Phase 1: only a torn tail (a write that never completed).
+    torn, offs = build_segment(spool_dir, ["t0", "t1", "t2"])
+    size = torn.stat().st_size
+    os.truncate(torn, size - 7)
+    d = daemon(intake)
+    rec = d.wait_log("spool_recovered_torn_tail")
+    assert rec["truncated"] == [{"segment": torn.name, "offset": offs[2],
+                                 "bytes": size - 7 - offs[2]}]
+    assert rec["quarantined"] == [] and rec["events"] == 10
+    assert_delivered_once(intake, events_of("t0", "t1"))
+    assert d.stop() == 0
+    intake.reset()
+
+    # Phase 2: a torn tail in one segment, a flipped byte in the middle record of another.
+    # (Both built before either is damaged: opening a Spool repairs what it finds.)
+    torn, offs = build_segment(spool_dir, ["a0", "a1", "a2"])
+    bad, boffs = build_segment(spool_dir, ["b0", "b1", "b2"])
+    os.truncate(torn, torn.stat().st_size - 3)
+    raw = bytearray(bad.read_bytes())
+    raw[boffs[1] + HEADER_SIZE + 40] ^= 0x20
+    bad.write_bytes(bytes(raw))
+    d = daemon(intake)
+    rec = d.wait_log("spool_recovered_with_corruption")
+    assert [t["segment"] for t in rec["truncated"]] == [torn.name]
+    (q,) = rec["quarantined"]
+    assert q["segment"] == bad.name and q["bad_offset"] == boffs[1] and q["good_records"] == 1
+    assert rec["quarantine"] == str(spool_dir / "quarantine")
+    kept = spool_dir / "quarantine" / bad.name
+    assert q["moved_to"] == str(kept)
+    assert kept.read_bytes() == bytes(raw)  # the whole original file, for manual recovery
+    # Every record before the first bad one is replayed. By design (spool.py docstring), the
+    # records after the corruption (b2, intact) are not replayed: they stay in quarantine.
+    assert_delivered_once(intake, events_of("a0", "a1", "b0"))
+    assert b"b2-0 " in kept.read_bytes()
+    stats = spool_stats(d)
+    assert stats["quarantined_files"] == [str(kept)] and stats["events"] == 0
+    assert d.stop() == 0
+
+    # Phase 3: the spool is clean now, and stays quarantined once.
+    d = daemon(intake)
+    rec = d.wait_log("spool_opened")
+    assert rec["truncated"] == [] and rec["quarantined"] == [] and rec["events"] == 0
+    assert d.stop() == 0
+    assert sorted(p.name for p in (spool_dir / "quarantine").iterdir()) == [bad.name]
+
+
+# -- 4. full spool: the real ENOSPC, SpoolFull (block), drop_oldest -------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/spool as a 512 KiB tmpfs (needs root); request it before `daemon`, so the
+    daemon is stopped before the unmount."""
+    mnt = tmp_path / "spool"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a 512 KiB tmpfs: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def push_until_held_back(d: Daemon, payload: bytes) -> Pusher:
+    pusher = Pusher(d.tcp_port, payload)
+    pusher.start()
+    assert wait_until(lambda: pusher.offset > 0 and pusher.idle_for() > 2.0, timeout=60), (
+        f"the sender was never held back: {pusher.offset} of {len(payload)} bytes sent"
+    )
+    assert pusher.offset < len(payload) and pusher.timeouts > 0
+    return pusher
+
+
+def test_disk_really_full_holds_input_back_without_spinning_then_delivers(
+    tiny_fs: Path, intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    intake.set_down(True)
+    d = daemon(intake, intake={"retry_max": 1.0}, batch={"max_events": 500},
+               spool={"max_size": 16 * MIB, "when_full": "block"})
+    assert d.proc is not None
+    payload, expected = stream(0, 40_000, pad=300)  # ~20 MB: more than disk, memory, sockets
+    pusher = push_until_held_back(d, payload)
+    failed = d.wait_log("spool_write_failed")
+    assert "No space left" in failed["error"]
+    assert d.wait_log("backpressure_on")
+    held_at = pusher.offset
+    cpu0, t0 = cpu_seconds(d.proc.pid), time.monotonic()
+    time.sleep(3.0)
+    cpu = cpu_seconds(d.proc.pid) - cpu0
+    elapsed = time.monotonic() - t0
+    rss = rss_bytes(d.proc.pid)
+    assert d.proc.poll() is None, "the daemon died on a full disk"
+    assert cpu < 0.25 * elapsed, f"{cpu:.2f}s of CPU in {elapsed:.1f}s while blocked: spinning"
+    assert rss < 100 * MIB, f"VmRSS {rss / MIB:.0f} MiB while blocked"
+    assert pusher.offset == held_at, "input was not held back"
+    st = last_stats(d)
+    assert st["paused"] and st["spool_write_errors"] > 0 and st["dropped_events"] == 0
+
+    intake.set_down(False)
+    pusher.join(120)
+    assert pusher.error is None and pusher.done
+    assert_delivered_once(intake, expected, timeout=90)
+    assert d.stop() == 0
+    assert d.events("stopped")[-1]["dropped_events"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: after ENOSPC the fully acked writing segment is never sealed/deleted "
+    "(spool.py _make_room only reclaims it when over max_size), so the spool stays unwritable"
+))
+def test_disk_really_full_spool_writable_again_once_drained(
+    tiny_fs: Path, intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    intake.set_down(True)
+    d = daemon(intake, intake={"retry_max": 1.0}, batch={"max_events": 500},
+               spool={"max_size": 16 * MIB, "when_full": "block"})
+    payload, expected = stream(0, 6_000, pad=300)
+    pusher = Pusher(d.tcp_port, payload)
+    pusher.start()
+    d.wait_log("spool_write_failed", timeout=20)
+    intake.set_down(False)
+    pusher.join(60)
+    assert_delivered_once(intake, expected)
+    # Everything is delivered and acked: the space must come back and the spool work again.
+    assert wait_until(lambda: d.events("spool_writable_again"), timeout=5), (
+        f"spool still failing once drained: {seg_sizes(tiny_fs)}, "
+        f"write errors {last_stats(d).get('spool_write_errors')}"
+    )
+    assert d.stop() == 0
+
+
+def test_spool_max_size_block_holds_input_then_delivers_exactly(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    intake.set_down(True)
+    d = daemon(intake, intake={"retry_max": 1.0}, batch={"max_events": 500},
+               spool={"max_size": 256 * KIB, "when_full": "block"})
+    payload, expected = stream(0, 30_000, pad=300)
+    pusher = push_until_held_back(d, payload)
+    full = d.wait_log("spool_full")
+    assert full["spool_bytes"] <= 256 * KIB
+    assert sum(seg_sizes(d.tmp / "spool").values()) <= 256 * KIB
+    intake.set_down(False)
+    pusher.join(120)
+    assert pusher.error is None and pusher.done
+    assert_delivered_once(intake, expected, timeout=90)
+    assert d.stop() == 0
+    stopped = d.events("stopped")[-1]
+    assert stopped["spool_dropped_events"] == 0 and stopped["dropped_events"] == 0
+    assert stopped["delivered_events"] == len(expected)
+
+
+def test_spool_max_size_drop_oldest_counts_exactly(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    intake.set_down(True)
+    d = daemon(intake, intake={"retry_max": 1.0}, batch={"max_events": 500},
+               spool={"max_size": 256 * KIB, "when_full": "drop_oldest"})
+    n = 12_000
+    payload, expected = stream(0, n, pad=300)
+    send_tcp(d.tcp_port, payload)  # never held back for long: room is made by dropping
+    assert wait_until(
+        lambda: last_stats(d).get("accepted_events") == n
+        and last_stats(d).get("in_memory_batches") == 0,
+        timeout=20,
+    ), f"not all spooled: {last_stats(d)}"
+    drops = d.events("spool_full_dropped_oldest")
+    assert drops, "nothing was dropped: the test did not fill the spool"
+    intake.set_down(False)
+    assert wait_until(lambda: last_stats(d).get("spool_events") == 0
+                      and not last_stats(d).get("intake_failing"), timeout=30)
+    time.sleep(0.5)
+    assert d.stop() == 0
+    stopped = d.events("stopped")[-1]
+    dropped = stopped["spool_dropped_events"]
+    assert dropped == sum(r["events"] for r in d.events("spool_full_dropped_oldest"))
+    got = collections.Counter(intake.event_texts())
+    assert max(got.values()) == 1, "duplicates"
+    assert set(got) <= set(expected)
+    # Exact accounting: every event sent was either delivered or counted as dropped, once.
+    assert len(got) + dropped == n, (
+        f"delivered {len(got)} + dropped {dropped} != sent {n}"
+    )
+    assert stopped["delivered_events"] + dropped == n
+
+
+# -- 5. SIGTERM while the intake answers slowly ---------------------------------------------------
+
+
+def test_sigterm_during_slow_answers_exits_in_time_next_run_delivers(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    intake.set_delay(5.0)
+    cfg: dict[str, Any] = {"shutdown_timeout": 2.0, "batch": {"max_events": 1000}}
+    d = daemon(intake, **cfg)
+    payload, expected = stream(0, 10_000)
+    send_tcp(d.tcp_port, payload)
+    assert wait_until(lambda: len(intake.requests) >= 4, timeout=10), "requests not in flight"
+    time.sleep(0.3)
+    in_flight = [i for i, r in enumerate(intake.requests) if r["status"] is None]
+    assert in_flight
+    started = time.monotonic()
+    rc = d.stop(signal.SIGTERM)
+    took = time.monotonic() - started
+    assert rc == 0
+    assert took < 2.0 + 2.0, f"exit took {took:.1f}s with shutdown_timeout=2"
+    stopped = d.events("stopped")[-1]
+    uncertain = stopped["uncertain_deliveries"]
+    assert stopped["dropped_events"] == 0 and d.events("shutdown_dropped") == []
+    assert stopped["spool_events"] == len(expected)  # all on disk, the in-doubt ones included
+    assert 1 <= uncertain <= len(in_flight)
+
+    intake.set_delay(0)
+    d2 = daemon(intake, **cfg)
+    assert intake.wait_for(len(expected), 30)
+    # The first run's requests in doubt are still answered (late) by the slow intake: wait
+    # for them, then count what arrived twice.
+    assert intake.wait_for_requests(len(intake.requests), 15)
+    time.sleep(0.5)
+    got = collections.Counter(intake.event_texts())
+    assert set(got) == set(expected), "lost events"
+    duplicates = sum(got.values()) - len(got)
+    assert duplicates <= uncertain * 1000, f"{duplicates} duplicates for {uncertain} in doubt"
+    # Only requests on the wire at SIGTERM took events in the first run: those are the
+    # duplicates, and nothing else is.
+    from_first_run = [e for e in intake.events if e.request_no in set(in_flight)]
+    assert duplicates == len(from_first_run)
+    assert all(intake.requests[e.request_no]["time"] < started for e in from_first_run)
+    assert d2.stop() == 0
+
+
+# -- 6. write-ahead mode --------------------------------------------------------------------------
+
+
+def test_mode_always_batch_on_disk_before_sent_survives_sigkill(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    intake.set_delay(3.0)
+    d = daemon(intake, spool={"mode": "always"})
+    payload, expected = stream(0, 100)
+    send_tcp(d.tcp_port, payload)
+    assert wait_until(lambda: any(r["status"] is None for r in intake.requests), timeout=5)
+    # The request is on the wire, unanswered: the batch is already durable.
+    assert any(seg_sizes(d.tmp / "spool").values()), "nothing on disk while the batch is sent"
+    assert spool_stats(d)["events"] == 100
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    # Take the intake down before the delayed answer: that request is then never ingested,
+    # so the replay below must deliver every event, once.
+    intake.set_down(True)
+    intake.set_delay(0)
+    intake.set_down(False)
+    assert intake.events == []
+    d2 = daemon(intake, spool={"mode": "always"})
+    assert d2.wait_log("spool_opened")["events"] == 100
+    assert_delivered_once(intake, expected)
+    assert d2.stop() == 0
+    assert seg_sizes(d2.tmp / "spool") == {}
+
+
+# -- 7. dead letters ------------------------------------------------------------------------------
+
+
+def test_dead_letters_kept_shown_replayed_and_bounded(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    answer = b'{"message": "event rejected: unparsable"}'
+    intake.inject(400, body=answer)
+    d = daemon(intake, batch={"max_delay": 1.0})
+    payload, expected = stream(0, 50)
+    send_tcp(d.tcp_port, payload)
+    rec = d.wait_log("dead_lettered")
+    assert rec["status"] == 400 and rec["events"] == 50
+    files = sorted((d.tmp / "spool" / "dead-letter").glob("*.jsonl"))
+    assert len(files) == 1 and str(files[0]) == rec["file"]
+    lines = [orjson.loads(x) for x in files[0].read_bytes().splitlines()]
+    assert [x["event"] for x in lines] == expected
+    assert [x["timestamp"] for x in lines] == [tagged(0, i)[2] for i in range(50)]
+    assert {x["reason"] for x in lines} == {"intake answered 400"}
+    assert {x["status"] for x in lines} == {400}
+    assert {x["response"] for x in lines} == {answer.decode()}
+    assert intake.events == []
+
+    shown = spool_stats(d)["dead_letter"]
+    assert shown["events"] == 50 and shown["files"] == [str(files[0])]
+
+    r = cli(d, "replay-dead-letter")
+    assert r.returncode == 0, r.stderr
+    assert "re-queued 50 events" in r.stdout
+    assert d.wait_log("dead_letters_requeued", timeout=10)["events"] == 50
+    assert_delivered_once(intake, expected)
+    assert list((d.tmp / "spool" / "dead-letter").glob("*.jsonl")) == []
+    assert list((d.tmp / "spool" / "requeue").glob("*.jsonl")) == []
+    assert spool_stats(d)["dead_letter"]["events"] == 0
+    assert d.stop() == 0
+    assert d.events("stopped")[-1]["requeued_events"] == 50
+
+    # Bounded: past dead_letter_max_size, events are dropped, logged and counted.
+    intake.reset()
+    intake.inject(400, body=answer)
+    d = daemon(intake, batch={"max_delay": 1.0}, spool={"dead_letter_max_size": 64 * KIB})
+    payload, big = stream(1, 500, pad=200)  # ~200 KB of dead-letter lines > 64 KiB
+    send_tcp(d.tcp_port, payload)
+    full = d.wait_log("dead_letter_full")
+    assert full["events"] == 500 and full["max_size"] == 64 * KIB
+    assert d.events("dead_lettered") == []
+    assert d.stop() == 0
+    stopped = d.events("stopped")[-1]
+    assert stopped["dropped_events"] == 500 and stopped["dead_lettered_events"] == 0
+    assert list((d.tmp / "spool" / "dead-letter").glob("*.jsonl")) == []
+    assert big and intake.events == []
+
+
+# -- 8. purge -------------------------------------------------------------------------------------
+
+
+def test_spool_purge_needs_yes_and_a_stopped_daemon(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    intake.set_down(True)
+    d = daemon(intake, shutdown_timeout=1.0)
+    payload, expected = stream(0, 2_000)
+    send_tcp(d.tcp_port, payload)
+    assert wait_until(lambda: last_stats(d).get("spool_events") == len(expected), timeout=10)
+    spool_dir = d.tmp / "spool"
+
+    r = cli(d, "purge", "--yes")
+    assert r.returncode == 1
+    assert "in use" in r.stderr
+    assert spool_stats(d)["events"] == len(expected)
+
+    assert d.stop() == 0
+    before = seg_sizes(spool_dir)
+    assert before
+    r = cli(d, "purge")
+    assert r.returncode == 1
+    assert f"({len(expected)} events)" in r.stdout
+    assert "--yes" in r.stdout
+    assert seg_sizes(spool_dir) == before
+    assert spool_stats(d)["events"] == len(expected)
+
+    r = cli(d, "purge", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert f"({len(expected)} events)" in r.stdout
+    assert seg_sizes(spool_dir) == {}
+    assert spool_stats(d)["events"] == 0
+
+    intake.set_down(False)
+    d2 = daemon(intake)
+    assert d2.wait_log("spool_opened")["events"] == 0
+    time.sleep(1.0)
+    assert intake.events == []
+    assert d2.stop() == 0
