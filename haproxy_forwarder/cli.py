@@ -181,6 +181,9 @@ def _spool_purge(settings: Settings, yes: bool) -> int:
         return EXIT_FAILED
     try:
         st = spool.stats()
+        if not st["batches"]:
+            print(f"nothing to purge in {folder}")
+            return EXIT_OK
         if not yes:
             print(f"would delete {st['batches']} batches ({st['events']} events) in {folder}; "
                   "run again with --yes to do it")

@@ -158,7 +158,8 @@ class IntakeConfig(_Section):
     @model_validator(mode="after")
     def _region(self) -> IntakeConfig:
         if self.region is not None:
-            if "url" in self.model_fields_set and self.url != REGIONS[self.region]:
+            # An explicit url equal to the default (as in the shipped example) is no conflict.
+            if self.url not in (DEFAULT_URL, REGIONS[self.region]):
                 raise ValueError("set either intake.url or intake.region, not both")
             self.url = REGIONS[self.region]
         return self

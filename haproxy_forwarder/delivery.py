@@ -97,7 +97,7 @@ class _Again(Exception):
 
 
 class Backoff:
-    """Full jitter between 0.5 s and an exponential cap; Retry-After is a floor.
+    """Full jitter between 0.5 s and an exponential cap; a Retry-After replaces it.
 
     401/403/404 wait `auth_retry` (±20 %): a wrong key or URL does not fix itself quickly,
     but giving up would destroy data, so it is retried slowly and loudly, forever.

@@ -24,6 +24,7 @@ from .status import StatusServer
 from .syslog.header import event_text, read_header
 
 HAPEE = b"hapee"
+OVERSIZED_REASON = f"event over 250 KiB ({MAX_EVENT_BYTES} bytes), the intake limit"
 # How often the daemon looks for dead letters an operator re-queued.
 REQUEUE_INTERVAL = 2.0
 
@@ -81,14 +82,15 @@ class Pipeline:
             # startswith with a span: no slice, no object for messages we drop.
             if not frame.startswith(prefixes, h.prog_start, h.prog_end):
                 continue
+            accepted += 1
             keep_tag = frame.startswith(HAPEE, h.prog_start, h.prog_end)
             event = event_text(frame, h, keep_tag)
             size = len(frame) - h.msg_start
-            if size * 3 > MAX_EVENT_BYTES and len(event.encode("utf-8")) > MAX_EVENT_BYTES:
-                self._oversized_event(event, received_at)
-                continue
             ts = frame[h.ts_start : h.ts_end].decode("ascii") if h.ts_zoned else received_at
-            accepted += 1
+            # Decoding can at most triple the size (U+FFFD), so most events skip the encode.
+            if size * 3 > MAX_EVENT_BYTES and len(event.encode("utf-8")) > MAX_EVENT_BYTES:
+                self._oversized_event(event, ts)
+                continue
             full = add(event, ts, size)
             if full is not None:
                 self._submit(full)
@@ -103,12 +105,9 @@ class Pipeline:
 
     # -- batches and backpressure -------------------------------------------------------------
 
-    def _oversized_event(self, event: str, received_at: str) -> None:
+    def _oversized_event(self, event: str, timestamp: str) -> None:
         assert self.delivery is not None
-        self.delivery.write_dead(
-            Batch([event], [received_at]),
-            f"event over 250 KiB ({MAX_EVENT_BYTES} bytes), the intake limit",
-        )
+        self.delivery.write_dead(Batch([event], [timestamp]), OVERSIZED_REASON)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -282,6 +281,10 @@ class Pipeline:
         batch = Batch()
         n = 0
         for event, ts in read_dead_letters(path):
+            if len(event.encode("utf-8")) > MAX_EVENT_BYTES:
+                # The intake would refuse it again (silently, per event): keep it dead.
+                self._oversized_event(event, ts)
+                continue
             batch.events.append(event)
             batch.times.append(ts)
             if len(batch) >= size:

@@ -122,7 +122,7 @@ BAD_CONFIGS = {
     "url_without_scheme": ("[intake]\nurl = \"intake.sekoia.io\"\n", "intake.url"),
     "url_ftp": ("[intake]\nurl = \"ftp://intake.sekoia.io\"\n", "intake.url"),
     "region_and_url": (
-        "[intake]\nregion = \"fra2\"\nurl = \"https://intake.sekoia.io\"\n", "not both"
+        "[intake]\nregion = \"fra2\"\nurl = \"https://intake.example.test\"\n", "not both"
     ),
     "log_level": ("[log]\nlevel = \"loud\"\n", "log.level"),
     "empty_programs": ("[filter]\nprograms = []\n", "filter.programs"),
@@ -446,7 +446,7 @@ def _logger(*args: str) -> None:
 
 def test_dry_run_prints_events_as_json_lines(daemon: MakeDaemon) -> None:
     if shutil.which("logger") is None:
-        pytest.skip("`logger` not found: install the Debian package util-linux")
+        pytest.skip("`logger` not found: install the Debian package bsdutils (util-linux logger)")
     d = daemon(args=("--dry-run",))
     tag = uuid.uuid4().hex[:8]
     port = str(d.tcp_port)
@@ -540,3 +540,11 @@ def test_logs_are_json_lines_with_started_and_periodic_stats(intake: FakeIntake,
         assert key in stats[-1]
     assert records[-1]["event"] == "stopped"
     assert d.stdout_path.read_text() == ""  # stdout is for dry-run events only
+
+
+def test_region_works_with_the_shipped_example_config() -> None:
+    res = run_cli("--config", str(REPO / "config" / "haproxy-forwarder.toml"), "check-config",
+                  env={"HAPROXY_FORWARDER_INTAKE__REGION": "usa1"})
+    assert _check_config_json(res)["intake"]["url"] == (
+        "https://intake.usa1.sekoia.io/api/v1/intake-http"
+    )
