@@ -28,7 +28,7 @@ from .deadletter import DeadLetters
 from .encoding import encode_bounded, gzip
 from .intake import IntakeClient, Kind, Outcome
 from .metrics import Counters
-from .spool import RecordTooLarge, Spool, SpoolError, SpoolFull
+from .spool import AppendResult, RecordTooLarge, Spool, SpoolError, SpoolFull
 
 BACKOFF_MIN = 0.5
 # How often a blocked spool writer (disk full, I/O error) tries again: slow enough not to
@@ -244,20 +244,30 @@ class Delivery:
                 await asyncio.sleep(SPOOL_RETRY)
                 continue
             self.writing = None
-            self.counters.spooled_batches += 1
-            if self.spool_blocked:
-                self.spool_blocked = False
-                self.log.info("spool_writable_again", **self._spool_stats())
-            if result.dropped_batches:
-                self.counters.spool_dropped_events += result.dropped_events
-                self.log.error(
-                    "spool_full_dropped_oldest",
-                    batches=result.dropped_batches,
-                    events=result.dropped_events,
-                    hint="spool.when_full = drop_oldest; raise spool.max_size to keep more",
-                )
+            self._appended(result)
             self._check_pressure()
             self._wake_workers.set()
+
+    async def spool_append(self, batch: Batch, claim: bool = False) -> int:
+        """Append off the event loop; drops made to find room are counted and logged."""
+        assert self.spool is not None
+        result = await asyncio.to_thread(self.spool.append_ex, batch, claim)
+        self._appended(result)
+        return result.record_id
+
+    def _appended(self, result: AppendResult) -> None:
+        self.counters.spooled_batches += 1
+        if self.spool_blocked:
+            self.spool_blocked = False
+            self.log.info("spool_writable_again", **self._spool_stats())
+        if result.dropped_batches:
+            self.counters.spool_dropped_events += result.dropped_events
+            self.log.error(
+                "spool_full_dropped_oldest",
+                batches=result.dropped_batches,
+                events=result.dropped_events,
+                hint="spool.when_full = drop_oldest; raise spool.max_size to keep more",
+            )
 
     def _spool_trouble(self, exc: Exception) -> None:
         if isinstance(exc, SpoolFull):
@@ -335,10 +345,10 @@ class Delivery:
             ):
                 with attempt:
                     work.sending = True
-                    try:
-                        answers = await self.sink.send(part)
-                    finally:
-                        work.sending = False
+                    # Not in a `finally`: if cancelled mid-request (shutdown), the flag must
+                    # stay set so stop() counts the request as in doubt.
+                    answers = await self.sink.send(part)
+                    work.sending = False
                     self.counters.batches_sent += 1
                     failed = [(b, o) for b, o in answers if o.kind in (Kind.RETRY, Kind.AUTH)]
                     for sent, outcome in answers:
@@ -379,9 +389,8 @@ class Delivery:
                 self._wake_writer.set()
         if work.record is None and self.spool is not None:
             try:
-                work.record = await asyncio.to_thread(self.spool.append, remaining, True)
+                work.record = await self.spool_append(remaining, claim=True)
                 work.batch = remaining
-                self.counters.spooled_batches += 1
             except (SpoolFull, SpoolError) as exc:
                 self._spool_trouble(exc)  # kept in memory and retried; input is held back
 
@@ -470,7 +479,7 @@ class Delivery:
         for batch in leftovers:
             if self.spool is not None:
                 try:
-                    self.spool.append(batch)
+                    self._appended(self.spool.append_ex(batch))
                     spooled += len(batch)
                     continue
                 except (SpoolFull, SpoolError) as exc:

@@ -276,7 +276,7 @@ class Pipeline:
             await asyncio.sleep(REQUEUE_INTERVAL)
 
     async def _requeue_file(self, path: Path) -> None:
-        assert self.spool is not None
+        assert self.delivery is not None
         size = self.settings.batch.max_events
         batch = Batch()
         n = 0
@@ -288,18 +288,17 @@ class Pipeline:
             batch.events.append(event)
             batch.times.append(ts)
             if len(batch) >= size:
-                await asyncio.to_thread(self.spool.append, batch)
+                await self.delivery.spool_append(batch)
                 n += len(batch)
                 batch = Batch()
         if batch.events:
-            await asyncio.to_thread(self.spool.append, batch)
+            await self.delivery.spool_append(batch)
             n += len(batch)
         # Only once every event is durable in the spool is the file removed.
         path.unlink()
         self.counters.requeued_events += n
         self.log.info("dead_letters_requeued", file=path.name, events=n)
-        if self.delivery is not None:
-            self.delivery.poke()
+        self.delivery.poke()
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # Errors asyncio would print as bare text (e.g. accept() out of file descriptors)
