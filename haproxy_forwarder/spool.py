@@ -30,12 +30,16 @@ On disk
     <directory>/quarantine/<seq:012d>.seg[.N]   segments with corruption in the middle
 
 A record is a 24-byte header then the payload, all little-endian:
-    magic b"\\xfeS" | version u8 (=1) | flags u8 (=0) | payload length u32 | events u32 |
+    magic b"\\xfeS" | version u8 (=1) | flags u8 | payload length u32 | events u32 |
     created (unix ms) u64 | crc32 of header bytes 0..19 + payload
-The payload of a batch of n events is 2n u32 lengths (in code points: the n events, then the n
-timestamps) followed by the UTF-8 (surrogatepass) encoding of all those strings concatenated;
-any str round-trips, decoding is one bytes->str decode plus slicing. 0xFE never occurs in UTF-8,
-so the magic cannot appear in event text.
+flags is 0 for a batch. The payload of a batch of n events is 2n u32 lengths (in code points:
+the n events, then the n timestamps) followed by the UTF-8 (surrogatepass) encoding of all those
+strings concatenated; any str round-trips, decoding is one bytes->str decode plus slicing. 0xFE
+never occurs in UTF-8, so the magic cannot appear in event text.
+flags 1 marks a filler: events 0, created 0, a zero payload. Fillers are written only by
+recovery, over corrupt byte ranges, so that every other record keeps its offset; they are never
+replayed. (Versions without fillers see one as corruption: they quarantine the segment again
+and replay only the records before it.)
 An ack entry is 12 bytes: record offset u64 | crc32(seq u64, offset u64). Torn or bad entries
 are ignored (the record is then replayed: a duplicate, never a loss).
 
@@ -43,19 +47,38 @@ A record id is (segment seq << 40) | offset: increasing in append order.
 
 Recovery (open)
 ---------------
-Every complete record with a good checksum is recovered. At the first bad record of a segment:
-if no valid record follows it anywhere in the file, it is a torn tail (short header, short
-payload, bad checksum at the end, zero fill) and the file is truncated there (reported). If a
-valid record follows, the segment has corruption in the middle: the whole original file is
-hard-linked (or copied) into quarantine/ and the segment is atomically replaced by a copy of
-its good prefix (same offsets, so its .ack file stays valid); records after the corruption are
-not replayed (they stay in the quarantined file for manual recovery). Reported.
+Every complete record with a good checksum is recovered. At a bad byte, recovery resynchronises:
+it looks for the next position where a valid record starts (bytes.find of the magic, each
+candidate verified by header, length and checksum: linear in practice; only crafted bytes
+with many plausible headers make each candidate cost a checksum over its claimed length).
+- Nothing valid after it: a torn tail (short header, short payload, bad checksum at the end,
+  zero fill); the file is truncated there (report.truncated).
+- A valid record follows: corruption in the middle. The whole original file is hard-linked (or
+  copied) into quarantine/ for forensics, then the segment is atomically replaced by a repaired
+  copy: the same bytes with every corrupt range overwritten by filler records of exactly its
+  length (and any torn tail cut off). Offsets do not move, so the .ack file stays valid, and the
+  next open finds a clean segment (nothing is quarantined twice). Every valid record, before
+  and after the corruption, is replayed; report.quarantined says where the corruption was,
+  how many bytes were skipped and how many records were recovered after it. (A corrupt range
+  shorter than a header cannot hold a filler: it swallows the next record(s) until it can;
+  those stay only in quarantine. It takes inserted/deleted bytes, which disks do not do.) If the
+  repaired copy cannot be written (disk full), the original stays in place, its valid records
+  are still replayed from it (same offsets), and the next open tries again.
 
 Bounds: size is the sum of segment file sizes (acked records count until their segment is
 deleted; a segment is deleted once every record in it is acked and it is not the one being
 written). When an append would exceed max_size: "block" raises SpoolFull; "drop_oldest" deletes
 whole oldest segments (sealing the current one first if nothing else is left) and counts the
-un-acked batches/events they held as dropped.
+un-acked batches/events they held as dropped, except those handed out (next_batch, or appended
+with claim=True): the caller holds them in memory and still delivers them, so they are not
+dropped, only no longer on disk (a crash now loses them; counted in stats "evicted_inflight").
+Their later ack()/release() is a no-op.
+
+Disk full: the segment being written is kept while it is fully acked (appending and acking
+every batch must not create a file per batch), so its space would never come back when the disk
+fills before max_size. An append failing with ENOSPC/EDQUOT therefore deletes every fully acked
+segment, the one being written included, and if that freed anything retries once in a new
+segment (stats "space_reclaims").
 """
 
 from __future__ import annotations
@@ -106,6 +129,8 @@ ACK_SIZE = _ACK.size  # 12
 _ID_SHIFT = 40
 _OFFSET_MASK = (1 << _ID_SHIFT) - 1
 _MAX_PAYLOAD = 0xFFFFFFFF
+FLAG_FILLER = 0x01  # a record covering a corrupt range: skipped, never replayed
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _BIG_ENDIAN = sys.byteorder == "big"
 assert array("I").itemsize == 4
 
@@ -153,10 +178,13 @@ class TruncatedTail:
 @dataclass
 class QuarantinedSegment:
     segment: str
-    moved_to: str
-    bad_offset: int  # first byte that is not a good record; the prefix before it is replayed
-    good_records: int
-    discarded_bytes: int  # bytes after bad_offset, kept only in the quarantined file
+    moved_to: str  # the whole original file
+    bad_offset: int  # first byte that is not a good record
+    good_records: int  # valid records before bad_offset
+    discarded_bytes: int  # bytes not recovered (corrupt ranges, a cut tail): only in moved_to
+    recovered_after: int = 0  # valid records after bad_offset, found by resynchronising
+    skipped_bytes: int = 0  # bytes of the corrupt ranges in the middle (now filler records)
+    skipped: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of each
 
 
 @dataclass
@@ -245,13 +273,37 @@ def _record(batch: Batch, created_ms: int) -> tuple[bytes, int]:
     return b"".join((head, _CRC.pack(crc), payload)), n
 
 
-def _parse_at(data: bytes | memoryview, pos: int) -> tuple[int, int, int] | None:
-    """(record length, events, created ms) of a valid record at `pos`, else None."""
+def _filler(length: int) -> bytes:
+    """Filler records covering exactly `length` (>= HEADER_SIZE) bytes."""
+    assert length >= HEADER_SIZE
+    parts: list[bytes] = []
+    while length:
+        size = min(length, HEADER_SIZE + _MAX_PAYLOAD)
+        if 0 < length - size < HEADER_SIZE:
+            size -= HEADER_SIZE
+        zeros = bytes(size - HEADER_SIZE)
+        head = _HEAD.pack(MAGIC, VERSION, FLAG_FILLER, len(zeros), 0, 0)
+        parts += (head, _CRC.pack(zlib.crc32(zeros, zlib.crc32(head))), zeros)
+        length -= size
+    return b"".join(parts)
+
+
+class _Parsed(NamedTuple):
+    length: int  # header + payload
+    events: int
+    created: int  # unix ms
+    flags: int  # 0: a batch, FLAG_FILLER: a filler
+
+
+def _parse_at(data: bytes | memoryview, pos: int) -> _Parsed | None:
+    """The valid record (batch or filler) at `pos`, else None."""
     end = len(data)
     if end - pos < HEADER_SIZE:
         return None
     magic, version, flags, plen, n, created = _HEAD.unpack_from(data, pos)
-    if magic != MAGIC or version != VERSION or flags != 0 or 8 * n > plen:
+    if magic != MAGIC or version != VERSION or 8 * n > plen:
+        return None
+    if flags != 0 and (flags != FLAG_FILLER or n != 0):
         return None
     stop = pos + HEADER_SIZE + plen
     if stop > end:
@@ -260,37 +312,62 @@ def _parse_at(data: bytes | memoryview, pos: int) -> tuple[int, int, int] | None
     view = memoryview(data)
     if zlib.crc32(view[pos + HEADER_SIZE : stop], zlib.crc32(view[pos : pos + _HEAD.size])) != crc:
         return None
-    return HEADER_SIZE + plen, n, created
+    return _Parsed(HEADER_SIZE + plen, n, created, flags)
 
 
-def _valid_record_after(data: bytes, start: int) -> bool:
+def _next_valid(data: bytes, start: int) -> int:
+    """Offset of the first valid record (batch or filler) at or after `start`, or -1."""
     i = data.find(_SYNC, start)
     while i != -1:
         if _parse_at(data, i) is not None:
-            return True
+            return i
         i = data.find(_SYNC, i + 1)
-    return False
+    return -1
 
 
 class _Scan(NamedTuple):
-    records: list[tuple[int, int, int, int]]  # offset, length, events, created ms
-    good_end: int
-    kind: Literal["ok", "torn", "corrupt"]
+    records: list[tuple[int, int, int, int]]  # batches: offset, length, events, created ms
+    holes: list[tuple[int, int]]  # corrupt ranges [start, stop) before good_end
+    good_end: int  # the file is cut here: what follows is not recoverable
+    size: int  # of the file
+    prefix: int  # records before the first corrupt byte
+    tail_corrupt: bool  # the cut tail holds valid records (no room for a filler before them)
+
+    @property
+    def corrupt(self) -> bool:
+        """Corruption in the middle (valid records after it): quarantine and repair."""
+        return bool(self.holes) or self.tail_corrupt
+
+    @property
+    def bad_offset(self) -> int:
+        return self.holes[0][0] if self.holes else self.good_end
 
 
 def _scan(data: bytes) -> _Scan:
+    """Index every valid record; resynchronise after corrupt ranges (see the docstring)."""
     recs: list[tuple[int, int, int, int]] = []
+    holes: list[tuple[int, int]] = []
     pos, end = 0, len(data)
+    tail_corrupt = False
     while pos < end:
         r = _parse_at(data, pos)
-        if r is None:
-            kind: Literal["torn", "corrupt"] = (
-                "corrupt" if _valid_record_after(data, pos + 1) else "torn"
-            )
-            return _Scan(recs, pos, kind)
-        recs.append((pos, *r))
-        pos += r[0]
-    return _Scan(recs, pos, "ok")
+        if r is not None:
+            if r.flags == 0:
+                recs.append((pos, r.length, r.events, r.created))
+            pos += r.length
+            continue
+        nxt = _next_valid(data, pos + 1)
+        if nxt == -1:
+            break  # a torn tail
+        if nxt - pos < HEADER_SIZE:  # no room for a filler: swallow what follows
+            nxt = _next_valid(data, pos + HEADER_SIZE)
+            if nxt == -1:
+                tail_corrupt = True
+                break
+        holes.append((pos, nxt))
+        pos = nxt
+    prefix = sum(1 for r in recs if r[0] < holes[0][0]) if holes else len(recs)
+    return _Scan(recs, holes, pos, end, prefix, tail_corrupt)
 
 
 def _ack_entry(seq: int, offset: int) -> bytes:
@@ -305,7 +382,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -368,11 +445,14 @@ class Spool:
                 "acked_events",
                 "dropped_full",
                 "dropped_full_events",
+                "evicted_inflight",
                 "rejected_full",
                 "write_errors",
+                "space_reclaims",
                 "ack_write_errors",
                 "delete_errors",
                 "quarantined",
+                "repair_errors",
                 "corrupt_records",
                 "purged",
                 "purged_events",
@@ -503,32 +583,43 @@ class Spool:
             return True
         scan = _scan(data)
         changed = False
-        if scan.kind == "torn":
-            report.truncated.append(TruncatedTail(name, scan.good_end, len(data) - scan.good_end))
-            if not readonly:
-                fd = os.open(path, os.O_RDWR)
-                try:
-                    os.ftruncate(fd, scan.good_end)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        elif scan.kind == "corrupt":
+        cut = scan.size - scan.good_end
+        if cut and not scan.tail_corrupt:
+            report.truncated.append(TruncatedTail(name, scan.good_end, cut))
+        if scan.corrupt:
             moved_to = (
-                self._quarantine_path(path) if readonly else self._quarantine(path, data, scan)
+                self._quarantine_path(path, data)
+                if readonly
+                else self._quarantine(path, data, scan)
             )
+            skipped = sum(stop - start for start, stop in scan.holes)
             report.quarantined.append(
                 QuarantinedSegment(
-                    name, str(moved_to), scan.good_end, len(scan.records), len(data) - scan.good_end
+                    name,
+                    str(moved_to),
+                    bad_offset=scan.bad_offset,
+                    good_records=scan.prefix,
+                    discarded_bytes=skipped + cut,
+                    recovered_after=len(scan.records) - scan.prefix,
+                    skipped_bytes=skipped,
+                    skipped=[(start, stop - start) for start, stop in scan.holes],
                 )
             )
             self.counters["quarantined"] += 1
             changed = True
+        elif cut and not readonly:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.ftruncate(fd, scan.good_end)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         if not scan.records:
             if not readonly and path.exists():
                 path.unlink()
                 ack_path.unlink(missing_ok=True)
                 changed = True
-            if scan.kind != "corrupt":
+            if not scan.corrupt:
                 report.removed_files.append(name)
             return changed
         seg = _Segment(seq, path, size=scan.good_end, total=len(scan.records))
@@ -564,26 +655,35 @@ class Spool:
                 os.truncate(seg.ack_path, whole)
         return acked
 
-    def _quarantine_path(self, path: Path) -> Path:
+    def _quarantine_path(self, path: Path, data: bytes | None = None) -> Path:
+        """Where `path` goes in quarantine/: an existing copy of it if there is one."""
         candidate = self.quarantine_dir / path.name
         i = 0
         while candidate.exists():
             with contextlib.suppress(OSError):
                 if candidate.samefile(path):  # a previous, interrupted quarantine
                     return candidate
+                if (
+                    data is not None
+                    and candidate.stat().st_size == len(data)
+                    and candidate.read_bytes() == data
+                ):  # copied (no hard links) by an open that could not repair the segment
+                    return candidate
             i += 1
             candidate = self.quarantine_dir / f"{path.name}.{i}"
         return candidate
 
     def _quarantine(self, path: Path, data: bytes, scan: _Scan) -> Path:
-        """Keep the whole file in quarantine/, leave its good prefix in place (same offsets).
+        """Keep the whole file in quarantine/, repair it in place (same offsets).
 
         Crash-safe order: link the original into quarantine (fsync), then atomically replace
-        the segment by a copy of its good prefix. An interruption leaves the original in place
-        and the next open redoes it (reusing the same quarantine link).
+        the segment by its repaired copy (corrupt ranges overwritten by fillers, the tail cut
+        at good_end). An interruption leaves the original in place and the next open redoes it
+        (reusing the same quarantine file). If the repaired copy cannot be written, the
+        original stays: its valid records are read from it, and the next open tries again.
         """
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-        dest = self._quarantine_path(path)
+        dest = self._quarantine_path(path, data)
         if not dest.exists():
             try:
                 os.link(path, dest)
@@ -597,14 +697,22 @@ class Spool:
             _fsync_dir(self.quarantine_dir)
             _fsync_dir(self.directory)
         if scan.records:
+            repaired = bytearray(memoryview(data)[: scan.good_end])
+            for start, stop in scan.holes:
+                repaired[start:stop] = _filler(stop - start)
             tmp = path.with_suffix(".seg.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                _pwrite_all(fd, data[: scan.good_end], 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                try:
+                    _pwrite_all(fd, repaired, 0)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+            except OSError:
+                self.counters["repair_errors"] += 1
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         return dest
 
     # -- append -----------------------------------------------------------------------------
@@ -625,37 +733,44 @@ class Spool:
         reclen = len(rec)
         if reclen > self.max_size:
             raise RecordTooLarge(f"record of {reclen} bytes exceeds max_size {self.max_size}")
+        dropped_b = dropped_e = 0
         with self._wlock:
-            with self._lock:
-                self._check_writable()
-                dropped_b, dropped_e = self._make_room(reclen)
-                seg = self._writing_segment(reclen)
-                offset = seg.size
-                fd = seg.fd
-                assert fd is not None
-            try:
-                _pwrite_all(fd, rec, offset)
-                os.fsync(fd)
-            except OSError as e:
+            for attempt in range(2):
                 with self._lock:
-                    self.counters["write_errors"] += 1
-                    self._undo_partial_write(seg, offset)
-                raise SpoolWriteError(f"cannot append to {seg.path}", e) from e
-            with self._lock:
-                seg.size = offset + reclen
-                seg.total += 1
-                seg.recs[offset] = (reclen, n, created_ms)
-                rid = _record_id(seg.seq, offset)
-                if claim:
-                    self._inflight.add(rid)
-                else:
-                    heapq.heappush(self._ready, rid)
-                self._size += reclen
-                self._pending_batches += 1
-                self._pending_events += n
-                self.counters["appended"] += 1
-                self.counters["appended_events"] += n
-        return AppendResult(rid, dropped_b, dropped_e)
+                    self._check_writable()
+                    b, e = self._make_room(reclen)
+                    dropped_b, dropped_e = dropped_b + b, dropped_e + e
+                    seg = self._writing_segment(reclen)
+                    offset = seg.size
+                    fd = seg.fd
+                    assert fd is not None
+                try:
+                    _pwrite_all(fd, rec, offset)
+                    os.fsync(fd)
+                except OSError as err:
+                    with self._lock:
+                        self._undo_partial_write(seg, offset)
+                        if attempt == 0 and err.errno in _NO_SPACE and self._reclaim_acked():
+                            self.counters["space_reclaims"] += 1
+                            continue  # once, in a new segment
+                        self.counters["write_errors"] += 1
+                    raise SpoolWriteError(f"cannot append to {seg.path}", err) from err
+                with self._lock:
+                    seg.size = offset + reclen
+                    seg.total += 1
+                    seg.recs[offset] = (reclen, n, created_ms)
+                    rid = _record_id(seg.seq, offset)
+                    if claim:
+                        self._inflight.add(rid)
+                    else:
+                        heapq.heappush(self._ready, rid)
+                    self._size += reclen
+                    self._pending_batches += 1
+                    self._pending_events += n
+                    self.counters["appended"] += 1
+                    self.counters["appended_events"] += n
+                return AppendResult(rid, dropped_b, dropped_e)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_writable(self) -> None:
         if self._state != "open":
@@ -681,7 +796,14 @@ class Spool:
                     raise SpoolFull("spool full and nothing left to drop")
                 self._seal_writing()
                 continue
-            b, e = len(victim.recs), sum(r[1] for r in victim.recs.values())
+            # Handed-out records live on in the caller's memory and get delivered (or released,
+            # a no-op then): not dropped, only no longer on disk.
+            held = b = e = 0
+            for off, (_length, n, _created) in victim.recs.items():
+                if _record_id(victim.seq, off) in self._inflight:
+                    held += 1
+                else:
+                    b, e = b + 1, e + n
             try:
                 self._delete_segment(victim, fsync_dir=True)
             except OSError as err:
@@ -689,9 +811,31 @@ class Spool:
                 raise SpoolWriteError(f"cannot drop {victim.path}", err) from err
             dropped_b += b
             dropped_e += e
+            self.counters["evicted_inflight"] += held
             self.counters["dropped_full"] += b
             self.counters["dropped_full_events"] += e
         return dropped_b, dropped_e
+
+    def _reclaim_acked(self) -> bool:
+        """Disk full: delete every fully acked segment, the one being written included.
+
+        True if that freed any bytes (worth one more try). Only here is a fully acked segment
+        being written given up early: in the normal case it is kept until it is full or its
+        space is needed for max_size, so that appending and acking every batch (write-ahead)
+        does not create a file per batch.
+        """
+        w = self._writing
+        if w is not None and w.total and not w.recs:
+            self._seal_writing()
+        freed = 0
+        for seg in list(self._segments.values()):
+            size = seg.size
+            if seg.total and not seg.recs and self._delete_or_count(seg, fsync_dir=False):
+                freed += size
+        if freed:
+            with contextlib.suppress(OSError):
+                _fsync_dir(self.seg_dir)
+        return freed > 0
 
     def _writing_segment(self, reclen: int) -> _Segment:
         w = self._writing
@@ -798,7 +942,7 @@ class Spool:
     @staticmethod
     def _decode_record(data: bytes, n: int) -> Batch:
         parsed = _parse_at(data, 0)
-        if parsed is None or parsed[0] != len(data) or parsed[1] != n:
+        if parsed is None or parsed.flags or parsed.length != len(data) or parsed.events != n:
             raise _Corrupt("bad record")
         try:
             return _decode(memoryview(data)[HEADER_SIZE:], n)

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,22 @@ def test_bad_checksum_of_last_record_is_a_torn_tail(tmp_path: Path) -> None:
     sp.close()
 
 
+def _records(d: Path, k: int, ack: tuple[int, ...] = ()) -> tuple[Path, list[int]]:
+    """A segment with k records r0..r{k-1} (those in `ack` acked), left as after a crash."""
+    sp = Spool(d)
+    sp.open()
+    ids = [sp.append(batch(f"r{i}", 4)) for i in range(k)]
+    sp.ack_many(ids[i] for i in ack)
+    sp._seal_writing()
+    sp._release_lock()
+    return seg_files(d)[0], [r & ((1 << 40) - 1) for r in ids]
+
+
+def _is_filler(data: bytes, pos: int, length: int) -> bool:
+    parsed = spool_mod._parse_at(data, pos)
+    return parsed is not None and parsed.flags == spool_mod.FLAG_FILLER and parsed.length == length
+
+
 @pytest.mark.parametrize(
     ("where", "pos"),
     [("magic", 0), ("length", 4), ("length-high", 7), ("events", 8), ("payload", HEADER_SIZE + 5)],
@@ -307,40 +324,129 @@ def test_corruption_in_the_middle_is_quarantined(tmp_path: Path, where: str, pos
     original = bytearray(path.read_bytes())
     original[offs[1] + pos] ^= 0x40
     path.write_bytes(bytes(original))
+    bad_len = offs[2] - offs[1]
     sp = Spool(tmp_path)
     report = sp.open()
     assert report.truncated == []
     (q,) = report.quarantined
     assert q.segment == path.name and q.bad_offset == offs[1] and q.good_records == 1
-    assert q.discarded_bytes == len(original) - offs[1]
+    assert q.recovered_after == 1  # r2, intact, found again after the bad record
+    assert q.skipped == [(offs[1], bad_len)] and q.skipped_bytes == q.discarded_bytes == bad_len
     moved = Path(q.moved_to)
     assert moved.parent == tmp_path / "quarantine"
     assert moved.read_bytes() == bytes(original)  # kept whole, never deleted
-    assert path.read_bytes() == bytes(original[: offs[1]])  # good prefix, same offsets
-    assert report.records == 1
-    assert [b.events for _, b in drain(sp)] == [batch("r0", 4).events]
+    # Repaired in place, same offsets: the bad record is now a filler of the same length.
+    repaired = path.read_bytes()
+    assert len(repaired) == len(original)
+    assert repaired[: offs[1]] == original[: offs[1]] and repaired[offs[2] :] == original[offs[2] :]
+    assert _is_filler(repaired, offs[1], bad_len)
+    assert report.records == 2
+    assert [b.events for _, b in drain(sp)] == [batch("r0", 4).events, batch("r2", 4).events]
     assert sp.stats()["quarantined"] == 1
     sp.close()
     # Reopening is clean and does not quarantine again.
     sp = Spool(tmp_path)
     assert sp.open().clean
-    assert len(drain(sp)) == 1
+    assert len(drain(sp)) == 2
     assert len(list((tmp_path / "quarantine").iterdir())) == 1
     sp.close()
 
 
-def test_corrupt_first_record_quarantines_whole_segment(tmp_path: Path) -> None:
-    path, _offs = _three_records(tmp_path)
+def test_resync_after_several_corrupt_ranges_keeps_acks_and_cuts_torn_tail(
+    tmp_path: Path,
+) -> None:
+    path, offs = _records(tmp_path, 6, ack=(4,))
+    raw = bytearray(path.read_bytes())
+    raw[offs[1] + HEADER_SIZE + 7] ^= 0x01  # payload of r1
+    raw[offs[3] + 2] ^= 0x10  # header of r3
+    del raw[-9:]  # r5 torn
+    path.write_bytes(bytes(raw))
+    lens = [b - a for a, b in pairwise(offs)]
+    sp = Spool(tmp_path)
+    report = sp.open()
+    (q,) = report.quarantined
+    assert (q.bad_offset, q.good_records, q.recovered_after) == (offs[1], 1, 2)  # r2, r4
+    assert q.skipped == [(offs[1], lens[1]), (offs[3], lens[3])]
+    assert q.skipped_bytes == lens[1] + lens[3]
+    assert q.discarded_bytes == lens[1] + lens[3] + len(raw) - offs[5]
+    assert [(t.segment, t.offset, t.bytes) for t in report.truncated] == [
+        (path.name, offs[5], len(raw) - offs[5])
+    ]
+    assert report.records == 2 and report.acked_records == 1  # r4's ack is still valid
+    assert report.ignored_ack_entries == 0
+    assert [b.events[0] for _, b in drain(sp)] == ["r0-0", "r2-0"]
+    data = path.read_bytes()
+    assert len(data) == offs[5]
+    assert _is_filler(data, offs[1], lens[1]) and _is_filler(data, offs[3], lens[3])
+    sp.close()
+    sp = Spool(tmp_path)
+    report = sp.open()
+    assert report.clean and report.records == 2 and report.acked_records == 1
+    sp.ack_many(r for r, _ in drain(sp))
+    sp.close()
+    assert seg_files(tmp_path) == []
+    assert [p.name for p in (tmp_path / "quarantine").iterdir()] == [path.name]
+
+
+def test_short_garbage_swallows_the_next_record(tmp_path: Path) -> None:
+    """Bytes inserted (no room for a filler before r1): r1 is given up, r2 still recovered."""
+    path, offs = _three_records(tmp_path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: offs[1]] + b"junk!" + raw[offs[1] :])
+    sp = Spool(tmp_path)
+    report = sp.open()
+    (q,) = report.quarantined
+    assert q.skipped == [(offs[1], offs[2] - offs[1] + 5)] and q.recovered_after == 1
+    assert [b.events[0] for _, b in drain(sp)] == ["r0-0", "r2-0"]
+    sp.close()
+    # The same at the end: nothing to resynchronise on after r1, so the file is cut there,
+    # but r1 is valid: quarantined, not a torn tail.
+    path2, offs = _three_records(tmp_path / "b")
+    raw = path2.read_bytes()
+    path2.write_bytes(raw[: offs[2]] + b"junk!" + raw[offs[2] :])
+    sp = Spool(tmp_path / "b")
+    report = sp.open()
+    assert report.truncated == []
+    (q,) = report.quarantined
+    assert (q.bad_offset, q.recovered_after, q.skipped) == (offs[2], 0, [])
+    assert q.discarded_bytes == len(raw) - offs[2] + 5
+    assert path2.stat().st_size == offs[2]
+    assert [b.events[0] for _, b in drain(sp)] == ["r0-0", "r1-0"]
+    sp.close()
+    sp = Spool(tmp_path / "b")
+    assert sp.open().clean
+    sp.close()
+
+
+def test_corrupt_first_record_the_rest_is_recovered(tmp_path: Path) -> None:
+    path, offs = _three_records(tmp_path)
     raw = bytearray(path.read_bytes())
     raw[HEADER_SIZE + 2] ^= 0x01
     path.write_bytes(bytes(raw))
     sp = Spool(tmp_path)
     report = sp.open()
-    assert report.quarantined[0].good_records == 0
-    assert not path.exists()
+    (q,) = report.quarantined
+    assert (q.bad_offset, q.good_records, q.recovered_after) == (0, 0, 2)
+    assert _is_filler(path.read_bytes(), 0, offs[1])
     assert (tmp_path / "quarantine" / path.name).read_bytes() == bytes(raw)
-    assert sp.next_batch() is None
+    assert [b.events[0] for _, b in drain(sp)] == ["r1-0", "r2-0"]
     sp.close()
+
+
+def test_scan_resync_is_linear_on_garbage() -> None:
+    rec = spool_mod._record(batch("ok"), 0)[0]
+    # Random bytes, zero fill, and magic bytes every few bytes whose headers never check out.
+    junk = (
+        os.urandom(1 << 20)
+        + bytes(1 << 20)
+        + (spool_mod._SYNC + b"\x00" + bytes(4) + b"\xff" * 4) * 100_000
+    )
+    data = rec + junk + rec
+    started = time.monotonic()
+    scan = spool_mod._scan(data)
+    assert time.monotonic() - started < 5
+    assert [r[0] for r in scan.records] == [0, len(rec) + len(junk)]
+    assert scan.holes == [(len(rec), len(rec) + len(junk))]
 
 
 def test_interrupted_quarantine_is_redone(tmp_path: Path) -> None:
@@ -357,8 +463,52 @@ def test_interrupted_quarantine_is_redone(tmp_path: Path) -> None:
     assert report.quarantined[0].moved_to == str(tmp_path / "quarantine" / path.name)
     assert len(list((tmp_path / "quarantine").iterdir())) == 1
     assert not path.with_suffix(".seg.tmp").exists()
-    assert len(drain(sp)) == 1
+    assert len(drain(sp)) == 2
     sp.close()
+
+
+def test_repair_that_cannot_be_written_still_replays_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, offs = _three_records(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[offs[1] + HEADER_SIZE + 1] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+    def no_space(*a: Any, **kw: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_space)  # no hard links: quarantine/ gets a copy
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", no_space)
+        sp = Spool(tmp_path)
+        report = sp.open()
+    assert report.quarantined[0].recovered_after == 1
+    assert sp.stats()["repair_errors"] == 1
+    assert path.read_bytes() == bytes(raw)  # left as it was, read at the same offsets
+    assert not path.with_suffix(".seg.tmp").exists()
+    assert [b.events[0] for _, b in drain(sp)] == ["r0-0", "r2-0"]
+    sp.close()
+    sp = Spool(tmp_path)
+    assert len(sp.open().quarantined) == 1  # repaired now, reusing the same copy
+    assert [p.name for p in (tmp_path / "quarantine").iterdir()] == [path.name]
+    sp.close()
+    sp = Spool(tmp_path)
+    assert sp.open().clean
+    assert len(drain(sp)) == 2
+    sp.close()
+
+
+def test_readonly_sees_records_after_corruption_changes_nothing(tmp_path: Path) -> None:
+    path, offs = _three_records(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[offs[1] + 3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    info = inspect_spool(tmp_path)
+    assert info["stats"]["batches"] == 2
+    (q,) = info["recovery"]["quarantined"]
+    assert q["recovered_after"] == 1 and q["skipped_bytes"] == offs[2] - offs[1]
+    assert path.read_bytes() == bytes(raw) and not (tmp_path / "quarantine").exists()
 
 
 def test_readonly_inspect_changes_nothing(tmp_path: Path) -> None:
@@ -463,6 +613,37 @@ def test_drop_oldest_seals_the_only_segment(make: Callable[..., Spool]) -> None:
     assert [b.events[0] for _, b in drain(sp)] == ["b3-0"]
 
 
+def test_drop_oldest_does_not_count_handed_out_records(make: Callable[..., Spool]) -> None:
+    """Claimed (a worker retries them from memory) or handed out: not dropped, delivered."""
+    rl = _reclen()
+    sp = make(max_size=rl * 4, segment_size=rl * 2, when_full="drop_oldest")
+    sp.open()
+    r0 = sp.append(batch("b0"), claim=True)
+    r1 = sp.append(batch("b1"))
+    sp.append(batch("b2"))
+    sp.append(batch("b3"))
+    got = sp.next_batch()
+    assert got is not None and got[0] == r1
+    res = sp.append_ex(batch("b4"))  # drops the first segment: r0 and r1, both held
+    assert (res.dropped_batches, res.dropped_events) == (0, 0)
+    assert sp.pending_batches == 3 and sp.stats()["evicted_inflight"] == 2
+    sp.ack(r0)  # the workers deliver them later: harmless no-ops
+    sp.release(r1)
+    got = sp.next_batch()
+    assert got is not None and got[1].events[0] == "b2-0"
+    r2 = got[0]
+    assert sp.append_ex(batch("b5")).dropped_batches == 0
+    res = sp.append_ex(batch("b6"))  # drops b2 (held) and b3 (not)
+    assert (res.dropped_batches, res.dropped_events) == (1, 3)
+    sp.ack(r2)
+    st_ = sp.stats()
+    assert (st_["dropped_full"], st_["dropped_full_events"], st_["evicted_inflight"]) == (1, 3, 3)
+    assert st_["acked"] == 0 and st_["inflight"] == 0
+    # Exact accounting: 7 appended = 3 delivered from memory + 1 dropped + 3 still spooled.
+    assert [b.events[0] for _, b in drain(sp)] == ["b4-0", "b5-0", "b6-0"]
+    assert sp.pending_batches == 3
+
+
 # -- disk errors -----------------------------------------------------------------------------
 
 
@@ -494,6 +675,106 @@ def test_enospc_after_partial_write(
     assert report.clean
     assert [b.events[0] for _, b in drain(sp)] == ["ok0-0", "ok1-0"]
     sp.close()
+
+
+def _enospc_once(monkeypatch: pytest.MonkeyPatch, times: int = 1, partial: int = 10) -> None:
+    """os.pwrite writes `partial` bytes then fails with ENOSPC, `times` times."""
+    real = os.pwrite
+    left = {"n": times}
+
+    def failing(fd: int, data: Any, offset: int) -> int:
+        if left["n"] <= 0:
+            return real(fd, data, offset)
+        left["n"] -= 1
+        real(fd, memoryview(data)[:partial], offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", failing)
+
+
+def test_enospc_reclaims_fully_acked_writing_segment(
+    make: Callable[..., Spool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sp = make()  # max_size far above what the "disk" holds
+    sp.open()
+    sp.ack_many([sp.append(batch(f"old{i}")) for i in range(3)])
+    (old,) = seg_files(sp.directory)
+    assert sp.pending_batches == 0 and sp.size_bytes == old.stat().st_size > 0
+    _enospc_once(monkeypatch)
+    res = sp.append_ex(batch("new"))  # the retry, in a fresh segment, succeeds
+    monkeypatch.undo()
+    assert res.dropped_batches == 0
+    assert not old.exists() and not old.with_suffix(".ack").exists()
+    (new,) = seg_files(sp.directory)
+    assert new.stat().st_size == sp.size_bytes == _reclen(batch("new"))
+    st_ = sp.stats()
+    assert (st_["space_reclaims"], st_["write_errors"], st_["segments"]) == (1, 0, 1)
+    assert [b.events[0] for _, b in drain(sp)] == ["new-0"]
+    sp, report = reopen(sp)
+    assert report.clean and report.records == 1
+    sp.close()
+
+
+def test_enospc_retried_only_once_and_only_if_space_was_freed(
+    make: Callable[..., Spool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sp = make()
+    sp.open()
+    sp.ack(sp.append(batch("old")))
+    (old,) = seg_files(sp.directory)
+    _enospc_once(monkeypatch, times=2)
+    with pytest.raises(SpoolWriteError) as info:
+        sp.append(batch("lost"))
+    assert info.value.errno == errno.ENOSPC
+    assert not old.exists()  # reclaimed anyway
+    assert sp.stats()["space_reclaims"] == 1 and sp.stats()["write_errors"] == 1
+    # Nothing fully acked left to free: no retry.
+    sp.append(batch("keep"))
+    _enospc_once(monkeypatch)
+    with pytest.raises(SpoolWriteError):
+        sp.append(batch("lost2"))
+    assert sp.stats()["space_reclaims"] == 1 and sp.stats()["write_errors"] == 2
+    monkeypatch.undo()
+    sp.append(batch("after"))
+    assert [b.events[0] for _, b in drain(sp)] == ["keep-0", "after-0"]
+    assert sp.pending_batches == 2
+    sp, report = reopen(sp)
+    assert report.clean and report.records == 2
+    sp.close()
+
+
+def test_enospc_reclaims_acked_segments_left_by_failed_deletes(
+    make: Callable[..., Spool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rl = _reclen()
+    sp = make(segment_size=rl * 2)
+    sp.open()
+    ids = [sp.append(batch(f"b{i}")) for i in range(3)]  # b0, b1 sealed; b2 being written
+    sealed = seg_files(sp.directory)[0]
+    real_unlink = Path.unlink
+
+    def eio(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(Path, "unlink", eio)
+    sp.ack_many(ids[:2])
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert sealed.exists() and sp.stats()["delete_errors"] == 1
+    _enospc_once(monkeypatch)
+    sp.append(batch("b3"))  # into the same segment being written (it is not fully acked)
+    monkeypatch.undo()
+    assert not sealed.exists() and sp.stats()["space_reclaims"] == 1
+    assert [b.events[0] for _, b in drain(sp)] == ["b2-0", "b3-0"]
+
+
+def test_write_ahead_append_ack_keeps_one_segment(make: Callable[..., Spool]) -> None:
+    """Appending and acking every batch reuses the segment being written: no file per batch."""
+    sp = make()
+    sp.open()
+    for i in range(50):
+        sp.ack(sp.append(batch(str(i))))
+    assert len(seg_files(sp.directory)) == 1 and sp.stats()["segments"] == 1
+    assert sp.stats()["space_reclaims"] == 0
 
 
 def test_eio_on_truncate_seals_segment(

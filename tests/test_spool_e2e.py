@@ -358,9 +358,9 @@ def test_corrupted_spool_good_records_delivered_bad_file_quarantined(
     kept = spool_dir / "quarantine" / bad.name
     assert q["moved_to"] == str(kept)
     assert kept.read_bytes() == bytes(raw)  # the whole original file, for manual recovery
-    # Every record before the first bad one is replayed. By design (spool.py docstring), the
-    # records after the corruption (b2, intact) are not replayed: they stay in quarantine.
-    assert_delivered_once(intake, events_of("a0", "a1", "b0"))
+    # Every intact record is replayed: those before the corruption and, after resynchronising
+    # on the next valid record, those after it (b2); only the flipped record b1 is lost.
+    assert_delivered_once(intake, events_of("a0", "a1", "b0", "b2"))
     assert b"b2-0 " in kept.read_bytes()
     stats = spool_stats(d)
     assert stats["quarantined_files"] == [str(kept)] and stats["events"] == 0
@@ -439,11 +439,6 @@ def test_disk_really_full_holds_input_back_without_spinning_then_delivers(
     assert d.events("stopped")[-1]["dropped_events"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: after ENOSPC the fully acked segment being written is never sealed/deleted "
-    "(spool.py: only Spool._make_room reclaims it, and only past max_size), so its space never "
-    "comes back and the next outage cannot spool anything"
-))
 def test_disk_really_full_space_comes_back_once_drained(
     tiny_fs: Path, intake: FakeIntake, daemon: MakeDaemon
 ) -> None:
@@ -492,11 +487,6 @@ def test_spool_max_size_block_holds_input_then_delivers_exactly(
     assert stopped["delivered_events"] == len(expected)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: drop_oldest counts a batch a worker holds in memory (claimed at its first failure) "
-    "as dropped when its segment is deleted, yet the worker still delivers it: "
-    "delivered + spool_dropped_events > sent (spool.py Spool._make_room counts in-flight records)"
-))
 def test_spool_max_size_drop_oldest_counts_exactly(
     intake: FakeIntake, daemon: MakeDaemon
 ) -> None:
