@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,8 @@ class Intake:
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(Exception):
             self._ask("stop", timeout=5)
-        except Exception:
-            pass
         self.proc.join(5)
         if self.proc.is_alive():
             self.proc.kill()

@@ -229,6 +229,8 @@ async def _main(conn: Connection, cert_pem: bytes, key_pem: bytes, tmpdir: str) 
     done = asyncio.Event()
 
     def on_command() -> None:
+        # the loop made the pipe non-blocking; a large answer must not fail with EAGAIN
+        os.set_blocking(conn.fileno(), True)
         try:
             cmd = conn.recv()
         except (EOFError, OSError):

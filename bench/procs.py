@@ -61,6 +61,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def thread_cpu(pid: int, tid: int) -> float:
+    """user + sys of one thread (tid == pid: the main thread, the event loop)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0.0
+    fields = data[data.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def machine_busy() -> float:
+    """CPU-seconds the whole machine spent busy (all CPUs), from /proc/stat."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()
+    # user nice system idle iowait irq softirq steal ...
+    vals = [int(x) for x in parts[1:9]]
+    return (sum(vals) - vals[3] - vals[4]) / TICK
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def status_kib(pid: int, name: str) -> int:
     """A `Vm*` line of /proc/<pid>/status, in KiB (VmHWM: peak RSS, VmRSS: current)."""
     with open(f"/proc/{pid}/status") as f:

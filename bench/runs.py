@@ -29,6 +29,9 @@ class Burst:
     peak_rss_mib: float = 0.0  # VmHWM at the end (start-up included)
     rss_start_mib: float = 0.0
     intake_cpu: float = 0.0
+    other_cpu: float = 0.0  # CPU used by anything else on the machine meanwhile (noise)
+    main_thread_cpu: float = 0.0  # the SUT's main thread (the forwarder's event loop)
+    sut_counters: dict[str, Any] = field(default_factory=dict)  # forwarder: final counters
     requests: int = 0
     leaked: int = 0
     error: str | None = None
@@ -75,13 +78,18 @@ def burst(sut: Any, intake: Intake, stream: Stream, timeout: float = 120.0) -> B
         time.sleep(0.3)  # let start-up CPU settle out of the measured window
         res.rss_start_mib = procs.status_kib(pid, "VmRSS") / 1024
         cpu0 = procs.cpu_seconds(pid)
+        main0 = procs.thread_cpu(pid, pid)
         icpu0 = procs.cpu_seconds(intake.pid)
+        busy0, self0 = procs.machine_busy(), procs.self_cpu()
         sender = procs.Sender(sut.port, stream.path, stream.offsets, timeout=timeout)
         sender.start()
         st = _wait_events(intake, stream.haproxy, time.monotonic() + timeout,
                           alive=lambda: sut.proc.poll() is None)
         cpu1 = procs.cpu_seconds(pid)
+        res.main_thread_cpu = procs.thread_cpu(pid, pid) - main0
         res.intake_cpu = procs.cpu_seconds(intake.pid) - icpu0
+        res.other_cpu = max(0.0, procs.machine_busy() - busy0 - (cpu1 - cpu0) - res.intake_cpu
+                            - (procs.self_cpu() - self0))
         res.peak_rss_mib = procs.status_kib(pid, "VmHWM") / 1024
         res.received = st["events"]
         res.requests = st["requests"]
@@ -106,7 +114,21 @@ def burst(sut: Any, intake: Intake, stream: Stream, timeout: float = 120.0) -> B
             res.notes.append(f"{res.leaked} filtered-out (sshd) events reached the intake")
     finally:
         sut.stop()
+    res.sut_counters = _final_counters(sut)
     return res
+
+
+def _final_counters(sut: Any) -> dict[str, Any]:
+    """The forwarder's last stats line ("stopped") and how often backpressure engaged."""
+    if not hasattr(sut, "logs"):
+        return {}
+    recs = sut.logs()
+    last = next((r for r in reversed(recs) if r.get("event") == "stopped"), {})
+    keep = ("batches_sent", "delivered_batches", "spooled_batches", "retries", "dropped_events",
+            "filtered_out", "accepted_events", "delivered_events")
+    out: dict[str, Any] = {k: last[k] for k in keep if k in last}
+    out["backpressure_on"] = sum(1 for r in recs if r.get("event") == "backpressure_on")
+    return out
 
 
 @dataclass

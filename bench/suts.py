@@ -41,6 +41,12 @@ def write_toml(path: Path, cfg: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _settings_fields() -> set[str]:
+    from haproxy_forwarder.config import Settings
+
+    return set(Settings.model_fields)
+
+
 class Forwarder:
     """One daemon process; defaults except what a benchmark needs (loopback, spool dir)."""
 
@@ -48,8 +54,13 @@ class Forwarder:
 
     def __init__(self, tmp: Path, intake: Intake, spool_mode: str = "overflow",
                  spool_dir: Path | None = None, extra: dict[str, dict[str, Any]] | None = None,
-                 wrapper: list[str] | None = None) -> None:
+                 wrapper: list[str] | None = None, patches: str = "",
+                 pythonpath: str = "", label: str = "") -> None:
         self.tmp = tmp
+        self.patches = patches
+        self.pythonpath = pythonpath
+        if label:
+            self.name = label
         self.spool_dir = spool_dir or tmp / f"spool-{time.monotonic_ns()}"
         cfg: dict[str, Any] = {
             "shutdown_timeout": 5.0,
@@ -58,6 +69,9 @@ class Forwarder:
             "spool": {"dir": str(self.spool_dir), "mode": spool_mode},
             "log": {"format": "json", "level": "info"},
         }
+        if "status" in _settings_fields():
+            # the status endpoint (newer versions) must not collide with a running daemon
+            cfg["status"] = {"listen": "127.0.0.1:0"}
         for section, values in (extra or {}).items():
             cfg.setdefault(section, {}).update(values)
         self.config = cfg
@@ -87,10 +101,13 @@ class Forwarder:
 
     def start(self, timeout: float = 30.0, poll: float = 0.01) -> Forwarder:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HAPROXY_FORWARDER_")}
+        if self.pythonpath:
+            env["PYTHONPATH"] = self.pythonpath
+        module = ["bench.patches", self.patches] if self.patches else ["haproxy_forwarder"]
         self._log = self.log_path.open("wb")
         self.t_spawn = time.monotonic()
         self.proc = procs.spawn(
-            [*self.wrapper, sys.executable, "-m", "haproxy_forwarder",
+            [*self.wrapper, sys.executable, "-m", *module,
              "--config", str(self.config_path), "run"],
             stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=REPO,
         )

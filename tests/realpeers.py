@@ -323,6 +323,8 @@ class RsyslogProcess(_Process):
         self.all_log_path = self.tmpdir / "all.log"
         self.pid_path = self.tmpdir / "rsyslogd.pid"
         self.output_path = self.tmpdir / "rsyslogd.out"
+        self._local_offset = 0
+        self._local_lines = 0
         self._short_dir: str | None = None
         sock = self.tmpdir / "log.sock"
         if len(str(sock)) > _MAX_UNIX_PATH:
@@ -406,6 +408,27 @@ action(type="omfile" file="{self.all_log_path}" template="RSYSLOG_FileFormat")
             self._fail(f"exited early with code {self.proc.returncode if self.proc else '?'}")
         if not ok:
             self._fail(f"socket {self.socket_path} not created within {timeout} s")
+
+    def local_lines(self) -> int:
+        """Lines in the rule's local copy (``haproxy.log``) so far: the messages rsyslog has
+        routed to the rule. Cheap to call often: only the bytes appended since the last
+        call are read.
+
+        Use it to keep a burst of HAProxy lines within what the unix socket can queue: a
+        unix datagram socket holds at most ``net.unix.max_dgram_qlen`` datagrams (10 by
+        default on Linux) and HAProxy, which never waits, DROPS a log line that finds the
+        queue full (it only counts it, as DroppedLogs), e.g. when rsyslog's input thread
+        is not scheduled for a few milliseconds on a busy machine.
+        """
+        try:
+            with self.local_log_path.open("rb") as f:
+                f.seek(self._local_offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        self._local_offset += len(data)
+        self._local_lines += data.count(b"\n")
+        return self._local_lines
 
     def _cleanup(self) -> None:
         if self._short_dir is not None:
