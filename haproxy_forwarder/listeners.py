@@ -7,6 +7,7 @@ enforce connection limits and apply backpressure (pause_reading) when delivery l
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Protocol, cast
 
 from .syslog.framing import FrameDecoder
@@ -101,6 +102,17 @@ class TcpConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def half_close(self) -> None:
+        """Shutdown: send FIN but keep reading. rsyslog's omfwd checks for a FIN before each
+        write, so it stops sending here and keeps the next message for the next forwarder
+        instead of writing it into a socket we would reset (omfwd has no acknowledgements)."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.resume_reading()
+        if t.can_write_eof():
+            t.write_eof()
+
 
 class TcpListener:
     def __init__(self, sink: Sink, host: str, port: int, max_message_size: int,
@@ -129,14 +141,18 @@ class TcpListener:
         for conn in self.connections:
             conn.resume()
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, then read what senders already wrote for up to `grace` seconds."""
         if self.server is not None:
             self.server.close()
         for conn in list(self.connections):
+            conn.half_close()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
-        if self.server is not None:
-            await self.server.wait_closed()
 
 
 class UdpProtocol(asyncio.DatagramProtocol):

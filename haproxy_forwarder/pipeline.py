@@ -25,6 +25,8 @@ from .syslog.header import event_text, read_header
 
 HAPEE = b"hapee"
 OVERSIZED_REASON = f"event over 250 KiB ({MAX_EVENT_BYTES} bytes), the intake limit"
+# Longest wait at shutdown for TCP senders to close after our FIN.
+TCP_DRAIN_GRACE = 2.0
 # How often the daemon looks for dead letters an operator re-queued.
 REQUEUE_INTERVAL = 2.0
 
@@ -330,9 +332,10 @@ class Pipeline:
         assert self.delivery is not None
         if self.status is not None:
             await self.status.stop()
-        # Stop accepting and reading first, so what we flush is final.
-        for lst in self.tcp:
-            await lst.stop()
+        # Stop accepting, take in what senders already wrote (half-close, then read until
+        # they close), so nothing they consider sent is reset away; then flush.
+        grace = min(TCP_DRAIN_GRACE, self.settings.shutdown_timeout)
+        await asyncio.gather(*(lst.stop(grace) for lst in self.tcp))
         for u in self.udp:
             await u.stop()
         if self._timer is not None:
