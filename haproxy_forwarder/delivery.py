@@ -34,6 +34,9 @@ BACKOFF_MIN = 0.5
 # How often a blocked spool writer (disk full, I/O error) tries again: slow enough not to
 # spin, fast enough that backpressure lifts soon after space comes back.
 SPOOL_RETRY = 1.0
+# A batch waiting in memory longer than this (the intake is slower than the input) is written
+# to the spool: "cannot be delivered at once" must not mean "only in RAM".
+SPILL_AFTER = 1.0
 
 
 class Sink(Protocol):
@@ -152,7 +155,8 @@ class Delivery:
         self.on_pressure = on_pressure
         self.spool = spool
         self.write_ahead = write_ahead and spool is not None
-        self.memory: collections.deque[Batch] = collections.deque()
+        # Batches to send from memory, with the monotonic time they were queued.
+        self.memory: collections.deque[tuple[Batch, float]] = collections.deque()
         self.to_spool: collections.deque[Batch] = collections.deque()
         self.writing: Batch | None = None  # the batch the spool writer is appending
         self.held: dict[int, Work] = {}
@@ -167,6 +171,7 @@ class Delivery:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(workers)]
         if spool is not None:
             self._tasks.append(asyncio.create_task(self._writer()))
+            self._tasks.append(asyncio.create_task(self._ager()))
 
     # -- accounting ---------------------------------------------------------------------------
 
@@ -177,7 +182,7 @@ class Delivery:
         return len(self.memory) + len(self.to_spool) + (self.writing is not None) + unsafe
 
     def _memory_batches(self) -> list[Batch]:
-        out = list(self.memory) + list(self.to_spool)
+        out = [b for b, _ in self.memory] + list(self.to_spool)
         if self.writing is not None:
             out.append(self.writing)
         out += [w.batch for w in self.held.values() if w.record is None]
@@ -201,13 +206,14 @@ class Delivery:
             or self.to_spool
             or self.writing is not None
             or self.spool.has_ready
-            or len(self.memory) >= self.max_in_flight
         ):
             # Behind what is already on disk, so per-connection order is kept.
             self.to_spool.append(batch)
             self._wake_writer.set()
         else:
-            self.memory.append(batch)
+            # A burst the intake absorbs within SPILL_AFTER stays in memory (bounded by
+            # max_in_flight through backpressure); the ager spills what waits longer.
+            self.memory.append((batch, time.monotonic()))
             self._wake_workers.set()
         self._check_pressure()
 
@@ -231,7 +237,7 @@ class Delivery:
             except RecordTooLarge:
                 # Larger than the whole spool (a tiny max_size): it can only go from memory.
                 self.writing = None
-                self.memory.append(batch)
+                self.memory.append((batch, time.monotonic()))
                 self._wake_workers.set()
                 continue
             except (SpoolFull, SpoolError) as exc:
@@ -269,6 +275,17 @@ class Delivery:
                 hint="spool.when_full = drop_oldest; raise spool.max_size to keep more",
             )
 
+    async def _ager(self) -> None:
+        """Batches that could not be sent within SPILL_AFTER go to disk."""
+        while True:
+            await asyncio.sleep(SPILL_AFTER / 4)
+            if self.memory and self.memory[0][1] < time.monotonic() - SPILL_AFTER:
+                # All of them, not just the stale ones: newer batches must stay behind older
+                # ones, or per-connection order breaks.
+                self.to_spool.extend(b for b, _ in self.memory)
+                self.memory.clear()
+                self._wake_writer.set()
+
     def _spool_trouble(self, exc: Exception) -> None:
         if isinstance(exc, SpoolFull):
             if not self.spool_blocked:
@@ -305,7 +322,7 @@ class Delivery:
             # others wait instead of adding to a retry storm (Vector #10870).
             if not self.failing:
                 if self.memory:
-                    return Work(self.memory.popleft(), None)
+                    return Work(self.memory.popleft()[0], None)
                 if self.spool is not None and not self.stopping and self.spool.has_ready:
                     got = await asyncio.to_thread(self.spool.next_batch)
                     if got is not None:
@@ -384,7 +401,7 @@ class Delivery:
             self.failing = True
             if self.spool is not None:
                 # Batches queued in memory go to disk too: the outage may last.
-                self.to_spool.extendleft(reversed(self.memory))
+                self.to_spool.extendleft(reversed([b for b, _ in self.memory]))
                 self.memory.clear()
                 self._wake_writer.set()
         if work.record is None and self.spool is not None:
