@@ -1,0 +1,134 @@
+"""The intake client's pure parts: answer classification, Retry-After, backoff; and the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from tenacity import RetryCallState
+
+from haproxy_forwarder.delivery import Backoff, _Again
+from haproxy_forwarder.intake import Kind, Outcome, classify, parse_retry_after
+from tests.daemon import Daemon
+from tests.fake_intake import FakeIntake
+from tests.traffic import octet_counted, send_tcp, traditional
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(200, Kind.DELIVERED), (202, Kind.DELIVERED), (204, Kind.DELIVERED),
+     (408, Kind.RETRY), (429, Kind.RETRY), (500, Kind.RETRY), (502, Kind.RETRY),
+     (503, Kind.RETRY), (504, Kind.RETRY), (413, Kind.TOO_LARGE), (400, Kind.REJECTED),
+     (422, Kind.REJECTED), (401, Kind.AUTH), (403, Kind.AUTH), (404, Kind.AUTH),
+     (405, Kind.AUTH)],
+)
+def test_classify(status: int, kind: Kind) -> None:
+    assert classify(status, "", None).kind is kind
+
+
+def test_retry_after_seconds_date_and_garbage() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(" 0 ") == 0.0
+    assert parse_retry_after("999999") == 600.0  # capped: a bogus header cannot park us for days
+    now = time.time()
+    in_30s = email.utils.formatdate(now + 30, usegmt=True)
+    assert parse_retry_after(in_30s, now=now) == pytest.approx(30, abs=1)
+    past = email.utils.formatdate(now - 30, usegmt=True)
+    assert parse_retry_after(past, now=now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+    assert classify(429, "", "3").retry_after == 3.0
+
+
+def _state(attempt: int, outcome: Outcome) -> RetryCallState:
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = attempt
+    state.set_exception((_Again, _Again(outcome), None))
+    return state
+
+
+def test_backoff_full_jitter_bounds_and_retry_after() -> None:
+    wait = Backoff(retry_max=60.0, auth_retry=60.0)
+    transient = Outcome(Kind.RETRY, 503)
+    for attempt, cap in [(1, 0.5), (2, 1.0), (4, 4.0), (20, 60.0)]:
+        samples = [wait(_state(attempt, transient)) for _ in range(300)]
+        assert min(samples) >= 0.5 and max(samples) <= cap
+    assert max(wait(_state(20, transient)) for _ in range(300)) > 30  # jitter spans the range
+    # Retry-After replaces the jittered wait.
+    assert wait(_state(10, Outcome(Kind.RETRY, 429, retry_after=2.0))) == 2.0
+    # A refused key is retried slowly (auth_retry, +-20 %), never given up.
+    auth = [wait(_state(1, Outcome(Kind.AUTH, 401))) for _ in range(100)]
+    assert min(auth) >= 48 and max(auth) <= 72
+
+
+@contextlib.contextmanager
+def connect_proxy() -> Iterator[tuple[int, list[str]]]:
+    """A minimal HTTP CONNECT proxy on loopback, recording the targets it tunnelled to."""
+    seen: list[str] = []
+    ready = threading.Event()
+    port: list[int] = []
+    loop = asyncio.new_event_loop()
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = await r.readuntil(b"\r\n\r\n")
+        method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+        if method != "CONNECT":
+            w.write(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+            w.close()
+            return
+        seen.append(target)
+        host, _, p = target.rpartition(":")
+        ur, uw = await asyncio.open_connection(host, int(p))
+        w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    stop: list[asyncio.Event] = []
+
+    async def main() -> None:
+        stop.append(asyncio.Event())
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        await stop[0].wait()
+        server.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    ready.wait(5)
+    try:
+        yield port[0], seen
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(5)
+
+
+def test_intake_proxy_is_used(intake: FakeIntake, daemon: Callable[..., Daemon]) -> None:
+    with connect_proxy() as (port, seen):
+        d = daemon(intake, intake={"proxy": f"http://127.0.0.1:{port}"})
+        send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "through the proxy")]))
+        assert intake.wait_for(1, 20)
+        assert [e.event for e in intake.events] == ["through the proxy"]
+        assert seen and seen[0] == f"127.0.0.1:{intake.port}"
+
+
+def test_https_proxy_environment_is_honoured(intake: FakeIntake,
+                                             daemon: Callable[..., Daemon]) -> None:
+    with connect_proxy() as (port, seen):
+        env: dict[str, Any] = {"HTTPS_PROXY": f"http://127.0.0.1:{port}", "NO_PROXY": ""}
+        d = daemon(intake, env=env)
+        send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "env proxy")]))
+        assert intake.wait_for(1, 20)
+        assert seen and seen[0] == f"127.0.0.1:{intake.port}"
