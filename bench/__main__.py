@@ -421,14 +421,12 @@ def variants(tmp: Path, intake: Intake, stream: Stream, repeat: int) -> dict[str
     plan: list[tuple[str, dict[str, Any]]] = [
         ("baseline (defaults)", {}),
         ("fasthdr: regex fast path in read_header", {"patches": "fasthdr"}),
-        ("nospill: backpressure, no spool, while healthy", {"patches": "nospill"}),
     ]
     if _have_isal():
         pp = f"{suts.REPO}:{PYLIB}"
         plan += [
             ("isal: igzip level 1 instead of zlib", {"patches": "isal", "pythonpath": pp}),
             ("fasthdr + isal", {"patches": "fasthdr,isal", "pythonpath": pp}),
-            ("fasthdr + isal + nospill", {"patches": "fasthdr,isal,nospill", "pythonpath": pp}),
         ]
     plan += [
         ("plain-batch, gzip off (syslog-ng's load)",
