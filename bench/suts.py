@@ -13,32 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.daemon import write_toml
+
 from . import procs
 from .control import KEY, Intake
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".bench-cache"
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str | Path):
-        return json.dumps(str(v))
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    raise TypeError(v)
-
-
-def write_toml(path: Path, cfg: dict[str, Any]) -> None:
-    lines = [f"{k} = {_toml(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
-    for section, values in cfg.items():
-        if isinstance(values, dict):
-            lines.append(f"\n[{section}]")
-            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def _settings_fields() -> set[str]:
