@@ -164,6 +164,9 @@ class Delivery:
         self.spool_blocked = False
         self.stopping = False
         self.pressure = False
+        # Appends running in a worker thread: stop() waits for them, because cancelling the
+        # awaiting task would not stop the thread, and the batch would be spooled twice.
+        self._appending = 0
         # Monotonic time of the last accepted request (or start): what /healthz judges.
         self.last_progress = time.monotonic()
         self._wake_workers = asyncio.Event()
@@ -224,8 +227,6 @@ class Delivery:
     # -- spool writer ---------------------------------------------------------------------------
 
     async def _writer(self) -> None:
-        assert self.spool is not None
-        spool = self.spool
         while True:
             if not self.to_spool:
                 self._wake_writer.clear()
@@ -233,7 +234,7 @@ class Delivery:
                 continue
             batch = self.writing = self.to_spool.popleft()
             try:
-                result = await asyncio.to_thread(spool.append_ex, batch)
+                result = await self._append(batch)
             except RecordTooLarge:
                 # Larger than the whole spool (a tiny max_size): it can only go from memory.
                 self.writing = None
@@ -256,10 +257,17 @@ class Delivery:
 
     async def spool_append(self, batch: Batch, claim: bool = False) -> int:
         """Append off the event loop; drops made to find room are counted and logged."""
-        assert self.spool is not None
-        result = await asyncio.to_thread(self.spool.append_ex, batch, claim)
+        result = await self._append(batch, claim)
         self._appended(result)
         return result.record_id
+
+    async def _append(self, batch: Batch, claim: bool = False) -> AppendResult:
+        assert self.spool is not None
+        self._appending += 1
+        try:
+            return await asyncio.to_thread(self.spool.append_ex, batch, claim)
+        finally:
+            self._appending -= 1
 
     def _appended(self, result: AppendResult) -> None:
         self.counters.spooled_batches += 1
@@ -484,6 +492,9 @@ class Delivery:
 
     async def stop(self) -> tuple[int, int]:
         """Cancel everything; spool what is still in memory. Returns (spooled, lost) events."""
+        deadline = time.monotonic() + 5.0
+        while self._appending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
