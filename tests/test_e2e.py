@@ -93,11 +93,12 @@ def test_transient_errors_then_retry_after_nothing_lost_nothing_doubled(
     started = time.monotonic()
     send_tcp(d.tcp_port, octet_counted(frames))
     assert_exactly(intake, expected)
-    statuses = [r["status"] for r in intake.requests]
+    # A keep-alive connection the server closed can add a status-less retry: not counted here.
+    statuses = [r["status"] for r in intake.requests if r["status"] is not None]
     assert statuses[:4] == [503, 503, 503, 429]
     assert time.monotonic() - started >= 1.0  # the Retry-After was honoured
-    retries = d.events("intake_retry")
-    assert [r["status"] for r in retries][:4] == [503, 503, 503, 429]
+    retries = [r["status"] for r in d.events("intake_retry") if r["status"] is not None]
+    assert retries[:4] == [503, 503, 503, 429]
 
 
 def test_hapee_tag_kept_and_text_normalised(intake: FakeIntake, daemon: MakeDaemon) -> None:
