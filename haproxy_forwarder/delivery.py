@@ -181,8 +181,7 @@ class Delivery:
     @property
     def in_memory(self) -> int:
         """Batches held in memory only: neither delivered nor on disk yet."""
-        unsafe = sum(1 for w in self.held.values() if w.record is None)
-        return len(self.memory) + len(self.to_spool) + (self.writing is not None) + unsafe
+        return len(self._memory_batches())
 
     def _memory_batches(self) -> list[Batch]:
         out = [b for b, _ in self.memory] + list(self.to_spool)
