@@ -76,6 +76,8 @@ class ListenConfig(_Section):
     max_message_size: int = Field(default=256 * KIB, ge=1024, le=64 * MIB)
     # Bounded so a connection flood cannot exhaust memory or file descriptors (Vector #8238).
     max_connections: int = Field(default=1024, ge=1)
+    # At the limit, a connection silent for this long is closed to make room for a new one.
+    evict_idle_after: float = Field(default=300.0, gt=0)
 
     @field_validator("tcp", "udp")
     @classmethod

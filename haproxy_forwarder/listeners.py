@@ -31,6 +31,7 @@ class TcpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.oversized_seen = 0
+        self.last_active = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
@@ -38,7 +39,10 @@ class TcpConnection(asyncio.Protocol):
         c = self.sink.counters
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if len(self.listener.connections) >= self.listener.max_connections:
+        if (
+            len(self.listener.connections) >= self.listener.max_connections
+            and not self.listener.evict_idle()
+        ):
             # Refuse instead of buffering: an unbounded number of paused connections is
             # how peers ran out of memory (Vector #8238).
             c.connections_refused += 1
@@ -55,6 +59,7 @@ class TcpConnection(asyncio.Protocol):
             transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         dec = self.decoder
         c = self.sink.counters
         c.received_bytes += len(data)
@@ -116,12 +121,13 @@ class TcpConnection(asyncio.Protocol):
 
 class TcpListener:
     def __init__(self, sink: Sink, host: str, port: int, max_message_size: int,
-                 max_connections: int) -> None:
+                 max_connections: int, evict_idle_after: float = 300.0) -> None:
         self.sink = sink
         self.host = host
         self.port = port
         self.max_message_size = max_message_size
         self.max_connections = max_connections
+        self.evict_idle_after = evict_idle_after
         self.connections: set[TcpConnection] = set()
         self.server: asyncio.Server | None = None
 
@@ -132,6 +138,27 @@ class TcpListener:
         )
         addr = self.server.sockets[0].getsockname()
         return addr[0], addr[1]
+
+    def evict_idle(self) -> bool:
+        """At the connection limit, make room by closing the longest-idle connection.
+
+        Without this, a handful of clients that connect and say nothing would lock real
+        senders out. Never while paused: under backpressure every connection looks idle.
+        """
+        if self.sink.paused or not self.connections:
+            return False
+        oldest = min(self.connections, key=lambda conn: conn.last_active)
+        idle = time.monotonic() - oldest.last_active
+        if idle < self.evict_idle_after or oldest.transport is None:
+            return False
+        self.sink.counters.connections_evicted += 1
+        self.sink.log.warning("connection_evicted_idle", peer=oldest.peer, idle=round(idle, 1),
+                              reason="listen.max_connections reached")
+        # A FIN first: rsyslog checks for it before writing, so it reconnects cleanly.
+        oldest.half_close()
+        oldest.transport.close()
+        self.connections.discard(oldest)
+        return True
 
     def pause(self) -> None:
         for conn in self.connections:

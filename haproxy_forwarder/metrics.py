@@ -14,6 +14,7 @@ class Counters:
     # input
     connections_accepted: int = 0
     connections_refused: int = 0
+    connections_evicted: int = 0
     connections_open: int = 0
     received_frames: int = 0
     received_bytes: int = 0

@@ -180,7 +180,7 @@ class Pipeline:
         for addr in s.listen.tcp:
             host, port = _split_hostport(addr)
             tcp = TcpListener(self, host, port, s.listen.max_message_size,
-                              s.listen.max_connections)
+                              s.listen.max_connections, s.listen.evict_idle_after)
             h, p = await tcp.start()
             self.tcp.append(tcp)
             self.log.info("listening", proto="tcp", host=h, port=p)

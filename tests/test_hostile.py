@@ -434,6 +434,46 @@ def test_max_connections_refuses_extra_ones(intake: FakeIntake, daemon: MakeDaem
     assert c["connections_refused"] == 15 and c["connections_accepted"] == 6
 
 
+def test_idle_connections_at_the_limit_are_evicted_for_new_senders(
+    intake: FakeIntake, daemon: MakeDaemon
+) -> None:
+    d = daemon(intake, listen={"max_connections": 3, "evict_idle_after": 0.5})
+    t = _tag()
+    squatters = [_connect(d.tcp_port) for _ in range(3)]
+    time.sleep(1.0)  # silent past evict_idle_after
+    try:
+        newcomer = _connect(d.tcp_port)
+        newcomer.sendall(octet_counted([hp(f"{t} newcomer")]))
+        newcomer.shutdown(socket.SHUT_WR)
+        assert closed_by_peer(newcomer)
+        # The longest-idle squatter got a FIN (and then the close).
+        assert sum(closed_by_peer(s, 5) for s in squatters) >= 1
+    finally:
+        for s in [*squatters, newcomer]:
+            s.close()
+    _wait_events(intake, [f"{t} newcomer"])
+    assert d.events("connection_evicted_idle")
+    assert d.events("connection_refused") == []
+    c = stop_counters(d)
+    assert c["connections_evicted"] == 1 and c["connections_refused"] == 0
+
+
+def test_active_connections_at_the_limit_are_not_evicted(intake: FakeIntake,
+                                                         daemon: MakeDaemon) -> None:
+    d = daemon(intake, listen={"max_connections": 2, "evict_idle_after": 30.0})
+    busy = [_connect(d.tcp_port) for _ in range(2)]
+    time.sleep(0.3)
+    try:
+        extra = socket.create_connection(("127.0.0.1", d.tcp_port), timeout=10)
+        assert closed_by_peer(extra, 5)
+        extra.close()
+    finally:
+        for s in busy:
+            s.close()
+    assert stop_counters(d)["connections_evicted"] == 0
+    assert d.events("connection_refused")
+
+
 def test_flood_many_connections_thousands_of_frames_exact(intake: FakeIntake,
                                                           daemon: MakeDaemon) -> None:
     d = daemon(intake, batch={"max_delay": 0.2, "max_events": 2000})
