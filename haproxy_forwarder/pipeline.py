@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import resource
 import signal
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ from .syslog.header import event_text, read_header
 
 HAPEE = b"hapee"
 OVERSIZED_REASON = f"event over 250 KiB ({MAX_EVENT_BYTES} bytes), the intake limit"
+# Descriptors needed beside the TCP connections: listeners, spool, HTTPS, logs.
+FD_MARGIN = 64
 # Longest wait at shutdown for TCP senders to close after our FIN.
 TCP_DRAIN_GRACE = 2.0
 # How often the daemon looks for dead letters an operator re-queued.
@@ -164,8 +168,28 @@ class Pipeline:
             self.log.info("spool_opened", **fields)
         return spool
 
+    def _check_fd_limit(self) -> None:
+        """Each TCP connection is a file descriptor: make sure max_connections fits.
+
+        Out of descriptors, accept() fails quietly and senders wait in the kernel backlog;
+        better to raise the soft limit, or say at start-up that it is too low.
+        """
+        need = self.settings.listen.max_connections + FD_MARGIN
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < need:
+            target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft < need:
+            self.log.warning(
+                "fd_limit_low", nofile=soft, max_connections=self.settings.listen.max_connections,
+                hint="raise LimitNOFILE (systemd) / ulimit -n, or lower listen.max_connections",
+            )
+
     async def start(self) -> None:
         s = self.settings
+        self._check_fd_limit()
         self.spool = self._open_spool()
         self.delivery = Delivery(
             self._make_sink(), self.counters, self.dead, self.log,

@@ -7,6 +7,7 @@ with TOML configs in the test's folder and loopback listeners on OS-chosen ports
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -548,3 +549,33 @@ def test_region_works_with_the_shipped_example_config() -> None:
     assert _check_config_json(res)["intake"]["url"] == (
         "https://intake.usa1.sekoia.io/api/v1/intake-http"
     )
+
+
+def test_too_few_file_descriptors_for_max_connections_is_said_at_start(tmp_path: Path) -> None:
+    import resource
+
+    cfg = tmp_path / "c.toml"
+    write_toml(cfg, base_config(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "HAPROXY_FORWARDER_CONFIG"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "haproxy_forwarder", "--config", str(cfg), "run", "--dry-run"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        # A hard limit below max_connections (1024) + margin: the soft one cannot be raised.
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)),
+    )
+    try:
+        deadline = time.monotonic() + 20
+        lines: list[dict[str, Any]] = []
+        assert proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(json.loads(line))
+            if lines[-1]["event"] == "started":
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    warn = [r for r in lines if r["event"] == "fd_limit_low"]
+    assert warn and warn[0]["nofile"] == 100 and warn[0]["max_connections"] == 1024
