@@ -17,6 +17,10 @@ WORKDIR /var/lib/haproxy-forwarder
 VOLUME ["/var/lib/haproxy-forwarder"]
 EXPOSE 1514/tcp 1514/udp
 ENV HAPROXY_FORWARDER_LOG__FORMAT=json
+# /healthz turns 503 when batches wait and nothing was delivered for status.stall_after, or
+# when the spool refuses writes: "alive but stuck" is what an orchestrator must see.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9514/healthz', timeout=4).status != 200)"]
 # Exec form: the daemon is PID 1 and receives SIGTERM from `docker stop` directly.
 ENTRYPOINT ["haproxy-forwarder"]
 CMD ["run"]
