@@ -627,3 +627,23 @@ def haproxy_direct_cfg(
     return text.replace(
         _EX_BACKEND_SERVER, "http-request return status 200 content-type text/plain string ok"
     )
+
+
+def haproxy_cfg(port: int, global_log: str, *, extra_global: str = "", sections: str = "") -> str:
+    """A minimal HTTP frontend `fe` on 127.0.0.1:port answering 200 "ok" by itself."""
+    return f"""global
+    {global_log}
+{extra_global}
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client 5s
+    timeout server 5s
+
+frontend fe
+    bind 127.0.0.1:{port}
+    http-request return status 200 content-type text/plain string ok
+{sections}
+"""

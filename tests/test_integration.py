@@ -33,6 +33,7 @@ from tests.realpeers import (
     HaproxyProcess,
     RsyslogProcess,
     free_port,
+    haproxy_cfg,
     haproxy_direct_cfg,
     http_get,
     needs,
@@ -67,22 +68,7 @@ ZONED_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(?:Z|[+-]\d\d:\d\d)
 
 
 def http_cfg(port: int, log_line: str) -> str:
-    """A minimal HTTP frontend `fe` on 127.0.0.1:port answering 200 "ok" by itself."""
-    return f"""global
-    {log_line}
-
-defaults
-    mode http
-    log global
-    option httplog
-    timeout connect 5s
-    timeout client 5s
-    timeout server 5s
-
-frontend fe
-    bind 127.0.0.1:{port}
-    http-request return status 200 content-type text/plain string ok
-"""
+    return haproxy_cfg(port, log_line)
 
 
 # Lines HAProxy may have sent to rsyslog's unix socket that rsyslog has not taken yet:

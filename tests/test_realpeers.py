@@ -23,6 +23,7 @@ from tests.realpeers import (
     HaproxyProcess,
     RsyslogProcess,
     free_port,
+    haproxy_cfg,
     haproxy_direct_cfg,
     http_get,
     needs,
@@ -190,24 +191,6 @@ def httplog(frontend: bytes = b"fe", backend: bytes = b"fe") -> bytes:
 HTTPLOG = httplog()
 
 
-def haproxy_cfg(port: int, global_log: str, *, extra_global: str = "", sections: str = "") -> str:
-    """A minimal HTTP frontend `fe` on 127.0.0.1:port answering 200 "ok" by itself."""
-    return f"""global
-    {global_log}
-{extra_global}
-defaults
-    mode http
-    log global
-    option httplog
-    timeout connect 5s
-    timeout client 5s
-    timeout server 5s
-
-frontend fe
-    bind 127.0.0.1:{port}
-    http-request return status 200 content-type text/plain string ok
-{sections}
-"""
 
 
 def wait_frames(get: object, count: int, timeout: float = 10.0) -> None:
