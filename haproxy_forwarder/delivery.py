@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from .batching import Batch
 from .deadletter import DeadLetters
-from .encoding import encode_bounded, gzip
+from .encoding import bodies_bounded
 from .intake import IntakeClient, Kind, Outcome
 from .metrics import Counters
 from .spool import AppendResult, RecordTooLarge, Spool, SpoolError, SpoolFull
@@ -56,10 +56,7 @@ class IntakeSink:
         self.use_gzip = use_gzip
 
     def _bodies(self, batch: Batch) -> list[tuple[Batch, bytes]]:
-        parts = encode_bounded(batch, self.endpoint, self.client.key)
-        if self.use_gzip:
-            return [(b, gzip(body)) for b, body in parts]
-        return parts
+        return bodies_bounded(batch, self.endpoint, self.client.key, self.use_gzip)
 
     async def send(self, batch: Batch) -> list[tuple[Batch, Outcome]]:
         # Off the event loop: zlib releases the GIL, so listeners keep reading meanwhile.
