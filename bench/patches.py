@@ -58,16 +58,6 @@ def check_fasthdr(frames: list[bytes]) -> tuple[int, int]:
     return fast, bad
 
 
-def _gzip_with(modname: str) -> Callable[[bytes], bytes]:
-    mod = __import__(modname, fromlist=["x"])
-
-    def gz(body: bytes) -> bytes:
-        co = mod.compressobj(1, mod.DEFLATED, 31)
-        return bytes(co.compress(body) + co.flush())
-
-    return gz
-
-
 def apply(names: str) -> list[str]:
     applied = []
     for name in filter(None, names.split(",")):
@@ -76,11 +66,12 @@ def apply(names: str) -> list[str]:
 
             pipeline.read_header = fast_read_header  # type: ignore[assignment]
         elif name in ("isal", "zlibng"):
-            from haproxy_forwarder import delivery, encoding
+            from haproxy_forwarder import encoding
 
-            gz = _gzip_with("isal.isal_zlib" if name == "isal" else "zlib_ng.zlib_ng")
-            delivery.gzip = gz  # type: ignore[assignment]
-            encoding.gzip = gz  # type: ignore[assignment]
+            # encoding.body() compresses with zlib.compressobj: swap in a module with the
+            # same API.
+            modname = "isal.isal_zlib" if name == "isal" else "zlib_ng.zlib_ng"
+            encoding.zlib = __import__(modname, fromlist=["x"])  # type: ignore[assignment]
         elif name != "none":
             raise SystemExit(f"unknown patch {name!r}")
         applied.append(name)

@@ -96,18 +96,17 @@ def _check_config(settings: Settings) -> int:
 
 
 async def _send_test(settings: Settings) -> int:
-    from .encoding import encode, gzip
+    from .encoding import body as encode_body
 
     settings.require_key()
     client = IntakeClient(settings.intake)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     event = f"haproxy-forwarder {__version__} send-test from {socket.gethostname()} at {now}"
     batch = Batch([event], [now])
-    body = encode(batch, settings.intake.endpoint, client.key)
-    if settings.intake.gzip:
-        body = gzip(body)
+    # The same body the daemon would send for this endpoint.
+    data, _ = encode_body(batch, settings.intake.endpoint, client.key, settings.intake.gzip)
     print(f"POST {client.url}")
-    outcome = await client.post(body)
+    outcome = await client.post(data)
     await client.aclose()
     status = outcome.status if outcome.status is not None else "no answer"
     # The answer may echo the request (proxies do), and /array bodies carry the key.

@@ -85,9 +85,3 @@ def bodies_bounded(
     return bodies_bounded(left, endpoint, key, use_gzip) + bodies_bounded(
         right, endpoint, key, use_gzip
     )
-
-
-def gzip(body: bytes) -> bytes:
-    # wbits=31: a gzip container, which is what Content-Encoding: gzip means.
-    co = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
-    return co.compress(body) + co.flush()

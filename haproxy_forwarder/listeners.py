@@ -7,6 +7,8 @@ enforce connection limits and apply backpressure (pause_reading) when delivery l
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from typing import Any, Protocol, cast
 
@@ -224,12 +226,8 @@ class UdpListener:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         # A large receive buffer absorbs bursts while a batch is being encoded.
-        try:
-            import socket
-
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
-        except OSError:
-            pass
         addr = transport.get_extra_info("sockname")
         return addr[0], addr[1]
 

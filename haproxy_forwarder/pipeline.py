@@ -244,17 +244,10 @@ class Pipeline:
             self.log_stats("stats")
 
     def log_stats(self, name: str) -> None:
-        d = self.delivery
-        extra: dict[str, Any] = {
-            "in_memory_batches": d.in_memory if d else 0,
-            "paused": self.paused,
-            "intake_failing": d.failing if d else False,
-        }
-        if self.spool is not None:
-            st = self.spool.stats()
-            extra.update(spool_batches=st["batches"], spool_events=st["events"],
-                         spool_bytes=st["bytes"], spool_oldest_age=st["oldest_age_seconds"])
-        self.log.info(name, **self.counters.snapshot(), **extra)
+        g = self.gauges()
+        g["paused"] = self.paused
+        g["intake_failing"] = bool(g["intake_failing"])
+        self.log.info(name, **self.counters.snapshot(), **g)
 
     def gauges(self) -> dict[str, float]:
         d = self.delivery

@@ -120,6 +120,15 @@ def _exe(program: str) -> str:
     return path
 
 
+def _validate(argv: list[str], what: str, extra: str = "") -> None:
+    """Run a program's config check; raise RuntimeError with its messages if it refuses."""
+    res = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"{what}:\n{res.stdout}{res.stderr}{extra}")
+
+
 # --------------------------------------------------------------------------- small helpers
 
 
@@ -383,18 +392,10 @@ action(type="omfile" file="{self.all_log_path}" template="RSYSLOG_FileFormat")
 
     def check_config(self) -> None:
         """``rsyslogd -N1``: raise RuntimeError with rsyslog's messages on a config error."""
-        res = subprocess.run(
+        _validate(
             [_exe("rsyslogd"), "-N1", "-f", str(self.conf_path)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
+            f"rsyslogd -N1 rejected {self.conf_path} (rule {self.rule_path})",
         )
-        if res.returncode != 0:
-            raise RuntimeError(
-                f"rsyslogd -N1 rejected {self.conf_path} (rule {self.rule_path}):\n"
-                f"{res.stdout}{res.stderr}"
-            )
 
     def start(self, timeout: float = 10.0) -> None:
         self.check_config()
@@ -527,18 +528,11 @@ class HaproxyProcess(_Process):
 
     def check_config(self) -> None:
         """``haproxy -c``: raise RuntimeError with HAProxy's messages on a config error."""
-        res = subprocess.run(
+        _validate(
             [_exe("haproxy"), "-c", "-f", str(self.cfg_path)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
+            f"haproxy -c rejected {self.cfg_path}",
+            f"\n--- config ---\n{self.cfg_path.read_text()}",
         )
-        if res.returncode != 0:
-            raise RuntimeError(
-                f"haproxy -c rejected {self.cfg_path}:\n{res.stdout}{res.stderr}\n"
-                f"--- config ---\n{self.cfg_path.read_text()}"
-            )
 
     def _accepts(self) -> bool:
         assert self.port is not None

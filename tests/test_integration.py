@@ -67,10 +67,6 @@ RECEIVED_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 ZONED_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(?:Z|[+-]\d\d:\d\d)")
 
 
-def http_cfg(port: int, log_line: str) -> str:
-    return haproxy_cfg(port, log_line)
-
-
 # Lines HAProxy may have sent to rsyslog's unix socket that rsyslog has not taken yet:
 # below net.unix.max_dgram_qlen (10), past which HAProxy silently drops log lines (see
 # RsyslogProcess.local_lines). Measured without this: 9 of 200 lines lost at times, before
@@ -150,7 +146,8 @@ def test_haproxy_via_rsyslog_shipped_rule_1000_requests(
     paths = [f"/path-{n}" for n in range(1000)]
     other = "other-program-must-not-arrive"
     with RsyslogProcess(tmp_path / "rsyslog", "127.0.0.1", d.tcp_port) as rs:
-        with HaproxyProcess(tmp_path / "haproxy", http_cfg(port, f"log {rs.socket_path} local0")):
+        cfg = haproxy_cfg(port, f"log {rs.socket_path} local0")
+        with HaproxyProcess(tmp_path / "haproxy", cfg):
             get_paths(port, paths[:500], rs)
             send_logger(rs.socket_path, "otherprog", other)
             get_paths(port, paths[500:], rs)
@@ -206,7 +203,7 @@ def test_rsyslog_templates_and_lf_framing(
             framing=framing,  # type: ignore[arg-type]
             extra_config=TIME_COPY.format(path=copy),
         ) as rs,
-        HaproxyProcess(tmp_path / "haproxy", http_cfg(port, f"log {rs.socket_path} local0")),
+        HaproxyProcess(tmp_path / "haproxy", haproxy_cfg(port, f"log {rs.socket_path} local0")),
     ):
         get_paths(port, paths, rs)
         events = settle(intake, len(paths))
@@ -484,7 +481,7 @@ def test_forwarder_restart_under_steady_load(
         RsyslogProcess(
             tmp_path / "rsyslog", "127.0.0.1", fwd_port, rule_file=RESTART_RULES[rule]
         ) as rs,
-        HaproxyProcess(tmp_path / "haproxy", http_cfg(port, f"log {rs.socket_path} local0")),
+        HaproxyProcess(tmp_path / "haproxy", haproxy_cfg(port, f"log {rs.socket_path} local0")),
     ):
         sender = threading.Thread(
             target=paced_requests, args=(port, rs, rule, 200.0, 10.0, sent, stop), daemon=True
