@@ -14,10 +14,11 @@ from typing import Any
 
 import orjson
 
-from . import __version__, logs
+from . import __version__
 from .batching import Batch
 from .config import ConfigError, Settings, load
-from .intake import IntakeClient, Kind
+from .observability import logs
+from .sinks.intake import IntakeClient, Kind
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -62,7 +63,7 @@ def _load(args: argparse.Namespace, dry_run: bool = False) -> Settings:
 
 
 def _run(settings: Settings) -> int:
-    from .pipeline import Pipeline
+    from .app import build
 
     settings.require_key()
     logs.configure(settings.log.level, settings.log.format)
@@ -75,9 +76,9 @@ def _run(settings: Settings) -> int:
         runner = asyncio.run
     from .spool import SpoolError
 
-    pipeline = Pipeline(settings, log)
     try:
-        runner(pipeline.run())
+        daemon = build(settings, log)
+        runner(daemon.run())
     except (OSError, SpoolError) as exc:
         # A listen address in use, a spool directory not writable or locked by another
         # daemon: one clear line, no traceback.
@@ -96,13 +97,13 @@ def _check_config(settings: Settings) -> int:
 
 
 async def _send_test(settings: Settings) -> int:
-    from .encoding import body as encode_body
+    from .sinks.encoding import body as encode_body
 
     settings.require_key()
     client = IntakeClient(settings.intake)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     event = f"haproxy-forwarder {__version__} send-test from {socket.gethostname()} at {now}"
-    batch = Batch([event], [now])
+    batch = Batch.from_events([event], [now])
     # The same body the daemon would send for this endpoint.
     data, _ = encode_body(batch, settings.intake.endpoint, client.key, settings.intake.gzip)
     print(f"POST {client.url}")
@@ -115,21 +116,20 @@ async def _send_test(settings: Settings) -> int:
 
 
 def _spool_stats(settings: Settings) -> int:
-    from .deadletter import DeadLetters
+    from .sinks.deadletter import DeadLetters
     from .spool import inspect_spool
 
     folder = settings.spool.dir
     out: dict[str, Any] = {"spool_dir": str(folder)}
+    # The names of /metrics and of the `stats` log line (spool_batches, spool_events, ...).
     if (folder / "segments").is_dir():
         info = inspect_spool(folder)
-        st = info["stats"]
-        out.update(
-            batches=st["batches"], events=st["events"], bytes=st["bytes"],
-            oldest_age_seconds=st["oldest_age_seconds"], segments=st["segments"],
-            recovery=info["recovery"],
-        )
+        out.update({(k if k.startswith("spool_") else f"spool_{k}"): v
+                    for k, v in info["stats"].items() if k != "max_size"})
+        out["recovery"] = info["recovery"]
     else:
-        out.update(batches=0, events=0, bytes=0, oldest_age_seconds=0, segments=0)
+        out.update({f"spool_{k}": 0 for k in
+                    ("batches", "events", "bytes", "oldest_age_seconds", "segments")})
     dead = DeadLetters(folder)
     files = dead.files()
     out["dead_letter"] = {
@@ -146,7 +146,7 @@ def _spool_stats(settings: Settings) -> int:
 
 
 def _spool_requeue(settings: Settings) -> int:
-    from .deadletter import DeadLetters
+    from .sinks.deadletter import DeadLetters
 
     dead = DeadLetters(settings.spool.dir)
     requeue = settings.spool.dir / "requeue"

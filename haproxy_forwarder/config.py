@@ -87,6 +87,9 @@ class ListenConfig(_Section):
 
 class FilterConfig(_Section):
     programs: list[str] = Field(default_factory=lambda: ["haproxy", "hapee"])
+    # Programs (prefixes) whose events keep "name[pid]: " before the message: HAProxy
+    # Enterprise's parser on the Sekoia side expects it, the community one does not.
+    keep_tag: list[str] = Field(default_factory=lambda: ["hapee"])
 
     @field_validator("programs")
     @classmethod

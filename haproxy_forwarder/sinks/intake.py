@@ -1,10 +1,11 @@
-"""The Sekoia.io intake client: one POST per batch, answers classified into outcomes.
+"""The Sekoia.io intake sink: bodies encoded off the loop, one POST each, answers classified.
 
 No httpx exception leaves this module; the delivery loop only sees Outcome values.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import enum
 import ssl
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from . import __version__
-from .config import IntakeConfig
+from .. import __version__
+from ..batching import Batch
+from ..config import IntakeConfig
+from .encoding import bodies_bounded
 
 # Cap what a Retry-After may impose, so a bogus header cannot park delivery for days.
 MAX_RETRY_AFTER = 600.0
@@ -120,3 +123,31 @@ class IntakeClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class IntakeSink:
+    """Encodes a batch for the configured endpoint and POSTs it (the key is inserted here)."""
+
+    def __init__(self, client: IntakeClient, endpoint: str, use_gzip: bool) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.use_gzip = use_gzip
+
+    def _bodies(self, batch: Batch) -> list[tuple[Batch, bytes]]:
+        return bodies_bounded(batch, self.endpoint, self.client.key, self.use_gzip)
+
+    async def send(self, batch: Batch) -> list[tuple[Batch, Outcome]]:
+        # Off the event loop: gzip releases the GIL, so listeners keep reading meanwhile.
+        parts = await asyncio.to_thread(self._bodies, batch)
+        out: list[tuple[Batch, Outcome]] = []
+        for b, body in parts:
+            outcome = await self.client.post(body)
+            out.append((b, outcome))
+            if outcome.kind is not Kind.DELIVERED:
+                # Don't push the other parts at an intake that just failed; they are retried.
+                out += [(rest, outcome) for rest, _ in parts[len(out) :]]
+                break
+        return out
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -14,21 +14,19 @@ from typing import Any
 
 import orjson
 
+from .counters import Registry
+
 MAX_REQUEST = 8192
 READ_TIMEOUT = 5.0
 
-# Counters that only go up are exported as Prometheus counters (suffix _total).
-GAUGES = {"connections_open"}
 
 
 def prometheus(counters: dict[str, int], gauges: dict[str, float]) -> bytes:
+    """Counters (they only go up) get the suffix _total; gauges keep their name."""
     lines: list[str] = []
     for name, value in counters.items():
-        if name in GAUGES:
-            lines += [f"# TYPE haproxy_forwarder_{name} gauge", f"haproxy_forwarder_{name} {value}"]
-        else:
-            metric = f"haproxy_forwarder_{name}_total"
-            lines += [f"# TYPE {metric} counter", f"{metric} {value}"]
+        metric = f"haproxy_forwarder_{name}_total"
+        lines += [f"# TYPE {metric} counter", f"{metric} {value}"]
     for name, fvalue in gauges.items():
         lines += [f"# TYPE haproxy_forwarder_{name} gauge", f"haproxy_forwarder_{name} {fvalue:g}"]
     return ("\n".join(lines) + "\n").encode()
@@ -39,15 +37,13 @@ class StatusServer:
         self,
         host: str,
         port: int,
-        counters: Callable[[], dict[str, int]],
-        gauges: Callable[[], dict[str, float]],
+        registry: Registry,
         health: Callable[[], tuple[bool, dict[str, Any]]],
         log: Any,
     ) -> None:
         self.host = host
         self.port = port
-        self.counters = counters
-        self.gauges = gauges
+        self.registry = registry
         self.health = health
         self.log = log
         self.server: asyncio.Server | None = None
@@ -88,7 +84,8 @@ class StatusServer:
         if method != b"GET":
             return 405, b"text/plain", b"only GET\n"
         if path == b"/metrics":
-            return 200, b"text/plain; version=0.0.4", prometheus(self.counters(), self.gauges())
+            text = prometheus(self.registry.counters.snapshot(), self.registry.gauges())
+            return 200, b"text/plain; version=0.0.4", text
         if path in (b"/healthz", b"/health"):
             ok, detail = self.health()
             return (200 if ok else 503), b"application/json", orjson.dumps(detail) + b"\n"

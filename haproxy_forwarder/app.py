@@ -1,0 +1,319 @@
+"""The daemon: every component built in `build()`, then started, run until a signal, drained.
+
+sources → collector (batches) → delivery (router, workers, spool writer) → sink; the spool and
+dead letters beside delivery; the registry and the status endpoint watching all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .batching import Batch, Batcher
+from .collector import OVERSIZED_REASON, Collector
+from .config import MAX_EVENT_BYTES, Settings
+from .delivery import Backoff, Delivery
+from .ingest import IMPLEMENTATION, ProgramFilter
+from .observability.counters import Registry
+from .observability.status import StatusServer
+from .sinks import make_sink
+from .sinks.deadletter import DeadLetters, read_dead_letters
+from .sources import Backpressure, SourceContext, TcpSource, UdpSource, split_hostport
+from .spool import Spool, SpoolError
+
+# Descriptors needed beside the TCP connections: listeners, spool, HTTPS, logs.
+FD_MARGIN = 64
+# Longest wait at shutdown for TCP senders to close after our FIN.
+TCP_DRAIN_GRACE = 2.0
+# How often the daemon looks for dead letters an operator re-queued.
+REQUEUE_INTERVAL = 2.0
+
+
+def check_fd_limit(settings: Settings, log: Any) -> None:
+    """Each TCP connection is a file descriptor: make sure max_connections fits.
+
+    Out of descriptors, accept() fails quietly and senders wait in the kernel backlog;
+    better to raise the soft limit, or say at start-up that it is too low.
+    """
+    need = settings.listen.max_connections + FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft < need:
+        log.warning(
+            "fd_limit_low", nofile=soft, max_connections=settings.listen.max_connections,
+            hint="raise LimitNOFILE (systemd) / ulimit -n, or lower listen.max_connections",
+        )
+
+
+def open_spool(settings: Settings, registry: Registry, log: Any) -> Spool | None:
+    """The disk spool, recovered; none in dry-run, where stdout never fails."""
+    s = settings.spool
+    if settings.intake.dry_run:
+        return None
+    spool = Spool(s.dir, max_size=s.max_size, when_full=s.when_full,
+                  segment_size=s.segment_size, counters=registry.counters.spool)
+    report = spool.open()
+    st = spool.stats()
+    fields = {**report.as_dict(), "batches": st["batches"], "events": st["events"]}
+    if report.quarantined:
+        log.error("spool_recovered_with_corruption", **fields,
+                  quarantine=str(s.dir / "quarantine"))
+    elif report.truncated:
+        log.warning("spool_recovered_torn_tail", **fields)
+    else:
+        log.info("spool_opened", **fields)
+    return spool
+
+
+def build(settings: Settings, log: Any) -> Daemon:
+    """Every component, in dependency order. Opens (and recovers) the spool; starts nothing."""
+    check_fd_limit(settings, log)
+    registry = Registry()
+    counters = registry.counters
+    spool = open_spool(settings, registry, log)
+    pressure = Backpressure()
+    s = settings
+    delivery = Delivery(
+        make_sink(s.intake), spool,
+        DeadLetters(s.spool.dir, s.spool.dead_letter_max_size), counters, log,
+        workers=s.intake.concurrency,
+        backoff=Backoff(s.intake.retry_max, s.intake.auth_retry),
+        max_in_flight=s.batch.max_in_flight,
+        write_ahead=s.spool.mode == "always",
+        on_pressure=pressure.set,
+    )
+    collector = Collector(Batcher(s.batch.max_events, s.batch.max_bytes), delivery, counters,
+                          s.batch.max_delay)
+    ctx = SourceContext(collector, counters, log,
+                        ProgramFilter(s.filter.programs, s.filter.keep_tag), pressure,
+                        s.listen.max_message_size)
+    tcp = [TcpSource(ctx, *split_hostport(a), s.listen.max_connections,
+                     s.listen.evict_idle_after) for a in s.listen.tcp]
+    udp = [UdpSource(ctx, *split_hostport(a)) for a in s.listen.udp]
+    return Daemon(settings, log, registry, spool, pressure, delivery, collector, tcp, udp)
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        log: Any,
+        registry: Registry,
+        spool: Spool | None,
+        pressure: Backpressure,
+        delivery: Delivery,
+        collector: Collector,
+        tcp: list[TcpSource],
+        udp: list[UdpSource],
+    ) -> None:
+        self.settings = settings
+        self.log = log
+        self.registry = registry
+        self.counters = registry.counters
+        self.spool = spool
+        self.pressure = pressure
+        self.delivery = delivery
+        self.collector = collector
+        self.tcp = tcp
+        self.udp = udp
+        self.status = (
+            StatusServer(*split_hostport(settings.status.listen), registry, self.health, log)
+            if settings.status.listen else None
+        )
+        self._stop = asyncio.Event()
+        pressure.subscribe(self._log_pressure)
+        self._register_gauges()
+
+    def _register_gauges(self) -> None:
+        g = self.registry.gauge
+        d = self.delivery
+        g("connections_open", lambda: sum(len(t.connections) for t in self.tcp))
+        g("in_memory_batches", lambda: d.in_memory)
+        g("paused", lambda: self.pressure.on)
+        g("intake_failing", lambda: d.failing)
+        g("seconds_since_last_delivery", lambda: time.monotonic() - d.last_progress)
+        spool = self.spool
+        if spool is not None:
+            for name in ("batches", "events", "bytes", "oldest_age_seconds", "segments"):
+                g(f"spool_{name}", lambda name=name: spool.stats()[name])
+            g("spool_blocked", lambda: d.spool_blocked)
+
+    def _log_pressure(self, on: bool) -> None:
+        if on:
+            self.log.warning(
+                "backpressure_on", action="TCP listeners stop reading; UDP dropped and counted",
+                in_memory_batches=self.delivery.in_memory,
+            )
+        else:
+            self.log.info("backpressure_off")
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.delivery.start()
+        bound: list[str] = []
+        for tcp in self.tcp:
+            h, p = await tcp.start()
+            self.log.info("listening", proto="tcp", host=h, port=p)
+            bound.append(f"tcp://{h}:{p}")
+        for udp in self.udp:
+            h, p = await udp.start()
+            self.log.info("listening", proto="udp", host=h, port=p)
+            bound.append(f"udp://{h}:{p}")
+        if self.status is not None:
+            h, p = await self.status.start()
+            self.log.info("listening", proto="http", host=h, port=p, paths=["/metrics", "/healthz"])
+            bound.append(f"http://{h}:{p}")
+        self.log.info(
+            "started",
+            version=__version__,
+            ingest=IMPLEMENTATION,
+            listen=bound,
+            intake=("dry-run (stdout)" if s.intake.dry_run else s.intake.endpoint_url),
+            endpoint=s.intake.endpoint,
+            gzip=s.intake.gzip,
+            programs=s.filter.programs,
+            keep_tag=s.filter.keep_tag,
+            batch_max_events=s.batch.max_events,
+            batch_max_bytes=s.batch.max_bytes,
+            batch_max_delay=s.batch.max_delay,
+            spool_dir=str(s.spool.dir),
+            spool_mode=s.spool.mode if self.spool else "off (dry-run)",
+        )
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.log.stats_interval)
+            self.log_stats("stats")
+
+    def log_stats(self, name: str) -> None:
+        snap: dict[str, Any] = self.registry.snapshot()
+        for flag in ("paused", "intake_failing", "spool_blocked"):
+            if flag in snap:
+                snap[flag] = bool(snap[flag])
+        self.log.info(name, **snap)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        d = self.delivery
+        backlog = d.backlog
+        idle = time.monotonic() - d.last_progress
+        reasons: list[str] = []
+        if d.spool_blocked:
+            reasons.append("the spool refuses writes (full or disk error): input is held back")
+        if backlog and idle > self.settings.status.stall_after:
+            reasons.append(f"{backlog} batches waiting and nothing delivered for {idle:.0f} s")
+        return not reasons, {
+            "status": "ok" if not reasons else "failing",
+            "reasons": reasons,
+            "intake_failing": d.failing,
+            "backlog_batches": backlog,
+            "seconds_since_last_delivery": round(idle, 1),
+        }
+
+    async def _requeue_loop(self) -> None:
+        """Pick up dead-letter files moved to spool.dir/requeue/ by `spool replay-dead-letter`."""
+        folder = self.settings.spool.dir / "requeue"
+        while True:
+            try:
+                files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+                for path in files:
+                    await self._requeue_file(path)
+            except (OSError, SpoolError) as exc:
+                self.log.error("requeue_failed", error=str(exc))
+            await asyncio.sleep(REQUEUE_INTERVAL)
+
+    async def _requeue_file(self, path: Path) -> None:
+        size = self.settings.batch.max_events
+        texts: list[str] = []
+        times: list[str] = []
+        n = 0
+
+        async def flush() -> None:
+            nonlocal n
+            if texts:
+                await self.delivery.spool_append(Batch.from_events(texts, times))
+                n += len(texts)
+                texts.clear()
+                times.clear()
+
+        for event, ts in read_dead_letters(path):
+            if len(event.encode("utf-8")) > MAX_EVENT_BYTES:
+                # The intake would refuse it again (silently, per event): keep it dead.
+                self.delivery.dead_letter(Batch.from_events([event], [ts]), OVERSIZED_REASON)
+                continue
+            texts.append(event)
+            times.append(ts)
+            if len(texts) >= size:
+                await flush()
+        await flush()
+        # Only once every event is durable in the spool is the file removed.
+        path.unlink()
+        self.counters.requeued_events += n
+        self.log.info("dead_letters_requeued", file=path.name, events=n)
+        self.delivery.poke()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # Errors asyncio would print as bare text (e.g. accept() out of file descriptors)
+        # become log lines like every other, so they are seen and grepped for.
+        exc = context.get("exception")
+        self.log.error("event_loop_error", message=context.get("message", ""),
+                       error=repr(exc) if exc else None)
+
+    def request_stop(self, signame: str) -> None:
+        if not self._stop.is_set():
+            self.log.info("stopping", signal=signame)
+            self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        loop.set_exception_handler(self._loop_error)
+        await self.start()
+        background = [asyncio.create_task(self._stats_loop())]
+        if self.spool is not None:
+            background.append(asyncio.create_task(self._requeue_loop()))
+        await self._stop.wait()
+        for task in background:
+            task.cancel()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        if self.status is not None:
+            await self.status.stop()
+        # Stop accepting, take in what senders already wrote (half-close, then read until
+        # they close), so nothing they consider sent is reset away; then flush.
+        grace = min(TCP_DRAIN_GRACE, self.settings.shutdown_timeout)
+        await asyncio.gather(*(src.stop(grace) for src in self.tcp))
+        for u in self.udp:
+            await u.stop()
+        self.collector.flush()
+        timeout = self.settings.shutdown_timeout
+        in_memory = self.delivery.in_memory
+        drained = await self.delivery.drain(timeout)
+        spooled, lost = await self.delivery.stop()
+        if self.spool is not None:
+            self.spool.close()
+        if spooled or lost or not drained:
+            self.log.warning(
+                "shutdown_incomplete",
+                reason=f"not delivered within shutdown_timeout={timeout}s",
+                spooled_events=spooled,
+                dropped_events=lost,
+                in_memory_batches_at_stop=in_memory,
+                hint="spooled events are delivered at the next start",
+            )
+        if lost:
+            self.log.error("shutdown_dropped", events=lost)
+        self.log_stats("stopped")

@@ -1,0 +1,50 @@
+"""What one `ChunkReader.feed` returns: events already encoded, and the counts of the chunk.
+
+The contract shared by the pure-Python reader and a compiled one: same bytes, same counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class ChunkResult:
+    """Events completed by one chunk, in arrival order.
+
+    `data` holds each kept event as the JSON string literal orjson writes for its text
+    (quotes included), back to back; `ends[i]` is where event i stops in `data`; `times[i]`
+    its timestamp (the header's own RFC 3339 time if zoned, else the reception time).
+    `too_large` holds events over the intake's 250 KiB limit, as (fragment, timestamp):
+    they go to dead letters, never to a batch.
+    """
+
+    data: bytes = b""
+    ends: list[int] = field(default_factory=list)
+    times: list[bytes] = field(default_factory=list)
+    too_large: list[tuple[bytes, bytes]] = field(default_factory=list)
+    frames: int = 0  # complete frames read (kept, filtered or too large)
+    accepted: int = 0  # frames whose program passed the filter (too_large included)
+    filtered: int = 0  # frames the program filter dropped
+    oversized: int = 0  # frames over max_message_size, dropped by the framing
+    framing_errors: int = 0  # 1 when the stream became unreadable (then `error` says why)
+    error: str | None = None  # set once: the connection must be closed
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+
+class ChunkReader(Protocol):
+    """One per connection (TCP) or per listener (UDP: every chunk is one datagram)."""
+
+    def feed(self, chunk: bytes, received_at: bytes) -> ChunkResult: ...
+
+    def close(self, received_at: bytes) -> ChunkResult:
+        """End of stream: an unterminated LF line is a frame; a cut octet frame an error."""
+        ...
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held between calls (a partial frame), bounded by max_message_size."""
+        ...

@@ -1,0 +1,58 @@
+"""What every source is given: where results go, the counters, the log, the reader settings.
+
+The `Source → ingest` protocol is `IngestSink.take(ChunkResult)`; backpressure comes back the
+other way through `Backpressure`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..ingest import ChunkReader, ChunkResult, ProgramFilter, new_reader
+from ..observability.counters import Counters
+
+
+class IngestSink(Protocol):
+    """The collector: takes what a reader produced (events, counts)."""
+
+    def take(self, result: ChunkResult) -> None: ...
+
+    def received_at(self) -> bytes:
+        """Reception time as the intake wants it (UTC, ms, RFC 3339)."""
+        ...
+
+
+@dataclass(eq=False)
+class Backpressure:
+    """On while delivery lags: TCP sources stop reading, UDP drops (counted)."""
+
+    on: bool = False
+    _listeners: list[Callable[[bool], None]] = field(default_factory=list)
+
+    def subscribe(self, listener: Callable[[bool], None]) -> None:
+        self._listeners.append(listener)
+
+    def set(self, on: bool) -> None:
+        self.on = on
+        for listener in self._listeners:
+            listener(on)
+
+
+@dataclass(eq=False)
+class SourceContext:
+    sink: IngestSink
+    counters: Counters
+    log: Any  # a structlog BoundLogger
+    filter: ProgramFilter
+    pressure: Backpressure
+    max_message_size: int
+
+    def reader(self, framing: str) -> ChunkReader:
+        return new_reader(self.filter, self.max_message_size, framing)
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
