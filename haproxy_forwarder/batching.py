@@ -54,7 +54,7 @@ class Batch:
         return len(self.data)
 
     def starts(self) -> list[int]:
-        return [0, *self.ends[:-1]]
+        return [0, *self.ends[:-1]] if self.ends else []
 
     def fragments(self) -> list[bytes]:
         """Each event's JSON string literal, quotes included."""

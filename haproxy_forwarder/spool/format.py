@@ -1,0 +1,354 @@
+"""The spool's on-disk format: records, fillers, ack entries and the resynchronising scan.
+
+Pure (bytes in, bytes or values out, no IO): the reference of the format, tested on its own.
+
+On disk
+-------
+    <directory>/segments/<seq:012d>.seg   records, append-only
+    <directory>/segments/<seq:012d>.ack   acked record offsets of that segment, append-only
+    <directory>/segments/LOCK             flock'd by the one process writing the spool
+    <directory>/quarantine/<seq:012d>.seg[.N]   segments with corruption in the middle
+
+A record is a 24-byte header then the payload, all little-endian:
+    magic b"\\xfeS" | version u8 | flags u8 | payload length u32 | events u32 |
+    created (unix ms) u64 | crc32 of header bytes 0..19 + payload
+flags is 0 for a batch. n is the header's events field.
+
+Version 2 (written since the batches are encoded blocks) stores the Batch as it is:
+    n fragment end offsets u32 | n timestamp end offsets u32 | batch.data | the timestamps
+batch.data is the events' JSON string literals back to back (`orjson.dumps(text)`, quotes
+included) and fragment i ends at offset i into it; the timestamps (ASCII) are concatenated
+the same way. Reading is slicing: no event is decoded or re-encoded.
+
+Version 1 (written by the releases before) stores 2n u32 lengths in code points (the n
+events, then the n timestamps) followed by the UTF-8 (surrogatepass) encoding of all those
+strings concatenated. It is still read: the texts are decoded and encoded into a Batch
+(`Batch.from_events`); a lone surrogate, which JSON cannot carry, becomes U+FFFD. Nothing
+writes version 1 any more.
+
+0xFE never occurs in UTF-8 (nor in JSON or ASCII), so the magic cannot appear in event text.
+
+flags 1 marks a filler: events 0, created 0, a zero payload. Fillers are written only by
+recovery, over corrupt byte ranges, so that every other record keeps its offset; they are never
+replayed. New fillers are version 2; version-1 fillers (written by the releases before) are
+read as well. (A release that knows only version 1 sees a v2 record as corruption; spools are
+not meant to be downgraded.)
+
+An ack entry is 12 bytes: record offset u64 | crc32(seq u64, offset u64). Torn or bad entries
+are ignored (the record is then replayed: a duplicate, never a loss).
+
+A record id is (segment seq << 40) | offset: increasing in append order.
+
+Scanning (recovery)
+-------------------
+Every complete record with a good checksum, of either version, is found. At a bad byte, the
+scan resynchronises: it looks for the next position where a valid record starts (bytes.find
+of the magic, each candidate verified by version, header, length and checksum: linear in
+practice; only crafted bytes with many plausible headers make each candidate cost a checksum
+over its claimed length).
+- Nothing valid after it: a torn tail (short header, short payload, bad checksum at the end,
+  zero fill); the file is cut there.
+- A valid record follows: corruption in the middle, a "hole" that recovery covers with filler
+  records of exactly its length. A corrupt range shorter than a header cannot hold a filler:
+  it swallows the next record(s) until it can (it takes inserted/deleted bytes, which disks
+  do not do). If no valid record follows such a short range, the valid records it swallowed
+  make the tail "corrupt" rather than torn.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import sys
+import zlib
+from array import array
+from itertools import accumulate
+from typing import NamedTuple
+
+import orjson
+
+from ..batching import Batch
+from .errors import RecordTooLarge
+
+MAGIC = b"\xfeS"
+VERSION = 2  # what is written
+READ_VERSIONS = (1, 2)
+FLAG_FILLER = 0x01  # a record covering a corrupt range: skipped, never replayed
+
+_HEAD = struct.Struct("<2sBBIIQ")  # everything the crc covers, before the crc itself
+_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEAD.size + _CRC.size  # 24
+_ACK = struct.Struct("<QI")
+_ACK_KEY = struct.Struct("<QQ")
+ACK_SIZE = _ACK.size  # 12
+ID_SHIFT = 40
+OFFSET_MASK = (1 << ID_SHIFT) - 1
+MAX_PAYLOAD = 0xFFFFFFFF
+_BIG_ENDIAN = sys.byteorder == "big"
+assert array("I").itemsize == 4
+
+
+class CorruptRecord(ValueError):
+    """Bytes that do not hold a valid batch record."""
+
+
+# -- ids --------------------------------------------------------------------------------------
+
+
+def record_id(seq: int, offset: int) -> int:
+    return (seq << ID_SHIFT) | offset
+
+
+def split_id(rid: int) -> tuple[int, int]:
+    """(segment seq, offset) of a record id."""
+    return rid >> ID_SHIFT, rid & OFFSET_MASK
+
+
+# -- batch payloads ----------------------------------------------------------------------------
+
+
+def _u32s(values: list[int] | array[int]) -> bytes:
+    arr = values if isinstance(values, array) else array("I", values)
+    if _BIG_ENDIAN:
+        arr = array("I", arr)
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _read_u32s(raw: memoryview) -> array[int]:
+    arr = array("I")
+    arr.frombytes(raw)
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr
+
+
+def encode_payload(batch: Batch) -> bytes:
+    """The version-2 payload of `batch` (its own bytes, not re-encoded)."""
+    end = batch.ends[-1] if batch.ends else 0
+    if end != len(batch.data):
+        raise ValueError(f"batch fragments end at {end} but it holds {len(batch.data)} bytes")
+    try:
+        ends = _u32s(batch.ends)
+        tends = _u32s(list(accumulate(map(len, batch.times))))
+    except OverflowError as e:
+        raise RecordTooLarge("batch over 4 GiB") from e
+    return b"".join((ends, tends, batch.data, *batch.times))
+
+
+def _decode_v2(payload: memoryview, n: int) -> Batch:
+    k = 4 * n
+    ends = _read_u32s(payload[:k]).tolist()
+    tends = _read_u32s(payload[k : 2 * k]).tolist()
+    body = payload[2 * k :]
+    dlen = ends[-1] if n else 0
+    tlen = tends[-1] if n else 0
+    # The checksum already held: these only catch a writer bug, cheaply (sorted input is O(n)).
+    if dlen + tlen != len(body) or ends != sorted(ends) or tends != sorted(tends):
+        raise CorruptRecord("fragment offsets do not match the payload")
+    tb = bytes(body[dlen:])
+    times = [tb[a:b] for a, b in zip([0, *tends], tends, strict=False)]
+    batch = Batch(b"", ends, times)
+    batch.data = bytearray(body[:dlen])  # one copy, not two through the constructor
+    return batch
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(text: str) -> str:
+    """JSON (and orjson) cannot carry a lone surrogate: one U+FFFD each, as the ingest does."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _decode_v1(payload: memoryview, n: int) -> Batch:
+    lens = _read_u32s(payload[: 8 * n])
+    text = str(payload[8 * n :], "utf-8", "surrogatepass")
+    ends = list(accumulate(lens))
+    if (ends[-1] if ends else 0) != len(text):
+        raise CorruptRecord("string lengths do not match the text")
+    strs = [text[a:b] for a, b in zip([0, *ends], ends, strict=False)]
+    events, times = strs[:n], strs[n:]
+    # v1 timestamps are ASCII RFC 3339 (then this leaves them as they are); anything else is
+    # JSON-escaped so that it can still be written between quotes as is.
+    tbytes = [orjson.dumps(_no_surrogates(t))[1:-1] for t in times]
+    try:
+        return Batch.from_events(events, tbytes)
+    except orjson.JSONEncodeError:
+        return Batch.from_events(map(_no_surrogates, events), tbytes)
+
+
+def decode_payload(version: int, payload: memoryview, n: int) -> Batch:
+    try:
+        if version == 2:
+            return _decode_v2(payload, n)
+        return _decode_v1(payload, n)
+    except (UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, CorruptRecord):
+            raise
+        raise CorruptRecord(str(e)) from e
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+def _pack(version: int, flags: int, payload: bytes | bytearray, n: int, created: int) -> bytes:
+    head = _HEAD.pack(MAGIC, version, flags, len(payload), n, created)
+    return b"".join((head, _CRC.pack(zlib.crc32(payload, zlib.crc32(head))), payload))
+
+
+def encode_record(batch: Batch, created_ms: int) -> bytes:
+    """A version-2 batch record: header then payload."""
+    payload = encode_payload(batch)
+    if len(payload) > MAX_PAYLOAD:
+        raise RecordTooLarge(f"batch payload of {len(payload)} bytes exceeds 4 GiB")
+    return _pack(VERSION, 0, payload, len(batch), created_ms)
+
+
+def filler(length: int) -> bytes:
+    """Version-2 filler records covering exactly `length` (>= HEADER_SIZE) bytes."""
+    if length < HEADER_SIZE:
+        raise ValueError(f"a filler needs at least {HEADER_SIZE} bytes, not {length}")
+    parts: list[bytes] = []
+    while length:
+        size = min(length, HEADER_SIZE + MAX_PAYLOAD)
+        if 0 < length - size < HEADER_SIZE:
+            size -= HEADER_SIZE
+        parts.append(_pack(VERSION, FLAG_FILLER, bytes(size - HEADER_SIZE), 0, 0))
+        length -= size
+    return b"".join(parts)
+
+
+class Parsed(NamedTuple):
+    length: int  # header + payload
+    events: int
+    created: int  # unix ms
+    flags: int  # 0: a batch, FLAG_FILLER: a filler
+    version: int
+
+
+def parse_at(data: bytes | bytearray | memoryview, pos: int) -> Parsed | None:
+    """The valid record (batch or filler, either version) at `pos`, else None."""
+    end = len(data)
+    if end - pos < HEADER_SIZE:
+        return None
+    magic, version, flags, plen, n, created = _HEAD.unpack_from(data, pos)
+    if magic != MAGIC or version not in READ_VERSIONS or 8 * n > plen:
+        return None
+    if flags != 0 and (flags != FLAG_FILLER or n != 0):
+        return None
+    stop = pos + HEADER_SIZE + plen
+    if stop > end:
+        return None
+    (crc,) = _CRC.unpack_from(data, pos + _HEAD.size)
+    view = memoryview(data)
+    if zlib.crc32(view[pos + HEADER_SIZE : stop], zlib.crc32(view[pos : pos + _HEAD.size])) != crc:
+        return None
+    return Parsed(HEADER_SIZE + plen, n, created, flags, version)
+
+
+def decode_record(data: bytes | bytearray | memoryview, events: int) -> Batch:
+    """The batch in `data`, exactly one record of `events` events (re-verified: read back)."""
+    parsed = parse_at(data, 0)
+    if parsed is None or parsed.flags or parsed.length != len(data) or parsed.events != events:
+        raise CorruptRecord("bad record")
+    return decode_payload(parsed.version, memoryview(data)[HEADER_SIZE:], events)
+
+
+def next_valid(data: bytes | bytearray, start: int) -> int:
+    """Offset of the first valid record (batch or filler) at or after `start`, or -1."""
+    i = data.find(MAGIC, start)
+    while i != -1:
+        if parse_at(data, i) is not None:
+            return i
+        i = data.find(MAGIC, i + 1)
+    return -1
+
+
+class ScannedRecord(NamedTuple):
+    offset: int
+    length: int
+    events: int
+    created: int  # unix ms
+
+
+class Scan(NamedTuple):
+    records: list[ScannedRecord]  # batches (fillers left out), in offset order
+    holes: list[tuple[int, int]]  # corrupt ranges [start, stop) before good_end
+    good_end: int  # the file is cut here: what follows is not recoverable
+    size: int  # of the file
+    prefix: int  # records before the first corrupt byte
+    tail_corrupt: bool  # the cut tail holds valid records (no room for a filler before them)
+
+    @property
+    def corrupt(self) -> bool:
+        """Corruption in the middle (valid records after it): quarantine and repair."""
+        return bool(self.holes) or self.tail_corrupt
+
+    @property
+    def bad_offset(self) -> int:
+        return self.holes[0][0] if self.holes else self.good_end
+
+
+def scan(data: bytes | bytearray) -> Scan:
+    """Index every valid record; resynchronise after corrupt ranges (see the docstring)."""
+    recs: list[ScannedRecord] = []
+    holes: list[tuple[int, int]] = []
+    pos, end = 0, len(data)
+    tail_corrupt = False
+    while pos < end:
+        r = parse_at(data, pos)
+        if r is not None:
+            if r.flags == 0:
+                recs.append(ScannedRecord(pos, r.length, r.events, r.created))
+            pos += r.length
+            continue
+        nxt = next_valid(data, pos + 1)
+        if nxt == -1:
+            break  # a torn tail
+        if nxt - pos < HEADER_SIZE:  # no room for a filler: swallow what follows
+            nxt = next_valid(data, pos + HEADER_SIZE)
+            if nxt == -1:
+                tail_corrupt = True
+                break
+        holes.append((pos, nxt))
+        pos = nxt
+    prefix = sum(1 for r in recs if r.offset < holes[0][0]) if holes else len(recs)
+    return Scan(recs, holes, pos, end, prefix, tail_corrupt)
+
+
+def repaired(data: bytes | bytearray, result: Scan) -> bytearray:
+    """`data` with every hole overwritten by fillers and the tail cut at good_end."""
+    out = bytearray(memoryview(data)[: result.good_end])
+    for start, stop in result.holes:
+        out[start:stop] = filler(stop - start)
+    return out
+
+
+# -- ack entries -------------------------------------------------------------------------------
+
+
+def ack_entry(seq: int, offset: int) -> bytes:
+    return _ACK.pack(offset, zlib.crc32(_ACK_KEY.pack(seq, offset)))
+
+
+class AckScan(NamedTuple):
+    offsets: list[int]  # of the valid entries, in file order
+    ignored: int  # bad entries, plus one for a torn last entry
+    whole: int  # bytes of whole entries (a torn last entry starts here)
+
+
+def scan_acks(data: bytes, seq: int) -> AckScan:
+    offsets: list[int] = []
+    ignored = 0
+    whole = len(data) - len(data) % ACK_SIZE
+    for pos in range(0, whole, ACK_SIZE):
+        entry = data[pos : pos + ACK_SIZE]
+        off, _crc = _ACK.unpack(entry)
+        if entry == ack_entry(seq, off):
+            offsets.append(off)
+        else:
+            ignored += 1
+    if whole != len(data):
+        ignored += 1
+    return AckScan(offsets, ignored, whole)

@@ -1,0 +1,285 @@
+"""Opening a spool: scan every segment, load acks, cut torn tails, quarantine and repair.
+
+Returns a `RecoveryReport` (what was found, for the logs and `spool stats`) and the `Index`
+the queue starts from. Read-only recovery changes nothing on disk.
+
+Repair (a corrupt range in the middle, see format.py): the whole original file is hard-linked
+(or copied) into quarantine/ for forensics, then the segment is atomically replaced by a
+repaired copy: the same bytes with every corrupt range overwritten by filler records of exactly
+its length (and any torn tail cut off). Offsets do not move, so the .ack file stays valid, and
+the next open finds a clean segment (nothing is quarantined twice). Every valid record, before
+and after the corruption, is replayed. If the repaired copy cannot be written (disk full), the
+original stays in place, its valid records are still replayed from it (same offsets), and the
+next open tries again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..observability.counters import SpoolCounters
+from . import format as fmt
+from .segments import Filesystem, Segment, SegmentFiles, fsync_dir, fsync_file, pwrite_all, seq_of
+
+
+@dataclass
+class TruncatedTail:
+    segment: str
+    offset: int
+    bytes: int
+
+
+@dataclass
+class QuarantinedSegment:
+    segment: str
+    moved_to: str  # the whole original file
+    bad_offset: int  # first byte that is not a good record
+    good_records: int  # valid records before bad_offset
+    discarded_bytes: int  # bytes not recovered (corrupt ranges, a cut tail): only in moved_to
+    recovered_after: int = 0  # valid records after bad_offset, found by resynchronising
+    skipped_bytes: int = 0  # bytes of the corrupt ranges in the middle (now filler records)
+    skipped: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of each
+
+
+@dataclass
+class RecoveryReport:
+    readonly: bool = False
+    segments: int = 0
+    records: int = 0  # un-acked batches recovered for replay
+    events: int = 0
+    bytes: int = 0
+    acked_records: int = 0  # complete records skipped because their ack was persisted
+    truncated: list[TruncatedTail] = field(default_factory=list)
+    quarantined: list[QuarantinedSegment] = field(default_factory=list)
+    removed_files: list[str] = field(default_factory=list)  # empty/orphan/temp/fully-acked
+    ignored_ack_entries: int = 0
+
+    @property
+    def truncated_bytes(self) -> int:
+        return sum(t.bytes for t in self.truncated)
+
+    @property
+    def clean(self) -> bool:
+        return not self.truncated and not self.quarantined
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["truncated_bytes"] = self.truncated_bytes
+        return d
+
+
+@dataclass
+class Index:
+    """What the queue starts from: the segments in ascending seq, the next seq to create."""
+
+    segments: dict[int, Segment] = field(default_factory=dict)
+    next_seq: int = 0
+
+
+def quarantine_path(fs: Filesystem, qdir: Path, path: Path, data: bytes | None = None) -> Path:
+    """Where `path` goes in quarantine/: an existing copy of it if there is one."""
+    candidate = qdir / path.name
+    i = 0
+    while fs.exists(candidate):
+        with contextlib.suppress(OSError):
+            if fs.samefile(candidate, path):  # a previous, interrupted quarantine
+                return candidate
+            if (
+                data is not None
+                and fs.size(candidate) == len(data)
+                and fs.read_bytes(candidate) == data
+            ):  # copied (no hard links) by an open that could not repair the segment
+                return candidate
+        i += 1
+        candidate = qdir / f"{path.name}.{i}"
+    return candidate
+
+
+class Recovery:
+    """One open's recovery; `run()` once."""
+
+    def __init__(
+        self,
+        files: SegmentFiles,
+        directory: Path,
+        quarantine_dir: Path,
+        counters: SpoolCounters,
+        readonly: bool,
+    ) -> None:
+        self.files = files
+        self.fs = files.fs
+        self.directory = directory
+        self.qdir = quarantine_dir
+        self.counters = counters
+        self.readonly = readonly
+        self.report = RecoveryReport(readonly=readonly)
+        self.index = Index()
+
+    def run(self) -> tuple[RecoveryReport, Index]:
+        report, fs = self.report, self.fs
+        seg_dir = self.files.dir
+        if not fs.is_dir(seg_dir):
+            return report, self.index
+        segs: dict[int, Path] = {}
+        acks: set[int] = set()
+        changed = False
+        for name in sorted(fs.listdir(seg_dir)):
+            seq = seq_of(name)
+            if seq is None:
+                continue
+            path = seg_dir / name
+            if name.endswith(".seg"):
+                segs[seq] = path
+            elif name.endswith(".ack"):
+                acks.add(seq)
+            elif name.endswith(".tmp"):
+                # A repaired copy interrupted before its atomic rename: the original segment
+                # is still in place and gets redone below.
+                changed |= self._remove(path)
+                report.removed_files.append(name)
+        for seq in sorted(acks - segs.keys()):
+            name = f"{seq:012d}.ack"
+            changed |= self._remove(seg_dir / name)
+            report.removed_files.append(name)
+        for seq in sorted(segs):
+            changed |= self._segment(seq, segs[seq])
+        self.index.next_seq = max(segs, default=-1) + 1
+        # Fully acked segments (nothing is being written yet): delete now.
+        for seg in list(self.index.segments.values()):
+            if not seg.recs and not self.readonly:
+                try:
+                    self.files.remove(seg)
+                except OSError:
+                    self.counters.delete_errors += 1
+                    continue
+                del self.index.segments[seg.seq]
+                report.removed_files.append(seg.path.name)
+                changed = True
+        if changed and not self.readonly:
+            self.files.sync_dir()
+        for seg in self.index.segments.values():
+            report.records += len(seg.recs)
+            report.events += sum(n for _length, n, _created in seg.recs.values())
+            report.bytes += seg.size
+        report.segments = len(self.index.segments)
+        return report, self.index
+
+    def _remove(self, path: Path) -> bool:
+        if self.readonly:
+            return False
+        self.fs.unlink(path)
+        return True
+
+    def _segment(self, seq: int, path: Path) -> bool:
+        """Load one segment into the index; True if the directory changed."""
+        fs, report, name = self.fs, self.report, path.name
+        data = fs.read_bytes(path)
+        ack_path = path.with_suffix(".ack")
+        if not data:
+            if not self.readonly:
+                fs.unlink(path)
+                fs.unlink(ack_path, missing_ok=True)
+            report.removed_files.append(name)
+            return True
+        scan = fmt.scan(data)
+        changed = False
+        cut = scan.size - scan.good_end
+        if cut and not scan.tail_corrupt:
+            report.truncated.append(TruncatedTail(name, scan.good_end, cut))
+        if scan.corrupt:
+            moved_to = (
+                quarantine_path(fs, self.qdir, path, data)
+                if self.readonly
+                else self._quarantine(path, data, scan)
+            )
+            skipped = sum(stop - start for start, stop in scan.holes)
+            report.quarantined.append(
+                QuarantinedSegment(
+                    name,
+                    str(moved_to),
+                    bad_offset=scan.bad_offset,
+                    good_records=scan.prefix,
+                    discarded_bytes=skipped + cut,
+                    recovered_after=len(scan.records) - scan.prefix,
+                    skipped_bytes=skipped,
+                    skipped=[(start, stop - start) for start, stop in scan.holes],
+                )
+            )
+            self.counters.quarantined_segments += 1
+            # Each corrupt range is (at least) one record lost; a torn tail is not counted:
+            # it is what a crash in the middle of an append leaves.
+            self.counters.corrupt_records += len(scan.holes) + scan.tail_corrupt
+            changed = True
+        elif cut and not self.readonly:
+            fd = fs.open(path, os.O_RDWR)
+            try:
+                fs.ftruncate(fd, scan.good_end)
+                fs.fsync(fd)
+            finally:
+                fs.close(fd)
+        if not scan.records:
+            if not self.readonly and fs.exists(path):
+                fs.unlink(path)
+                fs.unlink(ack_path, missing_ok=True)
+                changed = True
+            if not scan.corrupt:
+                report.removed_files.append(name)
+            return changed
+        seg = Segment(seq, path, size=scan.good_end, total=len(scan.records))
+        seg.recs = {r.offset: (r.length, r.events, r.created) for r in scan.records}
+        for off in dict.fromkeys(self._acks(seg)):  # an offset acked twice counts once
+            if seg.recs.pop(off, None) is not None:
+                report.acked_records += 1
+            else:
+                report.ignored_ack_entries += 1  # a valid entry, but no record there
+        self.index.segments[seq] = seg
+        return changed
+
+    def _acks(self, seg: Segment) -> list[int]:
+        try:
+            data = self.fs.read_bytes(seg.ack_path)
+        except FileNotFoundError:
+            return []
+        acks = fmt.scan_acks(data, seg.seq)
+        self.report.ignored_ack_entries += acks.ignored
+        if acks.whole != len(data) and not self.readonly:  # keep later entries aligned
+            self.fs.truncate(seg.ack_path, acks.whole)
+        return acks.offsets
+
+    def _quarantine(self, path: Path, data: bytes, scan: fmt.Scan) -> Path:
+        """Keep the whole file in quarantine/, repair it in place (same offsets).
+
+        Crash-safe order: link the original into quarantine (fsync), then atomically replace
+        the segment by its repaired copy. An interruption leaves the original in place and the
+        next open redoes it (reusing the same quarantine file).
+        """
+        fs = self.fs
+        fs.mkdir(self.qdir)
+        dest = quarantine_path(fs, self.qdir, path, data)
+        if not fs.exists(dest):
+            try:
+                fs.link(path, dest)
+            except OSError:
+                fs.copyfile(path, dest)
+                fsync_file(fs, dest)
+            fsync_dir(fs, self.qdir)
+            fsync_dir(fs, self.directory)
+        if scan.records:
+            tmp = path.with_suffix(".seg.tmp")
+            try:
+                fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                try:
+                    pwrite_all(fs, fd, fmt.repaired(data, scan), 0)
+                    fs.fsync(fd)
+                finally:
+                    fs.close(fd)
+                fs.replace(tmp, path)
+            except OSError:
+                self.counters.repair_errors += 1
+                with contextlib.suppress(OSError):
+                    fs.unlink(tmp)
+        return dest

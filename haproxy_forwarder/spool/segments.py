@@ -1,0 +1,214 @@
+"""Segment and ack files on disk, behind `Filesystem`: the only place the spool calls the OS.
+
+Tests inject faults (ENOSPC, EIO, EROFS, torn writes) by passing a `Filesystem` subclass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class Filesystem:
+    """The OS calls the spool makes; each method is the plain os/shutil call."""
+
+    def open(self, path: Path, flags: int, mode: int = 0o640) -> int:
+        return os.open(path, flags, mode)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
+        return os.pread(fd, length, offset)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def truncate(self, path: Path, length: int) -> None:
+        os.truncate(path, length)
+
+    def flock(self, fd: int) -> None:
+        """Exclusive, non-blocking; OSError if another process holds it."""
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def read_bytes(self, path: Path) -> bytes:
+        return path.read_bytes()
+
+    def size(self, path: Path) -> int:
+        return path.stat().st_size
+
+    def unlink(self, path: Path, missing_ok: bool = False) -> None:
+        path.unlink(missing_ok=missing_ok)
+
+    def link(self, src: Path, dst: Path) -> None:
+        os.link(src, dst)
+
+    def copyfile(self, src: Path, dst: Path) -> None:
+        shutil.copyfile(src, dst)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    def listdir(self, path: Path) -> list[str]:
+        return os.listdir(path)
+
+    def mkdir(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def is_dir(self, path: Path) -> bool:
+        return path.is_dir()
+
+    def samefile(self, a: Path, b: Path) -> bool:
+        return a.samefile(b)
+
+
+def fsync_dir(fs: Filesystem, path: Path) -> None:
+    """Make a create/unlink/rename in `path` durable."""
+    fd = fs.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+
+
+def fsync_file(fs: Filesystem, path: Path) -> None:
+    fd = fs.open(path, os.O_RDONLY)
+    try:
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+
+
+def pwrite_all(fs: Filesystem, fd: int, data: bytes | bytearray, offset: int) -> None:
+    """pwrite until everything is written (a short write is not an error by itself)."""
+    view = memoryview(data)
+    while view:
+        written = fs.pwrite(fd, view, offset)
+        if written <= 0:  # pragma: no cover - pwrite raises instead on Linux
+            raise OSError(errno.EIO, "short write")
+        view = view[written:]
+        offset += written
+
+
+def segment_name(seq: int) -> str:
+    return f"{seq:012d}.seg"
+
+
+def seq_of(name: str) -> int | None:
+    """The sequence number in a segment/ack/temp file name, None for any other file."""
+    stem = name.split(".", 1)[0]
+    return int(stem) if len(stem) == 12 and stem.isdigit() else None
+
+
+@dataclass(eq=False)
+class Segment:
+    """What the spool knows of one segment file (rebuilt at open, kept up to date after)."""
+
+    seq: int
+    path: Path
+    size: int = 0  # bytes of good records (= file size once consistent)
+    total: int = 0  # records in the file
+    # Un-acked records, in offset order: offset -> (record length, events, created ms).
+    recs: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    fd: int | None = None  # read-write fd while this is the segment being written
+
+    @property
+    def ack_path(self) -> Path:
+        return self.path.with_suffix(".ack")
+
+
+class SegmentFiles:
+    """The files of <directory>/segments: create, write, cut, read, ack, delete, sync."""
+
+    def __init__(self, fs: Filesystem, seg_dir: Path) -> None:
+        self.fs = fs
+        self.dir = seg_dir
+        self._rfd: tuple[int, int] | None = None  # cached read fd: (seq, fd)
+
+    def path(self, seq: int) -> Path:
+        return self.dir / segment_name(seq)
+
+    def sync_dir(self) -> None:
+        fsync_dir(self.fs, self.dir)
+
+    def create(self, seq: int) -> Segment:
+        """A new, empty segment open for writing, its directory entry durable (or OSError)."""
+        path = self.path(seq)
+        fd = self.fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            self.sync_dir()
+        except OSError:
+            self.fs.close(fd)
+            with contextlib.suppress(OSError):
+                self.fs.unlink(path)
+            raise
+        return Segment(seq, path, fd=fd)
+
+    def write(self, seg: Segment, data: bytes, offset: int) -> None:
+        """Write `data` at `offset` and fsync: durable on return, or OSError."""
+        assert seg.fd is not None
+        pwrite_all(self.fs, seg.fd, data, offset)
+        self.fs.fsync(seg.fd)
+
+    def cut(self, seg: Segment, offset: int) -> None:
+        """Truncate the segment being written back to `offset` (undo a failed write)."""
+        assert seg.fd is not None
+        self.fs.ftruncate(seg.fd, offset)
+        self.fs.fsync(seg.fd)
+
+    def seal(self, seg: Segment) -> None:
+        """No more writes: close its read-write fd."""
+        if seg.fd is not None:
+            with contextlib.suppress(OSError):
+                self.fs.close(seg.fd)
+            seg.fd = None
+
+    def read(self, seg: Segment, offset: int, length: int) -> bytes:
+        if seg.fd is not None:
+            fd = seg.fd
+        elif self._rfd is not None and self._rfd[0] == seg.seq:
+            fd = self._rfd[1]
+        else:
+            self.close_reader()
+            fd = self.fs.open(seg.path, os.O_RDONLY)
+            self._rfd = (seg.seq, fd)
+        return self.fs.pread(fd, length, offset)
+
+    def close_reader(self, seq: int | None = None) -> None:
+        """Close the cached read fd (only if it reads segment `seq`, when given)."""
+        if self._rfd is not None and (seq is None or self._rfd[0] == seq):
+            with contextlib.suppress(OSError):
+                self.fs.close(self._rfd[1])
+            self._rfd = None
+
+    def append_acks(self, seg: Segment, entries: bytes) -> None:
+        fd = self.fs.open(seg.ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            self.fs.write(fd, entries)
+            self.fs.fsync(fd)
+        finally:
+            self.fs.close(fd)
+
+    def remove(self, seg: Segment) -> None:
+        """Unlink the segment and its ack file (OSError if the disk refuses)."""
+        self.close_reader(seg.seq)
+        self.seal(seg)
+        self.fs.unlink(seg.path, missing_ok=True)
+        self.fs.unlink(seg.ack_path, missing_ok=True)
