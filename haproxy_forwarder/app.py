@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import resource
 import signal
 import time
@@ -73,6 +74,10 @@ def open_spool(settings: Settings, registry: Registry, log: Any) -> Spool | None
     else:
         log.info("spool_opened", **fields)
     return spool
+
+
+def _spool_gauge(spool: Spool, name: str) -> float:
+    return float(spool.stats()[name])
 
 
 def build(settings: Settings, log: Any) -> Daemon:
@@ -145,7 +150,7 @@ class Daemon:
         spool = self.spool
         if spool is not None:
             for name in ("batches", "events", "bytes", "oldest_age_seconds", "segments"):
-                g(f"spool_{name}", lambda name=name: spool.stats()[name])
+                g(f"spool_{name}", functools.partial(_spool_gauge, spool, name))
             g("spool_blocked", lambda: d.spool_blocked)
 
     def _log_pressure(self, on: bool) -> None:

@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from tenacity import RetryCallState
 
-from haproxy_forwarder.delivery import Backoff, _Again
-from haproxy_forwarder.intake import Kind, Outcome, classify, parse_retry_after
+from haproxy_forwarder.delivery import Backoff
+from haproxy_forwarder.sinks.intake import Kind, Outcome, classify, parse_retry_after
 from tests.daemon import Daemon
 from tests.fake_intake import FakeIntake
 from tests.traffic import octet_counted, send_tcp, traditional
@@ -46,25 +45,21 @@ def test_retry_after_seconds_date_and_garbage() -> None:
     assert classify(429, "", "3").retry_after == 3.0
 
 
-def _state(attempt: int, outcome: Outcome) -> RetryCallState:
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = attempt
-    state.set_exception((_Again, _Again(outcome), None))
-    return state
-
-
 def test_backoff_full_jitter_bounds_and_retry_after() -> None:
     wait = Backoff(retry_max=60.0, auth_retry=60.0)
     transient = Outcome(Kind.RETRY, 503)
     for attempt, cap in [(1, 0.5), (2, 1.0), (4, 4.0), (20, 60.0)]:
-        samples = [wait(_state(attempt, transient)) for _ in range(300)]
+        samples = [wait.delay(attempt, transient) for _ in range(300)]
         assert min(samples) >= 0.5 and max(samples) <= cap
-    assert max(wait(_state(20, transient)) for _ in range(300)) > 30  # jitter spans the range
+    assert max(wait.delay(20, transient) for _ in range(300)) > 30  # jitter spans the range
     # Retry-After replaces the jittered wait.
-    assert wait(_state(10, Outcome(Kind.RETRY, 429, retry_after=2.0))) == 2.0
+    assert wait.delay(10, Outcome(Kind.RETRY, 429, retry_after=2.0)) == 2.0
     # A refused key is retried slowly (auth_retry, +-20 %), never given up.
-    auth = [wait(_state(1, Outcome(Kind.AUTH, 401))) for _ in range(100)]
+    auth = [wait.delay(1, Outcome(Kind.AUTH, 401)) for _ in range(100)]
     assert min(auth) >= 48 and max(auth) <= 72
+    # A Retry-After on an auth answer can only lengthen the slow wait, never shorten it.
+    assert wait.delay(1, Outcome(Kind.AUTH, 403, retry_after=500.0)) == 500.0
+    assert wait.delay(1, Outcome(Kind.AUTH, 403, retry_after=1.0)) >= 48
 
 
 @contextlib.contextmanager

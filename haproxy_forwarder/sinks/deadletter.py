@@ -2,24 +2,58 @@
 
 One JSON line per event under spool.dir/dead-letter/, so an operator can read, grep and
 re-queue them (`haproxy-forwarder spool replay-dead-letter`); bounded in total size.
+Blocking (write + fsync): delivery calls `write` from its dead-letter thread, never the loop.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 
-from .batching import Batch
+from ..batching import Batch
+
+# A timestamp that needs no escaping between JSON quotes (printable ASCII, no " or \): the
+# usual case, written as is. Anything else (a hand-edited requeued file) goes through orjson.
+_PLAIN = re.compile(rb'[\x20\x21\x23-\x5b\x5d-\x7e]*')
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _json_str(value: bytes) -> bytes:
+    if _PLAIN.fullmatch(value):
+        return b'"' + value + b'"'
+    return orjson.dumps(value.decode("ascii", "replace"))
+
+
+def dead_letter_lines(
+    batch: Batch, reason: str, status: int | None, response: str, at: time.struct_time
+) -> bytes:
+    """The JSON lines for `batch`, built from its encoded fragments (no decoding).
+
+    Same keys in the same order as `orjson.dumps(dict)` would write them: dead_lettered_at,
+    reason, status, response, timestamp, event.
+    """
+    head = orjson.dumps(
+        {
+            "dead_lettered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", at),
+            "reason": reason,
+            "status": status,
+            "response": response,
+        }
+    )[:-1]  # without the closing brace: the per-event keys follow
+    return b"".join(
+        b'%s,"timestamp":%s,"event":%s}\n' % (head, _json_str(t), f)
+        for f, t in zip(batch.fragments(), batch.times, strict=True)
+    )
 
 
 class DeadLetters:
@@ -37,31 +71,24 @@ class DeadLetters:
         return self._size
 
     def write(
-        self, batch: Batch, reason: str, status: int | None = None, response: str = ""
+        self,
+        batch: Batch,
+        reason: str,
+        status: int | None = None,
+        response: str = "",
+        at: time.struct_time | None = None,
     ) -> Path | None:
-        """Append every event of `batch`; None when the size bound is reached.
+        """Append every event of `batch` (fsync'd); None when the size bound is reached.
 
-        Raises OSError if the disk refuses (the caller logs and counts).
+        `at` is when it was dead-lettered (UTC; default now). Raises OSError if the disk
+        refuses (the caller logs and counts).
         """
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        lines = b"".join(
-            orjson.dumps(
-                {
-                    "dead_lettered_at": now,
-                    "reason": reason,
-                    "status": status,
-                    "response": response,
-                    "timestamp": t,
-                    "event": e,
-                }
-            )
-            + b"\n"
-            for e, t in zip(batch.events, batch.times, strict=True)
-        )
+        when = at if at is not None else time.gmtime()
+        lines = dead_letter_lines(batch, reason, status, response, when)
         if self.size() + len(lines) > self.max_size:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / time.strftime("dead-letter-%Y%m%d.jsonl", time.gmtime())
+        path = self.dir / time.strftime("dead-letter-%Y%m%d.jsonl", when)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             _write_all(fd, lines)

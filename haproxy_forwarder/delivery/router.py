@@ -1,0 +1,314 @@
+"""Where every batch in delivery is, and what happens to it next: a pure state machine.
+
+No asyncio, no IO, no tasks: the writer and the workers ask it, act, and report back; an
+injected clock dates what waits in memory, so every rule is unit-tested with a fake clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..batching import Batch
+
+# A batch waiting in memory longer than this (the intake is slower than the input) is written
+# to the spool: "cannot be delivered at once" must not mean "only in RAM".
+SPILL_AFTER = 1.0
+
+
+class Location(enum.Enum):
+    MEMORY = "memory"  # queued for a worker; only in RAM
+    TO_SPOOL = "to_spool"  # queued for the spool writer; only in RAM
+    SPOOLING = "spooling"  # the writer's append is running; only in RAM until it returns
+    SPOOLED = "spooled"  # durable and ready: the spool's queue owns it from here on
+    SENDING = "sending"  # held by a worker; `Entry.record` says whether it is on disk too
+    DONE = "done"  # delivered or dead-lettered (its record, if any, acked)
+
+
+class RouterError(RuntimeError):
+    """A transition the rules forbid (a bug): a batch in two places, a record sent twice."""
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """One batch and where it is. Identity matters: an entry is in exactly one place."""
+
+    batch: Batch
+    location: Location
+    queued_at: float
+    record: int | None = None  # spool record id once the batch is on disk
+    worker: int | None = None
+    # A request for it is on the wire. Cleared when the answer comes, never on cancellation:
+    # a request cut off at shutdown may have been taken (an uncertain delivery).
+    on_wire: bool = False
+    spoolable: bool = True  # False once the spool said the record can never fit
+
+
+class FromSpool:
+    """`Router.take`'s answer when the next batch is the spool's oldest ready record."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FROM_SPOOL"
+
+
+FROM_SPOOL = FromSpool()
+
+
+class Router:
+    """The locations of batches not yet delivered, and the rules that move them.
+
+    `spool_ready` reads the spool's cheap "has ready records" flag; None means no spool
+    (dry-run). `on_pressure(True/False)` is called when backpressure must switch.
+    """
+
+    def __init__(
+        self,
+        *,
+        now: Callable[[], float],
+        spool_ready: Callable[[], bool] | None,
+        write_ahead: bool,
+        max_in_flight: int,
+        on_pressure: Callable[[bool], None],
+    ) -> None:
+        self._now = now
+        self._spool_ready = spool_ready
+        self.has_spool = spool_ready is not None
+        self.write_ahead = write_ahead and self.has_spool
+        self.max_in_flight = max_in_flight
+        self._on_pressure = on_pressure
+        self.memory: deque[Entry] = deque()
+        self.to_spool: deque[Entry] = deque()
+        self.spooling: Entry | None = None  # the writer appends one batch at a time
+        self.held: dict[int, Entry] = {}  # worker number -> the entry it sends
+        self.failing = False
+        self.spool_blocked = False
+        self.stopping = False
+        self.closed = False  # stop() was called: late reports are ignored
+        self.pressure = False
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        return self._spool_ready is not None and self._spool_ready()
+
+    @property
+    def waiting(self) -> int:
+        """Batches waiting for a worker or for the spool writer: what backpressure limits."""
+        return len(self.memory) + len(self.to_spool) + (self.spooling is not None)
+
+    def _check_pressure(self) -> None:
+        n = self.waiting
+        if not self.pressure and n >= self.max_in_flight:
+            self.pressure = True
+            self._on_pressure(True)
+        elif self.pressure and n < max(1, self.max_in_flight // 2):
+            self.pressure = False
+            self._on_pressure(False)
+
+    def memory_only(self) -> list[Entry]:
+        """Entries neither delivered nor on disk, oldest first (what a crash would lose)."""
+        held = [e for e in self.held.values() if e.record is None]
+        spooling = [self.spooling] if self.spooling is not None else []
+        # Held batches were taken from the front of the queues, so they are the oldest; memory
+        # only holds batches older than anything queued for the spool (see submit).
+        return [*held, *self.memory, *spooling, *self.to_spool]
+
+    @property
+    def in_memory(self) -> int:
+        return len(self.memory_only())
+
+    def settled(self) -> bool:
+        """Nothing exists only in memory and no request is on the wire: stopping loses nothing."""
+        return (
+            not self.memory
+            and not self.to_spool
+            and self.spooling is None
+            and all(e.record is not None and not e.on_wire for e in self.held.values())
+        )
+
+    # -- closed batches -----------------------------------------------------------------------
+
+    def submit(self, batch: Batch) -> Entry:
+        """A closed batch: to memory for a worker, or behind what is on (or going to) disk."""
+        entry = Entry(batch, Location.MEMORY, self._now())
+        if self.has_spool and (
+            self.write_ahead
+            or self.failing
+            or self.to_spool
+            or self.spooling is not None
+            or self._ready()
+        ):
+            # Behind what is already on disk or on its way there, so order is kept.
+            entry.location = Location.TO_SPOOL
+            self.to_spool.append(entry)
+        else:
+            # A burst the intake absorbs within SPILL_AFTER stays in memory (bounded by
+            # max_in_flight through backpressure); spill() moves what waits longer.
+            self.memory.append(entry)
+        self._check_pressure()
+        return entry
+
+    def spill(self) -> bool:
+        """If the oldest memory batch waited more than SPILL_AFTER, queue ALL of memory for disk.
+
+        All of them, not just the stale ones: newer batches must stay behind older ones, or
+        per-connection order breaks. True when something moved (wake the writer).
+        """
+        if not self.has_spool or not self.memory:
+            return False
+        if self._now() - self.memory[0].queued_at <= SPILL_AFTER:
+            return False
+        self._memory_to_spool()
+        return True
+
+    def _memory_to_spool(self) -> None:
+        # Ahead of what is queued already: memory batches are the older ones.
+        for e in reversed(self.memory):
+            e.location = Location.TO_SPOOL
+            self.to_spool.appendleft(e)
+        self.memory.clear()
+
+    # -- the spool writer ---------------------------------------------------------------------
+
+    def next_write(self) -> Entry | None:
+        """The batch the writer should append now (the oldest queued for disk), if any."""
+        if self.spooling is not None:
+            raise RouterError("the writer appends one batch at a time")
+        if not self.to_spool:
+            return None
+        entry = self.spooling = self.to_spool.popleft()
+        entry.location = Location.SPOOLING
+        return entry
+
+    def _end_write(self, entry: Entry) -> None:
+        if entry is not self.spooling:
+            raise RouterError(f"{entry.location.value} batch reported as written")
+        self.spooling = None
+
+    def written(self, entry: Entry) -> None:
+        """Durable and ready on disk: the spool hands it out from now on."""
+        self._end_write(entry)
+        entry.location = Location.SPOOLED
+        self._check_pressure()
+
+    def write_refused(self, entry: Entry) -> None:
+        """Spool full or failing: back at the head of the queue; a worker may send it from RAM."""
+        self._end_write(entry)
+        entry.location = Location.TO_SPOOL
+        self.to_spool.appendleft(entry)
+        self.spool_blocked = True
+
+    def unspoolable(self, entry: Entry) -> None:
+        """Larger than the whole spool (a tiny max_size): it can only go from memory."""
+        self._end_write(entry)
+        entry.spoolable = False
+        entry.location = Location.MEMORY
+        self.memory.append(entry)
+        self._check_pressure()
+
+    def spool_writable(self) -> bool:
+        """An append succeeded; True if the spool had been refusing writes."""
+        was, self.spool_blocked = self.spool_blocked, False
+        return was
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def take(self, worker: int) -> Entry | FromSpool | None:
+        """What `worker` sends next: an entry, FROM_SPOOL (ask the spool), or None (wait)."""
+        if worker in self.held:
+            raise RouterError(f"worker {worker} already holds a batch")
+        # While the intake fails, the workers already retrying are the probes; the others
+        # wait instead of adding to a retry storm (Vector #10870).
+        if self.failing:
+            return None
+        if self.memory:
+            return self._hold(worker, self.memory.popleft())
+        if self._ready() and not self.stopping:
+            # Draining at shutdown is about what is only in memory; the spool keeps the rest.
+            return FROM_SPOOL
+        if self.spool_blocked and self.to_spool and self.spooling is None:
+            # The disk refuses them, but a healthy intake can still take them from memory.
+            # Not while the writer tries again: if its (older) batch landed on disk after a
+            # newer one was sent, order would break.
+            return self._hold(worker, self.to_spool.popleft())
+        return None
+
+    def _hold(self, worker: int, entry: Entry) -> Entry:
+        entry.location = Location.SENDING
+        entry.worker = worker
+        self.held[worker] = entry
+        self._check_pressure()
+        return entry
+
+    def took_record(self, worker: int, record: int, batch: Batch) -> Entry:
+        """The spool handed `worker` a record (after take() said FROM_SPOOL)."""
+        if worker in self.held:
+            raise RouterError(f"worker {worker} already holds a batch")
+        if any(e.record == record for e in self.held.values()):
+            raise RouterError(f"spool record {record} handed out twice")
+        entry = Entry(batch, Location.SENDING, self._now(), record=record)
+        return self._hold(worker, entry)
+
+    def entry(self, worker: int) -> Entry:
+        try:
+            return self.held[worker]
+        except KeyError:
+            raise RouterError(f"worker {worker} holds nothing") from None
+
+    def failed(self, worker: int, outstanding: Batch) -> Batch | None:
+        """An attempt failed (to be retried); `outstanding` is what is not delivered yet.
+
+        The first failure turns on `failing` and sends the memory batches to the writer (the
+        outage may last). Returns the batch to claim on the spool NOW, before the retry wait,
+        so a crash cannot lose it; None when it is on disk already or cannot be.
+        """
+        entry = self.entry(worker)
+        if not self.failing:
+            self.failing = True
+            if self.has_spool:
+                self._memory_to_spool()
+        if entry.record is not None:
+            return None  # the whole record stays on disk until acked
+        entry.batch = outstanding
+        if not self.has_spool or not entry.spoolable:
+            return None
+        return outstanding
+
+    def claimed(self, entry: Entry, record: int) -> None:
+        """The failing batch is on disk, claimed (the spool will not hand it out)."""
+        if entry.location is not Location.SENDING or entry.record is not None:
+            raise RouterError(f"claim for a {entry.location.value} batch")
+        entry.record = record
+
+    def recovered(self) -> bool:
+        """An attempt succeeded; True if the intake had been failing (wake the workers)."""
+        was, self.failing = self.failing, False
+        return was
+
+    def finished(self, worker: int) -> Entry:
+        """Every event of the worker's batch delivered or dead-lettered; ack its record."""
+        entry = self.held.pop(worker, None)
+        if entry is None:
+            raise RouterError(f"worker {worker} holds nothing")
+        entry.location = Location.DONE
+        entry.worker = None
+        self._check_pressure()
+        return entry
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def stop(self) -> list[Entry]:
+        """Forget everything; returns what must be spooled now (only in memory), oldest first."""
+        leftovers = self.memory_only()
+        self.closed = True
+        self.memory.clear()
+        self.to_spool.clear()
+        self.spooling = None
+        self.held.clear()
+        for e in leftovers:
+            e.location = Location.DONE
+        return leftovers

@@ -1,0 +1,282 @@
+"""The retry loop: one worker sends the batch it holds until every event is delivered or
+dead-lettered. Each attempt's answers become explicit actions (Vector's RetryAction).
+
+Transient and configuration failures are retried forever (giving up is how rsyslog #4636 and
+Fluent Bit's Retry_Limit lost data); the failing batch is claimed on the spool first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..batching import Batch
+from ..observability.counters import Counters
+from ..sinks import Kind, Outcome, Sink
+from .router import FROM_SPOOL, Entry, Router, RouterError
+
+BACKOFF_MIN = 0.5
+
+
+class RetryWait(Protocol):
+    def delay(self, attempt: int, outcome: Outcome) -> float:
+        """Seconds to wait before attempt `attempt + 1`, after `outcome`."""
+        ...
+
+
+class Backoff:
+    """Full jitter between 0.5 s and an exponential cap; a Retry-After replaces it.
+
+    401/403/404 wait `auth_retry` (±20 %): a wrong key or URL does not fix itself quickly,
+    but giving up would destroy data, so it is retried slowly and loudly, forever.
+    """
+
+    def __init__(
+        self, retry_max: float, auth_retry: float, rng: random.Random | None = None
+    ) -> None:
+        self.retry_max = retry_max
+        self.auth_retry = auth_retry
+        self._rng = rng or random.Random()
+
+    def delay(self, attempt: int, outcome: Outcome) -> float:
+        if outcome.kind is Kind.AUTH:
+            base = self.auth_retry * self._rng.uniform(0.8, 1.2)
+        else:
+            cap = min(self.retry_max, BACKOFF_MIN * 2 ** (attempt - 1))
+            base = self._rng.uniform(BACKOFF_MIN, max(cap, BACKOFF_MIN))
+        if outcome.retry_after is not None:
+            return max(outcome.retry_after, base if outcome.kind is Kind.AUTH else 0.0)
+        return base
+
+
+# -- what one attempt's answers mean --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    batch: Batch
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """413 on several events: send the halves instead."""
+
+    halves: tuple[Batch, Batch]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    batch: Batch
+    reason: str
+    status: int | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Nothing of the part went through: send it all again after the wait."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPartial:
+    """Some parts were delivered; `remaining` (the others, in order) is sent again."""
+
+    remaining: Batch
+    outcome: Outcome
+
+
+Action = Delivered | Split | DeadLetter | Retry | RetryPartial
+
+
+def judge(part: Batch, answers: list[tuple[Batch, Outcome]]) -> list[Action]:
+    """The actions for one attempt at `part`; at most one Retry/RetryPartial, last."""
+    actions: list[Action] = []
+    failed: list[tuple[Batch, Outcome]] = []
+    for sent, outcome in answers:
+        kind = outcome.kind
+        if kind is Kind.DELIVERED:
+            actions.append(Delivered(sent))
+        elif kind in (Kind.RETRY, Kind.AUTH):
+            failed.append((sent, outcome))
+        elif kind is Kind.TOO_LARGE and len(sent) > 1:
+            actions.append(Split(sent.split()))
+        else:  # 400/422, or 413 on a single event: the intake will never take it
+            actions.append(
+                DeadLetter(sent, f"intake answered {outcome.status}", outcome.status,
+                           outcome.detail)
+            )
+    if failed:
+        first = failed[0][1]
+        if len(failed) == len(answers):
+            actions.append(Retry(first))
+        else:
+            actions.append(RetryPartial(Batch.join([b for b, _ in failed]), first))
+    return actions
+
+
+# -- the worker -----------------------------------------------------------------------------
+
+
+class Host(Protocol):
+    """What a worker needs from the delivery around it."""
+
+    router: Router
+    counters: Counters
+    log: Any
+    wake_workers: asyncio.Event
+    wake_writer: asyncio.Event
+
+    def mark_progress(self) -> None: ...
+
+    def dead_letter_later(
+        self, batch: Batch, reason: str, status: int | None, response: str
+    ) -> asyncio.Future[None]: ...
+
+    async def next_record(self) -> tuple[int, Batch] | None: ...
+
+    async def claim(self, entry: Entry, batch: Batch) -> None: ...
+
+    async def ack(self, record: int) -> None: ...
+
+    def spool_fields(self) -> dict[str, Any]: ...
+
+
+class Worker:
+    def __init__(
+        self, n: int, host: Host, sink: Sink, backoff: RetryWait,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.n = n
+        self.host = host
+        self.sink = sink
+        self.backoff = backoff
+        self._sleep = sleep
+
+    async def run(self) -> None:
+        host = self.host
+        while True:
+            entry = await self._take()
+            try:
+                await self.deliver(entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not kill the worker and silently stall delivery
+                host.log.exception("delivery_bug", events=len(entry.batch))
+                if entry.record is None:
+                    # Only in memory: kept with its reason rather than lost. With a record it
+                    # stays on disk (handed out) and is sent again at the next start.
+                    host.dead_letter_later(entry.batch, "internal error while delivering",
+                                           None, "")
+            host.router.finished(self.n)
+            host.wake_workers.set()
+
+    async def _take(self) -> Entry:
+        host = self.host
+        while True:
+            host.wake_workers.clear()
+            got = host.router.take(self.n)
+            if isinstance(got, Entry):
+                return got
+            if got is FROM_SPOOL:
+                record = await host.next_record()
+                if record is None:
+                    continue
+                try:
+                    return host.router.took_record(self.n, *record)
+                except RouterError:
+                    # The spool handed out a record already being sent: not sent twice; it
+                    # stays handed out and is replayed at the next start.
+                    host.log.exception("delivery_bug", events=len(record[1]))
+                    continue
+            await host.wake_workers.wait()
+
+    async def deliver(self, entry: Entry) -> None:
+        """Every event of `entry` delivered or dead-lettered; then its record is acked."""
+        host = self.host
+        todo = [entry.batch]
+        dead: list[asyncio.Future[None]] = []
+        while todo:
+            part = todo.pop(0)
+            attempt = 0
+            while True:
+                attempt += 1
+                entry.on_wire = True
+                answers = await self.sink.send(part)
+                # Not in a `finally`: if cancelled mid-request (shutdown), the flag must stay
+                # set so stop() counts the request as in doubt.
+                entry.on_wire = False
+                host.counters.batches_sent += 1
+                again: Retry | RetryPartial | None = None
+                splits: list[Batch] = []
+                for action in judge(part, answers):
+                    if isinstance(action, Delivered):
+                        host.mark_progress()
+                        host.counters.delivered_events += len(action.batch)
+                        host.counters.delivered_batches += 1
+                    elif isinstance(action, Split):
+                        host.log.warning("intake_payload_too_large",
+                                         events=len(action.halves[0]) + len(action.halves[1]),
+                                         action="split in halves")
+                        splits.extend(action.halves)
+                    elif isinstance(action, DeadLetter):
+                        dead.append(host.dead_letter_later(
+                            action.batch, action.reason, action.status, action.detail))
+                    else:
+                        again = action
+                todo[:0] = splits
+                if again is None:
+                    break
+                if isinstance(again, RetryPartial):
+                    part = again.remaining
+                await self._before_retry(entry, part, todo, again.outcome, attempt)
+            if host.router.recovered():
+                host.log.info("intake_recovered", **host.spool_fields())
+                host.wake_workers.set()
+        if entry.record is not None:
+            # Dead letters of a spooled batch are on disk before its record goes: a crash in
+            # between would otherwise lose those events.
+            for fut in dead:
+                await fut
+            await host.ack(entry.record)
+
+    async def _before_retry(
+        self, entry: Entry, part: Batch, todo: list[Batch], outcome: Outcome, attempt: int
+    ) -> None:
+        host = self.host
+        if outcome.uncertain:
+            host.counters.uncertain_deliveries += 1
+        # What is not delivered yet: the part to retry and the halves queued behind it.
+        claim = host.router.failed(self.n, Batch.join([part, *todo]) if todo else part)
+        host.wake_writer.set()  # the first failure queued the memory batches for disk
+        if claim is not None:
+            # On disk before the wait, so a crash during a long outage cannot lose it.
+            await host.claim(entry, claim)
+        wait = self.backoff.delay(attempt, outcome)
+        host.counters.retries += 1
+        self._log_retry(outcome, round(wait, 2), attempt)
+        await self._sleep(wait)
+
+    def _log_retry(self, o: Outcome, wait: float, attempt: int) -> None:
+        if o.kind is Kind.AUTH:
+            self.host.log.error(
+                "intake_refused_check_config",
+                status=o.status,
+                response=o.detail,
+                hint="check intake.key and intake.url; data is kept and retried",
+                retry_in=wait,
+                attempt=attempt,
+            )
+        else:
+            self.host.log.warning(
+                "intake_retry",
+                status=o.status,
+                error=o.detail,
+                retry_in=wait,
+                attempt=attempt,
+                uncertain=o.uncertain,
+            )
