@@ -23,13 +23,13 @@ run: $(STAMP)
 	$(BIN)/haproxy-forwarder --config config/haproxy-forwarder.toml run --dry-run
 
 test: $(STAMP)
-	$(BIN)/ruff check haproxy_forwarder tests bench
-	$(BIN)/mypy haproxy_forwarder
+	$(BIN)/ruff check haproxy_forwarder devtools tests bench
+	$(BIN)/mypy haproxy_forwarder devtools bench
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check haproxy_forwarder tests bench
-	$(BIN)/mypy haproxy_forwarder
+	$(BIN)/ruff check haproxy_forwarder devtools tests bench
+	$(BIN)/mypy haproxy_forwarder devtools bench
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -1,7 +1,8 @@
 """`make bench`: haproxy-forwarder against syslog-ng 3.38 on the same octet-counted stream.
 
     .venv/bin/python -m bench [--repeat N] [--frames N] [--quick] [--no-syslog-ng]
-                              [--profile] [--json PATH]
+                              [--profile] [--impl default|python] [--json PATH]
+    .venv/bin/python -m bench.micro [--frames N] [--impl default|python]   # per stage
 
 What it measures (see BENCHMARKS.md for a recorded run):
   burst     a 300k-message octet-counted stream sent with socket.sendfile as fast as the
@@ -30,16 +31,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from devtools import REPO
+
 from . import procs, runs, suts
 from .control import Intake
-from .stream import Stream, write_stream
+from .stream import Stream, load_stream
 
 CACHE = suts.CACHE
-STREAM_VERSION = 2
 
 TARGETS = {
     "cpu_ratio": 2.0,  # forwarder msgs per CPU-s >= 2x syslog-ng
@@ -69,9 +72,9 @@ def machine() -> dict[str, str]:
     rev = "?"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=suts.REPO, timeout=10).stdout.strip()
+                             text=True, cwd=REPO, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "haproxy_forwarder"],
-                               capture_output=True, text=True, cwd=suts.REPO,
+                               capture_output=True, text=True, cwd=REPO,
                                timeout=10).stdout.strip()
         if dirty:
             rev += " (haproxy_forwarder/ has uncommitted changes)"
@@ -85,26 +88,6 @@ def machine() -> dict[str, str]:
         "commit": rev,
         "loadavg": Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__(),
     }
-
-
-def load_stream(frames: int) -> Stream:
-    """Written once into .bench-cache (~70 MB for 300k frames) and reused."""
-    from array import array
-
-    path = CACHE / f"stream-{frames}-v{STREAM_VERSION}.bin"
-    meta = path.with_suffix(".json")
-    idx = path.with_suffix(".idx")
-    if path.exists() and meta.exists() and idx.exists():
-        m = json.loads(meta.read_text())
-        offsets = array("Q")
-        offsets.frombytes(idx.read_bytes())
-        if m.get("size") == path.stat().st_size and len(offsets) == frames + 1:
-            return Stream(path, frames, m["haproxy"], m["size"], offsets, m["msg_bytes_avg"])
-    s = write_stream(path, frames)
-    idx.write_bytes(s.offsets.tobytes())
-    meta.write_text(json.dumps({"haproxy": s.haproxy, "size": s.size,
-                                "msg_bytes_avg": s.msg_bytes_avg}))
-    return s
 
 
 def say(msg: str = "") -> None:
@@ -177,10 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-syslog-ng", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the forwarder on a burst with py-spy (if installed)")
-    ap.add_argument("--variants", action="store_true",
-                    help="also burst candidate optimisations (bench/patches.py) and configs")
-    ap.add_argument("--only-variants", action="store_true",
-                    help="only the variants (and --profile): no syslog-ng, latency, replay")
+    ap.add_argument("--impl", choices=sorted(suts.IMPLEMENTATIONS), default="default",
+                    help="which implementations the forwarder runs: 'python' sets "
+                    "HAPROXY_FORWARDER_NO_EXTENSIONS=1 (the pure-Python reference)")
     ap.add_argument("--json", type=Path, default=CACHE / "results.json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -208,23 +190,18 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
     say(f"  {m['date']}  nproc={m['nproc']}  cpu={m['cpu']}  mem={m['memory']}  "
         f"kernel={m['kernel']}  python={m['python']}")
     say(f"  commit {m['commit']}  loadavg at start {m['loadavg']}")
+    impl = args.impl
+    say(f"  forwarder implementations: {impl} "
+        f"(extra environment {suts.IMPLEMENTATIONS[impl] or 'none'})")
 
     say("\n[1/6] input stream")
-    stream = load_stream(args.frames)
+    stream = load_stream(args.frames, CACHE)
     say(f"  {stream.count:,} octet-counted frames, {stream.size / 2**20:.1f} MiB, "
         f"{stream.haproxy:,} from haproxy ({100 * stream.haproxy / stream.count:.1f} %), "
         f"HAProxy MSG {stream.msg_bytes_avg:.0f} bytes on average ({stream.path.name})")
 
     intake = Intake(tmp).start()
     say(f"  bench intake (lean asyncio HTTPS, trustme CA) on {intake.url}")
-
-    if args.only_variants:
-        results["variants"] = variants(tmp, intake, stream, args.repeat)
-        if args.profile:
-            results["profile"] = profile(tmp, intake, stream)
-        intake.stop()
-        args.json.write_text(json.dumps(results, indent=1, default=str))
-        return 0
 
     say("\n[2/6] syslog-ng 3.38 from Debian")
     sng_error: str | None = None
@@ -233,7 +210,7 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
     else:
         try:
             version, info = suts.ensure_syslog_ng(lambda s: say(s))
-            say(f"  {version} in {suts.SNG_ROOT.relative_to(suts.REPO)} "
+            say(f"  {version} in {suts.SNG_ROOT.relative_to(REPO)} "
                 f"(packages: {', '.join(info['debs'])})")
             results["syslog_ng"] = {"version": version, **info}
             check = suts.SyslogNg(tmp, intake).syntax_check()
@@ -248,10 +225,12 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
         "fresh process per run")
     kinds: dict[str, list[runs.Burst]] = {"fwd": [], "fwd_always": [], "sng": []}
     for r in range(args.repeat):
-        plan = [("fwd", lambda: suts.Forwarder(tmp, intake))]
+        plan: list[tuple[str, Callable[[], Any]]] = [
+            ("fwd", lambda: suts.Forwarder(tmp, intake, impl=impl))]
         if sng_error is None:
             plan.append(("sng", lambda: suts.SyslogNg(tmp, intake)))
-        plan.append(("fwd_always", lambda: suts.Forwarder(tmp, intake, spool_mode="always")))
+        plan.append(("fwd_always",
+                     lambda: suts.Forwarder(tmp, intake, spool_mode="always", impl=impl)))
         for key, make in plan:
             try:
                 b = runs.burst(make(), intake, stream)
@@ -268,7 +247,8 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
     say(f"\n[4/6] latency at a steady {args.rate:,.0f} msg/s for {args.latency_seconds:.0f} s")
     lat_frames = int(args.rate * args.latency_seconds)
     lats: dict[str, runs.Latency] = {}
-    lat_plan = [("fwd", lambda: suts.Forwarder(tmp, intake))]
+    lat_plan: list[tuple[str, Callable[[], Any]]] = [
+        ("fwd", lambda: suts.Forwarder(tmp, intake, impl=impl))]
     if sng_error is None:
         lat_plan.append(("sng", lambda: suts.SyslogNg(tmp, intake)))
     for key, make in lat_plan:
@@ -288,7 +268,8 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
     reps: list[runs.Replay] = []
     for _ in range(1 if args.quick else 2):
         try:
-            rp = runs.replay(lambda d: suts.Forwarder(tmp, intake, spool_dir=d), intake, tmp,
+            rp = runs.replay(lambda d: suts.Forwarder(tmp, intake, spool_dir=d, impl=impl),
+                             intake, tmp,
                              args.replay_batches, 5000)
         except Exception as exc:
             rp = runs.Replay(args.replay_batches, args.replay_batches * 5000,
@@ -301,13 +282,9 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
             + (f"  ERROR {rp.error}" if rp.error else ""))
     results["replay"] = [asdict(r) for r in reps]
 
-    if args.variants:
-        say("\n[+] variants of the forwarder on the burst (evidence for optimisations)")
-        results["variants"] = variants(tmp, intake, stream, args.repeat)
-
     if args.profile:
         say("\n[+] profile of the forwarder on one burst (py-spy)")
-        results["profile"] = profile(tmp, intake, stream)
+        results["profile"] = profile(tmp, intake, stream, args.impl)
 
     intake.stop()
     say("\n[6/6] results")
@@ -403,70 +380,14 @@ def table(results: dict[str, Any], summ: dict[str, Any], lats: dict[str, runs.La
             "(a busy machine makes the figures noisier)")
 
 
-PYLIB = CACHE / "pylib"
-
-
-def _have_isal() -> bool:
-    if (PYLIB / "isal").is_dir():
-        return True
-    say(f"  installing isal into {PYLIB.relative_to(suts.REPO)} (pip --target; not a dependency)")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(PYLIB),
-                        "isal"], capture_output=True, text=True, timeout=180)
-    if r.returncode != 0:
-        say(f"  isal unavailable: {r.stderr.strip()[-300:]}")
-    return (PYLIB / "isal").is_dir()
-
-
-def variants(tmp: Path, intake: Intake, stream: Stream, repeat: int) -> dict[str, Any]:
-    plan: list[tuple[str, dict[str, Any]]] = [
-        ("baseline (defaults)", {}),
-        ("fasthdr: regex fast path in read_header", {"patches": "fasthdr"}),
-    ]
-    if _have_isal():
-        pp = f"{suts.REPO}:{PYLIB}"
-        plan += [
-            ("isal: igzip level 1 instead of zlib", {"patches": "isal", "pythonpath": pp}),
-            ("fasthdr + isal", {"patches": "fasthdr,isal", "pythonpath": pp}),
-        ]
-    plan += [
-        ("plain-batch, gzip off (syslog-ng's load)",
-         {"extra": {"intake": {"endpoint": "plain-batch", "gzip": False}}}),
-    ]
-    got: dict[str, list[runs.Burst]] = {label: [] for label, _ in plan}
-    for _ in range(repeat):  # interleaved, so a noisy moment does not hit one variant only
-        for label, kw in plan:
-            try:
-                b = runs.burst(suts.Forwarder(tmp, intake, label=label, **kw), intake, stream)
-            except Exception as exc:
-                b = runs.Burst(label, stream.count, stream.haproxy, error=f"{exc}"[:800])
-            got[label].append(b)
-            say("  " + burst_line(b).strip())
-    out: dict[str, Any] = {}
-    for label, bs in got.items():
-        sm = summarize(bs)
-        sm["spooled"] = [b.sut_counters.get("spooled_batches") for b in bs]
-        out[label] = sm
-    base = out.get("baseline (defaults)", {})
-    say(f"\n  {'variant':<44} {'ev/s e2e':>9} {'msg/CPU-s':>10} {'vs base':>8} {'VmHWM':>6}"
-        f" {'spooled':>8}")
-    for label, sm in out.items():
-        if "error" in sm:
-            say(f"  {label:<44} FAILED {sm['error']}")
-            continue
-        rel = (sm["msgs_per_cpu_s"] / base["msgs_per_cpu_s"]
-               if base.get("msgs_per_cpu_s") else 0)
-        say(f"  {label:<44} {sm['events_per_s']:>9,.0f} {sm['msgs_per_cpu_s']:>10,.0f} "
-            f"{rel:>7.2f}x {sm['peak_rss_mib']:>6.1f} {max(sm['spooled'] or [0]) or 0:>8}")
-    return out
-
-
-def profile(tmp: Path, intake: Intake, stream: Stream, native: bool = False) -> dict[str, Any]:
+def profile(tmp: Path, intake: Intake, stream: Stream, impl: str,
+            native: bool = False) -> dict[str, Any]:
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(pyspy).exists():
         say("  py-spy not found: `.venv/bin/pip install py-spy` (not a project dependency)")
         return {"error": "py-spy not installed"}
     out = tmp / "profile.txt"
-    sut = suts.Forwarder(tmp, intake)
+    sut = suts.Forwarder(tmp, intake, impl=impl)
     intake.reset("count")
     sut.start()
     spy = procs.spawn([pyspy, "record", "--pid", str(sut.pid), "--rate", "200", "--format",
@@ -477,7 +398,7 @@ def profile(tmp: Path, intake: Intake, stream: Stream, native: bool = False) -> 
     cpu0 = procs.cpu_seconds(sut.pid)
     sender = procs.Sender(sut.port, stream.path, stream.offsets)
     sender.start()
-    st = runs._wait_events(intake, stream.haproxy, time.monotonic() + 120)
+    st = runs.wait_events(intake, stream.haproxy, time.monotonic() + 120)
     cpu = procs.cpu_seconds(sut.pid) - cpu0
     procs.stop(spy, signal.SIGINT, 30)
     sut.stop()
@@ -487,9 +408,9 @@ def profile(tmp: Path, intake: Intake, stream: Stream, native: bool = False) -> 
         return {"error": err[-500:]}
     stacks = []
     for line in out.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if stack and n.isdigit():
-            stacks.append((stack.split(";"), int(n)))
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks.append((stack.split(";"), int(count)))
     total = sum(n for _, n in stacks) or 1
     own: dict[str, int] = {}
     incl: dict[str, int] = {}

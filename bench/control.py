@@ -11,8 +11,6 @@ import trustme
 
 from . import intake
 
-KEY = "BenchIntakeKey0123456789abcdefXY"
-
 
 class Intake:
     def __init__(self, tmp: Path) -> None:

@@ -180,7 +180,7 @@ class HttpConn(asyncio.Protocol):
 
 
 def _dechunk(buf: bytearray, pos: int) -> tuple[bytes | None, int]:
-    out = []
+    out: list[bytes] = []
     while True:
         eol = buf.find(b"\r\n", pos)
         if eol < 0:

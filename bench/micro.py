@@ -1,38 +1,37 @@
 """Per-stage cost of the forwarder's work on the benchmark stream, in one process.
 
-    .venv/bin/python -m bench.micro [--frames N]
+    .venv/bin/python -m bench.micro [--frames N] [--impl default|python]
 
-Times the real functions (no copies of them) on the frames `make bench` sends, and prints
-microseconds per input message for each stage: de-framing, Pipeline.ingest (header reader,
-filter, event text, batching), the /array JSON body, gzip level 1 with zlib (what ships) and,
-when importable, isal / zlib-ng (candidates, not dependencies), and the write-ahead spool
-record.  Used as evidence for the optimisation suggestions in BENCHMARKS.md.
+Times the package's public seams (no copies of them) on the frames `make bench` sends and
+prints microseconds per input message for each stage: the ingest seam
+(`ingest.new_reader(...).feed`, with the reference framing and header parsers it composes
+timed alone), `batching.Batcher`, request bodies (`sinks.encoding.body`, gzip as shipped and,
+when importable, isal / zlib-ng as candidates on the same bodies), and the spool's
+append / read / ack.  `--impl python` sets HAPROXY_FORWARDER_NO_EXTENSIONS=1 before the
+package is imported: the pure-Python reference even where a compiled core exists.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
+import os
+import shutil
 import tempfile
 import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from haproxy_forwarder import encoding
-from haproxy_forwarder.batching import Batch
-from haproxy_forwarder.config import Settings
-from haproxy_forwarder.pipeline import Pipeline
-from haproxy_forwarder.spool import Spool, _record
-from haproxy_forwarder.syslog.framing import FrameDecoder
-from haproxy_forwarder.syslog.header import event_text, read_header
+from devtools.keys import INTAKE_KEY
 
-from .__main__ import load_stream
+from .suts import CACHE, IMPLEMENTATIONS
 
 READ = 256 * 1024  # what uvloop hands data_received at most
+MAX_MESSAGE_SIZE = 262144  # listen.max_message_size's default
+RECEIVED_AT = b"2026-11-26T21:58:51.000Z"
+GZIP_CANDIDATES = (("isal.isal_zlib", 0), ("isal.isal_zlib", 1), ("zlib_ng.zlib_ng", 1))
 
 
 def best(fn: Callable[[], Any], repeat: int = 5) -> float:
@@ -45,16 +44,33 @@ def best(fn: Callable[[], Any], repeat: int = 5) -> float:
     return min(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=300_000)
-    args = ap.parse_args()
-    import sys
+    ap.add_argument("--impl", choices=sorted(IMPLEMENTATIONS), default="default")
+    args = ap.parse_args(argv)
+    # Before the first import of the package: the ingest seam picks its implementation then.
+    os.environ.update(IMPLEMENTATIONS[args.impl])
+    tmp = Path(tempfile.mkdtemp(prefix="micro-"))
+    try:
+        run(args.frames, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    from .suts import CACHE
 
-    sys.path.append(str(CACHE / "pylib"))  # isal, if `python -m bench --variants` installed it
-    stream = load_stream(args.frames)
+def run(frames: int, tmp: Path) -> None:
+    from haproxy_forwarder import ingest
+    from haproxy_forwarder.batching import Batch, Batcher
+    from haproxy_forwarder.config import BatchConfig
+    from haproxy_forwarder.sinks import encoding
+    from haproxy_forwarder.spool import Spool
+    from haproxy_forwarder.syslog.framing import FrameDecoder
+    from haproxy_forwarder.syslog.header import read_header
+
+    from .stream import load_stream
+
+    stream = load_stream(frames, CACHE)
     data = stream.path.read_bytes()
     n = stream.count
     chunks = [data[i : i + READ] for i in range(0, len(data), READ)]
@@ -63,117 +79,113 @@ def main() -> None:
     def per_msg(name: str, seconds: float, note: str = "") -> None:
         rows.append((name, seconds / n * 1e6, note))
 
-    # -- de-framing ------------------------------------------------------------------------
-    def deframe() -> list[list[bytes]]:
-        dec = FrameDecoder()
-        return [dec.feed(c) for c in chunks]
+    # -- the ingest seam: chunk in, encoded events out ---------------------------------------
+    filt = ingest.ProgramFilter(["haproxy", "hapee"])
 
-    per_msg("FrameDecoder.feed (256 KiB reads)", best(deframe))
-    frame_lists = deframe()
-    frames = [f for fl in frame_lists for f in fl]
-    assert len(frames) == n
-
-    # -- header reader alone, event text alone -----------------------------------------------
-    def headers() -> None:
-        for f in frames:
-            read_header(f)
-
-    per_msg("  read_header", best(headers))
-    hs = [read_header(f) for f in frames]
-    pairs = [(f, h) for f, h in zip(frames, hs, strict=True)
-             if f.startswith(b"haproxy", h.prog_start, h.prog_end)]
-
-    def texts() -> None:
-        for f, h in pairs:
-            event_text(f, h, False)
-
-    per_msg("  event_text", best(texts))
-
-    # -- the whole of Pipeline.ingest, with delivery stubbed ---------------------------------
-    tmp = Path(tempfile.mkdtemp(prefix="micro-"))
-    settings = Settings(intake={"dry_run": True}, spool={"dir": str(tmp)})
-
-    async def ingest_all() -> list[Batch]:
-        p = Pipeline(settings, SimpleNamespace(info=print, warning=print, error=print))
-        out: list[Batch] = []
-        p.delivery = SimpleNamespace(submit=out.append)  # type: ignore[assignment]
-        for fl in frame_lists:
-            p.ingest(fl)
-        if p._timer is not None:
-            p._timer.cancel()
-        last = p.batcher.take()
-        if last is not None:
-            out.append(last)
+    def read_all() -> list[ingest.ChunkResult]:
+        reader = ingest.new_reader(filt, MAX_MESSAGE_SIZE)
+        out = [reader.feed(c, RECEIVED_AT) for c in chunks]
+        out.append(reader.close(RECEIVED_AT))
         return out
 
-    per_msg("Pipeline.ingest (header, filter, text, batch)",
-            best(lambda: asyncio.run(ingest_all())))
-    batches = asyncio.run(ingest_all())
+    per_msg(f"ingest: ChunkReader.feed ({ingest.IMPLEMENTATION}, 256 KiB reads)", best(read_all))
+    results = read_all()
+    kept = sum(len(r) for r in results)
+    assert sum(r.frames for r in results) == n, "the reader lost frames"
+    assert kept == stream.haproxy, f"{kept} events kept, {stream.haproxy} expected"
 
-    from haproxy_forwarder import pipeline as _pl
+    # The reference parsers the pure reader composes, alone: where its time goes.
+    def deframe() -> list[list[bytes]]:
+        dec = FrameDecoder(MAX_MESSAGE_SIZE)
+        return [dec.feed(c) for c in chunks]
 
-    from .patches import check_fasthdr, fast_read_header
+    per_msg("  of which syslog.framing.FrameDecoder.feed", best(deframe))
+    all_frames = [f for fl in deframe() for f in fl]
 
-    fast, bad = check_fasthdr(frames)
-    _pl.read_header = fast_read_header  # type: ignore[assignment]
-    try:
-        per_msg("Pipeline.ingest with the fasthdr patch (candidate)",
-                best(lambda: asyncio.run(ingest_all())),
-                f"fast path {fast:,}/{n:,} frames, {bad} mismatches vs read_header")
-    finally:
-        _pl.read_header = read_header  # type: ignore[assignment]
-    events = sum(len(b) for b in batches)
+    def headers() -> None:
+        for f in all_frames:
+            read_header(f)
 
-    # -- request bodies --------------------------------------------------------------------
-    key = "BenchIntakeKey0123456789abcdefXY"
-    per_msg("encode /array (orjson)", best(lambda: [encoding.encode(b, "array", key)
-                                                    for b in batches]))
-    bodies = [encoding.encode(b, "array", key) for b in batches]
-    raw = sum(len(x) for x in bodies)
-    per_msg("encode /plain/batch (join+utf-8)",
-            best(lambda: [encoding.encode(b, "plain-batch", key) for b in batches]),
+    per_msg("  of which syslog.header.read_header", best(headers))
+
+    # -- batching -----------------------------------------------------------------------------
+    cfg = BatchConfig()
+
+    def batch_all() -> list[Batch]:
+        b = Batcher(cfg.max_events, cfg.max_bytes)
+        out: list[Batch] = []
+        for r in results:
+            out += b.add(r.data, r.ends, r.times)
+        last = b.take()
+        return [*out, last] if last is not None else out
+
+    per_msg("batching: Batcher.add + take", best(batch_all))
+    batches = batch_all()
+    assert sum(len(b) for b in batches) == kept
+
+    # -- request bodies -----------------------------------------------------------------------
+    def bodies(endpoint: str, gz: bool) -> Callable[[], list[bytes]]:
+        return lambda: [encoding.body(b, endpoint, INTAKE_KEY, gz)[0] for b in batches]
+
+    raw = bodies("array", False)()
+    raw_size = sum(len(x) for x in raw)
+    per_msg("encoding.body /array, no gzip", best(bodies("array", False)))
+    shipped = sum(len(x) for x in bodies("array", True)())
+    per_msg(f"encoding.body /array, gzip (zlib {zlib.ZLIB_RUNTIME_VERSION} level "
+            f"{encoding.GZIP_LEVEL}, shipped)", best(bodies("array", True)),
+            f"{raw_size / 2**20:.0f} MiB -> {shipped / 2**20:.1f} MiB")
+    per_msg("encoding.body /plain/batch, no gzip", best(bodies("plain-batch", False)),
             "alternative endpoint")
 
     def gz_with(mod: Any, level: int) -> Callable[[], int]:
-        def run() -> int:
+        def go() -> int:
             total = 0
-            for body in bodies:
+            for body in raw:
                 co = mod.compressobj(level, mod.DEFLATED, 31)
                 total += len(co.compress(body) + co.flush())
             return total
-        return run
+        return go
 
-    size = gz_with(zlib, encoding.GZIP_LEVEL)()
-    per_msg(f"gzip level {encoding.GZIP_LEVEL}, zlib {zlib.ZLIB_RUNTIME_VERSION} (shipped)",
-            best(gz_with(zlib, encoding.GZIP_LEVEL)),
-            f"{raw / 2**20:.0f} MiB -> {size / 2**20:.1f} MiB")
-    for modname, level in (("isal.isal_zlib", 0), ("isal.isal_zlib", 1), ("zlib_ng.zlib_ng", 1)):
+    for modname, level in GZIP_CANDIDATES:
         try:
             mod = __import__(modname, fromlist=["x"])
         except ImportError:
-            rows.append((f"gzip with {modname} level {level}", 0.0, "not installed"))
+            rows.append((f"  gzip with {modname} level {level} (candidate)", 0.0,
+                         "not installed"))
             continue
-        s2 = gz_with(mod, level)()
-        per_msg(f"gzip {modname} level {level} (candidate)", best(gz_with(mod, level)),
-                f"{raw / 2**20:.0f} MiB -> {s2 / 2**20:.1f} MiB")
+        size = gz_with(mod, level)()
+        per_msg(f"  gzip with {modname} level {level} (candidate, on the raw bodies)",
+                best(gz_with(mod, level)), f"{raw_size / 2**20:.0f} MiB -> {size / 2**20:.1f} MiB")
 
-    # -- write-ahead spool -------------------------------------------------------------------
-    per_msg("spool record encoding (_record)", best(lambda: [_record(b, 0) for b in batches]))
-    sp = Spool(tmp / "spool")
-    sp.open()
-
-    def spool_all() -> None:
+    # -- the spool, through its public API ------------------------------------------------
+    def spool_round() -> tuple[float, float]:
+        d = tmp / f"spool-{time.monotonic_ns()}"
+        sp = Spool(d)
+        sp.open()
+        t0 = time.perf_counter()
         for b in batches:
-            sp.ack(sp.append(b))
+            sp.append(b)
+        t1 = time.perf_counter()
+        read = 0
+        while (got := sp.next_batch()) is not None:
+            rid, back = got
+            read += len(back)
+            sp.ack(rid)
+        t2 = time.perf_counter()
+        sp.close()
+        shutil.rmtree(d, ignore_errors=True)
+        assert read == kept, f"spool gave back {read} of {kept} events"
+        return t1 - t0, t2 - t1
 
-    per_msg("Spool.append + ack (fsync)", best(spool_all, 2))
-    sp.close()
+    rounds = [spool_round() for _ in range(2)]
+    per_msg("spool: Spool.append (fsync per batch)", min(r[0] for r in rounds))
+    per_msg("spool: Spool.next_batch + ack", min(r[1] for r in rounds))
 
-    print(f"{n:,} frames, {events:,} events in {len(batches)} batches of "
-          f"{settings.batch.max_events}; /array bodies {raw / 2**20:.1f} MiB")
-    print(f"{'stage':<52} {'us/msg':>7}")
+    print(f"{n:,} frames, {kept:,} events in {len(batches)} batches of "
+          f"{cfg.max_events}; /array bodies {raw_size / 2**20:.1f} MiB")
+    print(f"{'stage':<64} {'us/msg':>7}")
     for name, us, note in rows:
-        print(f"{name:<52} {us:7.2f}  {note}")
+        print(f"{name:<64} {f'{us:7.2f}' if us else '      -'}  {note}")
 
 
 if __name__ == "__main__":

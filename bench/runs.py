@@ -38,7 +38,7 @@ class Burst:
     notes: list[str] = field(default_factory=list)
 
 
-def _wait_events(intake: Intake, expected: int, deadline: float,
+def wait_events(intake: Intake, expected: int, deadline: float,
                  alive: Any = None) -> dict[str, Any]:
     last_n, last_change = -1, time.monotonic()
     while True:
@@ -83,7 +83,7 @@ def burst(sut: Any, intake: Intake, stream: Stream, timeout: float = 120.0) -> B
         busy0, self0 = procs.machine_busy(), procs.self_cpu()
         sender = procs.Sender(sut.port, stream.path, stream.offsets, timeout=timeout)
         sender.start()
-        st = _wait_events(intake, stream.haproxy, time.monotonic() + timeout,
+        st = wait_events(intake, stream.haproxy, time.monotonic() + timeout,
                           alive=lambda: sut.proc.poll() is None)
         cpu1 = procs.cpu_seconds(pid)
         res.main_thread_cpu = procs.thread_cpu(pid, pid) - main0
@@ -123,10 +123,13 @@ def _final_counters(sut: Any) -> dict[str, Any]:
     if not hasattr(sut, "logs"):
         return {}
     recs = sut.logs()
-    last = next((r for r in reversed(recs) if r.get("event") == "stopped"), {})
+    last: dict[str, Any] = next((r for r in reversed(recs) if r.get("event") == "stopped"), {})
     keep = ("batches_sent", "delivered_batches", "spooled_batches", "retries", "dropped_events",
             "filtered_out", "accepted_events", "delivered_events")
     out: dict[str, Any] = {k: last[k] for k in keep if k in last}
+    # One name per thing since issue 8: the spool counts what it appended.
+    if "spool_appended_batches" in last:
+        out["spooled_batches"] = last["spool_appended_batches"]
     out["backpressure_on"] = sum(1 for r in recs if r.get("event") == "backpressure_on")
     return out
 
@@ -179,7 +182,7 @@ def latency(sut: Any, intake: Intake, stream: Stream, rate: float, frames: int,
         # every HAProxy frame in the first `frames`: count them from the stream itself
         expected = _haproxy_in_prefix(stream, frames)
         res.expected = expected
-        st = _wait_events(intake, expected, time.monotonic() + timeout,
+        st = wait_events(intake, expected, time.monotonic() + timeout,
                           alive=lambda: sut.proc.poll() is None)
         wall = time.monotonic() - sender.t_first
         res.cpu_per_s = (procs.cpu_seconds(pid) - cpu0) / wall if wall > 0 else 0.0
@@ -238,25 +241,26 @@ class Replay:
 
 def replay(make_sut: Any, intake: Intake, tmp: Path, batches: int, per_batch: int,
            timeout: float = 120.0) -> Replay:
+    # Public spool API only: the prefill is what a daemon would have left behind.
     from haproxy_forwarder.batching import Batch
-    from haproxy_forwarder.config import SpoolConfig
     from haproxy_forwarder.spool import Spool
 
     res = Replay(batches, batches * per_batch)
     spool_dir = tmp / f"replay-spool-{time.monotonic_ns()}"
     t = time.monotonic()
-    cfg = SpoolConfig(dir=spool_dir)
-    with Spool(spool_dir, max_size=cfg.max_size, when_full=cfg.when_full,
-               segment_size=cfg.segment_size) as sp:
-        sp.open()
+    sp = Spool(spool_dir)
+    sp.open()
+    try:
         for events, times in spool_batches(batches, per_batch):
-            sp.append(Batch(events, times))
+            sp.append(Batch.from_events(events, times))
+    finally:
+        sp.close()  # releases the spool's lock for the daemon
     res.prefill_seconds = time.monotonic() - t
     intake.reset("count")
     sut = make_sut(spool_dir)
     sut.start(poll=0.005)
     try:
-        st = _wait_events(intake, res.events, time.monotonic() + timeout,
+        st = wait_events(intake, res.events, time.monotonic() + timeout,
                           alive=lambda: sut.proc.poll() is None)
         res.cpu = procs.cpu_seconds(sut.pid)
         res.peak_rss_mib = procs.status_kib(sut.pid, "VmHWM") / 1024

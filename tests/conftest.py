@@ -8,10 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon, base_config
+from devtools.daemon import Daemon, base_config
 from tests.fake_intake import VALID_KEY, FakeIntake
-
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 
 
 @pytest.fixture

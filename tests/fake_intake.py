@@ -53,8 +53,10 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 import trustme
 
-#: A 32-character alphanumeric intake key, like Sekoia's examples.
-VALID_KEY = "FakeIntakeKey0123456789abcdefXYZ"
+from devtools.keys import INTAKE_KEY
+
+#: The key this intake accepts (32 alphanumeric characters, like Sekoia's examples).
+VALID_KEY = INTAKE_KEY
 
 #: 250 KiB: an event strictly larger than this (UTF-8 encoded) is rejected.
 MAX_EVENT_BYTES = 250 * 1024

@@ -42,7 +42,8 @@ from typing import Literal
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from devtools import REPO as REPO_ROOT
+
 RSYSLOG_RULE = REPO_ROOT / "config" / "rsyslog" / "haproxy-forwarder.conf"
 RSYSLOG_RULE_RELIABLE = REPO_ROOT / "config" / "rsyslog" / "haproxy-forwarder-reliable.conf"
 HAPROXY_EXAMPLE = REPO_ROOT / "config" / "haproxy" / "haproxy-log-direct.cfg"

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
+from devtools.daemon import REPO, Daemon, base_config, run_cli, write_toml
+from devtools.traffic import octet_counted, send_tcp, traditional
 from haproxy_forwarder import __version__
-from tests.daemon import REPO, Daemon, base_config, run_cli, write_toml
 from tests.fake_intake import VALID_KEY, FakeIntake
-from tests.traffic import octet_counted, send_tcp, traditional
 
 MakeDaemon = Callable[..., Daemon]
 

@@ -11,9 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.daemon import Daemon
-from tests.fake_intake import FakeIntake
-from tests.traffic import (
+from devtools.daemon import Daemon
+from devtools.traffic import (
     haproxy_line,
     lf_framed,
     mixed_stream,
@@ -23,6 +22,7 @@ from tests.traffic import (
     send_udp,
     traditional,
 )
+from tests.fake_intake import FakeIntake
 
 MakeDaemon = Callable[..., Daemon]
 RECEIVED_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

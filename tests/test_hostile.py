@@ -19,9 +19,16 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon
+from devtools.daemon import Daemon
+from devtools.traffic import (
+    haproxy_line,
+    lf_framed,
+    octet_counted,
+    send_tcp,
+    send_udp,
+    traditional,
+)
 from tests.fake_intake import FakeIntake
-from tests.traffic import haproxy_line, lf_framed, octet_counted, send_tcp, send_udp, traditional
 
 MakeDaemon = Callable[..., Daemon]
 SMALL = 2048  # listen.max_message_size for the tests that need frames over it

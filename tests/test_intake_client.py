@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from devtools.daemon import Daemon
+from devtools.traffic import octet_counted, send_tcp, traditional
 from haproxy_forwarder.delivery import Backoff
 from haproxy_forwarder.sinks.intake import Kind, Outcome, classify, parse_retry_after
-from tests.daemon import Daemon
 from tests.fake_intake import FakeIntake
-from tests.traffic import octet_counted, send_tcp, traditional
 
 
 @pytest.mark.parametrize(

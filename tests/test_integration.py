@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.daemon import Daemon
+from devtools.daemon import Daemon
 from tests.fake_intake import FakeIntake, Received
 from tests.realpeers import (
     RSYSLOG_RULE,

@@ -1,6 +1,6 @@
 """The disk spool end to end: outages, crashes, corruption, full disks, shutdown, dead letters.
 
-The real daemon is started through its CLI (tests/daemon.py), with real sockets in and the fake
+The real daemon is started through its CLI (devtools/daemon.py), with real sockets in and the fake
 HTTPS intake out (tests/fake_intake.py). Everything asserted is observable from outside: events
 at the intake, files on disk, exit codes, JSON log lines and /proc of the daemon process.
 
@@ -27,12 +27,12 @@ from typing import Any
 import orjson
 import pytest
 
+from devtools.daemon import Daemon, base_config, run_cli
+from devtools.traffic import haproxy_line, octet_counted, rfc5424, send_tcp
 from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.spool import HEADER_SIZE, Spool
 from tests.conftest import intake_section
-from tests.daemon import Daemon, base_config, run_cli
 from tests.fake_intake import FakeIntake
-from tests.traffic import haproxy_line, octet_counted, rfc5424, send_tcp
 
 MakeDaemon = Callable[..., Daemon]
 KIB = 1024
@@ -296,8 +296,8 @@ def test_sigkill_with_intake_down_then_restart_delivers_all_without_duplicates(
 
 
 def named_batch(tag: str, n: int = 5) -> Batch:
-    return Batch([f"{tag}-{i} {haproxy_line(i)}" for i in range(n)],
-                 [f"2026-11-26T21:58:5{i % 10}.000Z" for i in range(n)])
+    return Batch.from_events([f"{tag}-{i} {haproxy_line(i)}" for i in range(n)],
+                             [f"2026-11-26T21:58:5{i % 10}.000Z" for i in range(n)])
 
 
 def build_segment(spool_dir: Path, tags: list[str]) -> tuple[Path, list[int]]:
@@ -321,7 +321,7 @@ def build_segment(spool_dir: Path, tags: list[str]) -> tuple[Path, list[int]]:
 
 
 def events_of(*tags: str) -> list[str]:
-    return [e for t in tags for e in named_batch(t).events]
+    return [e for t in tags for e in named_batch(t).events()]
 
 
 def test_corrupted_spool_good_records_delivered_bad_file_quarantined(
@@ -363,7 +363,7 @@ def test_corrupted_spool_good_records_delivered_bad_file_quarantined(
     assert_delivered_once(intake, events_of("a0", "a1", "b0", "b2"))
     assert b"b2-0 " in kept.read_bytes()
     stats = spool_stats(d)
-    assert stats["quarantined_files"] == [str(kept)] and stats["events"] == 0
+    assert stats["quarantined_files"] == [str(kept)] and stats["spool_events"] == 0
     assert d.stop() == 0
 
     # Phase 3: the spool is clean now, and stays quarantined once.
@@ -610,7 +610,7 @@ def test_mode_always_batch_on_disk_before_sent_survives_sigkill(
     assert wait_until(lambda: any(r["status"] is None for r in intake.requests), timeout=5)
     # The request is on the wire, unanswered: the batch is already durable.
     assert any(seg_sizes(d.tmp / "spool").values()), "nothing on disk while the batch is sent"
-    assert spool_stats(d)["events"] == 100
+    assert spool_stats(d)["spool_events"] == 100
     assert d.stop(signal.SIGKILL) == -signal.SIGKILL
     # Take the intake down before the delayed answer: that request is then never ingested,
     # so the replay below must deliver every event, once.
@@ -694,7 +694,7 @@ def test_spool_purge_needs_yes_and_a_stopped_daemon(
     r = cli(d, "purge", "--yes")
     assert r.returncode == 1
     assert "in use" in r.stderr
-    assert spool_stats(d)["events"] == len(expected)
+    assert spool_stats(d)["spool_events"] == len(expected)
 
     assert d.stop() == 0
     before = seg_sizes(spool_dir)
@@ -704,13 +704,13 @@ def test_spool_purge_needs_yes_and_a_stopped_daemon(
     assert f"({len(expected)} events)" in r.stdout
     assert "--yes" in r.stdout
     assert seg_sizes(spool_dir) == before
-    assert spool_stats(d)["events"] == len(expected)
+    assert spool_stats(d)["spool_events"] == len(expected)
 
     r = cli(d, "purge", "--yes")
     assert r.returncode == 0, r.stderr
     assert f"({len(expected)} events)" in r.stdout
     assert seg_sizes(spool_dir) == {}
-    assert spool_stats(d)["events"] == 0
+    assert spool_stats(d)["spool_events"] == 0
 
     intake.set_down(False)
     d2 = daemon(intake)
