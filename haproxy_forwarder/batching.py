@@ -119,7 +119,7 @@ class Batcher:
             stop = min(j, bisect_left(ends, base + budget, i, j) + 1)
             shift = len(cur.data) - base
             cur.data += data[base : ends[stop - 1]]
-            cur.ends.extend([e + shift for e in ends[i:stop]])
+            cur.ends.extend(map(shift.__add__, ends[i:stop]) if shift else ends[i:stop])
             cur.times.extend(times[i:stop])
             i = stop
             if len(cur) >= self.max_events or len(cur.data) >= self.max_bytes:

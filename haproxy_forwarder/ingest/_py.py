@@ -60,18 +60,28 @@ class PyChunkReader:
 
     def _frames(self, frames: list[bytes], received_at: bytes, oversized: int) -> ChunkResult:
         out = ChunkResult(frames=len(frames), oversized=oversized)
-        filt = self._filter
+        # The per-message loop: locals instead of attribute and method lookups (this is the
+        # reference, but it also runs wherever the compiled reader is not available).
+        programs = self._filter.programs
+        keep_tag = self._filter.keep_tag
+        dumps = orjson.dumps
+        header = read_header
+        text_of = event_text
         parts: list[bytes] = []
+        append = parts.append
         ends = out.ends
         times = out.times
         end = 0
+        accepted = 0
         for frame in frames:
-            h = read_header(frame)
-            if not filt.accepts(frame, h.prog_start, h.prog_end):
+            h = header(frame)
+            ps, pe = h.prog_start, h.prog_end
+            # startswith with a span: no slice, no object for the messages we drop.
+            if not frame.startswith(programs, ps, pe):
                 continue
-            out.accepted += 1
-            text = event_text(frame, h, filt.keeps_tag(frame, h.prog_start, h.prog_end))
-            frag = orjson.dumps(text)
+            accepted += 1
+            text = text_of(frame, h, bool(keep_tag) and frame.startswith(keep_tag, ps, pe))
+            frag = dumps(text)
             ts = frame[h.ts_start : h.ts_end] if h.ts_zoned else received_at
             # The literal is the UTF-8 text plus two quotes plus escapes, never less: only
             # a fragment over the limit needs the exact count.  (Bounding by the frame's
@@ -79,10 +89,11 @@ class PyChunkReader:
             if len(frag) - 2 > MAX_EVENT_BYTES and len(text.encode("utf-8")) > MAX_EVENT_BYTES:
                 out.too_large.append((frag, ts))
                 continue
-            parts.append(frag)
+            append(frag)
             end += len(frag)
             ends.append(end)
             times.append(ts)
+        out.accepted = accepted
         out.filtered = out.frames - out.accepted
         out.data = b"".join(parts)
         dec = self._decoder
