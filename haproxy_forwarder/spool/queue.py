@@ -350,19 +350,28 @@ class Spool:
             return rid, data, meta[1]
         return None
 
+    def _forget(self, rid: int) -> tuple[Segment, tuple[int, int, int]] | None:
+        """Drop a pending record from the index (acked, or found corrupt): its segment and
+        (length, events, created), or None if it is unknown or already gone. Holds _lock."""
+        self._inflight.discard(rid)
+        seq, off = fmt.split_id(rid)
+        seg = self._segments.get(seq)
+        if seg is None:
+            return None
+        meta = seg.recs.pop(off, None)
+        if meta is None:
+            return None
+        self._pending_batches -= 1
+        self._pending_events -= meta[1]
+        return seg, meta
+
     def _corrupt_at_runtime(self, rid: int) -> None:
         """A record that verified at open/append no longer does: keep the file, skip it."""
         with self._lock:
-            self._inflight.discard(rid)
-            seq, off = fmt.split_id(rid)
-            seg = self._segments.get(seq)
-            if seg is None:
+            found = self._forget(rid)
+            if found is None:
                 return
-            meta = seg.recs.pop(off, None)
-            if meta is None:
-                return
-            self._pending_batches -= 1
-            self._pending_events -= meta[1]
+            seg, _meta = found
             self.counters.corrupt_records += 1
             if self._state == "open":
                 with contextlib.suppress(OSError):
@@ -383,16 +392,11 @@ class Spool:
         """
         with self._lock:
             self._check_writable()
-            self._inflight.discard(record_id)
+            found = self._forget(record_id)
+            if found is None:
+                return
+            seg, meta = found
             seq, off = fmt.split_id(record_id)
-            seg = self._segments.get(seq)
-            if seg is None:
-                return
-            meta = seg.recs.pop(off, None)
-            if meta is None:
-                return
-            self._pending_batches -= 1
-            self._pending_events -= meta[1]
             self.counters.acked_batches += 1
             self.counters.acked_events += meta[1]
             if self._delete_or_count(seg, fsync_dir=True):
