@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .batching import Batch, Batcher
+from .buildinfo import build_info
 from .collector import OVERSIZED_REASON, Collector
 from .config import MAX_EVENT_BYTES, Settings
 from .delivery import Backoff, Delivery
-from .ingest import IMPLEMENTATION, ProgramFilter
+from .ingest import ProgramFilter
 from .observability.counters import Registry
 from .observability.status import StatusServer
 from .sinks import make_sink
@@ -83,7 +83,7 @@ def _spool_gauge(spool: Spool, name: str) -> float:
 def build(settings: Settings, log: Any) -> Daemon:
     """Every component, in dependency order. Opens (and recovers) the spool; starts nothing."""
     check_fd_limit(settings, log)
-    registry = Registry()
+    registry = Registry(build_info())
     counters = registry.counters
     spool = open_spool(settings, registry, log)
     pressure = Backpressure()
@@ -182,8 +182,7 @@ class Daemon:
             bound.append(f"http://{h}:{p}")
         self.log.info(
             "started",
-            version=__version__,
-            ingest=IMPLEMENTATION,
+            **self.registry.info,
             listen=bound,
             intake=("dry-run (stdout)" if s.intake.dry_run else s.intake.endpoint_url),
             endpoint=s.intake.endpoint,

@@ -16,6 +16,7 @@ import orjson
 
 from . import __version__
 from .batching import Batch
+from .buildinfo import describe
 from .config import ConfigError, Settings, load
 from .observability import logs
 from .sinks.intake import IntakeClient, Kind
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="haproxy-forwarder",
         description="Receive HAProxy syslog and push it to the Sekoia.io intake.",
     )
-    p.add_argument("--version", action="version", version=f"haproxy-forwarder {__version__}")
+    p.add_argument("--version", action="version", version=describe())
     p.add_argument(
         "--config", "-c", metavar="PATH",
         help="TOML config file (default: $HAPROXY_FORWARDER_CONFIG or "
@@ -76,6 +77,8 @@ def _run(settings: Settings) -> int:
         runner = asyncio.run
     from .spool import SpoolError
 
+    if not _implementation_ok(log):
+        return EXIT_FAILED
     try:
         daemon = build(settings, log)
         runner(daemon.run())
@@ -86,6 +89,33 @@ def _run(settings: Settings) -> int:
         log.error("startup_failed", error=f"{exc}{cause}")
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _implementation_ok(log: Any) -> bool:
+    """Say loudly when the compiled ingest is not the one running; refuse to start if it was
+    required (HAPROXY_FORWARDER_EXPECT_COMPILED=1: packages and CI that built it)."""
+    import os
+
+    from . import ingest
+    from .buildinfo import EXPECT_COMPILED_ENV
+
+    if ingest.IMPLEMENTATION == "native":
+        return True
+    if ingest.IMPORT_ERROR is not None:
+        log.error("ingest_extension_failed", error=ingest.IMPORT_ERROR,
+                  action="running the pure-Python reader: several times more CPU per message",
+                  hint="reinstall the package for this Python (pip install --force-reinstall)")
+    elif ingest.built() or os.environ.get(ingest.NO_EXTENSIONS_ENV):
+        log.info("ingest_pure_python", reason=f"{ingest.NO_EXTENSIONS_ENV} is set")
+    else:
+        log.warning("ingest_pure_python", reason="the compiled reader was not built "
+                    "(no C compiler at install time?)", action="several times more CPU per message")
+    if os.environ.get(EXPECT_COMPILED_ENV, "") == "1" and not os.environ.get(
+            ingest.NO_EXTENSIONS_ENV):
+        log.error("startup_failed", error=f"{EXPECT_COMPILED_ENV}=1 but the compiled ingest "
+                  "is not in use")
+        return False
+    return True
 
 
 def _check_config(settings: Settings) -> int:

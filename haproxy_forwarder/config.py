@@ -285,6 +285,9 @@ def _format_error(err: Any) -> str:
 def _unknown_env() -> list[str]:
     """HAPROXY_FORWARDER_* variables that name no setting: a typo must not pass silently."""
     known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields} | {CONFIG_ENV}
+    # Not settings: they choose the implementation (like AIOHTTP_NO_EXTENSIONS), at install
+    # time and at run time, before any config is read.
+    known |= {f"{ENV_PREFIX}NO_EXTENSIONS", f"{ENV_PREFIX}EXPECT_COMPILED"}
     for name, field in Settings.model_fields.items():
         section = field.annotation
         if isinstance(section, type) and issubclass(section, BaseModel):

@@ -4,6 +4,7 @@ and every spool counter is on /metrics (a corrupt-segment recovery is visible th
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -86,3 +87,39 @@ def test_spool_stats_uses_the_metric_names(tmp_path: Path) -> None:
     info = json.loads(out.stdout)
     assert info["spool_batches"] == 1 and info["spool_events"] == 2
     assert info["spool_appended_batches"] == 0  # counters of this process, not of the daemon
+
+
+def test_build_info_says_which_implementations_run(intake: FakeIntake, daemon: MakeDaemon) -> None:
+    from haproxy_forwarder import ingest
+    from haproxy_forwarder.buildinfo import build_info
+
+    info = build_info()
+    d = daemon(intake)
+    started = d.wait_log("started")
+    assert (started["ingest"], started["compressor"]) == (info["ingest"], info["compressor"])
+    with socket.create_connection(("127.0.0.1", d.status_port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = b""
+        while chunk := s.recv(65536):
+            body += chunk
+    line = (f'haproxy_forwarder_build_info{{version="{info["version"]}",'
+            f'ingest="{info["ingest"]}",compressor="{info["compressor"]}"}} 1').encode()
+    assert line in body
+    version = run_cli("--version")
+    assert version.stdout.strip() == (f"haproxy-forwarder {info['version']} "
+                                      f"(ingest: {info['ingest']}, gzip: {info['compressor']})")
+    assert d.stop() == 0
+    # Built but not in use (an import failure, a wrong Python) must not pass unnoticed.
+    if ingest.built() and not os.environ.get("HAPROXY_FORWARDER_NO_EXTENSIONS"):
+        assert ingest.IMPLEMENTATION == "native", ingest.IMPORT_ERROR
+
+
+def test_no_extensions_selects_the_pure_reader_and_says_so(intake: FakeIntake,
+                                                           daemon: MakeDaemon) -> None:
+    d = daemon(intake, env={"HAPROXY_FORWARDER_NO_EXTENSIONS": "1",
+                            "HAPROXY_FORWARDER_EXPECT_COMPILED": "1"})
+    assert d.wait_log("started")["ingest"] == "python"
+    assert "HAPROXY_FORWARDER_NO_EXTENSIONS" in d.wait_log("ingest_pure_python")["reason"]
+    send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "pure")]))
+    assert intake.wait_for(1, 10)
+    assert d.stop() == 0

@@ -73,9 +73,11 @@ class Counters:
 class Registry:
     """Counters plus gauges read at scrape time from the components that own them."""
 
-    def __init__(self) -> None:
+    def __init__(self, info: dict[str, str] | None = None) -> None:
         self.counters = Counters()
         self._gauges: dict[str, Callable[[], float]] = {}
+        # Labels of the build_info gauge: version, which ingest and gzip implementations run.
+        self.info: dict[str, str] = dict(info or {})
 
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         if name in self._gauges:

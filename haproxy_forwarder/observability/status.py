@@ -21,9 +21,20 @@ READ_TIMEOUT = 5.0
 
 
 
-def prometheus(counters: dict[str, int], gauges: dict[str, float]) -> bytes:
-    """Counters (they only go up) get the suffix _total; gauges keep their name."""
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus(
+    counters: dict[str, int], gauges: dict[str, float], info: dict[str, str] | None = None
+) -> bytes:
+    """Counters (they only go up) get the suffix _total; gauges keep their name; `info` is
+    the constant 1 of haproxy_forwarder_build_info with its labels."""
     lines: list[str] = []
+    if info:
+        labels = ",".join(f'{k}="{_label(v)}"' for k, v in info.items())
+        lines += ["# TYPE haproxy_forwarder_build_info gauge",
+                  f"haproxy_forwarder_build_info{{{labels}}} 1"]
     for name, value in counters.items():
         metric = f"haproxy_forwarder_{name}_total"
         lines += [f"# TYPE {metric} counter", f"{metric} {value}"]
@@ -84,7 +95,8 @@ class StatusServer:
         if method != b"GET":
             return 405, b"text/plain", b"only GET\n"
         if path == b"/metrics":
-            text = prometheus(self.registry.counters.snapshot(), self.registry.gauges())
+            r = self.registry
+            text = prometheus(r.counters.snapshot(), r.gauges(), r.info)
             return 200, b"text/plain; version=0.0.4", text
         if path in (b"/healthz", b"/health"):
             ok, detail = self.health()

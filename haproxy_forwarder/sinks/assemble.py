@@ -1,0 +1,54 @@
+"""Body assembly from a batch's fragments: the compiled functions, or their pure-Python twins.
+
+One contract, two implementations (the same rule as ingest/): `array_chunk` and
+`join_fragments` return the same bytes whichever runs; tests/test_assemble.py proves it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from itertools import repeat
+
+_NO_EXTENSIONS = os.environ.get("HAPROXY_FORWARDER_NO_EXTENSIONS", "").strip().lower() not in (
+    "", "0", "false", "no")
+
+
+def _fragments(data: bytes | bytearray, ends: list[int], lo: int, hi: int) -> list[memoryview]:
+    view = memoryview(data)
+    starts = [ends[lo - 1] if lo else 0, *ends[lo : hi - 1]]
+    return list(map(view.__getitem__, map(slice, starts, ends[lo:hi])))
+
+
+def py_array_chunk(data: bytes | bytearray, ends: list[int], times: list[bytes], lo: int,
+                   hi: int, mid: bytes, sep: bytes, last: bytes) -> bytes:
+    """For events lo..hi-1: F mid T sep ... F mid T last (the /array middle part)."""
+    k = hi - lo
+    if k <= 0:
+        return b""
+    parts: list[bytes | memoryview] = [b""] * (4 * k)
+    parts[0::4] = _fragments(data, ends, lo, hi)
+    parts[1::4] = repeat(mid, k)
+    parts[2::4] = times[lo:hi]
+    parts[3::4] = repeat(sep, k)
+    parts[-1] = last
+    return b"".join(parts)
+
+
+def py_join_fragments(data: bytes | bytearray, ends: list[int], sep: bytes) -> bytes:
+    """The fragments separated by `sep` (/jsons, /batch)."""
+    return sep.join(_fragments(data, ends, 0, len(ends)))
+
+
+array_chunk: Callable[..., bytes] = py_array_chunk
+join_fragments: Callable[..., bytes] = py_join_fragments
+IMPLEMENTATION = "python"
+if not _NO_EXTENSIONS:
+    try:
+        from . import _assemble
+    except ImportError:
+        pass
+    else:
+        array_chunk = _assemble.array_chunk
+        join_fragments = _assemble.join_fragments
+        IMPLEMENTATION = "native"
