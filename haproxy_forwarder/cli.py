@@ -105,13 +105,12 @@ def _implementation_ok(log: Any) -> bool:
         log.error("ingest_extension_failed", error=ingest.IMPORT_ERROR,
                   action="running the pure-Python reader: several times more CPU per message",
                   hint="reinstall the package for this Python (pip install --force-reinstall)")
-    elif ingest.built() or os.environ.get(ingest.NO_EXTENSIONS_ENV):
+    elif ingest.disabled():
         log.info("ingest_pure_python", reason=f"{ingest.NO_EXTENSIONS_ENV} is set")
     else:
         log.warning("ingest_pure_python", reason="the compiled reader was not built "
                     "(no C compiler at install time?)", action="several times more CPU per message")
-    if os.environ.get(EXPECT_COMPILED_ENV, "") == "1" and not os.environ.get(
-            ingest.NO_EXTENSIONS_ENV):
+    if os.environ.get(EXPECT_COMPILED_ENV, "") == "1" and not ingest.disabled():
         log.error("startup_failed", error=f"{EXPECT_COMPILED_ENV}=1 but the compiled ingest "
                   "is not in use")
         return False

@@ -28,6 +28,7 @@ __all__ = [
     "ProgramFilter",
     "PyChunkReader",
     "built",
+    "disabled",
     "new_reader",
 ]
 
@@ -42,7 +43,8 @@ def built() -> bool:
     )
 
 
-def _disabled() -> bool:
+def disabled() -> bool:
+    """HAPROXY_FORWARDER_NO_EXTENSIONS asks for the pure-Python reader (1, true, yes)."""
     return os.environ.get(NO_EXTENSIONS_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -51,7 +53,7 @@ IMPLEMENTATION = "python"
 # Why the compiled reader is not in use although it was built: said loudly at start-up.
 IMPORT_ERROR: str | None = None
 
-if not _disabled():
+if not disabled():
     try:
         from ._native import NativeChunkReader
     except ImportError as exc:
