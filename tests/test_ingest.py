@@ -43,6 +43,7 @@ from tests.ingest_contract import (
 # a line whose module is not built is skipped, unless HAPROXY_FORWARDER_EXPECT_COMPILED=1.
 IMPLEMENTATIONS: list[tuple[str, str]] = [
     ("python", "haproxy_forwarder.ingest._py:PyChunkReader"),
+    ("native", "haproxy_forwarder.ingest._native:NativeChunkReader"),
 ]
 
 HAPROXY = ProgramFilter(["haproxy", "hapee"])
