@@ -16,6 +16,10 @@ from .ingest import ChunkResult
 from .observability.counters import Counters
 
 OVERSIZED_REASON = f"event over 250 KiB ({MAX_EVENT_BYTES} bytes), the intake limit"
+# The open batch is also closed when no event came for this long: the end of a burst is sent
+# at once instead of waiting out batch.max_delay (syslog-ng flushes when its queue is idle).
+# Steady traffic has no such pause, so batches still fill up to their limits.
+IDLE_FLUSH = 0.05
 
 
 class BatchSink(Protocol):
@@ -55,6 +59,8 @@ class Collector:
         self.max_delay = max_delay
         self.clock = Clock()
         self._timer: asyncio.TimerHandle | None = None
+        self._opened = 0.0  # loop time of the open batch's first event
+        self._last = 0.0  # loop time of the last chunk that added events
 
     def received_at(self) -> bytes:
         return self.clock.now()
@@ -65,16 +71,32 @@ class Collector:
         c.accepted_events += result.accepted
         c.filtered_out += result.filtered
         if result.ends:
-            for batch in self.batcher.add(result.data, result.ends, result.times):
+            closed = self.batcher.add(result.data, result.ends, result.times)
+            for batch in closed:
                 self.delivery.submit(batch)
-            if self._timer is None and self.batcher.current.ends:
-                self._timer = asyncio.get_running_loop().call_later(self.max_delay, self._on_timer)
+            if self.batcher.current.ends:
+                loop = asyncio.get_running_loop()
+                self._last = now = loop.time()
+                if closed or self._timer is None:
+                    self._opened = now  # a new open batch: its age starts now
+                if self._timer is None:
+                    # One timer for the open batch, not one per chunk: it re-arms itself.
+                    self._timer = loop.call_at(now + min(IDLE_FLUSH, self.max_delay),
+                                               self._on_timer)
         for fragment, ts in result.too_large:
             self.delivery.dead_letter(Batch(fragment, [len(fragment)], [ts]), OVERSIZED_REASON)
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.flush()
+        if not self.batcher.current.ends:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = min(self._last + IDLE_FLUSH, self._opened + self.max_delay)
+        if now >= due:
+            self.flush()
+        else:
+            self._timer = loop.call_at(due, self._on_timer)
 
     def flush(self) -> None:
         """Close the open batch now (age limit, shutdown)."""
