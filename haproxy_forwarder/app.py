@@ -98,7 +98,7 @@ def build(settings: Settings, log: Any) -> Daemon:
         on_pressure=pressure.set,
     )
     collector = Collector(Batcher(s.batch.max_events, s.batch.max_bytes), delivery, counters,
-                          s.batch.max_delay)
+                          s.batch.max_delay, s.batch.idle_flush)
     ctx = SourceContext(collector, counters, log,
                         ProgramFilter(s.filter.programs, s.filter.keep_tag), pressure,
                         s.listen.max_message_size)
@@ -192,6 +192,7 @@ class Daemon:
             batch_max_events=s.batch.max_events,
             batch_max_bytes=s.batch.max_bytes,
             batch_max_delay=s.batch.max_delay,
+            batch_idle_flush=s.batch.idle_flush,
             spool_dir=str(s.spool.dir),
             spool_mode=s.spool.mode if self.spool else "off (dry-run)",
         )

@@ -16,9 +16,9 @@ from .ingest import ChunkResult
 from .observability.counters import Counters
 
 OVERSIZED_REASON = f"event over 250 KiB ({MAX_EVENT_BYTES} bytes), the intake limit"
-# The open batch is also closed when no event came for this long: the end of a burst is sent
-# at once instead of waiting out batch.max_delay (syslog-ng flushes when its queue is idle).
-# Steady traffic has no such pause, so batches still fill up to their limits.
+# Default of batch.idle_flush: the open batch is also closed when no event came for this long,
+# so the end of a burst is sent at once instead of waiting out batch.max_delay (syslog-ng
+# flushes when its queue is idle). Steady traffic has no such pause: batches still fill up.
 IDLE_FLUSH = 0.05
 
 
@@ -52,11 +52,12 @@ class Clock:
 
 class Collector:
     def __init__(self, batcher: Batcher, delivery: BatchSink, counters: Counters,
-                 max_delay: float) -> None:
+                 max_delay: float, idle_flush: float = IDLE_FLUSH) -> None:
         self.batcher = batcher
         self.delivery = delivery
         self.counters = counters
         self.max_delay = max_delay
+        self.idle_flush = min(idle_flush, max_delay)
         self.clock = Clock()
         self._timer: asyncio.TimerHandle | None = None
         self._opened = 0.0  # loop time of the open batch's first event
@@ -81,7 +82,7 @@ class Collector:
                     self._opened = now  # a new open batch: its age starts now
                 if self._timer is None:
                     # One timer for the open batch, not one per chunk: it re-arms itself.
-                    self._timer = loop.call_at(now + min(IDLE_FLUSH, self.max_delay),
+                    self._timer = loop.call_at(now + self.idle_flush,
                                                self._on_timer)
         for fragment, ts in result.too_large:
             self.delivery.dead_letter(Batch(fragment, [len(fragment)], [ts]), OVERSIZED_REASON)
@@ -92,7 +93,7 @@ class Collector:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        due = min(self._last + IDLE_FLUSH, self._opened + self.max_delay)
+        due = min(self._last + self.idle_flush, self._opened + self.max_delay)
         if now >= due:
             self.flush()
         else:

@@ -103,6 +103,9 @@ class BatchConfig(_Section):
     max_events: int = Field(default=5000, ge=1, le=100_000)
     max_bytes: int = Field(default=4 * MIB, ge=1024, le=8 * MIB)
     max_delay: float = Field(default=1.0, gt=0, le=60)
+    # The open batch also closes when no event came for this long (the end of a burst goes out
+    # at once, as syslog-ng flushes an idle queue); at or above max_delay it changes nothing.
+    idle_flush: float = Field(default=0.05, gt=0, le=60)
     # Batches waiting for delivery in memory; beyond this the listeners stop reading.
     max_in_flight: int = Field(default=8, ge=1, le=1024)
 

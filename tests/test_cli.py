@@ -482,7 +482,7 @@ def test_dry_run_prints_events_as_json_lines(daemon: MakeDaemon) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_cleanly_with_exit_0(intake: FakeIntake, daemon: MakeDaemon,
                                           sig: signal.Signals) -> None:
-    d = daemon(intake, batch={"max_delay": 30.0})
+    d = daemon(intake, batch={"max_delay": 30.0, "idle_flush": 30.0})
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", f"flushed on {sig.name}")]))
     time.sleep(0.2)
     assert d.stop(sig) == 0

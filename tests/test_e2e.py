@@ -177,7 +177,7 @@ def test_other_programs_do_not_arrive(intake: FakeIntake, daemon: MakeDaemon) ->
 
 
 def test_sigterm_flushes_open_batch_and_exits_0(intake: FakeIntake, daemon: MakeDaemon) -> None:
-    d = daemon(intake, batch={"max_delay": 60.0})
+    d = daemon(intake, batch={"max_delay": 60.0, "idle_flush": 60.0})
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "in the open batch")]))
     time.sleep(0.3)
     assert intake.events == []
