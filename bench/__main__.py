@@ -294,7 +294,7 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
 
     if args.profile:
         say("\n[+] profile of the forwarder on one burst (py-spy)")
-        results["profile"] = profile(tmp, intake, stream, args.impl)
+        results["profile"] = profile(tmp, intake, stream, args.impl, native=True)
 
     intake.stop()
     say("\n[6/6] results")

@@ -474,7 +474,8 @@ def test_a_batch_waiting_over_a_second_is_spilled_and_order_kept(tmp_path: Path)
         clock.t += SPILL_AFTER + 0.1
         await until(lambda: len(spool.ops) == 2)
         assert spool.ops == [("append", ["event 1"]), ("append", ["event 2"])]
-        assert d.in_memory == 1
+        # The append returns in a worker thread; the router learns it on the loop just after.
+        await until(lambda: d.in_memory == 1)
         sink.gate.set()
         await until(lambda: len(sink.accepted) == 3 and not spool.records)
         assert sink.accepted == ["event 0", "event 1", "event 2"]
