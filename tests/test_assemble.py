@@ -78,3 +78,66 @@ def test_the_chosen_implementation_is_named() -> None:
     assert assemble.IMPLEMENTATION in ("native", "python")
     if native is not None and not os.environ.get("HAPROXY_FORWARDER_NO_EXTENSIONS"):
         assert assemble.IMPLEMENTATION == "native"
+
+
+# -- /plain/batch: fragments decoded back to their texts ------------------------------------
+
+# Every code point class that matters to the decoder: escapes orjson writes (quote, backslash,
+# controls), 2/3/4-byte UTF-8, U+2028, NUL.
+plain_texts = st.lists(
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40)
+    | st.sampled_from(['"GET / HTTP/1.1"', "a\\b", "\x00\x1f\x7f", "\u2028\u2029", "😀é€",
+                       "line\nnext", ""]),
+    max_size=30)
+
+
+@needs_native
+@settings(max_examples=400, deadline=None)
+@given(plain_texts, st.sampled_from([b"\n", b"", b"--"]))
+def test_plain_lines_agrees(events: list[str], sep: bytes) -> None:
+    raw, ends, _ = encoded(events)
+    want = sep.decode().join(events).encode("utf-8")
+    assert assemble.py_plain_lines(raw, ends, sep) == want
+    for buf in (raw, bytearray(raw)):
+        assert native.plain_lines(buf, ends, sep) == want
+        assert assemble.plain_lines(buf, ends, sep) == want
+
+
+# JSON the decoder accepts although orjson never writes it that way.
+@needs_native
+@pytest.mark.parametrize("fragment", [b'"\\/"', b'"\\u00e9\\u20AC"', b'"\\ud83d\\ude00"',
+                                      b'"\\u0000x"', b'""'])
+def test_plain_lines_other_escapes(fragment: bytes) -> None:
+    assert native.plain_lines(fragment, [len(fragment)], b"\n") == \
+        orjson.loads(fragment).encode("utf-8")
+
+
+# Not a plain JSON string literal: the compiled decoder refuses, the reference one decides.
+BAD_FRAGMENTS = [b"x", b'"', b'"a', b'a"', b'"a"b"', b'"\\"', b'"\\x"', b'"\\u12"', b'"\\u12zz"',
+                 b'"\\ud800"', b'"\\udc00"', b'"\\ud800\\u0041"', b'"\x01"', b'"\xff"',
+                 b'"\xc0\xaf"', b'"\xed\xa0\x80"', b'"\xf4\x90\x80\x80"', b'"\xe2\x82"',
+                 b'"\xf0\x9f\x98"', b'1', b'']
+
+
+@needs_native
+@pytest.mark.parametrize("fragment", BAD_FRAGMENTS)
+def test_plain_lines_refuses_what_is_not_plain(fragment: bytes) -> None:
+    data = b'"ok"' + fragment
+    ends = [4, len(data)]
+    with pytest.raises(ValueError):
+        native.plain_lines(data, ends, b"\n")
+    try:
+        want: bytes | type[Exception] = assemble.py_plain_lines(data, ends, b"\n")
+    except Exception as exc:  # whatever the reference raises, the seam must raise
+        want = type(exc)
+    if isinstance(want, bytes):
+        assert assemble.plain_lines(data, ends, b"\n") == want
+    else:
+        with pytest.raises(want):
+            assemble.plain_lines(data, ends, b"\n")
+
+
+@needs_native
+def test_plain_lines_bad_offsets_raise() -> None:
+    with pytest.raises(ValueError):
+        native.plain_lines(b'"ab""c"', [5, 3], b"\n")

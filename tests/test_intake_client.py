@@ -127,3 +127,35 @@ def test_https_proxy_environment_is_honoured(intake: FakeIntake,
         send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "env proxy")]))
         assert intake.wait_for(1, 20)
         assert seen and seen[0] == f"127.0.0.1:{intake.port}"
+
+
+@pytest.mark.parametrize("endpoint", ["plain-batch", "array"])
+def test_large_bodies_are_streamed_with_a_content_length(intake: FakeIntake,
+                                                         endpoint: str) -> None:
+    """Bodies over SEND_PIECE go out in pieces (memory) but framed as one Content-Length body,
+    never chunked; what arrives is the whole body, and small bodies are unchanged."""
+    from haproxy_forwarder.batching import Batch
+    from haproxy_forwarder.config import IntakeConfig
+    from haproxy_forwarder.sinks.intake import SEND_PIECE, IntakeClient, IntakeSink
+    from tests.conftest import intake_section
+
+    cfg = IntakeConfig(**intake_section(intake, endpoint=endpoint, gzip=False))
+    texts = [f"event {i} " + "x" * 300 for i in range(1000)]
+    big = Batch.from_events(texts, ["2026-12-01T00:00:00.000Z"] * len(texts))
+    small = Batch.from_events(["small one"], ["2026-12-01T00:00:00.000Z"])
+
+    async def go() -> list[Kind]:
+        sink = IntakeSink(IntakeClient(cfg), endpoint, False)
+        try:
+            kinds = [o.kind for b in (big, small) for _, o in await sink.send(b)]
+        finally:
+            await sink.aclose()
+        return kinds
+
+    assert asyncio.run(go()) == [Kind.DELIVERED, Kind.DELIVERED]
+    assert intake.event_texts() == [*texts, "small one"]
+    reqs = intake.requests
+    assert reqs[0]["body_size"] > 4 * SEND_PIECE >= SEND_PIECE > reqs[1]["body_size"]
+    for r in reqs:
+        assert "transfer-encoding" not in r["headers"]
+        assert int(r["headers"]["content-length"]) == r["body_size"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..batching import Batch
@@ -40,6 +41,8 @@ __all__ = [
 
 # How long stop() waits for appends and dead-letter writes still running in threads.
 STOP_WAIT = 5.0
+# Threads reading the spool (next_batch) for the workers.
+READ_THREADS = 2
 # How often drain() looks whether everything is delivered or on disk.
 DRAIN_POLL = 0.02
 
@@ -77,6 +80,11 @@ class Delivery:
         self.wake_workers = asyncio.Event()
         self.wake_writer = asyncio.Event()
         self._appends = SpoolAppends(spool, self.router, log) if spool is not None else None
+        # Spool reads in threads of their own (two: a pread and a decode overlap, which
+        # replay needs), acks in another: a few malloc arenas hold the records read back,
+        # rather than one per default-executor thread that ever decoded one.
+        self._spool_reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="spool-read")
+        self._spool_acks = ThreadPoolExecutor(1, thread_name_prefix="spool-ack")
         self._dead = DeadLetterWriter(dead, counters, log)
         self._workers = [Worker(i, self, sink, backoff) for i in range(workers)]
         self._writer = (
@@ -153,7 +161,8 @@ class Delivery:
 
     async def next_record(self) -> tuple[int, Batch] | None:
         assert self.spool is not None  # the router only says FROM_SPOOL when there is one
-        return await asyncio.to_thread(self.spool.next_batch)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._spool_reads, self.spool.next_batch)
 
     async def claim(self, entry: Entry, batch: Batch) -> None:
         if self._appends is not None:
@@ -161,7 +170,8 @@ class Delivery:
 
     async def ack(self, record: int) -> None:
         if self.spool is not None:
-            await asyncio.to_thread(self.spool.ack, record)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._spool_acks, self.spool.ack, record)
 
     def spool_fields(self) -> dict[str, Any]:
         return self._appends.fields() if self._appends is not None else {}
@@ -205,7 +215,7 @@ class Delivery:
                 continue
             if self.spool is not None and self._appends is not None:
                 try:
-                    result = await asyncio.to_thread(self.spool.append, entry.batch)
+                    result = await self._appends.append(entry.batch)
                     self._appends.appended(result)
                     spooled += n
                     continue
@@ -215,4 +225,9 @@ class Delivery:
         self.counters.dropped_events += lost
         await self._dead.close(STOP_WAIT)
         await self.sink.aclose()
+        # Not waited for: an append or read stuck on a hung disk must not hang the exit.
+        self._spool_reads.shutdown(wait=False)
+        self._spool_acks.shutdown(wait=False)
+        if self._appends is not None:
+            self._appends.pool.shutdown(wait=False)
         return spooled, lost

@@ -174,6 +174,9 @@ class Worker:
                                            None, "")
             host.router.finished(self.n)
             host.wake_workers.set()
+            # Not held while waiting for the next one: an idle worker would otherwise keep its
+            # last batch (up to batch.max_bytes) alive until the next batch comes.
+            del entry
 
     async def _take(self) -> Entry:
         host = self.host

@@ -50,18 +50,27 @@ AppendTask = asyncio.Task[AppendResult]
 class SpoolAppends:
     """Appends in worker threads, tracked until they end; drops and refusals logged once."""
 
-    def __init__(self, spool: SpoolLike, router: Router, log: Any) -> None:
+    def __init__(self, spool: SpoolLike, router: Router, log: Any,
+                 pool: ThreadPoolExecutor | None = None) -> None:
         self.spool = spool
         self.router = router
         self.log = log
+        # Appends run in this one thread (the spool serialises them anyway): one glibc arena
+        # holds what encoding records allocates, rather than one per default-executor thread.
+        self.pool = pool or ThreadPoolExecutor(1, thread_name_prefix="spool-append")
         # task -> the router entry it writes (None for a requeued dead-letter batch)
         self.pending: dict[AppendTask, Entry | None] = {}
+
+    async def append(self, batch: Batch, claim: bool = False) -> AppendResult:
+        """One append in the append thread (also used for the shutdown appends)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self.spool.append, batch, claim)
 
     def start(
         self, batch: Batch, claim: bool, entry: Entry | None,
         done: Callable[[AppendTask], None],
     ) -> AppendTask:
-        task = asyncio.create_task(asyncio.to_thread(self.spool.append, batch, claim))
+        task = asyncio.create_task(self.append(batch, claim))
         self.pending[task] = entry
         # Registered before anyone awaits the task, so it runs before the awaiting coroutine
         # resumes, and runs even if that coroutine was cancelled meanwhile.

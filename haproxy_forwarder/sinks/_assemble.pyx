@@ -7,7 +7,15 @@ is data from disk.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF
 from libc.string cimport memcpy
+
+
+cdef extern from "Python.h":
+    PyObject* _new_bytes "PyBytes_FromStringAndSize"(const char* s, Py_ssize_t n)
+    char* _bytes_ptr "PyBytes_AS_STRING"(PyObject* o)
+    int _bytes_resize "_PyBytes_Resize"(PyObject** o, Py_ssize_t n)
 
 
 cdef inline Py_ssize_t _checked_end(list ends, Py_ssize_t i, Py_ssize_t prev,
@@ -91,3 +99,189 @@ def join_fragments(const unsigned char[::1] data, list ends, bytes sep):
         pos += end - start
         start = end
     return out
+
+
+# -- /plain/batch: the event texts themselves, decoded from their JSON string literals ----------
+
+cdef inline int _hex4(const unsigned char* s) noexcept:
+    # The value of 4 hex digits, or -1.
+    cdef int v = 0, i, c
+    for i in range(4):
+        c = s[i]
+        if 48 <= c <= 57:
+            c -= 48
+        elif 97 <= c <= 102:
+            c -= 87
+        elif 65 <= c <= 70:
+            c -= 55
+        else:
+            return -1
+        v = (v << 4) | c
+    return v
+
+
+cdef inline Py_ssize_t _utf8_len(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
+    # s[i] >= 0x80: the length of the valid UTF-8 sequence there, or 0 (strict: no overlongs,
+    # no surrogates, nothing past U+10FFFF), what orjson accepts in a document.
+    cdef unsigned char c = s[i], lo = 0x80, hi = 0xBF
+    cdef Py_ssize_t need, k
+    if c < 0xC2:
+        return 0
+    if c < 0xE0:
+        need = 1
+    elif c < 0xF0:
+        need = 2
+        if c == 0xE0:
+            lo = 0xA0
+        elif c == 0xED:
+            hi = 0x9F
+    elif c < 0xF5:
+        need = 3
+        if c == 0xF0:
+            lo = 0x90
+        elif c == 0xF4:
+            hi = 0x8F
+    else:
+        return 0
+    if i + need >= n:
+        return 0
+    if not (lo <= s[i + 1] <= hi):
+        return 0
+    for k in range(2, need + 1):
+        if not (0x80 <= s[i + k] <= 0xBF):
+            return 0
+    return need + 1
+
+
+cdef inline Py_ssize_t _put_utf8(char* w, Py_ssize_t pos, unsigned int cp) noexcept:
+    if cp < 0x80:
+        w[pos] = <char>cp
+        return pos + 1
+    if cp < 0x800:
+        w[pos] = <char>(0xC0 | (cp >> 6))
+        w[pos + 1] = <char>(0x80 | (cp & 0x3F))
+        return pos + 2
+    if cp < 0x10000:
+        w[pos] = <char>(0xE0 | (cp >> 12))
+        w[pos + 1] = <char>(0x80 | ((cp >> 6) & 0x3F))
+        w[pos + 2] = <char>(0x80 | (cp & 0x3F))
+        return pos + 3
+    w[pos] = <char>(0xF0 | (cp >> 18))
+    w[pos + 1] = <char>(0x80 | ((cp >> 12) & 0x3F))
+    w[pos + 2] = <char>(0x80 | ((cp >> 6) & 0x3F))
+    w[pos + 3] = <char>(0x80 | (cp & 0x3F))
+    return pos + 4
+
+
+cdef Py_ssize_t _unescape(const unsigned char* s, Py_ssize_t n, char* w,
+                          Py_ssize_t pos) noexcept:
+    # One fragment s[0:n], a JSON string literal, decoded as UTF-8 at w + pos; the new position,
+    # or -1 for anything but the plain forms (the caller then takes the reference path, which
+    # raises where it raises).  Output never exceeds n - 2 bytes.
+    cdef Py_ssize_t i = 1, k, m
+    cdef unsigned char c
+    cdef int u, v
+    if n < 2 or s[0] != 0x22 or s[n - 1] != 0x22:
+        return -1
+    n -= 1  # the closing quote
+    while i < n:
+        c = s[i]
+        if c == 0x5C:
+            if i + 1 >= n:
+                return -1
+            c = s[i + 1]
+            if c == 0x75:  # \uXXXX
+                if i + 6 > n:
+                    return -1
+                u = _hex4(s + i + 2)
+                if u < 0:
+                    return -1
+                i += 6
+                if 0xD800 <= u <= 0xDBFF:
+                    if i + 6 > n or s[i] != 0x5C or s[i + 1] != 0x75:
+                        return -1
+                    v = _hex4(s + i + 2)
+                    if not (0xDC00 <= v <= 0xDFFF):
+                        return -1
+                    i += 6
+                    u = 0x10000 + ((u - 0xD800) << 10) + (v - 0xDC00)
+                elif 0xDC00 <= u <= 0xDFFF:
+                    return -1
+                pos = _put_utf8(w, pos, <unsigned int>u)
+                continue
+            if c == 0x22 or c == 0x5C or c == 0x2F:
+                w[pos] = <char>c
+            elif c == 0x6E:
+                w[pos] = b'\n'
+            elif c == 0x74:
+                w[pos] = b'\t'
+            elif c == 0x72:
+                w[pos] = b'\r'
+            elif c == 0x62:
+                w[pos] = b'\b'
+            elif c == 0x66:
+                w[pos] = b'\f'
+            else:
+                return -1
+            pos += 1
+            i += 2
+        elif c == 0x22 or c < 0x20:
+            return -1  # an unescaped quote inside, or a raw control character
+        elif c < 0x80:
+            # A run of plain ASCII, copied at once.
+            k = i + 1
+            while k < n:
+                c = s[k]
+                if c == 0x5C or c == 0x22 or c < 0x20 or c >= 0x80:
+                    break
+                k += 1
+            memcpy(w + pos, s + i, k - i)
+            pos += k - i
+            i = k
+        else:
+            m = _utf8_len(s, i, n)
+            if m == 0:
+                return -1
+            memcpy(w + pos, s + i, m)
+            pos += m
+            i += m
+    return pos
+
+
+def plain_lines(const unsigned char[::1] data, list ends, bytes sep):
+    """The event texts, UTF-8, separated by `sep` (/plain/batch); ValueError for a fragment
+    that is not a plain JSON string literal (the caller then decodes it the reference way)."""
+    cdef Py_ssize_t size = data.shape[0]
+    cdef Py_ssize_t n = len(ends), i, start = 0, end = 0
+    for i in range(n):
+        end = _checked_end(ends, i, end, size)
+    if n == 0:
+        return b""
+    cdef Py_ssize_t ls = PyBytes_GET_SIZE(sep)
+    # Decoding only shrinks a fragment (its quotes go, escapes get shorter): this is enough.
+    cdef Py_ssize_t cap = end + ls * (n - 1)
+    cdef const char* ps = PyBytes_AS_STRING(sep)
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* out = _new_bytes(NULL, cap)
+    if out == NULL:
+        raise MemoryError()
+    cdef char* w = _bytes_ptr(out)
+    for i in range(n):
+        end = <Py_ssize_t>ends[i]
+        if i:
+            memcpy(w + pos, ps, ls)
+            pos += ls
+        if end - start < 2:
+            pos = -1
+        else:
+            pos = _unescape(&data[start], end - start, w, pos)
+        if pos < 0:
+            Py_DECREF(<object>out)
+            raise ValueError(f"fragment {i} is not a plain JSON string literal")
+        start = end
+    # Shrunk in place (realloc), not copied: the body may be megabytes.
+    if _bytes_resize(&out, pos) < 0:
+        raise MemoryError()
+    result = <object>out
+    Py_DECREF(result)
+    return result

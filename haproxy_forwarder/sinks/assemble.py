@@ -1,7 +1,8 @@
 """Body assembly from a batch's fragments: the compiled functions, or their pure-Python twins.
 
-One contract, two implementations (the same rule as ingest/): `array_chunk` and
-`join_fragments` return the same bytes whichever runs; tests/test_assemble.py proves it.
+One contract, two implementations (the same rule as ingest/): `array_chunk`,
+`join_fragments` and `plain_lines` return the same bytes whichever runs;
+tests/test_assemble.py proves it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from itertools import repeat
+
+import orjson
 
 _NO_EXTENSIONS = os.environ.get("HAPROXY_FORWARDER_NO_EXTENSIONS", "").strip().lower() not in (
     "", "0", "false", "no")
@@ -40,8 +43,24 @@ def py_join_fragments(data: bytes | bytearray, ends: list[int], sep: bytes) -> b
     return sep.join(_fragments(data, ends, 0, len(ends)))
 
 
+def py_plain_lines(data: bytes | bytearray, ends: list[int], sep: bytes) -> bytes:
+    """The event texts (each fragment decoded from JSON), UTF-8, separated by `sep`."""
+    frags = _fragments(data, ends, 0, len(ends))
+    return sep.decode("utf-8").join([orjson.loads(f) for f in frags]).encode("utf-8")
+
+
+def _plain_lines_native(data: bytes | bytearray, ends: list[int], sep: bytes) -> bytes:
+    try:
+        return _assemble.plain_lines(data, ends, sep)
+    except ValueError:
+        # A fragment that is not a plain JSON string literal (spool data from elsewhere):
+        # decoded the reference way, which gives the same bytes or raises its own error.
+        return py_plain_lines(data, ends, sep)
+
+
 array_chunk: Callable[..., bytes] = py_array_chunk
 join_fragments: Callable[..., bytes] = py_join_fragments
+plain_lines: Callable[..., bytes] = py_plain_lines
 IMPLEMENTATION = "python"
 if not _NO_EXTENSIONS:
     try:
@@ -51,4 +70,5 @@ if not _NO_EXTENSIONS:
     else:
         array_chunk = _assemble.array_chunk
         join_fragments = _assemble.join_fragments
+        plain_lines = _plain_lines_native
         IMPLEMENTATION = "native"
