@@ -120,37 +120,14 @@ cdef inline int _hex4(const unsigned char* s) noexcept:
     return v
 
 
+include "../ingest/_utf8.pxi"
+
+
 cdef inline Py_ssize_t _utf8_len(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     # s[i] >= 0x80: the length of the valid UTF-8 sequence there, or 0 (strict: no overlongs,
-    # no surrogates, nothing past U+10FFFF), what orjson accepts in a document.
-    cdef unsigned char c = s[i], lo = 0x80, hi = 0xBF
-    cdef Py_ssize_t need, k
-    if c < 0xC2:
-        return 0
-    if c < 0xE0:
-        need = 1
-    elif c < 0xF0:
-        need = 2
-        if c == 0xE0:
-            lo = 0xA0
-        elif c == 0xED:
-            hi = 0x9F
-    elif c < 0xF5:
-        need = 3
-        if c == 0xF0:
-            lo = 0x90
-        elif c == 0xF4:
-            hi = 0x8F
-    else:
-        return 0
-    if i + need >= n:
-        return 0
-    if not (lo <= s[i + 1] <= hi):
-        return 0
-    for k in range(2, need + 1):
-        if not (0x80 <= s[i + k] <= 0xBF):
-            return 0
-    return need + 1
+    # no surrogates, nothing past U+10FFFF, nothing cut by n), what orjson accepts.
+    cdef Py_ssize_t k = _utf8_seq(s, i, n)
+    return k if k > 0 else 0
 
 
 cdef inline Py_ssize_t _put_utf8(char* w, Py_ssize_t pos, unsigned int cp) noexcept:
