@@ -4,17 +4,16 @@ Vectors are read from ../shared/conformance next to the repository, never copied
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devtools import conformance
 from haproxy_forwarder.syslog.framing import FrameDecoder
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
-VECTORS = CONFORMANCE / "framing_vectors.jsonl"
+VECTORS = conformance.path(conformance.FRAMING_VECTORS)
 
 FRAMING = {"octet-counting": "octet-counted", "non-transparent": "lf", "auto": "auto"}
 
@@ -22,8 +21,7 @@ FRAMING = {"octet-counting": "octet-counted", "non-transparent": "lf", "auto": "
 def _rows() -> list[Any]:
     if not VECTORS.is_file():
         return [pytest.param(None, marks=pytest.mark.skip(reason=f"{VECTORS} missing"))]
-    rows = [json.loads(line) for line in VECTORS.read_text("utf-8").splitlines() if line]
-    return [pytest.param(r, id=r["id"]) for r in rows]
+    return [pytest.param(r, id=r["id"]) for r in conformance.rows(conformance.FRAMING_VECTORS)]
 
 
 # Rows where we deliberately do not give `expected`: id -> (messages, error?, oversized, why).

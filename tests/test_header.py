@@ -5,28 +5,25 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devtools import conformance
 from haproxy_forwarder.syslog.header import Header, event_text, read_header
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+CONFORMANCE = conformance.CONFORMANCE
 
 
 def _rows(name: str, valid: bool) -> list[Any]:
-    path = CONFORMANCE / name
-    if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} missing"))]
-    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
-    return [pytest.param(r, id=r["id"]) for r in rows if r["valid"] is valid]
+    if not conformance.available(name):
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{name} missing"))]
+    return [pytest.param(r, id=r["id"]) for r in conformance.rows(name) if r["valid"] is valid]
 
 
-def _wire(row: dict[str, Any]) -> bytes:
-    return bytes(row["input"].encode(row.get("input_encoding") or "utf-8"))
+_wire = conformance.wire
 
 
 def _span(frame: bytes, start: int, end: int) -> bytes | None:
