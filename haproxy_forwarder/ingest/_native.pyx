@@ -93,6 +93,28 @@ cdef Py_ssize_t _KEEP_OUT = 4 << 20
 cdef Py_ssize_t _KEEP_PARTIAL = 64 << 10
 
 
+cdef inline Buf* _take_out(Buf* own) noexcept:
+    """The output buffer for one call: the shared one, or `own` (emptied) if it is busy."""
+    global _shared_busy
+    own.p = NULL
+    own.len = own.cap = 0
+    if _shared_busy:
+        return own
+    _shared_busy = True
+    return &_shared_out
+
+
+cdef inline void _give_out(Buf* out, Buf* own) noexcept:
+    global _shared_busy
+    if out == own:
+        _release(own)
+        return
+    out.len = 0
+    if out.cap > _KEEP_OUT:
+        _release(out)
+    _shared_busy = False
+
+
 # -- UTF-8 decoding with "replace" and JSON escaping ----------------------------------------------
 
 # For ASCII c: 0 copied as is, 1 backslash + _SHORT[c], 2 "\u00XX" (orjson's forms).
@@ -308,21 +330,13 @@ cdef class NativeChunkReader:
         cdef bytes data = chunk if type(chunk) is bytes else bytes(chunk)
         cdef const unsigned char* d = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-        cdef Buf* out
         cdef Buf own
-        global _shared_busy
         if self._mode == M_DATAGRAM:
             if n > self._max:
                 return ChunkResult(oversized=1)
             if n and d[n - 1] == 0x0A:
                 n -= 1
-        own.p = NULL
-        own.len = own.cap = 0
-        if _shared_busy:
-            out = &own
-        else:
-            _shared_busy = True
-            out = &_shared_out
+        cdef Buf* out = _take_out(&own)
         try:
             self._begin(received_at)
             if self._mode == M_DATAGRAM:
@@ -338,27 +352,13 @@ cdef class NativeChunkReader:
             return self._result(out)
         finally:
             self._received = None
-            if out == &own:
-                _release(&own)
-            else:
-                out.len = 0
-                if out.cap > _KEEP_OUT:
-                    _release(out)
-                _shared_busy = False
+            _give_out(out, &own)
 
     def close(self, received_at) -> ChunkResult:
-        cdef Buf* out
         cdef Buf own
-        global _shared_busy
         if self._mode == M_DATAGRAM:
             return ChunkResult()
-        own.p = NULL
-        own.len = own.cap = 0
-        if _shared_busy:
-            out = &own
-        else:
-            _shared_busy = True
-            out = &_shared_out
+        cdef Buf* out = _take_out(&own)
         try:
             self._begin(received_at)
             if not self._closed:
@@ -368,13 +368,7 @@ cdef class NativeChunkReader:
             return self._result(out)
         finally:
             self._received = None
-            if out == &own:
-                _release(&own)
-            else:
-                out.len = 0
-                if out.cap > _KEEP_OUT:
-                    _release(out)
-                _shared_busy = False
+            _give_out(out, &own)
 
     cdef int _close_stream(self, Buf* out) except -1:
         # FrameDecoder.close: flush an unterminated LF line; explain a cut octet frame.
