@@ -15,7 +15,7 @@ def build_info() -> dict[str, str]:
     return {
         "version": __version__,
         "ingest": ingest.IMPLEMENTATION,
-        "compressor": getattr(encoding, "GZIP_IMPLEMENTATION", "zlib"),
+        "compressor": encoding.GZIP_IMPLEMENTATION,
     }
 
 

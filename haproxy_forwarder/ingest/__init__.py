@@ -7,10 +7,10 @@ runs by default; `HAPROXY_FORWARDER_NO_EXTENSIONS=1` selects the pure-Python ref
 from __future__ import annotations
 
 import importlib.machinery
-import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ..extensions import NO_EXTENSIONS_ENV, disabled
 from ..syslog.framing import AUTO, LF, OCTET
 from ._py import DATAGRAM, PyChunkReader
 from .filter import ProgramFilter
@@ -22,6 +22,7 @@ __all__ = [
     "IMPLEMENTATION",
     "IMPORT_ERROR",
     "LF",
+    "NO_EXTENSIONS_ENV",
     "OCTET",
     "ChunkReader",
     "ChunkResult",
@@ -32,20 +33,12 @@ __all__ = [
     "new_reader",
 ]
 
-NO_EXTENSIONS_ENV = "HAPROXY_FORWARDER_NO_EXTENSIONS"
-
-
 def built() -> bool:
     """Was the compiled reader built into this installation (a `_native` extension file)?"""
     here = Path(__file__).parent
     return any(
         (here / f"_native{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES
     )
-
-
-def disabled() -> bool:
-    """HAPROXY_FORWARDER_NO_EXTENSIONS asks for the pure-Python reader (1, true, yes)."""
-    return os.environ.get(NO_EXTENSIONS_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 _reader: Callable[[ProgramFilter, int, str], ChunkReader] = PyChunkReader

@@ -7,14 +7,12 @@ tests/test_assemble.py proves it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from itertools import repeat
 
 import orjson
 
-_NO_EXTENSIONS = os.environ.get("HAPROXY_FORWARDER_NO_EXTENSIONS", "").strip().lower() not in (
-    "", "0", "false", "no")
+from ..extensions import disabled
 
 
 def _fragments(data: bytes | bytearray, ends: list[int], lo: int, hi: int) -> list[memoryview]:
@@ -62,7 +60,7 @@ array_chunk: Callable[..., bytes] = py_array_chunk
 join_fragments: Callable[..., bytes] = py_join_fragments
 plain_lines: Callable[..., bytes] = py_plain_lines
 IMPLEMENTATION = "python"
-if not _NO_EXTENSIONS:
+if not disabled():
     try:
         from . import _assemble
     except ImportError:
