@@ -106,9 +106,11 @@ class BatchConfig(_Section):
     # The open batch also closes when no event came for this long (the end of a burst goes out
     # at once, as syslog-ng flushes an idle queue); at or above max_delay it changes nothing.
     idle_flush: float = Field(default=0.05, gt=0, le=60)
-    # Batches waiting for delivery in memory; beyond this the listeners stop reading. 4 (was
-    # 8) keeps the peak RSS of a 300k burst near 64 MiB at no measured cost in throughput.
-    max_in_flight: int = Field(default=4, ge=1, le=1024)
+    # Batches waiting for delivery in memory; at this many the listeners stop reading. 2 (was
+    # 8, then 4): each waiting batch is ~1.25 MiB held, and with `intake.concurrency` requests
+    # in flight beside them the workers never starve (measured in BENCHMARKS.md); it also
+    # halves what a crash in overflow mode can lose.
+    max_in_flight: int = Field(default=2, ge=1, le=1024)
 
 
 Endpoint = Literal["array", "batch", "jsons", "plain-batch"]
