@@ -131,8 +131,10 @@ def run(frames: int, tmp: Path) -> None:
     raw_size = sum(len(x) for x in raw)
     per_msg("encoding.body /array, no gzip", best(bodies("array", False)))
     shipped = sum(len(x) for x in bodies("array", True)())
-    per_msg(f"encoding.body /array, gzip (zlib {zlib.ZLIB_RUNTIME_VERSION} level "
-            f"{encoding.GZIP_LEVEL}, shipped)", best(bodies("array", True)),
+    gz_name = (f"zlib {zlib.ZLIB_RUNTIME_VERSION}" if encoding.GZIP_IMPLEMENTATION == "zlib"
+               else encoding.GZIP_IMPLEMENTATION)
+    per_msg(f"encoding.body /array, gzip ({gz_name} level {encoding.GZIP_LEVEL}, shipped)",
+            best(bodies("array", True)),
             f"{raw_size / 2**20:.0f} MiB -> {shipped / 2**20:.1f} MiB")
     per_msg("encoding.body /plain/batch, no gzip", best(bodies("plain-batch", False)),
             "alternative endpoint")
@@ -181,11 +183,62 @@ def run(frames: int, tmp: Path) -> None:
     per_msg("spool: Spool.append (fsync per batch)", min(r[0] for r in rounds))
     per_msg("spool: Spool.next_batch + ack", min(r[1] for r in rounds))
 
+    # -- the intake client: httpx + TLS per request, on this process's CPU ------------------
+    gz_bodies = bodies("array", True)()
+    per_request = post_cpu(tmp, gz_bodies)
+    rows.append((f"intake: IntakeClient.post, {len(gz_bodies)} gzip /array bodies over TLS",
+                 per_request * len(gz_bodies) / n * 1e6,
+                 f"{per_request * 1e3:.2f} ms of CPU per request (httpx, TLS, loopback)"))
+
     print(f"{n:,} frames, {kept:,} events in {len(batches)} batches of "
           f"{cfg.max_events}; /array bodies {raw_size / 2**20:.1f} MiB")
     print(f"{'stage':<64} {'us/msg':>7}")
     for name, us, note in rows:
         print(f"{name:<64} {f'{us:7.2f}' if us else '      -'}  {note}")
+
+
+def post_cpu(tmp: Path, gz_bodies: list[bytes], rounds: int = 3, concurrency: int = 4) -> float:
+    """CPU seconds (user + sys of this process) per POST of these bodies to the bench intake,
+    `concurrency` at a time as the daemon's workers do; the intake runs in another process."""
+    import asyncio
+    import resource
+
+    from haproxy_forwarder.config import IntakeConfig
+    from haproxy_forwarder.sinks.intake import IntakeClient, Kind
+
+    from .control import Intake
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    async def go(url: str, ca_file: Path) -> float:
+        client = IntakeClient(IntakeConfig(url=url, key=INTAKE_KEY, ca_file=ca_file,
+                                           concurrency=concurrency))
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(body: bytes) -> None:
+            async with sem:
+                outcome = await client.post(body)
+            assert outcome.kind is Kind.DELIVERED, outcome
+
+        await one(gz_bodies[0])  # connect and warm up outside the measured window
+        c0 = cpu()
+        for _ in range(rounds):
+            await asyncio.gather(*(one(b) for b in gz_bodies))
+        spent = cpu() - c0
+        await client.aclose()
+        return spent / (rounds * len(gz_bodies))
+
+    intake = Intake(tmp).start()
+    try:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - a dependency of the package
+            return asyncio.run(go(intake.url, intake.ca_file))
+        return uvloop.run(go(intake.url, intake.ca_file))
+    finally:
+        intake.stop()
 
 
 if __name__ == "__main__":
