@@ -12,6 +12,7 @@ import functools
 import resource
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ from .delivery import Backoff, Delivery
 from .ingest import ProgramFilter
 from .observability.counters import Registry
 from .observability.status import StatusServer
+from .reload import reload as reload_config
 from .sinks import make_sink
 from .sinks.deadletter import DeadLetters, read_dead_letters
 from .sources import Backpressure, SourceContext, TcpSource, UdpSource, split_hostport
 from .spool import Spool, SpoolError
+from .systemd import Notifier, keep_status, keep_watchdog
 
 # Descriptors needed beside the TCP connections: listeners, spool, HTTPS, logs.
 FD_MARGIN = 64
@@ -34,6 +37,8 @@ FD_MARGIN = 64
 TCP_DRAIN_GRACE = 2.0
 # How often the daemon looks for dead letters an operator re-queued.
 REQUEUE_INTERVAL = 2.0
+# Longest time between two refreshes of the systemd STATUS= line (`systemctl status`).
+STATUS_INTERVAL = 5.0
 
 
 def check_fd_limit(settings: Settings, log: Any) -> None:
@@ -76,12 +81,36 @@ def open_spool(settings: Settings, registry: Registry, log: Any) -> Spool | None
     return spool
 
 
+def stall_reason(delivery: Delivery, stall_after: float) -> str | None:
+    """Why delivery counts as stalled, or None: batches wait and nothing went out for a while.
+
+    The one rule behind /healthz failing and the systemd watchdog pings stopping.
+    """
+    backlog = delivery.backlog
+    idle = time.monotonic() - delivery.last_progress
+    if backlog and idle > stall_after:
+        return f"{backlog} batches waiting and nothing delivered for {idle:.0f} s"
+    return None
+
+
 def _spool_gauge(spool: Spool, name: str) -> float:
     return float(spool.stats()[name])
 
 
-def build(settings: Settings, log: Any) -> Daemon:
-    """Every component, in dependency order. Opens (and recovers) the spool; starts nothing."""
+def tcp_source(ctx: SourceContext, address: str, s: Settings) -> TcpSource:
+    return TcpSource(ctx, *split_hostport(address), s.listen.max_connections,
+                     s.listen.evict_idle_after)
+
+
+def udp_source(ctx: SourceContext, address: str, s: Settings) -> UdpSource:
+    return UdpSource(ctx, *split_hostport(address))
+
+
+def build(settings: Settings, log: Any,
+          loader: Callable[[], Settings] | None = None) -> Daemon:
+    """Every component, in dependency order. Opens (and recovers) the spool; starts nothing.
+
+    `loader` reads the config again as at start-up (same file, same overrides): SIGHUP."""
     check_fd_limit(settings, log)
     registry = Registry(build_info())
     counters = registry.counters
@@ -102,10 +131,10 @@ def build(settings: Settings, log: Any) -> Daemon:
     ctx = SourceContext(collector, counters, log,
                         ProgramFilter(s.filter.programs, s.filter.keep_tag), pressure,
                         s.listen.max_message_size)
-    tcp = [TcpSource(ctx, *split_hostport(a), s.listen.max_connections,
-                     s.listen.evict_idle_after) for a in s.listen.tcp]
-    udp = [UdpSource(ctx, *split_hostport(a)) for a in s.listen.udp]
-    return Daemon(settings, log, registry, spool, pressure, delivery, collector, tcp, udp)
+    tcp = [tcp_source(ctx, a, s) for a in s.listen.tcp]
+    udp = [udp_source(ctx, a, s) for a in s.listen.udp]
+    return Daemon(settings, log, registry, spool, pressure, delivery, collector, tcp, udp,
+                  ctx=ctx, loader=loader)
 
 
 class Daemon:
@@ -120,8 +149,13 @@ class Daemon:
         collector: Collector,
         tcp: list[TcpSource],
         udp: list[UdpSource],
+        *,
+        ctx: SourceContext,
+        loader: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        self.ctx = ctx
+        self.loader = loader
         self.log = log
         self.registry = registry
         self.counters = registry.counters
@@ -132,26 +166,50 @@ class Daemon:
         self.tcp = tcp
         self.udp = udp
         self.status = (
-            StatusServer(*split_hostport(settings.status.listen), registry, self.health, log)
+            StatusServer(*split_hostport(settings.status.listen), registry, self.health, log,
+                         ready=self.ready)
             if settings.status.listen else None
         )
         self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self.notifier = Notifier(log)
+        self._supervision: list[asyncio.Task[None]] = []
+        # (monotonic time, accepted, delivered) at the last STATUS= line: its rates.
+        self._status_mark = (time.monotonic(), 0, 0)
         pressure.subscribe(self._log_pressure)
         self._register_gauges()
 
     def _register_gauges(self) -> None:
         g = self.registry.gauge
         d = self.delivery
-        g("connections_open", lambda: sum(len(t.connections) for t in self.tcp))
+        # Per listener, read from self.tcp / self.udp at each scrape (a reload changes them).
+        self.registry.labelled_gauge(
+            "connections_open", "listener", lambda: {t.name: len(t.connections) for t in self.tcp})
+        self.registry.labelled_gauge(
+            "listener_up", "listener",
+            lambda: {s.name: float(s.listening) for s in self._listeners()})
         g("in_memory_batches", lambda: d.in_memory)
+        g("backlog_batches", lambda: d.backlog)
         g("paused", lambda: self.pressure.on)
         g("intake_failing", lambda: d.failing)
         g("seconds_since_last_delivery", lambda: time.monotonic() - d.last_progress)
+        g("last_delivery_timestamp_seconds", self._last_delivery_time)
         spool = self.spool
         if spool is not None:
             for name in ("batches", "events", "bytes", "oldest_age_seconds", "segments"):
                 g(f"spool_{name}", functools.partial(_spool_gauge, spool, name))
+            # Beside spool_bytes: how full it is (the SpoolFillingUp alert).
+            g("spool_max_bytes", functools.partial(_spool_gauge, spool, "max_size"))
             g("spool_blocked", lambda: d.spool_blocked)
+
+    def _last_delivery_time(self) -> float:
+        """Unix time of the last accepted request; 0 before the first (last_progress starts at
+        the daemon's start, which is no delivery)."""
+        if not self.counters.delivered_batches:
+            return 0.0
+        return time.time() - (time.monotonic() - self.delivery.last_progress)
 
     def _log_pressure(self, on: bool) -> None:
         if on:
@@ -178,7 +236,8 @@ class Daemon:
             bound.append(f"udp://{h}:{p}")
         if self.status is not None:
             h, p = await self.status.start()
-            self.log.info("listening", proto="http", host=h, port=p, paths=["/metrics", "/healthz"])
+            self.log.info("listening", proto="http", host=h, port=p,
+                          paths=["/metrics", "/healthz", "/readyz"])
             bound.append(f"http://{h}:{p}")
         self.log.info(
             "started",
@@ -196,6 +255,39 @@ class Daemon:
             spool_dir=str(s.spool.dir),
             spool_mode=s.spool.mode if self.spool else "off (dry-run)",
         )
+        self._supervise()
+
+    def _supervise(self) -> None:
+        """Listeners bound, spool recovered: tell systemd, then keep it informed."""
+        n = self.notifier
+        if not n.enabled:
+            return
+        n.ready()
+        n.status(self.status_line())
+        every = min(self.settings.log.stats_interval, STATUS_INTERVAL)
+        self._supervision = [
+            asyncio.create_task(keep_status(n, self.status_line, every), name="sd-status"),
+            asyncio.create_task(keep_watchdog(n, self.stall_reason, self.log), name="sd-watchdog"),
+        ]
+
+    def status_line(self) -> str:
+        """The STATUS= summary: rates since the previous line, what waits, the last delivery."""
+        now = time.monotonic()
+        c = self.counters
+        then, accepted, delivered = self._status_mark
+        self._status_mark = (now, c.accepted_events, c.delivered_events)
+        span = max(now - then, 1e-3)
+        d = self.delivery
+        spooled = (f"spool {self.spool.stats()['events']} events" if self.spool is not None
+                   else "no spool (dry-run)")
+        line = (f"in {(c.accepted_events - accepted) / span:.0f} events/s, "
+                f"out {(c.delivered_events - delivered) / span:.0f} events/s, "
+                f"backlog {d.backlog} batches, {spooled}, "
+                f"last delivery {now - d.last_progress:.0f} s ago")
+        if d.failing:
+            line += ", intake failing"
+        stalled = self.stall_reason()
+        return f"STALLED: {stalled}; {line}" if stalled else line
 
     async def _stats_loop(self) -> None:
         while True:
@@ -209,6 +301,9 @@ class Daemon:
                 snap[flag] = bool(snap[flag])
         self.log.info(name, **snap)
 
+    def stall_reason(self) -> str | None:
+        return stall_reason(self.delivery, self.settings.status.stall_after)
+
     def health(self) -> tuple[bool, dict[str, Any]]:
         d = self.delivery
         backlog = d.backlog
@@ -216,8 +311,12 @@ class Daemon:
         reasons: list[str] = []
         if d.spool_blocked:
             reasons.append("the spool refuses writes (full or disk error): input is held back")
-        if backlog and idle > self.settings.status.stall_after:
-            reasons.append(f"{backlog} batches waiting and nothing delivered for {idle:.0f} s")
+        stalled = self.stall_reason()
+        if stalled:
+            reasons.append(stalled)
+        if not self._stop.is_set():  # at shutdown they close on purpose
+            reasons += [f"listener {s.name} is down (closed, not by us)"
+                        for s in self._listeners() if s.down]
         return not reasons, {
             "status": "ok" if not reasons else "failing",
             "reasons": reasons,
@@ -225,6 +324,20 @@ class Daemon:
             "backlog_batches": backlog,
             "seconds_since_last_delivery": round(idle, 1),
         }
+
+    def _listeners(self) -> list[TcpSource | UdpSource]:
+        return [*self.tcp, *self.udp]
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """/readyz: every listener bound and the spool recovered (build() recovers it before
+        anything starts); not ready from the moment shutdown begins."""
+        reasons: list[str] = []
+        if self._stop.is_set():
+            reasons.append("shutting down")
+        reasons += [f"listener {s.name} is not bound" for s in self._listeners()
+                    if not s.listening]
+        return not reasons, {"status": "ready" if not reasons else "not ready",
+                             "reasons": reasons}
 
     async def _requeue_loop(self) -> None:
         """Pick up dead-letter files moved to spool.dir/requeue/ by `spool replay-dead-letter`."""
@@ -280,23 +393,71 @@ class Daemon:
             self.log.info("stopping", signal=signame)
             self._stop.set()
 
+    # -- reload (SIGHUP) ------------------------------------------------------------------------
+
+    def new_tcp(self, address: str, settings: Settings) -> TcpSource:
+        return tcp_source(self.ctx, address, settings)
+
+    def new_udp(self, address: str, settings: Settings) -> UdpSource:
+        return udp_source(self.ctx, address, settings)
+
+    def request_reload(self) -> None:
+        """SIGHUP: one reload at a time; a SIGHUP during one runs one more after it."""
+        if self._stop.is_set():
+            self.log.warning("reload_ignored", reason="stopping")
+            return
+        self._reload_again = True
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.create_task(self._reloads(), name="reload")
+
+    async def _reloads(self) -> None:
+        await self._started.wait()  # a SIGHUP during start-up waits for it
+        while self._reload_again and not self._stop.is_set():
+            self._reload_again = False
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Read the config again and apply it; an invalid one is refused and the old stays."""
+        self.notifier.reloading()
+        try:
+            return await reload_config(self, self.loader)
+        except Exception:
+            # A bug in a reload must not take the daemon down with it.
+            self.log.exception("reload_failed", problem="internal error")
+            self.counters.reload_failures += 1
+            return False
+        finally:
+            self.notifier.ready()
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
+        # Not the default action (terminate): `kill -HUP`, as logrotate scripts send, reloads.
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         loop.set_exception_handler(self._loop_error)
         await self.start()
+        self._started.set()
         background = [asyncio.create_task(self._stats_loop())]
         if self.spool is not None:
             background.append(asyncio.create_task(self._requeue_loop()))
         await self._stop.wait()
         for task in background:
             task.cancel()
+        if self._reload_task is not None:
+            # Half-applied is no state to stop in: a reload under way finishes (it is short).
+            await self._reload_task
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        if self.status is not None:
-            await self.status.stop()
+        self.notifier.stopping()
+        for task in self._supervision:
+            task.cancel()
+        if self.notifier.enabled:
+            self.notifier.status(f"stopping: delivering what is in memory "
+                                 f"(up to {self.settings.shutdown_timeout:.0f} s)")
+        # The status endpoint stays up until the end: /readyz answers 503 while we drain,
+        # /metrics shows the drain.
         # Stop accepting, take in what senders already wrote (half-close, then read until
         # they close), so nothing they consider sent is reset away; then flush.
         grace = min(TCP_DRAIN_GRACE, self.settings.shutdown_timeout)
@@ -321,4 +482,6 @@ class Daemon:
             )
         if lost:
             self.log.error("shutdown_dropped", events=lost)
+        if self.status is not None:
+            await self.status.stop()
         self.log_stats("stopped")

@@ -1,6 +1,7 @@
-"""Command line: run, check-config, send-test, --version.
+"""Command line: run, check-config, send-test, status, spool, --version.
 
-Exit codes: 0 ok, 1 runtime failure (send-test refused), 2 bad configuration or usage.
+Exit codes: 0 ok, 1 runtime failure (send-test refused, status failing or unreachable),
+2 bad configuration or usage.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -26,31 +28,68 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
 
+CONFIG_HELP = ("TOML config file (default: $HAPROXY_FORWARDER_CONFIG or "
+               "/etc/haproxy-forwarder/config.toml); accepted before or after the command: "
+               "given in both places, the one after the command wins")
+
+
+def _config_option(parser: argparse.ArgumentParser, top: bool) -> None:
+    # After the command the default is SUPPRESS: an absent option there must not reset the
+    # value given before the command (argparse copies a subparser's defaults over it).
+    parser.add_argument("--config", "-c", metavar="PATH", dest="config",
+                        default=None if top else argparse.SUPPRESS, help=CONFIG_HELP)
+
+
+def _command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+    _config_option(parser, top=False)
+    return parser
+
+
+def _status_url(value: str) -> str:
+    from .statusreport import check_url
+
+    try:
+        return check_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="haproxy-forwarder",
         description="Receive HAProxy syslog and push it to the Sekoia.io intake.",
+        epilog="Exit codes: 0 ok, 1 runtime failure (status: failing or no daemon answering), "
+               "2 usage or configuration error.",
     )
     p.add_argument("--version", action="version", version=describe())
-    p.add_argument(
-        "--config", "-c", metavar="PATH",
-        help="TOML config file (default: $HAPROXY_FORWARDER_CONFIG or "
-             "/etc/haproxy-forwarder/config.toml)",
-    )
+    _config_option(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the forwarder")
+    run = _command(sub, "run", help="run the forwarder")
     run.add_argument("--dry-run", action="store_true",
                      help="write events as JSON lines to stdout instead of pushing them")
-    sub.add_parser("check-config", help="validate and print the effective config (key masked)")
-    sub.add_parser("send-test", help="push one test event and print the intake's answer")
-    spool = sub.add_parser("spool", help="inspect or manage the disk spool")
+    _command(sub, "check-config",
+             help="validate and print the effective config (key masked); warn about risky "
+                  "settings on stderr")
+    _command(sub, "send-test", help="push one test event and print the intake's answer")
+    status = _command(
+        sub, "status", help="health, rates, backlog and totals of the running daemon",
+        description="Read the running daemon's /healthz and /metrics (at status.listen of the "
+                    "config, or --url) and print a summary. Exit 0 healthy, 1 failing or "
+                    "unreachable.")
+    status.add_argument("--url", metavar="http://HOST:PORT", type=_status_url,
+                        help="the status endpoint to read (default: from status.listen)")
+    status.add_argument("--once", action="store_true",
+                        help="one scrape, no rates (by default two scrapes 1 s apart)")
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+    spool = _command(sub, "spool", help="inspect or manage the disk spool")
     spool_sub = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
-    spool_sub.add_parser("stats", help="batches, events, bytes, oldest age, dead letters (JSON)")
-    spool_sub.add_parser(
-        "replay-dead-letter",
+    _command(spool_sub, "stats", help="batches, events, bytes, oldest age, dead letters (JSON)")
+    _command(
+        spool_sub, "replay-dead-letter",
         help="re-queue dead-lettered events (picked up by the running daemon or its next start)",
     )
-    purge = spool_sub.add_parser("purge", help="delete every spooled batch (daemon stopped)")
+    purge = _command(spool_sub, "purge", help="delete every spooled batch (daemon stopped)")
     purge.add_argument("--yes", action="store_true", help="really delete")
     return p
 
@@ -63,7 +102,8 @@ def _load(args: argparse.Namespace, dry_run: bool = False) -> Settings:
     return settings
 
 
-def _run(settings: Settings) -> int:
+def _run(settings: Settings, loader: Callable[[], Settings] | None = None) -> int:
+    """`loader` reads the config again exactly as this run did (SIGHUP)."""
     from .app import build
 
     settings.require_key()
@@ -80,7 +120,7 @@ def _run(settings: Settings) -> int:
     if not _implementation_ok(log):
         return EXIT_FAILED
     try:
-        daemon = build(settings, log)
+        daemon = build(settings, log, loader)
         runner(daemon.run())
     except (OSError, SpoolError) as exc:
         # A listen address in use, a spool directory not writable or locked by another
@@ -118,11 +158,49 @@ def _implementation_ok(log: Any) -> bool:
 
 
 def _check_config(settings: Settings) -> int:
+    from .configcheck import risky_settings
+
     sys.stdout.write(orjson.dumps(settings.redacted(), option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write("\n")
     if settings.intake.key is None and not settings.intake.dry_run:
         sys.stderr.write("warning: intake.key is not set: `run` will refuse to start\n")
+    for line in risky_settings(settings):
+        sys.stderr.write(f"warning: {line}\n")
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from . import statusreport as sr
+
+    if args.url is not None:
+        url: str = args.url
+    else:
+        # The config is only read for status.listen: --url needs no config at all.
+        settings = _load(args)
+        if not settings.status.listen:
+            sys.stderr.write("error: status.listen is empty (the status endpoint is disabled): "
+                             "set it, or give --url\n")
+            return EXIT_CONFIG
+        url = sr.url_from_listen(settings.status.listen)
+    try:
+        ok, report = sr.report(url, once=args.once)
+    except sr.Unreachable as exc:
+        line = f"no daemon answering on {url} (is it running? status.listen?)"
+        if args.json:
+            print(orjson.dumps({"url": url, "health": "unreachable", "error": str(exc)}).decode())
+        sys.stderr.write(line + "\n")
+        return EXIT_FAILED
+    except sr.NotOurs as exc:
+        if args.json:
+            print(orjson.dumps({"url": url, "health": "unknown", "error": str(exc)}).decode())
+        sys.stderr.write(f"{url} answers, but not as a haproxy-forwarder status endpoint: "
+                         f"{exc}\n")
+        return EXIT_FAILED
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(sr.render(report))
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 async def _send_test(settings: Settings) -> int:
@@ -226,9 +304,12 @@ def _spool_purge(settings: Settings, yes: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = _load(args, dry_run=getattr(args, "dry_run", False))
+        if args.command == "status":
+            return _status(args)
+        dry_run = getattr(args, "dry_run", False)
+        settings = _load(args, dry_run=dry_run)
         if args.command == "run":
-            return _run(settings)
+            return _run(settings, lambda: _load(args, dry_run=dry_run))
         if args.command == "check-config":
             return _check_config(settings)
         if args.command == "send-test":

@@ -6,18 +6,21 @@ with TOML configs in the test's folder and loopback listeners on OS-chosen ports
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -580,3 +583,334 @@ def test_too_few_file_descriptors_for_max_connections_is_said_at_start(tmp_path:
         assert proc.wait(20) == 0
     warn = [r for r in lines if r["event"] == "fd_limit_low"]
     assert warn and warn[0]["nofile"] == 100 and warn[0]["max_connections"] == 1024
+
+
+# -- --config before or after the command --------------------------------------------------------
+
+
+def _max_events(res: subprocess.CompletedProcess[str]) -> int:
+    return int(_check_config_json(res)["batch"]["max_events"])
+
+
+def test_config_before_or_after_check_config(tmp_path: Path) -> None:
+    a = _config(tmp_path, "[batch]\nmax_events = 101\n", "a.toml")
+    b = _config(tmp_path, "[batch]\nmax_events = 202\n", "b.toml")
+    assert _max_events(run_cli("--config", str(a), "check-config")) == 101
+    assert _max_events(run_cli("check-config", "--config", str(a))) == 101
+    assert _max_events(run_cli("check-config", "-c", str(b))) == 202
+    # Both places: the one after the command wins, as --help says.
+    assert _max_events(run_cli("-c", str(a), "check-config", "--config", str(b))) == 202
+    assert _max_events(run_cli("--config", str(b), "check-config", "-c", str(a))) == 101
+    assert "the one after the command wins" in " ".join(run_cli("--help").stdout.split())
+
+
+def test_config_before_or_after_spool_stats(tmp_path: Path) -> None:
+    cfg_a = tmp_path / "a.toml"
+    cfg_b = tmp_path / "b.toml"
+    write_toml(cfg_a, {"spool": {"dir": str(tmp_path / "spool-a")}})
+    write_toml(cfg_b, {"spool": {"dir": str(tmp_path / "spool-b")}})
+
+    def spool_dir(*args: str) -> str:
+        res = run_cli(*args)
+        assert res.returncode == 0, res.stderr
+        return str(json.loads(res.stdout)["spool_dir"])
+
+    assert spool_dir("--config", str(cfg_a), "spool", "stats") == str(tmp_path / "spool-a")
+    assert spool_dir("spool", "stats", "--config", str(cfg_a)) == str(tmp_path / "spool-a")
+    assert spool_dir("spool", "-c", str(cfg_b), "stats") == str(tmp_path / "spool-b")
+    assert spool_dir("-c", str(cfg_a), "spool", "stats", "-c", str(cfg_b)) == str(
+        tmp_path / "spool-b")
+
+
+class _DaemonConfigAfter(Daemon):
+    """`haproxy-forwarder run --config FILE`: what people type."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "haproxy_forwarder", "run", "--config",
+                str(self.config_path), *self.args]
+
+
+def test_run_with_config_after_the_command(tmp_path: Path) -> None:
+    with _DaemonConfigAfter(tmp_path, base_config(tmp_path), args=("--dry-run",)) as d:
+        send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "config after run")]))
+        deadline = time.monotonic() + 10
+        while not d.stdout_lines() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert d.stop() == 0
+    assert [x["event"] for x in d.stdout_lines()] == ["config after run"]
+    # The config after `run` is the one read, also when another one comes before it.
+    missing = tmp_path / "missing.toml"
+    for args in (("run", "--config", str(missing)),
+                 ("--config", str(d.config_path), "run", "--dry-run", "-c", str(missing))):
+        lines = _assert_config_errors(run_cli(*args, timeout=20), str(missing))
+        assert "not found" in lines[0]
+
+
+# -- status: a summary of the running daemon's /healthz and /metrics -----------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def _metric(port: int, name: str) -> float:
+    for line in _get(f"http://127.0.0.1:{port}/metrics")[1].decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return -1.0
+
+
+def _wait_metric(port: int, name: str, value: float, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _metric(port, name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.05)
+
+
+def _rows(stdout: str) -> tuple[dict[str, str], list[str]]:
+    """The table as {label: value}, and the health reasons (the `- ...` lines)."""
+    rows: dict[str, str] = {}
+    reasons: list[str] = []
+    for line in stdout.splitlines()[1:]:
+        m = re.match(r"^ {2}(\S.*?) {2,}(.*)$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+        else:
+            reasons.append(line.strip().removeprefix("- "))
+    return rows, reasons
+
+
+class _Live:
+    """One daemon for the status tests that only read: 1 event dead-lettered, 7 delivered,
+    2 filtered out."""
+
+    def __init__(self, d: Daemon, fi: FakeIntake) -> None:
+        self.d = d
+        self.fi = fi
+        self.url = f"http://127.0.0.1:{d.status_port}"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Live]:
+    tmp = tmp_path_factory.mktemp("status")
+    with FakeIntake() as fi:
+        cfg = base_config(tmp, intake=_intake(fi), status={"listen": f"127.0.0.1:{_free_port()}"})
+        with Daemon(tmp, cfg) as d:
+            fi.inject(400)
+            send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "refused")]))
+            _wait_metric(d.status_port, "haproxy_forwarder_dead_lettered_events_total", 1)
+            send_tcp(d.tcp_port, octet_counted(
+                [traditional("haproxy", f"ok {i}") for i in range(7)]
+                + [traditional("sshd", "not for the intake")] * 2))
+            _wait_metric(d.status_port, "haproxy_forwarder_delivered_events_total", 7)
+            assert fi.wait_for(7)
+            yield _Live(d, fi)
+
+
+def test_status_table_shows_what_was_sent(live: _Live) -> None:
+    # status.listen read from the config, given after the command.
+    res = run_cli("status", "--config", str(live.d.config_path), "--once")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stderr == ""
+    assert res.stdout.splitlines()[0] == f"status of {live.url}"
+    rows, reasons = _rows(res.stdout)
+    assert reasons == []
+    assert rows["health"] == "ok"
+    assert rows["received"] == "10 frames, 8 events accepted"
+    assert rows["delivered"] == "7 events"
+    assert rows["dead-lettered"] == "1 event"
+    assert rows["dropped"] == "0 events (UDP under backpressure 0, spool drop_oldest 0)"
+    assert rows["in memory"] == "0 batches"
+    assert rows["spool"] == "empty"
+    assert rows["input"] == "n/a (--once)"
+    assert re.fullmatch(r"\d+\.\d s ago", rows["last delivery"]), rows["last delivery"]
+    assert rows["backpressure"] == "off"
+    assert rows["intake"] == "ok"
+    started = live.d.events("started")[0]
+    assert f"ingest {started['ingest']}" in rows["running"]
+    assert f"version {__version__}" in rows["running"]
+
+
+def test_status_json_for_scripts(live: _Live) -> None:
+    res = run_cli("--config", str(live.d.config_path), "status", "--json", "--once")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["url"] == live.url and report["health"] == "ok" and report["reasons"] == []
+    assert report["totals"] == {
+        "received_frames": 10, "accepted_events": 8, "delivered_events": 7,
+        "dead_lettered_events": 1, "dropped_events": 0, "udp_dropped": 0,
+        "spool_dropped_events": 0,
+    }
+    assert report["backlog"]["in_memory_batches"] == 0
+    assert report["backlog"]["spool_events"] == 0
+    assert report["rates"]["accepted_events_per_second"] is None  # --once
+    assert report["delivered_since_start"] is True
+    assert 0 <= report["last_delivery_seconds_ago"] < 300
+    assert report["backpressure"] is False and report["intake_failing"] is False
+    started = live.d.events("started")[0]
+    assert report["build"] == {k: started[k] for k in report["build"]}
+    assert report["build"]["version"] == __version__
+    # --url instead of the config: the same daemon, the same figures.
+    by_url = run_cli("status", "--url", live.url + "/", "--json", "--once")
+    assert by_url.returncode == 0
+    assert json.loads(by_url.stdout)["totals"] == report["totals"]
+
+
+def test_status_rates_from_two_scrapes(tmp_path: Path, daemon: MakeDaemon) -> None:
+    # Dry-run: no spool, so its series are absent and said to be n/a.
+    d = daemon(args=("--dry-run",))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "haproxy_forwarder", "status", "--json",
+         "--url", f"http://127.0.0.1:{d.status_port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    sent = 0
+    while proc.poll() is None:  # a steady stream while status takes its two scrapes
+        send_tcp(d.tcp_port, octet_counted([traditional("haproxy", f"r{sent}"),
+                                            traditional("sshd", "filtered")]))
+        sent += 1
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    rates = report["rates"]
+    assert 0.9 <= rates["interval_seconds"] < 30
+    assert 0 < rates["accepted_events_per_second"] <= rates["received_frames_per_second"]
+    assert report["backlog"]["spool_batches"] is None
+    assert report["totals"]["accepted_events"] <= sent
+    text = run_cli("status", "--url", f"http://127.0.0.1:{d.status_port}", "--once")
+    assert _rows(text.stdout)[0]["spool"].startswith("n/a")
+
+
+def test_status_nothing_listening_exits_1_with_one_clear_line(tmp_path: Path) -> None:
+    port = _free_port()
+    cfg = tmp_path / "c.toml"
+    write_toml(cfg, {"status": {"listen": f"0.0.0.0:{port}"}})  # reached on loopback
+    line = f"no daemon answering on http://127.0.0.1:{port} (is it running? status.listen?)\n"
+    res = run_cli("status", "-c", str(cfg))
+    assert (res.returncode, res.stdout, res.stderr) == (1, "", line)
+    res = run_cli("status", "--url", f"http://127.0.0.1:{port}", "--json")
+    assert res.returncode == 1 and res.stderr == line
+    assert json.loads(res.stdout)["health"] == "unreachable"
+
+
+def test_status_usage_errors_exit_2(tmp_path: Path) -> None:
+    for url in ("https://127.0.0.1:9514", "127.0.0.1:9514", "http://127.0.0.1:9514/metrics"):
+        res = run_cli("status", "--url", url)
+        assert res.returncode == 2 and "usage:" in res.stderr, url
+        assert "http://HOST:PORT" in res.stderr and "Traceback" not in res.stderr
+    cfg = _config(tmp_path, "[status]\nlisten = \"\"\n")
+    res = run_cli("status", "-c", str(cfg))
+    assert res.returncode == 2 and "status.listen" in res.stderr
+
+
+def test_status_of_something_else_exits_1(tmp_path: Path) -> None:
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        res = run_cli("status", "--url", f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.returncode == 1
+    assert "not as a haproxy-forwarder status endpoint" in res.stderr
+    assert "404" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_status_of_a_failing_daemon_exits_1_with_the_reason(intake: FakeIntake,
+                                                            daemon: MakeDaemon) -> None:
+    intake.set_down(True)
+    d = daemon(intake, intake={"retry_max": 0.5}, spool={"mode": "always"},
+               status={"stall_after": 0.5})
+    send_tcp(d.tcp_port, octet_counted([traditional("haproxy", f"held {i}") for i in range(5)]))
+    healthz = f"http://127.0.0.1:{d.status_port}/healthz"
+    deadline = time.monotonic() + 15
+    while _get(healthz)[0] != 503:
+        assert time.monotonic() < deadline, "/healthz never turned 503"
+        time.sleep(0.05)
+    _wait_metric(d.status_port, "haproxy_forwarder_spool_events", 5)
+    reasons = json.loads(_get(healthz)[1])["reasons"]
+    assert reasons
+    res = run_cli("status", "--url", f"http://127.0.0.1:{d.status_port}", "--once")
+    assert res.returncode == 1, res.stdout + res.stderr
+    rows, printed = _rows(res.stdout)
+    assert rows["health"] == "failing"
+
+    def digits(text: str) -> str:  # the reasons say for how many seconds
+        return re.sub(r"\d+", "N", text)
+
+    assert [digits(r) for r in printed] == [digits(r) for r in reasons]
+    assert re.match(r"\d+ batch(es)?, 5 events, \d+ B, oldest ", rows["spool"]), rows["spool"]
+    assert rows["delivered"] == "0 events"
+    assert rows["last delivery"] == "none since start"
+    assert rows["intake"] == "failing"
+    res = run_cli("status", "--url", f"http://127.0.0.1:{d.status_port}", "--once", "--json")
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    assert report["health"] == "failing" and report["backlog"]["spool_events"] == 5
+    assert intake.events == []
+
+
+# -- check-config warns about settings that work but are risky -----------------------------------
+
+
+RISKY: dict[str, tuple[dict[str, Any], str]] = {
+    "dry_run": ({"intake": {"dry_run": True}}, "intake.dry_run"),
+    "concurrency_unordered_endpoint": (
+        {"intake": {"concurrency": 2, "endpoint": "plain-batch"}}, "intake.concurrency = 2"),
+    "drop_oldest": ({"spool": {"when_full": "drop_oldest"}}, "spool.when_full"),
+    "plain_http_loopback": ({"intake": {"url": "http://127.0.0.1:8080"}},
+                            "intake.url = http://127.0.0.1:8080"),
+    "status_on_network": ({"status": {"listen": "0.0.0.0:9514"}}, "status.listen"),
+}
+
+
+def _warnings(res: subprocess.CompletedProcess[str]) -> list[str]:
+    _check_config_json(res)  # still exit 0 and the config on stdout
+    lines = res.stderr.splitlines()
+    assert all(line.startswith("warning: ") for line in lines), lines
+    return lines
+
+
+@pytest.mark.parametrize("case", sorted(RISKY))
+def test_check_config_warns_about_a_risky_setting(tmp_path: Path, case: str) -> None:
+    sections, needle = RISKY[case]
+    cfg = tmp_path / "c.toml"
+    write_toml(cfg, {**sections, "intake": {"key": VALID_KEY, **sections.get("intake", {})}})
+    lines = _warnings(run_cli("check-config", "--config", str(cfg)))
+    assert len(lines) == 1 and needle in lines[0], lines
+
+
+def test_check_config_names_the_private_ca_file(tmp_path: Path, intake: FakeIntake) -> None:
+    cfg = tmp_path / "c.toml"
+    write_toml(cfg, {"intake": _intake(intake)})
+    lines = _warnings(run_cli("check-config", "--config", str(cfg)))
+    assert len(lines) == 1 and "intake.ca_file" in lines[0], lines
+    assert str(intake.ca_file) in lines[0]
+
+
+def test_check_config_no_warning_for_the_defaults(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    # Concurrency with the array endpoint (the default): each event carries its own time.
+    write_toml(cfg, {"intake": {"key": VALID_KEY, "concurrency": 8}})
+    assert _warnings(run_cli("check-config", "--config", str(cfg))) == []
+    shipped = run_cli("--config", str(REPO / "config" / "haproxy-forwarder.toml"),
+                      "check-config", env={"HAPROXY_FORWARDER_INTAKE__KEY": VALID_KEY})
+    assert _warnings(shipped) == []

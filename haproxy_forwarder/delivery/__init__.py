@@ -86,7 +86,10 @@ class Delivery:
         self._spool_reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="spool-read")
         self._spool_acks = ThreadPoolExecutor(1, thread_name_prefix="spool-ack")
         self._dead = DeadLetterWriter(dead, counters, log)
+        self._backoff = backoff
         self._workers = [Worker(i, self, sink, backoff) for i in range(workers)]
+        # Replaced sinks (a reload) not closed yet: requests of theirs are still in flight.
+        self._retiring: dict[asyncio.Task[None], Sink] = {}
         self._writer = (
             SpoolWriter(self.router, self._appends, self.wake_writer, self.wake_workers)
             if self._appends is not None else None
@@ -176,6 +179,47 @@ class Delivery:
     def spool_fields(self) -> dict[str, Any]:
         return self._appends.fields() if self._appends is not None else {}
 
+    # -- reload -------------------------------------------------------------------------------
+
+    def replace_sink(self, sink: Sink) -> None:
+        """Every request from now on goes to `sink`; the old one is closed once idle."""
+        old, self.sink = self.sink, sink
+        for w in self._workers:
+            w.sink = sink
+        task = asyncio.create_task(self._close_when_idle(old), name="sink-retire")
+        self._retiring[task] = old
+        task.add_done_callback(self._retiring.pop)
+
+    async def _close_when_idle(self, old: Sink) -> None:
+        while any(w.sending_on is old for w in self._workers):
+            await asyncio.sleep(DRAIN_POLL)
+        await old.aclose()
+
+    def set_workers(self, n: int) -> None:
+        """intake.concurrency changed: start workers, or retire some after their batch.
+
+        Retired workers stay listed (their last request may be on the old sink); new ones get
+        fresh numbers, as a retiring worker may still hold a batch in the router under its own.
+        """
+        live = [w for w in self._workers if not w.retired]
+        for w in live[n:]:
+            w.retired = True
+        for _ in range(n - len(live)):
+            w = Worker(len(self._workers), self, self.sink, self._backoff)
+            self._workers.append(w)
+            if self._tasks:
+                self._tasks.append(asyncio.create_task(w.run(), name=f"worker-{w.n}"))
+        self.wake_workers.set()
+
+    def set_backoff(self, backoff: RetryWait) -> None:
+        self._backoff = backoff
+        for w in self._workers:
+            w.backoff = backoff
+
+    def set_max_in_flight(self, n: int) -> None:
+        self.router.max_in_flight = n
+        self.router._check_pressure()
+
     # -- shutdown -----------------------------------------------------------------------------
 
     async def drain(self, timeout: float) -> bool:
@@ -222,9 +266,12 @@ class Delivery:
                 except (SpoolFull, SpoolError) as exc:
                     self.log.error("shutdown_spool_failed", events=n, error=str(exc))
             lost += n
-        self.counters.dropped_events += lost
+        self.counters.dropped(lost, "shutdown")
         await self._dead.close(STOP_WAIT)
         await self.sink.aclose()
+        for task, old in list(self._retiring.items()):
+            task.cancel()
+            await old.aclose()
         # Not waited for: an append or read stuck on a hung disk must not hang the exit.
         self._spool_reads.shutdown(wait=False)
         self._spool_acks.shutdown(wait=False)

@@ -156,11 +156,17 @@ class Worker:
         self.sink = sink
         self.backoff = backoff
         self._sleep = sleep
+        # Set by a reload that lowers intake.concurrency: the worker ends after its batch.
+        self.retired = False
+        # The sink of the request in flight: a replaced sink is closed once no worker uses it.
+        self.sending_on: Sink | None = None
 
     async def run(self) -> None:
         host = self.host
         while True:
             entry = await self._take()
+            if entry is None:
+                return
             try:
                 await self.deliver(entry)
             except asyncio.CancelledError:
@@ -178,9 +184,11 @@ class Worker:
             # last batch (up to batch.max_bytes) alive until the next batch comes.
             del entry
 
-    async def _take(self) -> Entry:
+    async def _take(self) -> Entry | None:
         host = self.host
         while True:
+            if self.retired:
+                return None
             host.wake_workers.clear()
             got = host.router.take(self.n)
             if isinstance(got, Entry):
@@ -209,11 +217,18 @@ class Worker:
             while True:
                 attempt += 1
                 entry.on_wire = True
-                answers = await self.sink.send(part)
+                # Read per attempt: after a reload, the retry goes with the new key and URL.
+                self.sending_on = sink = self.sink
+                answers = await sink.send(part)
+                self.sending_on = None
                 # Not in a `finally`: if cancelled mid-request (shutdown), the flag must stay
                 # set so stop() counts the request as in doubt.
                 entry.on_wire = False
                 host.counters.batches_sent += 1
+                requests = host.counters.requests
+                for _, outcome in answers:
+                    if outcome.elapsed is not None:  # one per HTTP request actually made
+                        requests.observe(outcome.elapsed, outcome.status)
                 again: Retry | RetryPartial | None = None
                 splits: list[Batch] = []
                 for action in judge(part, answers):

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from ..batching import Batch
+from ..collector import OVERSIZED_REASON
 from ..observability.counters import Counters
 from ..sinks.deadletter import DeadLetters
 from ..spool import AppendResult, RecordTooLarge, SpoolError, SpoolFull
@@ -205,6 +206,15 @@ async def age(router: Router, wake_writer: asyncio.Event, sleep: Sleep = asyncio
             wake_writer.set()
 
 
+def dead_letter_label(reason: str, status: int | None) -> str:
+    """The `reason` label of dead_lettered_events: a few values, not the free-text reason."""
+    if status == 413:
+        return "too_large"  # a single event the intake refuses as too large
+    if status is not None:
+        return "rejected"  # 400/422: the intake will never take it
+    return "oversized" if reason == OVERSIZED_REASON else "internal"
+
+
 class DeadLetterWriter:
     """Dead-letter writes (append + fsync) in one thread, in call order; counted on the loop."""
 
@@ -245,17 +255,17 @@ class DeadLetterWriter:
         n = len(batch)
         exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
         if exc is not None:
-            self.counters.dropped_events += n
+            self.counters.dropped(n, "dead_letter_failed")
             self.log.error("dead_letter_write_failed", events=n, reason=reason,
                            error=str(exc), action="events dropped")
             return
         path = f.result()
         if path is None:
-            self.counters.dropped_events += n
+            self.counters.dropped(n, "dead_letter_full")
             self.log.error("dead_letter_full", events=n, reason=reason,
                            max_size=self.dead.max_size, action="events dropped")
             return
-        self.counters.dead_lettered_events += n
+        self.counters.dead_lettered(n, dead_letter_label(reason, status))
         self.log.error(
             "dead_lettered", events=n, reason=reason, status=status,
             response=response[:200], file=str(path),

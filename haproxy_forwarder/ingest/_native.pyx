@@ -268,15 +268,11 @@ cdef class NativeChunkReader:
     cdef object _received
     cdef Py_ssize_t _frames, _accepted, _oversized
 
-    def __cinit__(self) -> None:
-        self._part.p = NULL
-        self._part.len = 0
-        self._part.cap = 0
-        self._pre = NULL
-        self._plen = NULL
+    # No __cinit__: the object's memory is zeroed at allocation (tp_alloc), so the buffers and
+    # prefix tables start NULL/0 and __dealloc__ is safe even if __init__ never ran. (Cython's
+    # argument-less __cinit__ wrapper also computes NULL + 0, which UBSan reports.)
 
     def __init__(self, filt, max_message_size: int, framing: str = AUTO) -> None:
-        cdef Py_ssize_t k
         if framing == DATAGRAM:
             self._mode = M_DATAGRAM
             # PyChunkReader does not check the limit in this mode; clamp it into a C integer.
@@ -292,30 +288,45 @@ cdef class NativeChunkReader:
             self._max = max_message_size
             self._maxdig = len(str(max_message_size)) + 2
         self._filter = filt
-        self._programs = tuple(filt.programs)
-        self._keep = tuple(filt.keep_tag)
-        self._nprog = len(self._programs)
-        self._nkeep = len(self._keep)
-        for p in self._programs + self._keep:
-            if not isinstance(p, bytes):
-                raise TypeError("ProgramFilter prefixes must be bytes")
-        PyMem_Free(self._pre)
-        PyMem_Free(self._plen)
-        k = self._nprog + self._nkeep
-        self._pre = <unsigned char**>PyMem_Malloc(<size_t>(k + 1) * sizeof(unsigned char*))
-        self._plen = <Py_ssize_t*>PyMem_Malloc(<size_t>(k + 1) * sizeof(Py_ssize_t))
-        if self._pre == NULL or self._plen == NULL:
-            raise MemoryError()
-        # Pointers into the bytes of the tuples, which this reader keeps alive.
-        for k, p in enumerate(self._programs + self._keep):
-            self._pre[k] = <unsigned char*>PyBytes_AS_STRING(p)
-            self._plen[k] = PyBytes_GET_SIZE(p)
+        self._load_filter()
         self._part.len = 0
         self._need = self._flen = self._skip = 0
         self._discard = self._closed = self._seen_error = False
         self._error = None
         self._last_ts = None
         self.fallbacks = 0
+
+    cdef int _load_filter(self) except -1:
+        # The C copy of the filter's prefixes; taken again when the filter was updated in
+        # place (a reload), so a connection open across it gets the new filter too.
+        cdef Py_ssize_t k
+        cdef unsigned char** pre
+        cdef Py_ssize_t* plen
+        cdef tuple programs = tuple(self._filter.programs)
+        cdef tuple keep = tuple(self._filter.keep_tag)
+        for p in programs + keep:
+            if not isinstance(p, bytes):
+                raise TypeError("ProgramFilter prefixes must be bytes")
+        k = len(programs) + len(keep)
+        pre = <unsigned char**>PyMem_Malloc(<size_t>(k + 1) * sizeof(unsigned char*))
+        plen = <Py_ssize_t*>PyMem_Malloc(<size_t>(k + 1) * sizeof(Py_ssize_t))
+        if pre == NULL or plen == NULL:
+            PyMem_Free(pre)
+            PyMem_Free(plen)
+            raise MemoryError()
+        # Pointers into the bytes of the tuples, which this reader keeps alive.
+        for k, p in enumerate(programs + keep):
+            pre[k] = <unsigned char*>PyBytes_AS_STRING(p)
+            plen[k] = PyBytes_GET_SIZE(p)
+        PyMem_Free(self._pre)
+        PyMem_Free(self._plen)
+        self._pre = pre
+        self._plen = plen
+        self._programs = programs
+        self._keep = keep
+        self._nprog = len(programs)
+        self._nkeep = len(keep)
+        return 0
 
     def __dealloc__(self) -> None:
         _release(&self._part)
@@ -392,6 +403,10 @@ cdef class NativeChunkReader:
             _release(&self._part)
 
     cdef int _begin(self, received_at) except -1:
+        # Two identity checks per chunk: ProgramFilter.update puts new tuples in place.
+        filt = self._filter
+        if filt.programs is not self._programs or filt.keep_tag is not self._keep:
+            self._load_filter()
         self._ends = []
         self._times = []
         self._too_large = []

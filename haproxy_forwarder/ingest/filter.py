@@ -18,6 +18,14 @@ class ProgramFilter:
     __slots__ = ("keep_tag", "programs")
 
     def __init__(self, programs: Sequence[str], keep_tag: Sequence[str] = ("hapee",)) -> None:
+        self.programs: tuple[bytes, ...] = ()
+        self.keep_tag: tuple[bytes, ...] = ()
+        self.update(programs, keep_tag)
+
+    def update(self, programs: Sequence[str], keep_tag: Sequence[str]) -> None:
+        """New prefixes, in place (a reload): every reader sharing this filter, including those
+        of connections already open, applies them from its next chunk. Readers notice by the
+        identity of the tuples: `programs` (never empty) is always a new one."""
         if not programs or any(not p for p in programs):
             raise ValueError("needs at least one non-empty program name prefix")
         self.programs = tuple(p.encode() for p in programs)

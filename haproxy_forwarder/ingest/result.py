@@ -36,7 +36,11 @@ class ChunkResult:
 
 
 class ChunkReader(Protocol):
-    """One per connection (TCP) or per listener (UDP: every chunk is one datagram)."""
+    """One per connection (TCP) or per listener (UDP: every chunk is one datagram).
+
+    A reader keeps the ProgramFilter it was made with and follows `ProgramFilter.update`
+    from its next feed/close, frames already buffered included (SIGHUP reload).
+    """
 
     def feed(self, chunk: bytes, received_at: bytes) -> ChunkResult: ...
 

@@ -1,14 +1,33 @@
 """The one registry of counters every component writes to, the spool included.
 
-Plain int attributes on dataclasses: incrementing them is the cheapest thing Python can do,
-which matters on the per-message path. One name per thing: the same flat names appear in
-/metrics (as haproxy_forwarder_<name>_total), in the `stats` log line and in `spool stats`.
+Plain int attributes on slotted dataclasses: incrementing them is the cheapest thing Python
+can do, which matters on the per-chunk path; nothing here takes a lock or calls a metrics
+library. /metrics reads them at scrape time (observability/prometheus.py). One name per
+thing: the flat names of `snapshot()` are the `stats` log line and `spool stats`; /metrics
+exports the same names as haproxy_forwarder_<name>_total, split by labels where they belong
+(per listener, per framing, per reason, per status class).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from bisect import bisect_left
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+
+# Label values of `framing` on the per-listener frame counters.
+OCTET = "octet"
+LF = "lf"
+DATAGRAM = "datagram"
+
+# Upper bounds (seconds) of the intake request latency histogram: a loopback answer takes a
+# few ms, a healthy intake tens to hundreds, a struggling one seconds, the timeout is 30 s.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+# Present from the start (at 0), so that rate() and increase() work from the first scrape.
+STATUS_CLASSES = ("2xx", "4xx", "5xx", "network")
+DEAD_LETTER_REASONS = ("rejected", "too_large", "oversized", "internal")
+DROP_REASONS = ("dead_letter_full", "dead_letter_failed", "shutdown")
 
 
 @dataclass(slots=True)
@@ -39,17 +58,67 @@ class SpoolCounters:
         return {f"spool_{k}": v for k, v in asdict(self).items()}
 
 
-@dataclass(slots=True)
-class Counters:
-    # input
+@dataclass(slots=True, eq=False)
+class FramingCounters:
+    """One listener's frames in one framing: a TCP connection picks its object once, when its
+    first byte decides the framing, and then only adds to it."""
+
+    frames: int = 0
+    framing_errors: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class ListenerCounters:
+    """One listener's input; `name` ("tcp://127.0.0.1:1514") is its `listener` label."""
+
+    name: str
     connections_accepted: int = 0
     connections_refused: int = 0
     connections_evicted: int = 0
-    received_frames: int = 0
     received_bytes: int = 0
-    framing_errors: int = 0
     oversized_frames: int = 0
     udp_dropped: int = 0
+    framings: dict[str, FramingCounters] = field(default_factory=dict)
+
+    def framing(self, name: str) -> FramingCounters:
+        fc = self.framings.get(name)
+        if fc is None:
+            fc = self.framings[name] = FramingCounters()
+        return fc
+
+
+# The per-listener counters, summed over listeners in the flat snapshot.
+LISTENER_FIELDS = tuple(
+    f.name for f in fields(ListenerCounters) if f.name not in ("name", "framings")
+)
+
+
+@dataclass(slots=True, eq=False)
+class RequestStats:
+    """Intake requests, recorded once per HTTP request (never per event)."""
+
+    # buckets[i]: requests that took at most DURATION_BUCKETS[i] (and more than the bound
+    # before it); the last one, slower than every bound (le="+Inf" once accumulated).
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    duration_sum: float = 0.0
+    by_class: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUS_CLASSES, 0))
+    # 401/403: the intake refuses the key (what the IntakeKeyRejected alert watches).
+    key_rejected: int = 0
+
+    def observe(self, seconds: float, status: int | None) -> None:
+        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+        cls = "network" if status is None else f"{status // 100}xx"
+        self.by_class[cls] = self.by_class.get(cls, 0) + 1
+        if status in (401, 403):
+            self.key_rejected += 1
+
+
+@dataclass(slots=True)
+class Counters:
+    # input: totals of the listeners' counters (`listeners`); received_frames is counted by
+    # the collector, per chunk
+    received_frames: int = 0
     # filter
     filtered_out: int = 0
     accepted_events: int = 0
@@ -59,15 +128,46 @@ class Counters:
     delivered_batches: int = 0
     retries: int = 0
     uncertain_deliveries: int = 0
-    dead_lettered_events: int = 0
+    dead_lettered_events: int = 0  # the sum of dead_letter_reasons
     requeued_events: int = 0
-    dropped_events: int = 0  # lost for good: dead-letter store full or failing, shutdown
+    dropped_events: int = 0  # lost for good: the sum of drop_reasons
+    # SIGHUP: configs applied, and configs refused (the running one stayed)
+    reloads: int = 0
+    reload_failures: int = 0
     spool: SpoolCounters = field(default_factory=SpoolCounters)
+    listeners: list[ListenerCounters] = field(default_factory=list)
+    requests: RequestStats = field(default_factory=RequestStats)
+    dead_letter_reasons: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(DEAD_LETTER_REASONS, 0))
+    drop_reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+
+    def add_listener(self, lc: ListenerCounters) -> None:
+        """A listener just bound; its counters stay after it closes: totals never go down."""
+        self.listeners.append(lc)
+
+    def dead_lettered(self, events: int, reason: str) -> None:
+        self.dead_lettered_events += events
+        self.dead_letter_reasons[reason] = self.dead_letter_reasons.get(reason, 0) + events
+
+    def dropped(self, events: int, reason: str) -> None:
+        self.dropped_events += events
+        self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + events
 
     def snapshot(self) -> dict[str, int]:
-        out = {k: v for k, v in asdict(self).items() if k != "spool"}
+        out = {name: getattr(self, name) for name in SCALAR_FIELDS}
+        for name in LISTENER_FIELDS:
+            out[name] = sum(getattr(lc, name) for lc in self.listeners)
+        out["framing_errors"] = sum(fc.framing_errors for lc in self.listeners
+                                    for fc in lc.framings.values())
         out.update(self.spool.snapshot())
         return out
+
+
+# Plain int counters of `Counters`, exported as they are (fields added later included).
+SCALAR_FIELDS = tuple(
+    f.name for f in fields(Counters)
+    if f.name not in ("spool", "listeners", "requests", "dead_letter_reasons", "drop_reasons")
+)
 
 
 class Registry:
@@ -76,17 +176,34 @@ class Registry:
     def __init__(self, info: dict[str, str] | None = None) -> None:
         self.counters = Counters()
         self._gauges: dict[str, Callable[[], float]] = {}
-        # Labels of the build_info gauge: version, which ingest and gzip implementations run.
+        self._labelled: dict[str, tuple[str, Callable[[], Mapping[str, float]]]] = {}
+        # Labels of the build_info metric: version, which ingest and gzip implementations run.
         self.info: dict[str, str] = dict(info or {})
 
-    def gauge(self, name: str, read: Callable[[], float]) -> None:
-        if name in self._gauges:
+    def _check_new(self, name: str) -> None:
+        if name in self._gauges or name in self._labelled:
             raise ValueError(f"gauge {name!r} registered twice")
+
+    def gauge(self, name: str, read: Callable[[], float]) -> None:
+        self._check_new(name)
         self._gauges[name] = read
+
+    def labelled_gauge(self, name: str, label: str,
+                       read: Callable[[], Mapping[str, float]]) -> None:
+        """A gauge with one label: `read` returns {label value: value} (e.g. per listener)."""
+        self._check_new(name)
+        self._labelled[name] = (label, read)
 
     def gauges(self) -> dict[str, float]:
         return {name: float(read()) for name, read in self._gauges.items()}
 
+    def labelled_gauges(self) -> dict[str, tuple[str, dict[str, float]]]:
+        return {name: (label, {k: float(v) for k, v in read().items()})
+                for name, (label, read) in self._labelled.items()}
+
     def snapshot(self) -> dict[str, float]:
-        """Everything, flat: the `stats` log line."""
-        return {**self.counters.snapshot(), **self.gauges()}
+        """Everything, flat (labelled gauges summed): the `stats` log line."""
+        out: dict[str, float] = {**self.counters.snapshot(), **self.gauges()}
+        for name, (_, values) in self.labelled_gauges().items():
+            out[name] = sum(values.values())
+        return out

@@ -1,8 +1,10 @@
-"""Status endpoint: GET /metrics (Prometheus text) and GET /healthz (JSON, 200 or 503).
+"""Status endpoint: GET /metrics (Prometheus), /healthz (liveness) and /readyz (readiness).
 
 Health means "making progress", not "process alive": a backlog with no delivery for
-`status.stall_after` seconds, or a spool that refuses writes, is unhealthy (the failure mode
-of Sekoia's rsyslog concentrator was an output stalled silently while the process stayed up).
+`status.stall_after` seconds, a spool that refuses writes, or a listener that closed under us
+is unhealthy (the failure mode of Sekoia's rsyslog concentrator was an output stalled silently
+while the process stayed up). Ready means "send me traffic": every listener bound and the
+spool recovered; not ready again from the moment shutdown starts, while it drains.
 """
 
 from __future__ import annotations
@@ -15,32 +17,23 @@ from typing import Any
 import orjson
 
 from .counters import Registry
+from .prometheus import collector_registry, exposition
 
 MAX_REQUEST = 8192
 READ_TIMEOUT = 5.0
 
+Check = Callable[[], tuple[bool, dict[str, Any]]]
+
+_REASONS = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed",
+            503: b"Service Unavailable"}
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus(
-    counters: dict[str, int], gauges: dict[str, float], info: dict[str, str] | None = None
-) -> bytes:
-    """Counters (they only go up) get the suffix _total; gauges keep their name; `info` is
-    the constant 1 of haproxy_forwarder_build_info with its labels."""
-    lines: list[str] = []
-    if info:
-        labels = ",".join(f'{k}="{_label(v)}"' for k, v in info.items())
-        lines += ["# TYPE haproxy_forwarder_build_info gauge",
-                  f"haproxy_forwarder_build_info{{{labels}}} 1"]
-    for name, value in counters.items():
-        metric = f"haproxy_forwarder_{name}_total"
-        lines += [f"# TYPE {metric} counter", f"{metric} {value}"]
-    for name, fvalue in gauges.items():
-        lines += [f"# TYPE haproxy_forwarder_{name} gauge", f"haproxy_forwarder_{name} {fvalue:g}"]
-    return ("\n".join(lines) + "\n").encode()
+def _header(head: bytes, name: bytes) -> str:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return ""
 
 
 class StatusServer:
@@ -49,19 +42,22 @@ class StatusServer:
         host: str,
         port: int,
         registry: Registry,
-        health: Callable[[], tuple[bool, dict[str, Any]]],
+        health: Check,
         log: Any,
+        ready: Check | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.registry = registry
         self.health = health
+        self.ready = ready or health
         self.log = log
+        self.metrics = collector_registry(registry)
         self.server: asyncio.Server | None = None
 
     async def start(self) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._handle, self.host, self.port,
-                                                 reuse_address=True)
+                                                 reuse_address=True, limit=MAX_REQUEST)
         addr = self.server.sockets[0].getsockname()
         return addr[0], addr[1]
 
@@ -76,7 +72,7 @@ class StatusServer:
             parts = head.split(b" ", 2)
             method = parts[0] if parts else b""
             path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
-            status, ctype, body = self._route(method, path)
+            status, ctype, body = self._route(method, path, head)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
                 ConnectionError):
             writer.close()
@@ -84,23 +80,26 @@ class StatusServer:
         writer.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n"
-            % (status, b"OK" if status == 200 else b"Error", ctype, len(body))
+            % (status, _REASONS.get(status, b"Error"), ctype, len(body))
             + body
         )
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
 
-    def _route(self, method: bytes, path: bytes) -> tuple[int, bytes, bytes]:
+    def _route(self, method: bytes, path: bytes, head: bytes) -> tuple[int, bytes, bytes]:
         if method != b"GET":
             return 405, b"text/plain", b"only GET\n"
         if path == b"/metrics":
-            r = self.registry
-            text = prometheus(r.counters.snapshot(), r.gauges(), r.info)
-            return 200, b"text/plain; version=0.0.4", text
+            body, ctype = exposition(self.metrics, _header(head, b"accept"))
+            return 200, ctype.encode(), body
         if path in (b"/healthz", b"/health"):
-            ok, detail = self.health()
-            return (200 if ok else 503), b"application/json", orjson.dumps(detail) + b"\n"
-        return 404, b"text/plain", b"try /metrics or /healthz\n"
+            return self._json(self.health)
+        if path == b"/readyz":
+            return self._json(self.ready)
+        return 404, b"text/plain", b"try /metrics, /healthz or /readyz\n"
 
-
+    @staticmethod
+    def _json(check: Check) -> tuple[int, bytes, bytes]:
+        ok, detail = check()
+        return (200 if ok else 503), b"application/json", orjson.dumps(detail) + b"\n"

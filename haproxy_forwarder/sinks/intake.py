@@ -6,13 +6,14 @@ No httpx exception leaves this module; the delivery loop only sees Outcome value
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import enum
 import ssl
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import httpx
@@ -47,6 +48,9 @@ class Outcome:
     # True when the request may have been processed although we got no answer: a retry
     # can then duplicate events (a timeout after sending).
     uncertain: bool = False
+    # Seconds the request took; None for parts never sent (skipped after a failed part):
+    # delivery records one latency and one status class per request from it.
+    elapsed: float | None = field(default=None, compare=False)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -122,6 +126,11 @@ class IntakeClient:
         )
 
     async def post(self, body: bytes) -> Outcome:
+        start = time.monotonic()
+        outcome = await self._post(body)
+        return dataclasses.replace(outcome, elapsed=time.monotonic() - start)
+
+    async def _post(self, body: bytes) -> Outcome:
         try:
             if len(body) <= SEND_PIECE:
                 resp = await self._client.post(self.url, content=body)
@@ -172,7 +181,8 @@ class IntakeSink:
             out.append((b, outcome))
             if outcome.kind is not Kind.DELIVERED:
                 # Don't push the other parts at an intake that just failed; they are retried.
-                out += [(rest, outcome) for rest, _ in parts[len(out) :]]
+                skipped = dataclasses.replace(outcome, elapsed=None)
+                out += [(rest, skipped) for rest, _ in parts[len(out) :]]
                 break
         return out
 

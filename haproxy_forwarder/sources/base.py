@@ -34,6 +34,11 @@ class Backpressure:
     def subscribe(self, listener: Callable[[bool], None]) -> None:
         self._listeners.append(listener)
 
+    def unsubscribe(self, listener: Callable[[bool], None]) -> None:
+        """A listener closed by a reload: it must not be kept alive (nor called) any more."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def set(self, on: bool) -> None:
         self.on = on
         for listener in self._listeners:
@@ -56,3 +61,8 @@ class SourceContext:
 def split_hostport(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def listener_name(proto: str, host: str, port: int) -> str:
+    """A listener as its `listener` label shows it: tcp://127.0.0.1:1514, udp://[::1]:514."""
+    return f"{proto}://[{host}]:{port}" if ":" in host else f"{proto}://{host}:{port}"

@@ -11,7 +11,8 @@ import time
 from typing import cast
 
 from ..ingest import AUTO, ChunkResult
-from .base import SourceContext
+from ..observability.counters import LF, OCTET, FramingCounters, ListenerCounters
+from .base import SourceContext, listener_name
 
 
 class TcpConnection(asyncio.Protocol):
@@ -19,6 +20,9 @@ class TcpConnection(asyncio.Protocol):
         self.source = source
         self.ctx = source.ctx
         self.reader = self.ctx.reader(AUTO)
+        self.stats = source.stats
+        # Set by the first byte, as the reader decides the framing (a digit: octet counting).
+        self.framing: FramingCounters | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.oversized_logged = False
@@ -28,7 +32,7 @@ class TcpConnection(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
         transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
-        c = ctx.counters
+        c = self.stats
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         src = self.source
@@ -50,22 +54,27 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         ctx = self.ctx
-        ctx.counters.received_bytes += len(data)
+        fc = self.framing
+        if fc is None:
+            fc = self.framing = self.stats.framing(OCTET if 48 <= data[0] <= 57 else LF)
+        self.stats.received_bytes += len(data)
         result = self.reader.feed(data, ctx.sink.received_at())
-        self._handle(result)
+        self._handle(result, fc)
         if result.error is not None and self.transport is not None:
             self.transport.close()
 
     def eof_received(self) -> bool | None:
-        self._handle(self.reader.close(self.ctx.sink.received_at()))
+        # No byte ever came: nothing can be counted, in no framing.
+        fc = self.framing if self.framing is not None else FramingCounters()
+        self._handle(self.reader.close(self.ctx.sink.received_at()), fc)
         return None
 
-    def _handle(self, result: ChunkResult) -> None:
+    def _handle(self, result: ChunkResult, fc: FramingCounters) -> None:
         ctx = self.ctx
-        c = ctx.counters
+        fc.frames += result.frames
         ctx.sink.take(result)
         if result.oversized:
-            c.oversized_frames += result.oversized
+            self.stats.oversized_frames += result.oversized
             if not self.oversized_logged:  # logged once per connection, counted always
                 self.oversized_logged = True
                 ctx.log.warning(
@@ -75,7 +84,7 @@ class TcpConnection(asyncio.Protocol):
                     action="discarded, connection kept",
                 )
         if result.error is not None:
-            c.framing_errors += result.framing_errors
+            fc.framing_errors += result.framing_errors
             ctx.log.warning("framing_error", peer=self.peer, error=result.error,
                             action="connection closed")
 
@@ -114,6 +123,10 @@ class TcpSource:
         self.evict_idle_after = evict_idle_after
         self.connections: set[TcpConnection] = set()
         self._server: asyncio.Server | None = None
+        self._stopping = False
+        # Its `listener` label gets the bound port at start() (port 0 in tests), and it is
+        # shown from then on: a listener that failed to bind has no series.
+        self.stats = ListenerCounters(listener_name("tcp", host, port))
         ctx.pressure.subscribe(self._on_pressure)
 
     async def start(self) -> tuple[str, int]:
@@ -122,7 +135,23 @@ class TcpSource:
             lambda: TcpConnection(self), self.host, self.port, reuse_address=True, backlog=1024
         )
         addr = self._server.sockets[0].getsockname()
+        self.stats.name = listener_name("tcp", addr[0], addr[1])
+        self.ctx.counters.add_listener(self.stats)
         return addr[0], addr[1]
+
+    @property
+    def name(self) -> str:
+        return self.stats.name
+
+    @property
+    def listening(self) -> bool:
+        """Bound and accepting: False before start(), after stop(), or if the socket closed."""
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def down(self) -> bool:
+        """Started, not stopped by us, and yet not accepting any more."""
+        return self._server is not None and not self._stopping and not self._server.is_serving()
 
     def evict_idle(self) -> bool:
         """At the connection limit, make room by closing the longest-idle connection.
@@ -136,7 +165,7 @@ class TcpSource:
         idle = time.monotonic() - oldest.last_active
         if idle < self.evict_idle_after or oldest.transport is None:
             return False
-        self.ctx.counters.connections_evicted += 1
+        self.stats.connections_evicted += 1
         self.ctx.log.warning("connection_evicted_idle", peer=oldest.peer, idle=round(idle, 1),
                              reason="listen.max_connections reached")
         # A FIN first: rsyslog checks for it before writing, so it reconnects cleanly.
@@ -154,6 +183,9 @@ class TcpSource:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, then read what senders already wrote for up to `grace` seconds."""
+        self._stopping = True
+        # A listener closed by a reload must not stay subscribed (kept alive, called).
+        self.ctx.pressure.unsubscribe(self._on_pressure)
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):

@@ -1,0 +1,57 @@
+"""Settings that are valid and work, but put events or the endpoint at risk.
+
+`check-config` prints each as one `warning:` line and still exits 0: these are choices an
+operator may make on purpose, so they are said, never refused. Each line names the setting,
+the risk and what to do. What the defaults already accept (kill -9 loses the in-memory
+batches of `overflow` mode, UDP drops under backpressure) is documented, not warned about.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from .config import Settings
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may well resolve to a public address
+
+
+def risky_settings(settings: Settings) -> list[str]:
+    """One line per risky setting, in config-file order; empty for the defaults."""
+    out: list[str] = []
+    intake = settings.intake
+    if intake.dry_run:
+        out.append("intake.dry_run = true: `run` prints events on stdout and sends nothing to "
+                   "the intake (no spool either); set it to false to forward")
+    if intake.url.startswith("http://"):
+        # config.py only lets plain HTTP through to a loopback address.
+        out.append(f"intake.url = {intake.url} is plain HTTP: the key and events travel "
+                   "unencrypted to that local port; make sure what listens there forwards "
+                   "them over TLS")
+    if intake.ca_file is not None:
+        out.append(f"intake.ca_file = {intake.ca_file}: any certificate this CA signs is "
+                   "trusted as the intake (besides the system CAs); keep it only for a "
+                   "TLS-inspecting proxy you run, and protect the file")
+    if intake.concurrency > 1 and intake.endpoint != "array":
+        # With `array` every event carries its own time, so Sekoia's timeline is right whatever
+        # the order of arrival; the other endpoints are stamped as they arrive.
+        out.append(f"intake.concurrency = {intake.concurrency} with endpoint "
+                   f"\"{intake.endpoint}\": batches, even from one connection, may reach the "
+                   "intake out of order and these events carry no timestamp of their own; set "
+                   "intake.concurrency = 1 or endpoint = \"array\"")
+    if settings.spool.when_full == "drop_oldest":
+        out.append("spool.when_full = \"drop_oldest\": a full spool deletes its oldest events "
+                   "(counted in spool_dropped_events, logged spool_full_dropped_oldest); "
+                   "\"block\" holds input back instead, or raise spool.max_size")
+    listen = settings.status.listen
+    if listen and not _is_loopback(listen.rpartition(":")[0]):
+        out.append(f"status.listen = {listen}: /metrics and /healthz have no authentication "
+                   "and are reachable from the network; bind 127.0.0.1 or firewall the port")
+    return out

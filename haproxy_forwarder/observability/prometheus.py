@@ -1,0 +1,177 @@
+"""/metrics by prometheus-client: a collector that reads our plain counters at scrape time.
+
+The hot path never calls the library: sources and workers add to int attributes (counters.py)
+and this collector turns them into metric families when Prometheus asks, on the event loop
+like every increment, so a scrape sees a consistent picture without a lock. The library does
+the exposition (text format, or OpenMetrics when the scraper's Accept asks for it).
+
+Names: counters are haproxy_forwarder_<name>_total with the flat names of the `stats` log line;
+labels where they belong: `listener` and `framing` on input, `reason` on dead letters and
+drops, `status_class` on intake requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+
+from .counters import DURATION_BUCKETS, LISTENER_FIELDS, SCALAR_FIELDS, Registry
+
+PREFIX = "haproxy_forwarder_"
+
+# Exported with labels below, not as the plain totals of SCALAR_FIELDS.
+_LABELLED = {"received_frames", "dead_lettered_events", "dropped_events"}
+
+HELP: dict[str, str] = {
+    "connections_accepted": "TCP connections accepted.",
+    "connections_refused": "TCP connections refused at listen.max_connections.",
+    "connections_evicted": "Idle TCP connections closed to make room at listen.max_connections.",
+    "received_frames": "Syslog messages read (TCP frames, UDP datagrams), before the filter.",
+    "received_bytes": "Raw bytes read, framing included.",
+    "framing_errors": "TCP connections closed for unreadable framing.",
+    "oversized_frames": "Messages over listen.max_message_size, discarded.",
+    "udp_dropped": "UDP datagrams dropped under backpressure.",
+    "filtered_out": "Messages not forwarded: program not in filter.programs.",
+    "accepted_events": "Events put into batches.",
+    "batches_sent": "Send attempts, retries included.",
+    "delivered_events": "Events accepted by the intake (2xx).",
+    "delivered_batches": "Batches accepted by the intake (2xx).",
+    "retries": "Failed attempts that will be retried.",
+    "uncertain_deliveries": "Requests of unknown outcome (timeout after sending): maybe "
+                            "duplicated.",
+    "dead_lettered_events": "Events written to dead letters, by reason.",
+    "requeued_events": "Dead letters re-queued by replay-dead-letter.",
+    "dropped_events": "Events lost for good, by reason.",
+    "reloads": "Configurations applied on SIGHUP.",
+    "reload_failures": "Configurations refused on SIGHUP (the running one stayed).",
+    "intake_requests": "HTTP requests to the intake, by status class (network: no answer).",
+    "intake_key_rejected": "Intake answers 401/403: the intake key is refused.",
+    "intake_request_duration_seconds": "Time of one HTTP request to the intake.",
+    "connections_open": "TCP connections open.",
+    "listener_up": "1 while the listener is bound and reading.",
+    "last_delivery_timestamp_seconds": "Unix time of the last delivery accepted by the intake "
+                                       "(0: none yet).",
+    "build": "Version, ingest and gzip implementations of this daemon.",
+    "in_memory_batches": "Batches held in memory only (neither delivered nor on disk).",
+    "backlog_batches": "Batches not delivered yet, in memory and on the spool.",
+    "paused": "1 under backpressure: TCP listeners stop reading, UDP is dropped.",
+    "intake_failing": "1 from a failed request until the intake accepts again.",
+    "seconds_since_last_delivery": "Seconds since the last accepted request (or the start).",
+    "spool_batches": "Batches on the spool, not delivered yet.",
+    "spool_events": "Events on the spool, not delivered yet.",
+    "spool_bytes": "Bytes the spool holds on disk.",
+    "spool_max_bytes": "spool.max_size: where the spool is full.",
+    "spool_oldest_age_seconds": "Age of the oldest batch on the spool.",
+    "spool_segments": "Segment files of the spool.",
+    "spool_blocked": "1 while the spool refuses writes (full or failing): input held back.",
+}
+
+
+def _help(name: str) -> str:
+    return HELP.get(name, name.replace("_", " ") + ".")
+
+
+class ForwarderCollector:
+    """prometheus_client's Collector protocol over our Registry (`collect()` per scrape)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.registry
+        c = r.counters
+        yield InfoMetricFamily(PREFIX + "build", _help("build"), value=r.info)
+        for name in SCALAR_FIELDS:
+            if name not in _LABELLED:
+                yield CounterMetricFamily(PREFIX + name, _help(name), value=getattr(c, name))
+        for name, value in c.spool.snapshot().items():
+            yield CounterMetricFamily(PREFIX + name, _help(name), value=value)
+        yield from self._listeners()
+        for name, by_reason in (("dead_lettered_events", c.dead_letter_reasons),
+                                ("dropped_events", c.drop_reasons)):
+            fam = CounterMetricFamily(PREFIX + name, _help(name), labels=["reason"])
+            for reason, n in by_reason.items():
+                fam.add_metric([reason], n)
+            yield fam
+        yield from self._requests()
+        for name, level in r.gauges().items():
+            yield GaugeMetricFamily(PREFIX + name, _help(name), value=level)
+        for name, (label, values) in r.labelled_gauges().items():
+            gauge = GaugeMetricFamily(PREFIX + name, _help(name), labels=[label])
+            for key, v in values.items():
+                gauge.add_metric([key], v)
+            yield gauge
+
+    def _listeners(self) -> Iterator[Metric]:
+        # Summed by name: a listener closed and opened again (a reload) keeps one series.
+        totals: dict[str, dict[str, int]] = {}
+        frames: dict[tuple[str, str], list[int]] = {}
+        for lc in self.registry.counters.listeners:
+            t = totals.setdefault(lc.name, dict.fromkeys(LISTENER_FIELDS, 0))
+            for f in LISTENER_FIELDS:
+                t[f] += getattr(lc, f)
+            for framing, fc in lc.framings.items():
+                acc = frames.setdefault((lc.name, framing), [0, 0])
+                acc[0] += fc.frames
+                acc[1] += fc.framing_errors
+        for f in LISTENER_FIELDS:
+            if f == "udp_dropped" or f.startswith("connections_"):
+                # Only where they can happen: TCP connections, UDP drops.
+                proto = "udp://" if f == "udp_dropped" else "tcp://"
+                items = [(n, t) for n, t in totals.items() if n.startswith(proto)]
+            else:
+                items = list(totals.items())
+            fam = CounterMetricFamily(PREFIX + f, _help(f), labels=["listener"])
+            for listener, t in items:
+                fam.add_metric([listener], t[f])
+            yield fam
+        for i, name in enumerate(("received_frames", "framing_errors")):
+            fam = CounterMetricFamily(PREFIX + name, _help(name), labels=["listener", "framing"])
+            for (listener, framing), acc in frames.items():
+                if i == 0 or framing != "datagram":  # a datagram has no framing to get wrong
+                    fam.add_metric([listener, framing], acc[i])
+            yield fam
+
+    def _requests(self) -> Iterator[Metric]:
+        q = self.registry.counters.requests
+        fam = CounterMetricFamily(PREFIX + "intake_requests", _help("intake_requests"),
+                                  labels=["status_class"])
+        for cls, n in q.by_class.items():
+            fam.add_metric([cls], n)
+        yield fam
+        yield CounterMetricFamily(PREFIX + "intake_key_rejected", _help("intake_key_rejected"),
+                                  value=q.key_rejected)
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        # `le` as the library writes its own histograms' bounds ("0.01", "1.0", "+Inf").
+        for le, n in zip((*map(repr, DURATION_BUCKETS), "+Inf"), q.buckets, strict=True):
+            cumulative += n
+            buckets.append((le, cumulative))
+        name = "intake_request_duration_seconds"
+        yield HistogramMetricFamily(PREFIX + name, _help(name), buckets=buckets,
+                                    sum_value=q.duration_sum)
+
+
+def collector_registry(registry: Registry) -> CollectorRegistry:
+    """A private registry (not the library's global one): ours, plus process_* (RSS, CPU,
+    open file descriptors, which listen.max_connections needs)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ForwarderCollector(registry))
+    ProcessCollector(registry=reg)
+    return reg
+
+
+def exposition(reg: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The body and its Content-Type: OpenMetrics if the Accept header asks, else text 0.0.4."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(reg), content_type

@@ -1,0 +1,121 @@
+"""The alert rules and the Grafana dashboard in config/: valid for their tools, every alert
+unit-tested by `promtool test rules`, and every metric they use one the real daemon exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from devtools import REPO
+from devtools.daemon import Daemon, base_config
+from devtools.traffic import octet_counted, send_tcp, traditional
+from tests.conftest import intake_section
+from tests.fake_intake import FakeIntake
+from tests.test_metrics import http_get
+
+RULES = REPO / "config" / "prometheus" / "haproxy-forwarder-alerts.yml"
+RULE_TESTS = REPO / "tests" / "prometheus" / "haproxy-forwarder-alerts-test.yml"
+DASHBOARD = REPO / "config" / "grafana" / "haproxy-forwarder-dashboard.json"
+README = REPO / "README.md"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (Debian package `prometheus`)")
+# Metric names in PromQL: ours, and the process_* ones the daemon exports beside them.
+METRIC = re.compile(r"\b(?:haproxy_forwarder|process)_[a-z_]+\b")
+
+
+def alerts() -> dict[str, str]:
+    """{alert name: expr} (one-line exprs: the file keeps them so, for this and for grep)."""
+    text = RULES.read_text()
+    names = re.findall(r"^\s+- alert: (\S+)$", text, re.M)
+    exprs = re.findall(r"^\s+expr: (.+)$", text, re.M)
+    assert len(names) == len(exprs) > 0
+    return dict(zip(names, exprs, strict=True))
+
+
+def dashboard_exprs(dash: dict[str, Any]) -> Iterator[str]:
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            yield target["expr"]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            yield var["definition"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """Every sample name of one real scrape (after some traffic and a delivery)."""
+    tmp = tmp_path_factory.mktemp("alerts")
+    with FakeIntake() as fi:
+        d = Daemon(tmp, base_config(tmp, intake=intake_section(fi)))
+        with d:
+            send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "for the scrape")]))
+            assert fi.wait_for(1, 15)
+            status, _, body = http_get(d.status_port, "/metrics")
+            assert status == 200
+    return {s.name for fam in text_string_to_metric_families(body.decode())
+            for s in fam.samples}
+
+
+@needs_promtool
+def test_rules_pass_promtool_check() -> None:
+    assert PROMTOOL is not None
+    out = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(alerts())} rules found" in out.stdout
+
+
+@needs_promtool
+def test_every_alert_fires_and_stays_quiet_as_its_unit_tests_say() -> None:
+    assert PROMTOOL is not None
+    out = subprocess.run([PROMTOOL, "test", "rules", str(RULE_TESTS)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    tested = set(re.findall(r"alertname: (\S+)", RULE_TESTS.read_text()))
+    assert tested == set(alerts())
+
+
+def test_rules_and_dashboard_use_only_metrics_the_daemon_exports(exported: set[str]) -> None:
+    used: dict[str, set[str]] = {}
+    for name, expr in alerts().items():
+        for metric in METRIC.findall(expr):
+            used.setdefault(metric, set()).add(f"alert {name}")
+    for expr in dashboard_exprs(json.loads(DASHBOARD.read_text())):
+        for metric in METRIC.findall(expr):
+            used.setdefault(metric, set()).add("dashboard")
+    assert len(used) >= 20  # the regex did find them
+    missing = {m: sorted(where) for m, where in used.items() if m not in exported}
+    assert not missing, f"not on the daemon's /metrics: {missing}"
+
+
+def test_dashboard_is_importable_grafana_json() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    (ds,) = dash["__inputs"]
+    assert (ds["name"], ds["type"], ds["pluginId"]) == ("DS_PROMETHEUS", "datasource",
+                                                        "prometheus")
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dash["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], panel["title"]
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for topic in ("listener", "accepted", "delivered", "latency", "status class", "spool",
+                  "backpressure", "dead letters", "build"):
+        assert topic in titles, topic
+
+
+def test_readme_says_what_to_do_for_every_alert() -> None:
+    text = README.read_text()
+    section = text.split("\n## Alerts\n", 1)[1].split("\n## ", 1)[0]
+    for name in alerts():
+        assert f"`{name}`" in section, name
