@@ -70,7 +70,7 @@ def test_new_key_and_url_mean_a_new_client_and_the_key_is_never_shown() -> None:
 
 
 def test_concurrency_means_a_new_client_and_new_workers() -> None:
-    plan = make_plan(settings(), settings(intake={"concurrency": 2}))
+    plan = make_plan(settings(), settings(intake={"concurrency": 3}))
     assert plan.sink and plan.workers
 
 

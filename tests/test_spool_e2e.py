@@ -535,7 +535,9 @@ def slow_sigterm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     out: dict[str, Any] = {}
     with FakeIntake() as fi:
         fi.set_delay(5.0)
-        cfg = base_config(tmp, shutdown_timeout=2.0, intake=intake_section(fi),
+        # 4 requests on the wire at once: the scenario is about several in doubt at SIGTERM.
+        cfg = base_config(tmp, shutdown_timeout=2.0,
+                          intake={**intake_section(fi), "concurrency": 4},
                           batch={"max_events": SLOW_BATCH, "max_in_flight": 16})
         d = Daemon(tmp, cfg).start()
         d2: Daemon | None = None
