@@ -34,13 +34,13 @@ run: $(STAMP)
 	$(BIN)/haproxy-forwarder --config config/haproxy-forwarder.toml run --dry-run
 
 test: $(STAMP)
-	$(BIN)/ruff check haproxy_forwarder devtools tests bench setup.py
-	$(BIN)/mypy haproxy_forwarder devtools bench
+	$(BIN)/ruff check haproxy_forwarder devtools tests bench fuzz setup.py
+	$(BIN)/mypy haproxy_forwarder devtools bench fuzz
 	HAPROXY_FORWARDER_EXPECT_COMPILED=$(EXPECT_COMPILED) $(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check haproxy_forwarder devtools tests bench setup.py
-	$(BIN)/mypy haproxy_forwarder devtools bench
+	$(BIN)/ruff check haproxy_forwarder devtools tests bench fuzz setup.py
+	$(BIN)/mypy haproxy_forwarder devtools bench fuzz
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
