@@ -239,6 +239,12 @@ class Daemon:
             self.log.info("listening", proto="http", host=h, port=p,
                           paths=["/metrics", "/healthz", "/readyz"])
             bound.append(f"http://{h}:{p}")
+        if s.intake.insecure_skip_verify and not s.intake.dry_run:
+            self.log.warning("intake_tls_verification_disabled",
+                             reason="intake.insecure_skip_verify = true",
+                             risk="the intake's certificate is not checked: the key and events "
+                                  "can be read on the path",
+                             hint="remove it; use intake.ca_file for a private CA")
         self.log.info(
             "started",
             **self.registry.info,

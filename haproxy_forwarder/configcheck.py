@@ -39,6 +39,10 @@ def risky_settings(settings: Settings) -> list[str]:
         out.append(f"intake.ca_file = {intake.ca_file}: any certificate this CA signs is "
                    "trusted as the intake (besides the system CAs); keep it only for a "
                    "TLS-inspecting proxy you run, and protect the file")
+    if intake.insecure_skip_verify:
+        out.append("intake.insecure_skip_verify = true: the intake's certificate is not checked, "
+                   "so anyone on the path can read the key and the events; use intake.ca_file "
+                   "for a private CA instead")
     if intake.concurrency > 1 and intake.endpoint != "array":
         # With `array` every event carries its own time, so Sekoia's timeline is right whatever
         # the order of arrival; the other endpoints are stamped as they arrive.

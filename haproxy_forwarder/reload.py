@@ -29,7 +29,8 @@ from .sources import SourceContext, TcpSource, UdpSource, split_hostport
 # changes (spool.*, status.listen, log.level, a setting added later and not listed here) is
 # kept as it runs, with a warning that a restart is needed: never silently claimed applied.
 SINK = frozenset(f"intake.{k}" for k in (
-    "url", "region", "key", "endpoint", "gzip", "ca_file", "proxy", "timeout", "concurrency"))
+    "url", "region", "key", "key_file", "endpoint", "gzip", "ca_file", "insecure_skip_verify",
+    "proxy", "timeout", "concurrency"))
 FILTER = frozenset({"filter.programs", "filter.keep_tag"})
 BATCH = frozenset(f"batch.{k}" for k in ("max_events", "max_bytes", "max_delay", "idle_flush"))
 BACKOFF = frozenset({"intake.retry_max", "intake.auth_retry"})
