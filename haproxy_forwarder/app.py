@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .config import MAX_EVENT_BYTES, Settings
 from .delivery import Backoff, Delivery
 from .ingest import ProgramFilter
 from .observability.counters import Registry
+from .observability.descriptors import OUT_OF_DESCRIPTORS, Descriptors
 from .observability.status import StatusServer
 from .reload import reload as reload_config
 from .sinks import make_sink
@@ -39,6 +41,24 @@ TCP_DRAIN_GRACE = 2.0
 REQUEUE_INTERVAL = 2.0
 # Longest time between two refreshes of the systemd STATUS= line (`systemctl status`).
 STATUS_INTERVAL = 5.0
+
+
+class ListenError(Exception):
+    """An address of the config cannot be bound (in use, not on this host, no such name): a
+    configuration problem (exit 2), told in one line naming the setting and the address."""
+
+
+async def _bind(setting: str, host: str, port: int,
+                start: Coroutine[Any, Any, tuple[str, int]]) -> tuple[str, int]:
+    try:
+        return await start
+    except OSError as exc:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # uvloop wraps the errno text in a sentence of its own, or gives none (UDP).
+        err = exc.__cause__ if not exc.errno and isinstance(exc.__cause__, OSError) else exc
+        reason = (os.strerror(err.errno) if err.errno and err.errno > 0
+                  else err.strerror or str(err))
+        raise ListenError(f"cannot bind {setting} {address}: {reason}") from None
 
 
 def check_fd_limit(settings: Settings, log: Any) -> None:
@@ -98,12 +118,11 @@ def _spool_gauge(spool: Spool, name: str) -> float:
 
 
 def tcp_source(ctx: SourceContext, address: str, s: Settings) -> TcpSource:
-    return TcpSource(ctx, *split_hostport(address), s.listen.max_connections,
-                     s.listen.evict_idle_after)
+    return TcpSource(ctx, *split_hostport(address), s.listen)
 
 
 def udp_source(ctx: SourceContext, address: str, s: Settings) -> UdpSource:
-    return UdpSource(ctx, *split_hostport(address))
+    return UdpSource(ctx, *split_hostport(address), s.listen.allow, s.listen.udp_rcvbuf)
 
 
 def build(settings: Settings, log: Any,
@@ -227,15 +246,16 @@ class Daemon:
         self.delivery.start()
         bound: list[str] = []
         for tcp in self.tcp:
-            h, p = await tcp.start()
+            h, p = await _bind("listen.tcp", tcp.host, tcp.port, tcp.start())
             self.log.info("listening", proto="tcp", host=h, port=p)
             bound.append(f"tcp://{h}:{p}")
         for udp in self.udp:
-            h, p = await udp.start()
+            h, p = await _bind("listen.udp", udp.host, udp.port, udp.start())
             self.log.info("listening", proto="udp", host=h, port=p)
             bound.append(f"udp://{h}:{p}")
         if self.status is not None:
-            h, p = await self.status.start()
+            st = self.status
+            h, p = await _bind("status.listen", st.host, st.port, st.start())
             self.log.info("listening", proto="http", host=h, port=p,
                           paths=["/metrics", "/healthz", "/readyz"])
             bound.append(f"http://{h}:{p}")
@@ -391,6 +411,12 @@ class Daemon:
         # Errors asyncio would print as bare text (e.g. accept() out of file descriptors)
         # become log lines like every other, so they are seen and grepped for.
         exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_DESCRIPTORS:
+            # accept() out of descriptors (the asyncio loop retries each second): counted,
+            # one line per few seconds.
+            Descriptors(self.counters, self.ctx.quiet).exhausted(
+                reason=os.strerror(exc.errno), action="accept retried in 1 s")
+            return
         self.log.error("event_loop_error", message=context.get("message", ""),
                        error=repr(exc) if exc else None)
 

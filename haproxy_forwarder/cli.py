@@ -115,6 +115,7 @@ def _run(settings: Settings, loader: Callable[[], Settings] | None = None) -> in
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency, but stay runnable
         runner = asyncio.run
+    from .app import ListenError
     from .spool import SpoolError
 
     if not _implementation_ok(log):
@@ -122,6 +123,10 @@ def _run(settings: Settings, loader: Callable[[], Settings] | None = None) -> in
     try:
         daemon = build(settings, log, loader)
         runner(daemon.run())
+    except ListenError as exc:
+        # An address of the config: in use, not on this host, or no such name.
+        log.error("startup_failed", error=str(exc))
+        return EXIT_CONFIG
     except (OSError, SpoolError) as exc:
         # A listen address in use, a spool directory not writable or locked by another
         # daemon: one clear line, no traceback.

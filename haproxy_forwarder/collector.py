@@ -71,6 +71,7 @@ class Collector:
         c.received_frames += result.frames
         c.accepted_events += result.accepted
         c.filtered_out += result.filtered
+        c.invalid_timestamps += result.bad_times
         if result.ends:
             closed = self.batcher.add(result.data, result.ends, result.times)
             for batch in closed:

@@ -5,10 +5,13 @@ Loading never raises past `load()`: every problem becomes one readable line in C
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import ssl
 import stat
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +52,8 @@ DEFAULT_URL = REGIONS["fra1"]
 MAX_EVENT_BYTES = 250 * KIB
 # Sekoia's clients stay under 10 MiB per request; we keep every encoded body under this.
 MAX_REQUEST_BYTES = 9 * MIB
+# Upper bound of the byte sizes (spool): past it a value is a typo, and JSON cannot hold it.
+MAX_SIZE_LIMIT = 1 << 50
 
 
 class ConfigError(Exception):
@@ -64,11 +69,49 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _valid_host(host: str) -> bool:
+    """An IP address (IPv6 in brackets, or bare) or a host name: what bind() can be given.
+    Caught here, "[::1" or "999.1.1.1" would only fail at start, as a resolver error."""
+    if host.startswith("[") or host.endswith("]"):
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+        kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address] = ipaddress.IPv6Address
+    elif ":" in host:
+        kind = ipaddress.IPv6Address
+    elif host.replace(".", "").isdigit():
+        kind = ipaddress.IPv4Address
+    else:
+        return re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host) is not None
+    try:
+        kind(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_hostport(value: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if (not sep or not host or not (port.isascii() and port.isdigit())
+            or not 0 <= int(port) <= 65535 or not _valid_host(host)):
         raise ValueError(f"{value!r} is not host:port (e.g. \"0.0.0.0:1514\")")
     return value
+
+
+def _url_problem(value: str) -> str:
+    """What makes an http(s) URL unusable (no host, a bad port, spaces), or ""."""
+    if any(c.isspace() for c in value):
+        return "contains a space"
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        if "port" in str(exc).lower():
+            return "the port must be a number from 1 to 65535"
+        return "the host cannot be read (an IPv6 address goes in brackets)"
+    if not parts.hostname:
+        return "has no host name"
+    if port == 0:
+        return "port 0 (ports are 1-65535)"
+    return ""
 
 
 class ListenConfig(_Section):
@@ -76,14 +119,44 @@ class ListenConfig(_Section):
     udp: list[str] = Field(default_factory=lambda: ["0.0.0.0:1514"])
     max_message_size: int = Field(default=256 * KIB, ge=1024, le=64 * MIB)
     # Bounded so a connection flood cannot exhaust memory or file descriptors (Vector #8238).
-    max_connections: int = Field(default=1024, ge=1)
-    # At the limit, a connection silent for this long is closed to make room for a new one.
-    evict_idle_after: float = Field(default=300.0, gt=0)
+    max_connections: int = Field(default=1024, ge=1, le=1 << 20)
+    # One peer address may hold this many of them: a single host cannot take every slot,
+    # while 64 is far above what a sender needs (rsyslog and HAProxy open one per target).
+    max_connections_per_address: int = Field(default=64, ge=1)
+    # A connection that completed no frame for this long is closed (trickled bytes do not
+    # count); at max_connections the one with the oldest complete frame makes room.
+    idle_timeout: float = Field(default=300.0, gt=0)
+    # The old name of idle_timeout (it then only applied at the limit): read as idle_timeout.
+    evict_idle_after: float | None = Field(default=None, gt=0)
+    # Bytes held in unfinished frames over all TCP connections; past it the connections
+    # holding the most are closed, so slow senders cannot pin max_connections x frame size.
+    max_buffered_bytes: int = Field(default=32 * MIB, ge=64 * KIB)
+    # CIDR blocks peers may come from (TCP at accept, UDP per datagram); empty: everyone.
+    allow: list[str] = Field(default_factory=list)
+    # SO_RCVBUF of each UDP socket, set at bind: what absorbs a burst while the loop is busy.
+    # Linux doubles it (bookkeeping) and caps it at net.core.rmem_max; the result is logged.
+    udp_rcvbuf: int = Field(default=8 * MIB, ge=1024, le=1 << 30)
 
     @field_validator("tcp", "udp")
     @classmethod
     def _addresses(cls, values: list[str]) -> list[str]:
         return [_check_hostport(v) for v in values]
+
+    @field_validator("allow")
+    @classmethod
+    def _cidrs(cls, values: list[str]) -> list[str]:
+        for v in values:
+            try:
+                ipaddress.ip_network(v, strict=False)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an address or CIDR block") from None
+        return values
+
+    @model_validator(mode="after")
+    def _old_name(self) -> ListenConfig:
+        if self.evict_idle_after is not None and "idle_timeout" not in self.model_fields_set:
+            self.idle_timeout = self.evict_idle_after
+        return self
 
 
 class FilterConfig(_Section):
@@ -182,7 +255,27 @@ class IntakeConfig(_Section):
                 raise ValueError(f"{value!r} must start with https:// (the key is a secret)")
         elif not value.startswith("https://"):
             raise ValueError(f"{value!r} must start with https://")
+        problem = _url_problem(value)
+        if problem:
+            raise ValueError(f"{value!r}: {problem}")
         return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        # "" (an emptied environment variable) means no proxy, as for HTTPS_PROXY.
+        if not value:
+            return None
+        # httpx speaks SOCKS only with the optional socksio package, which we do not ship.
+        # The value is not echoed: a proxy URL may hold a password.
+        scheme = value.partition("://")[0].lower() if "://" in value else ""
+        if scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL, e.g. "
+                             "\"http://proxy.example:3128\" (SOCKS is not supported)")
+        problem = _url_problem(value)
+        if problem:
+            raise ValueError(f"not a valid proxy URL: {problem}")
+        return value
 
     @field_validator("key")
     @classmethod
@@ -197,6 +290,14 @@ class IntakeConfig(_Section):
     def _ca_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"{str(value)!r} is not a readable file")
+        if value is not None:
+            # Loaded now, as the client will: a wrong file is a config error, not a failed start.
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=str(value))
+            except ssl.SSLError:
+                raise ValueError(f"{str(value)!r} holds no PEM certificate") from None
+            except OSError as exc:
+                raise ValueError(f"{str(value)!r}: {exc.strerror}") from None
         return value
 
     @model_validator(mode="after")
@@ -227,11 +328,20 @@ class SpoolConfig(_Section):
     # "overflow": disk only when a batch cannot be delivered at once; "always": write-ahead,
     # every batch is on disk before it is sent (a crash loses at most the open batch).
     mode: Literal["overflow", "always"] = "overflow"
-    max_size: int = Field(default=1024 * MIB, ge=64 * KIB)
+    # Bounded (1 PiB) so a typo of many digits is a config error, not an overflow later.
+    max_size: int = Field(default=1024 * MIB, ge=64 * KIB, le=MAX_SIZE_LIMIT)
     # "block": hold input back (TCP stops reading, UDP dropped and counted);
     # "drop_oldest": delete the oldest segments, counted and logged.
     when_full: Literal["block", "drop_oldest"] = "block"
-    dead_letter_max_size: int = Field(default=256 * MIB, ge=64 * KIB)
+    dead_letter_max_size: int = Field(default=256 * MIB, ge=64 * KIB, le=MAX_SIZE_LIMIT)
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _dir(cls, value: Any) -> Any:
+        # Caught here, either would be a traceback at start (Path("") is the working dir).
+        if isinstance(value, str) and (not value or "\0" in value):
+            raise ValueError("must be a directory path (not empty, no NUL byte)")
+        return value
 
     @property
     def segment_size(self) -> int:

@@ -24,6 +24,7 @@ from .observability import logs
 from .observability.counters import Counters
 from .sinks import Sink, make_sink
 from .sources import SourceContext, TcpSource, UdpSource, split_hostport
+from .sources.guard import Allow
 
 # Settings applied live, each by the part of the daemon that owns it. Anything else that
 # changes (spool.*, status.listen, log.level, a setting added later and not listed here) is
@@ -36,7 +37,9 @@ BATCH = frozenset(f"batch.{k}" for k in ("max_events", "max_bytes", "max_delay",
 BACKOFF = frozenset({"intake.retry_max", "intake.auth_retry"})
 IN_FLIGHT = frozenset({"batch.max_in_flight"})
 LISTENERS = frozenset({"listen.tcp", "listen.udp"})
-TCP_LIMITS = frozenset({"listen.max_connections", "listen.evict_idle_after"})
+TCP_LIMITS = frozenset(f"listen.{k}" for k in (
+    "max_connections", "evict_idle_after", "idle_timeout", "max_connections_per_address",
+    "max_buffered_bytes", "allow"))
 # Read from the settings each time they are used: replacing the settings applies them.
 READ_LIVE = frozenset({"status.stall_after", "log.stats_interval", "shutdown_timeout"})
 LIVE = SINK | FILTER | BATCH | BACKOFF | IN_FLIGHT | LISTENERS | TCP_LIMITS | READ_LIVE
@@ -295,8 +298,9 @@ def _commit(target: Target, plan: Plan, ready: _Prepared) -> tuple[list[TcpSourc
     target.udp.extend(ready.udp)
     if plan.tcp_limits:
         for src in target.tcp:
-            src.max_connections = s.listen.max_connections
-            src.evict_idle_after = s.listen.evict_idle_after
+            src.configure(s.listen)
+        for udp in target.udp:
+            udp.allow = Allow(s.listen.allow)
     target.settings = s
     return removed_tcp, removed_udp
 

@@ -84,6 +84,9 @@ class _Forced:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    trickle: float = 0.0  # > 0: the body is written one byte every `trickle` seconds
+    size: int = 0  # > 0: a body of this many bytes, written in 1 MiB pieces (a huge answer)
+    echo: bool = False  # the body repeats the request: its headers and its body
 
 
 class _Reject(Exception):
@@ -163,7 +166,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+    def answer(self, status: int, body: bytes, headers: dict[str, str],
+               forced: _Forced | None = None) -> None:
+        size = forced.size if forced is not None and forced.size else len(body)
         self.send_response(status)
         lower = {k.lower() for k in headers}
         if "content-type" not in lower and body:
@@ -171,9 +176,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for name, value in headers.items():
             if name.lower() != "content-length":
                 self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(size))
         self.end_headers()
-        if body:
+        if forced is not None and forced.size:
+            piece = b"x" * (1 << 20)
+            for start in range(0, size, len(piece)):
+                self.wfile.write(piece[: size - start])
+        elif forced is not None and forced.trickle > 0:
+            self.wfile.flush()
+            for i in range(len(body)):
+                if self.server.intake._wake.wait(forced.trickle):
+                    return  # stopping or going down
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+        elif body:
             self.wfile.write(body)
         self.wfile.flush()
 
@@ -322,12 +338,20 @@ class FakeIntake:
         times: int = 1,
         headers: dict[str, str] | None = None,
         body: bytes = b"",
+        *,
+        trickle: float = 0.0,
+        size: int = 0,
+        echo: bool = False,
     ) -> None:
         """Queue ``times`` forced answers (FIFO across calls). A request given a forced answer is
-        not ingested. ``status=0`` closes the connection without answering (a network error)."""
+        not ingested. ``status=0`` closes the connection without answering (a network error).
+        Hostile answers: ``trickle`` writes ``body`` one byte every ``trickle`` seconds;
+        ``size`` sends a body of that many bytes (``body`` ignored); ``echo`` answers with
+        the request's headers and body (as a proxy echoing it in an error page would)."""
         with self._lock:
             for _ in range(times):
-                self._forced.append(_Forced(status, dict(headers or {}), body))
+                self._forced.append(
+                    _Forced(status, dict(headers or {}), body, trickle, size, echo))
 
     def pending_injections(self) -> int:
         with self._lock:
@@ -449,6 +473,10 @@ class FakeIntake:
         if forced is not None:
             record["forced"] = True
             status, resp_body, resp_headers = forced.status, forced.body, forced.headers
+            if forced.echo:
+                resp_body = orjson.dumps({"message": "Bad request",
+                                          "body": body.decode("utf-8", "replace"),
+                                          "headers": headers})
         elif endpoint is None:
             status, resp_body = 404, orjson.dumps({"message": "Not Found"})
         elif method != "POST":
@@ -480,7 +508,7 @@ class FakeIntake:
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(h.request, socket.SHUT_RDWR)
             return
-        h.answer(status, resp_body, resp_headers)
+        h.answer(status, resp_body, resp_headers, forced)
 
     def _check_header_key(self, headers: dict[str, str], query: str) -> None:
         candidates = []

@@ -15,7 +15,7 @@ import pytest
 from haproxy_forwarder.config import MAX_EVENT_BYTES
 from haproxy_forwarder.ingest import DATAGRAM, ChunkReader, ChunkResult, ProgramFilter
 from haproxy_forwarder.syslog.framing import FrameDecoder
-from haproxy_forwarder.syslog.header import event_text, read_header
+from haproxy_forwarder.syslog.header import event_text, read_header, valid_time
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 RECEIVED = b"2026-01-02T03:04:05.678Z"
@@ -57,6 +57,7 @@ class Outcome:
     accepted: int = 0
     filtered: int = 0
     oversized: int = 0
+    bad_times: int = 0
     framing_errors: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -76,6 +77,7 @@ class Outcome:
         self.accepted += r.accepted
         self.filtered += r.filtered
         self.oversized += r.oversized
+        self.bad_times += r.bad_times
         self.framing_errors += r.framing_errors
         if r.error is not None:
             self.errors.append(r.error)
@@ -132,6 +134,9 @@ def reference(
         keep = bool(filt.keep_tag) and frame.startswith(filt.keep_tag, h.prog_start, h.prog_end)
         text = event_text(frame, h, keep)
         ts = frame[h.ts_start : h.ts_end] if h.ts_zoned else received_at
+        if h.ts_zoned and not valid_time(ts):
+            out.bad_times += 1
+            ts = received_at
         if len(text.encode("utf-8")) > MAX_EVENT_BYTES:
             out.too_large.append((orjson.dumps(text), ts))
             continue

@@ -407,8 +407,9 @@ def test_slowloris_one_byte_at_a_time_is_delivered(intake: FakeIntake,
 # -- limits and floods ----------------------------------------------------------------------------
 
 
-def test_max_connections_refuses_extra_ones(intake: FakeIntake, daemon: MakeDaemon) -> None:
-    d = daemon(intake, listen={"max_connections": 5}, log={"stats_interval": 0.1})
+def test_max_connections_per_address_refuses_extra_ones(intake: FakeIntake,
+                                                        daemon: MakeDaemon) -> None:
+    d = daemon(intake, listen={"max_connections_per_address": 5}, log={"stats_interval": 0.1})
     t = _tag()
     first = [_connect(d.tcp_port) for _ in range(5)]
     time.sleep(0.3)  # let the daemon accept these five before the rest arrive
@@ -426,8 +427,14 @@ def test_max_connections_refuses_extra_ones(intake: FakeIntake, daemon: MakeDaem
         for s in first + extra:
             s.close()
     _wait_events(intake, lines)
+    # Rate-limited: the first refusal at once, the 14 others in one line that counts them.
+    summary = d.wait_log("connection_refused", timeout=1)
+    assert summary["reason"] == "listen.max_connections_per_address reached"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(d.events("connection_refused")) < 2:
+        time.sleep(0.05)
     refusals = d.events("connection_refused")
-    assert len(refusals) == 15
+    assert len(refusals) == 2 and refusals[1]["suppressed"] == 14
     # The slots come back once those connections are gone.
     n0 = len(d.events("stats"))
     deadline = time.monotonic() + 10
@@ -441,44 +448,60 @@ def test_max_connections_refuses_extra_ones(intake: FakeIntake, daemon: MakeDaem
     assert c["connections_refused"] == 15 and c["connections_accepted"] == 6
 
 
-def test_idle_connections_at_the_limit_are_evicted_for_new_senders(
+def test_silent_connections_at_the_limit_are_evicted_for_new_senders(
     intake: FakeIntake, daemon: MakeDaemon
 ) -> None:
-    d = daemon(intake, listen={"max_connections": 3, "evict_idle_after": 0.5})
+    d = daemon(intake, listen={"max_connections": 3})
     t = _tag()
     squatters = [_connect(d.tcp_port) for _ in range(3)]
-    time.sleep(1.0)  # silent past evict_idle_after
+    time.sleep(0.3)
     try:
         newcomer = _connect(d.tcp_port)
         newcomer.sendall(octet_counted([hp(f"{t} newcomer")]))
         newcomer.shutdown(socket.SHUT_WR)
         assert closed_by_peer(newcomer)
-        # The longest-idle squatter got a FIN (and then the close).
-        assert sum(closed_by_peer(s, 5) for s in squatters) >= 1
+        # The oldest squatter got a FIN (and then the close), at once: it never sent a frame.
+        assert closed_by_peer(squatters[0], 5)
+        assert not closed_by_peer(squatters[1], 0.2)
     finally:
         for s in [*squatters, newcomer]:
             s.close()
     _wait_events(intake, [f"{t} newcomer"])
-    assert d.events("connection_evicted_idle")
+    assert d.events("connection_evicted_idle")[0]["complete_frames"] is False
     assert d.events("connection_refused") == []
     c = stop_counters(d)
     assert c["connections_evicted"] == 1 and c["connections_refused"] == 0
 
 
-def test_active_connections_at_the_limit_are_not_evicted(intake: FakeIntake,
-                                                         daemon: MakeDaemon) -> None:
-    d = daemon(intake, listen={"max_connections": 2, "evict_idle_after": 30.0})
-    busy = [_connect(d.tcp_port) for _ in range(2)]
-    time.sleep(0.3)
+def test_at_the_limit_connections_that_sent_frames_outlive_frameless_ones(
+        intake: FakeIntake, daemon: MakeDaemon) -> None:
+    """Eviction goes by the last complete frame: a byte-trickler is no better than silence."""
+    d = daemon(intake, listen={"max_connections": 2})
+    t = _tag()
+    trickler = _connect(d.tcp_port)  # the oldest connection, and bytes keep coming
+    time.sleep(0.1)
+    sender = _connect(d.tcp_port)
+    sender.sendall(octet_counted([hp(f"{t} first")]))
     try:
-        extra = socket.create_connection(("127.0.0.1", d.tcp_port), timeout=10)
-        assert closed_by_peer(extra, 5)
+        for _ in range(3):
+            trickler.sendall(b"9")  # the start of a frame that never ends
+            time.sleep(0.1)
+        _wait_events(intake, [f"{t} first"])
+        extra = _connect(d.tcp_port)
+        assert closed_by_peer(trickler, 5)  # evicted, though its last byte is the newest
+        extra2 = _connect(d.tcp_port)
+        assert closed_by_peer(extra, 5)  # frameless: the next one to go
+        sender.sendall(octet_counted([hp(f"{t} second")]))
+        sender.shutdown(socket.SHUT_WR)
+        assert closed_by_peer(sender)
         extra.close()
+        extra2.close()
     finally:
-        for s in busy:
-            s.close()
-    assert stop_counters(d)["connections_evicted"] == 0
-    assert d.events("connection_refused")
+        trickler.close()
+        sender.close()
+    _wait_events(intake, [f"{t} first", f"{t} second"])
+    c = stop_counters(d)
+    assert c["connections_evicted"] == 2 and c["connections_refused"] == 0
 
 
 def test_flood_many_connections_thousands_of_frames_exact(intake: FakeIntake,

@@ -106,9 +106,14 @@ RFC3339_ZONED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d
 def _time_of(timestamp: str | None) -> bytes:
     # The intake takes an RFC 3339 time with a zone as is; anything else (BSD time without a
     # year or zone, NILVALUE, 7+ fraction digits) would need guessing: reception time instead.
-    if timestamp and RFC3339_ZONED.fullmatch(timestamp):
-        return timestamp.encode("ascii")
-    return RECEIVED
+    m = RFC3339_ZONED.fullmatch(timestamp) if timestamp else None
+    if m is None:
+        return RECEIVED
+    # RFC 3339's grammar allows offsets to -23:59 (vectors 5424-080/081); real zones stop at
+    # +-14:00, and a time beyond is a sender's error: reception time too.
+    if m.group(2) != "Z" and int(m.group(2)[1:3]) * 60 + int(m.group(2)[4:]) > 14 * 60:
+        return RECEIVED
+    return m.group(0).encode("ascii")
 
 
 # Where our reading of a 3164 row is not `expected`: id -> (fields, why).
@@ -471,6 +476,70 @@ def test_timestamp(impl: Factory, frame: bytes, ts: bytes) -> None:
     out = feed1(impl, frame, framing=DATAGRAM)
     assert out.events == ["m"]
     assert out.times == [ts]
+
+
+# Header times that are real: forwarded as they are.
+REAL_TIMES = [
+    b"2024-02-29T12:00:00Z",  # leap day (divisible by 4)
+    b"2000-02-29T12:00:00Z",  # leap day (divisible by 400)
+    b"1970-01-01T00:00:00Z",  # the first year allowed
+    b"9999-12-31T23:59:59.999999Z",  # the last instant with four digits
+    b"2026-12-31T23:59:60Z",  # a leap second
+    b"2026-01-31T00:00:00+14:00",  # the widest offsets in use (Kiribati, Baker Island)
+    b"2026-04-30T00:00:00-12:00",
+    b"2026-06-30T00:00:00.5-14:00",
+    b"2026-11-26T21:58:51-00:00",
+]
+# Header times of the RFC 3339 shape that are no real time: the reception time, counted.
+IMPOSSIBLE_TIMES = [
+    b"9999-99-99T99:99:99Z",
+    b"2026-11-26T21:58:51+99:99",
+    b"2023-02-29T12:00:00Z",  # not a leap year
+    b"1900-02-29T12:00:00Z",  # divisible by 100, not by 400 (and before 1970)
+    b"2026-00-10T12:00:00Z",  # month 0
+    b"2026-13-10T12:00:00Z",  # month 13
+    b"2026-04-31T12:00:00Z",  # April has 30 days
+    b"2026-01-00T12:00:00Z",  # day 0
+    b"2026-01-32T12:00:00Z",
+    b"2026-01-10T24:00:00Z",
+    b"2026-01-10T23:60:00Z",
+    b"2026-01-10T23:59:61Z",
+    b"2026-01-10T23:59:59+14:01",  # beyond the widest offset
+    b"2026-01-10T23:59:59-15:00",
+    b"2026-01-10T23:59:59+01:60",
+    b"1969-12-31T23:59:59Z",  # before the epoch
+    b"0000-01-01T00:00:00Z",
+    b"2026-11-26T21:58:Z12",  # the zone inside the token, digits after it
+    b"2026-11-26T21:58:5Z1",
+    b"2026-11-26T21:58:51.1Z23",
+    b"2026-11-26T21:58:+1234:56",
+]
+
+
+@pytest.mark.parametrize("ts", REAL_TIMES + IMPOSSIBLE_TIMES)
+@pytest.mark.parametrize("wire", ["5424", "3164", "iso"])
+def test_header_time_is_forwarded_only_when_real(impl: Factory, ts: bytes, wire: str) -> None:
+    frame = {"5424": b"<134>1 " + ts + b" lb1 haproxy 1 - - m",
+             "3164": b"<134>" + ts + b" lb1 haproxy[1]: m",
+             "iso": ts + b" haproxy[1]: m"}[wire]
+    assert read_header(frame).ts_zoned  # the shape passes: only the date and time are wrong
+    real = ts in REAL_TIMES
+    for framing, chunks in ((OCTET, [octet(frame)]), (LF, [frame + b"\n"]), (DATAGRAM, [frame])):
+        out = run(impl(HAPROXY, MAX, framing), chunks)
+        assert out.events == ["m"]
+        assert out.times == [ts if real else RECEIVED]
+        assert out.bad_times == (0 if real else 1)
+        assert out == reference_stream(chunks, HAPROXY, MAX, framing)
+
+
+def test_impossible_times_are_counted_per_event_and_filtered_ones_not(impl: Factory) -> None:
+    bad, good = IMPOSSIBLE_TIMES[0], REAL_TIMES[0]
+    stream = b"".join(b"<134>1 %s - %s 1 - - m%d\n" % (t, prog, i) for i, (t, prog) in enumerate(
+        [(bad, b"haproxy"), (good, b"haproxy"), (bad, b"sshd"), (bad, b"hapee")]))
+    out = run(impl(HAPROXY, MAX, LF), [stream])
+    assert out.events == ["m0", "m1", "hapee[1]: m3"]  # hapee keeps its tag
+    assert out.times == [RECEIVED, good, RECEIVED]
+    assert (out.bad_times, out.filtered) == (2, 1)
 
 
 def test_reception_time_is_the_one_of_the_chunk_that_completed_the_frame(impl: Factory) -> None:

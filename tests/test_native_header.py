@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devtools.traffic import httplog_line, other_program_line, rfc5424, syslog_time, traditional
-from haproxy_forwarder.syslog.header import read_header
+from haproxy_forwarder.syslog.header import read_header, valid_time
 
 try:
     from haproxy_forwarder.ingest._header import read_header as native_read_header
+    from haproxy_forwarder.ingest._header import valid_time as native_valid_time
 except ImportError as exc:  # pragma: no cover - depends on the build
     if os.environ.get("HAPROXY_FORWARDER_EXPECT_COMPILED") == "1":
         raise ImportError(
@@ -185,3 +186,58 @@ def test_types_are_the_references() -> None:
     assert got == tuple(read_header(b"<134>1 2026-11-26T21:58:51Z h a p m - x"))
     assert got[6] is True
     assert [type(x) for i, x in enumerate(got) if i != 6] == [int] * 14
+
+
+# -- valid_time: the calendar check of a zoned header time --------------------------------------
+
+TIMES = [
+    b"2024-02-29T12:00:00Z", b"2023-02-29T12:00:00Z", b"2000-02-29T00:00:00Z",
+    b"1900-02-29T00:00:00Z", b"2100-02-29T00:00:00Z", b"2400-02-29T00:00:00Z",
+    b"1970-01-01T00:00:00Z", b"1969-12-31T23:59:59Z", b"9999-12-31T23:59:60.999999Z",
+    b"9999-99-99T99:99:99Z", b"2026-11-26T21:58:51+99:99", b"2026-11-26T21:58:51.123456+14:00",
+    b"2026-11-26T21:58:51.1234567+14:00", b"2026-11-26T21:58:51.+14:00",
+    b"2026-11-26T21:58:51-14:01", b"2026-11-26T21:58:51-13:59", b"2026-04-31T00:00:00Z",
+    b"2026-11-26T21:58:Z12", b"2026-11-26T21:58:+1234:56", b"2026-11-26T21:58:51.1Z23",
+    b"2026-11-26t21:58:51z", b"\xd9\xa0026-11-26T21:58:51Z",  # Arabic-Indic zero: not ASCII
+] + [b"2026-%02d-%02dT%02d:%02d:%02dZ" % (m, d, d % 25, d * 2, d * 2) for m in range(14)
+     for d in range(33)]
+
+
+def same_time(token: bytes) -> None:
+    assert native_valid_time(token) is valid_time(token), token
+
+
+@pytest.mark.parametrize("token", TIMES)
+def test_valid_time_agrees_at_every_length(token: bytes) -> None:
+    for k in range(len(token) + 1):
+        same_time(token[:k])
+        same_time(token[k:])
+
+
+def test_valid_time_cases_cover_both_answers() -> None:
+    answers = [valid_time(t) for t in TIMES]
+    assert answers.count(True) > 100 and answers.count(False) > 100
+
+
+TIME_TOKENS = [b"0", b"1", b"2", b"3", b"9", b"-", b":", b"T", b"Z", b"+", b".", b"\xff"]
+
+
+@st.composite
+def mutated_time(draw: st.DrawFn) -> bytes:
+    token = bytearray(draw(st.sampled_from(TIMES[:16])))
+    for _ in range(draw(st.integers(0, 4))):
+        at = draw(st.integers(0, len(token)))
+        op = draw(st.integers(0, 2))
+        if op == 0 and at < len(token):
+            token[at : at + 1] = draw(st.sampled_from(TIME_TOKENS))
+        elif op == 1:
+            token[at:at] = draw(st.sampled_from(TIME_TOKENS))
+        else:
+            del token[at : at + draw(st.integers(1, 3))]
+    return bytes(token)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_time())
+def test_mutated_times_agree(token: bytes) -> None:
+    same_time(token)

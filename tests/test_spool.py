@@ -154,7 +154,7 @@ class FaultyFs(Filesystem):
                 raise Crash
             raise OSError(f.errno, os.strerror(f.errno))
 
-    def open(self, path: Path, flags: int, mode: int = 0o640) -> int:
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
         self._check("open", path)
         fd = super().open(path, flags, mode)
         self.fds.add(fd)
@@ -1180,3 +1180,261 @@ def test_closed_spool_refuses(make: Callable[..., Spool]) -> None:
     other = Spool(sp.directory)
     other.open()
     other.close()
+
+
+# -- symbolic links and files of other users (issue 11) --------------------------------------
+
+OTHER_UID = 65534  # nobody
+
+
+def _victim(tmp_path: Path) -> tuple[Path, bytes]:
+    """A file outside the spool that a planted link points at; it must stay as it is."""
+    target = tmp_path / "victim"
+    content = b"precious data that is not a spool segment\n" * 10
+    target.write_bytes(content)
+    return target, content
+
+
+@pytest.mark.parametrize("which", ["seg", "ack", "LOCK"])
+def test_symlinked_spool_file_is_refused_and_its_target_untouched(
+    tmp_path: Path, which: str
+) -> None:
+    d = tmp_path / "spool"
+    sp = Spool(d)
+    sp.open()
+    rid = put(sp, batch("a"))
+    put(sp, batch("b"))
+    if which == "ack":
+        sp.ack(rid)
+    sp.close()
+    target, content = _victim(tmp_path)
+    path = {"seg": seg_files(d)[0], "ack": seg_files(d, "ack")[0] if which == "ack" else None,
+            "LOCK": d / "segments" / "LOCK"}[which]
+    assert path is not None and path.exists()
+    path.unlink()
+    path.symlink_to(target)
+    for readonly in (False, True):
+        if which == "LOCK" and readonly:
+            continue  # a read-only open takes no lock
+        with pytest.raises(SpoolError, match=f"refusing spool file {path}: .*symbolic link"):
+            Spool(d).open(readonly=readonly)
+    assert target.read_bytes() == content
+    assert path.is_symlink()
+
+
+def test_fifo_as_a_segment_is_refused_without_hanging(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    sp = Spool(d)
+    sp.open()
+    put(sp, batch("a"))
+    sp.close()
+    path = seg_files(d)[0]
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(SpoolError, match=f"refusing spool file {path}: not a regular file"):
+        Spool(d).open()
+
+
+def test_symlinked_ack_planted_while_running_is_not_written_through(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool")
+    sp.open()
+    rid = put(sp, batch("a"))
+    put(sp, batch("b"))
+    target, content = _victim(tmp_path)
+    ack = seg_files(sp.directory)[0].with_suffix(".ack")
+    ack.symlink_to(target)
+    sp.ack(rid)  # never raises: counted as an ack that could not be written
+    assert sp.counters.ack_write_errors == 1
+    assert target.read_bytes() == content
+    sp.close()
+
+
+def test_symlinked_segment_being_replaced_by_repair_is_refused(tmp_path: Path) -> None:
+    """A link planted as the repair's temporary file: O_NOFOLLOW, not O_TRUNC through it."""
+    path, offs = crashed(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[offs[1] + HEADER_SIZE] ^= 0xFF  # damage in the middle: recovery repairs via .seg.tmp
+    path.write_bytes(bytes(raw))
+    target, content = _victim(tmp_path)
+    # Recovery removes stray .tmp files first: plant the link just before the copy is written.
+    fs = FaultyFs()
+    tmp = path.with_suffix(".seg.tmp")
+    orig_mkdir = fs.mkdir
+
+    def mkdir_then_plant(p: Path) -> None:
+        orig_mkdir(p)
+        if not tmp.is_symlink():
+            tmp.symlink_to(target)
+
+    fs.mkdir = mkdir_then_plant  # type: ignore[method-assign]
+    sp = Spool(tmp_path, fs=fs)
+    sp.open()
+    assert target.read_bytes() == content
+    assert sp.counters.repair_errors == 1
+    assert [first_event(b) for _, b in drain(sp)] == ["r0-0", "r2-0"]
+    sp.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_segment_of_another_user_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    sp = Spool(d)
+    sp.open()
+    put(sp, batch("a"))
+    sp.close()
+    path = seg_files(d)[0]
+    os.chown(path, OTHER_UID, OTHER_UID)
+    with pytest.raises(SpoolError, match=f"refusing spool file {path}: owned by uid {OTHER_UID}"):
+        Spool(d).open()
+    # A folder owned by that user (root running `spool stats` on the service's spool): fine.
+    os.chown(d / "segments", OTHER_UID, OTHER_UID)
+    assert inspect_spool(d)["stats"]["batches"] == 1
+
+
+def test_spool_folders_are_created_0700(tmp_path: Path) -> None:
+    d = tmp_path / "new" / "spool"
+    old = os.umask(0)  # the modes come from the code, not from a lucky umask
+    try:
+        sp = Spool(d)
+        sp.open()
+        rid = put(sp, batch("a"))
+        put(sp, batch("b"))
+        sp.ack(rid)
+        sp._corrupt_at_runtime(put(sp, batch("c")))  # creates quarantine/
+    finally:
+        os.umask(old)
+    sp.close()
+    for folder in (tmp_path / "new", d, d / "segments", d / "quarantine"):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    for f in (d / "segments").iterdir():
+        assert f.stat().st_mode & 0o077 == 0, f
+
+
+def test_every_spool_open_is_nofollow_and_cloexec(tmp_path: Path) -> None:
+    seen: list[int] = []
+    real = os.open
+
+    def spy(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if str(path).startswith(str(tmp_path)) and not flags & os.O_DIRECTORY:
+            seen.append(flags)
+        return real(path, flags, mode, **kw)
+
+    os.open = spy  # type: ignore[assignment]
+    try:
+        sp = Spool(tmp_path / "spool", segment_size=200)
+        sp.open()
+        ids = [put(sp, batch(f"r{i}")) for i in range(4)]
+        sp.ack(ids[0])
+        assert [first_event(b) for _, b in drain(sp)] == ["r1-0", "r2-0", "r3-0"]
+        sp.close()
+        inspect_spool(tmp_path / "spool")
+    finally:
+        os.open = real  # type: ignore[assignment]
+    assert len(seen) > 5
+    assert all(f & os.O_NOFOLLOW and f & os.O_CLOEXEC for f in seen), [hex(f) for f in seen]
+
+
+def test_dead_letter_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    from haproxy_forwarder.sinks.deadletter import DeadLetters, read_dead_letters
+
+    target, content = _victim(tmp_path)
+    dead = DeadLetters(tmp_path / "spool")
+    when = time.gmtime(0)
+    dead.write(batch("first"), "rejected", 400, "bad", at=when)
+    path = dead.files()[0]
+    assert dead.dir.stat().st_mode & 0o777 == 0o700
+    path.unlink()
+    path.symlink_to(target)
+    with pytest.raises(SpoolError, match="symbolic link"):
+        dead.write(batch("second"), "rejected", 400, "bad", at=when)
+    with pytest.raises(SpoolError, match="symbolic link"):
+        list(read_dead_letters(path))  # the requeue folder's files are read the same way
+    assert target.read_bytes() == content
+
+
+# -- crafted segments: recovery stays linear (issue 11) ---------------------------------------
+
+
+def _crafted_segment(path: Path, junk_bytes: int) -> tuple[bytes, int]:
+    """Two good records around `junk_bytes` of fake headers, back to back, each claiming a
+    payload up to the end of the junk (plausible in every field but the checksum)."""
+    rec = fmt.encode_record(batch("ok"), 0)
+    count = junk_bytes // HEADER_SIZE
+    end = count * HEADER_SIZE
+    junk = b"".join(
+        fmt.MAGIC + bytes([2, 0]) + (end - i * HEADER_SIZE - HEADER_SIZE).to_bytes(4, "little")
+        + bytes(16)
+        for i in range(count)
+    )
+    data = rec + junk + rec
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data, len(rec)
+
+
+def _bytes_checksummed(monkeypatch: pytest.MonkeyPatch, path: Path) -> tuple[int, Spool]:
+    import zlib
+
+    examined = 0
+    real = zlib.crc32
+
+    def counting(data: Any, value: int = 0) -> int:
+        nonlocal examined
+        examined += len(data)
+        return real(data, value)
+
+    monkeypatch.setattr(zlib, "crc32", counting)
+    try:
+        sp = Spool(path.parent.parent)
+        sp.open()
+    finally:
+        monkeypatch.setattr(zlib, "crc32", real)
+    return examined, sp
+
+
+def test_crafted_segment_recovery_examines_a_linear_number_of_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[int, int] = {}
+    for junk in (64 * 1024, 128 * 1024):
+        seg = tmp_path / f"s{junk}" / "segments" / "000000000000.seg"
+        data, reclen = _crafted_segment(seg, junk)
+        examined, sp = _bytes_checksummed(monkeypatch, seg)
+        # Every record before and after the fake headers is found; the junk becomes fillers.
+        assert [first_event(b) for _, b in drain(sp)] == ["ok-0", "ok-0"]
+        assert sp.counters.quarantined_segments == 1
+        sp.close()
+        # Checking every one of the ~junk/24 candidates over its claimed length (the old scan)
+        # examines ~junk**2/48 bytes: 85 MiB for 64 KiB. Bounded work per candidate is linear.
+        # At most 2 * 256 + 24 bytes per candidate (format.RangeCrc), one candidate per header.
+        bound = 6 * len(data) + (junk // HEADER_SIZE) * (2 * 256 + HEADER_SIZE)
+        assert examined <= bound, f"{examined} bytes checksummed for a {len(data)}-byte segment"
+        seen[junk] = examined
+        assert reclen < junk
+    assert seen[128 * 1024] < 2.5 * seen[64 * 1024], seen
+
+
+@given(st.binary(min_size=0, max_size=3000), st.data())
+@settings(max_examples=200, deadline=None)
+def test_range_crc_equals_zlib(data: bytes, draw: st.DataObject) -> None:
+    import zlib
+
+    start = draw.draw(st.integers(0, len(data)))
+    stop = draw.draw(st.integers(start, len(data)))
+    value = draw.draw(st.integers(0, 0xFFFFFFFF))
+    sums = fmt.RangeCrc(data)
+    assert sums.crc32(start, stop, value) == zlib.crc32(data[start:stop], value)
+
+
+def test_range_crc_long_ranges_equal_zlib() -> None:
+    import random
+    import zlib
+
+    rnd = random.Random(11)
+    data = rnd.randbytes(200_000)
+    sums = fmt.RangeCrc(data)
+    for _ in range(300):
+        start = rnd.randrange(len(data))
+        stop = rnd.randrange(start, len(data) + 1)
+        value = rnd.randrange(1 << 32)
+        assert sums.crc32(start, stop, value) == zlib.crc32(data[start:stop], value)

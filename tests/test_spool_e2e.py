@@ -439,6 +439,16 @@ def test_disk_really_full_holds_input_back_without_spinning_then_delivers(
     assert d.events("stopped")[-1]["dropped_events"] == 0
 
 
+def healthz(d: Daemon) -> tuple[int, dict[str, Any]]:
+    with socket.create_connection(("127.0.0.1", d.status_port), timeout=5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), orjson.loads(body)
+
+
 def test_disk_really_full_space_comes_back_once_drained(
     tiny_fs: Path, intake: FakeIntake, daemon: MakeDaemon
 ) -> None:
@@ -449,11 +459,15 @@ def test_disk_really_full_space_comes_back_once_drained(
     pusher = Pusher(d.tcp_port, payload)
     pusher.start()
     d.wait_log("spool_write_failed", timeout=20)
+    assert wait_until(lambda: healthz(d)[0] == 503, timeout=5)
+    assert any("spool refuses writes" in r for r in healthz(d)[1]["reasons"])
     intake.set_down(False)
     pusher.join(60)
     assert_delivered_once(intake, expected)
     assert wait_until(lambda: last_stats(d).get("spool_events") == 0
                       and last_stats(d).get("in_memory_batches") == 0, timeout=5)
+    # Nothing is held back any more: health says so (issue 11: it stayed 503 for good).
+    assert wait_until(lambda: healthz(d)[0] == 200, timeout=5), healthz(d)
     # Everything is delivered and acked. A second outage must be able to use the disk again.
     intake.set_down(True)
     payload, again = stream(1, 100)
@@ -720,3 +734,30 @@ def test_spool_purge_needs_yes_and_a_stopped_daemon(
     time.sleep(1.0)
     assert intake.events == []
     assert d2.stop() == 0
+
+
+# -- 7. a planted symbolic link in the spool (issue 11) -----------------------------------------
+
+
+def test_symlinked_segment_daemon_refuses_to_start_target_untouched(
+    tmp_path: Path, intake: FakeIntake
+) -> None:
+    spool_dir = tmp_path / "spool"
+    seg, _ = build_segment(spool_dir, ["a"])
+    target = tmp_path / "victim"
+    content = b"not a segment: a file the daemon's user may write\n" * 100
+    target.write_bytes(content)
+    seg.unlink()
+    seg.symlink_to(target)
+    d = Daemon(tmp_path, base_config(tmp_path, intake=intake_section(intake)))
+    with pytest.raises(RuntimeError, match="daemon exited"):
+        d.start()
+    assert d.proc is not None and d.proc.wait(10) == 1
+    d.close_files()
+    errors = [r for r in d.logs() if r.get("level") == "error"]
+    assert len(errors) == 1, d.stderr_text()
+    assert errors[0]["event"] == "startup_failed"
+    assert errors[0]["error"] == f"refusing spool file {seg}: it is a symbolic link"
+    assert "Traceback" not in d.stderr_text()
+    assert target.read_bytes() == content and seg.is_symlink()
+    assert not intake.events

@@ -79,6 +79,7 @@ class Delivery:
         )
         self.wake_workers = asyncio.Event()
         self.wake_writer = asyncio.Event()
+        self.body_limit_reported = False  # see Host in worker.py
         self._appends = SpoolAppends(spool, self.router, log) if spool is not None else None
         # Spool reads in threads of their own (two: a pread and a decode overlap, which
         # replay needs), acks in another: a few malloc arenas hold the records read back,

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from ..batching import Batch
 from ..observability.counters import Counters
 from ..sinks import Kind, Outcome, Sink
+from ..sinks.intake import INTAKE_EVENT_LIMIT
 from .router import FROM_SPOOL, Entry, Router, RouterError
 
 BACKOFF_MIN = 0.5
@@ -31,7 +32,8 @@ class Backoff:
     """Full jitter between 0.5 s and an exponential cap; a Retry-After replaces it.
 
     401/403/404 wait `auth_retry` (±20 %): a wrong key or URL does not fix itself quickly,
-    but giving up would destroy data, so it is retried slowly and loudly, forever.
+    but giving up would destroy data, so it is retried slowly and loudly, forever. So does a
+    413 on one small event (a proxy's body limit: see `judge`).
     """
 
     def __init__(
@@ -42,13 +44,14 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def delay(self, attempt: int, outcome: Outcome) -> float:
-        if outcome.kind is Kind.AUTH:
+        slow = outcome.kind in (Kind.AUTH, Kind.TOO_LARGE)
+        if slow:
             base = self.auth_retry * self._rng.uniform(0.8, 1.2)
         else:
             cap = min(self.retry_max, BACKOFF_MIN * 2 ** (attempt - 1))
             base = self._rng.uniform(BACKOFF_MIN, max(cap, BACKOFF_MIN))
         if outcome.retry_after is not None:
-            return max(outcome.retry_after, base if outcome.kind is Kind.AUTH else 0.0)
+            return max(outcome.retry_after, base if slow else 0.0)
         return base
 
 
@@ -105,7 +108,11 @@ def judge(part: Batch, answers: list[tuple[Batch, Outcome]]) -> list[Action]:
             failed.append((sent, outcome))
         elif kind is Kind.TOO_LARGE and len(sent) > 1:
             actions.append(Split(sent.split()))
-        else:  # 400/422, or 413 on a single event: the intake will never take it
+        elif kind is Kind.TOO_LARGE and sent.nbytes < INTAKE_EVENT_LIMIT:
+            # One event the intake takes refused as too large: a body limit in between (a
+            # proxy), a configuration problem. Kept and retried slowly, never dead-lettered.
+            failed.append((sent, outcome))
+        else:  # 400/422, or 413 on one event over the intake's limit: never taken
             actions.append(
                 DeadLetter(sent, f"intake answered {outcome.status}", outcome.status,
                            outcome.detail)
@@ -130,6 +137,8 @@ class Host(Protocol):
     log: Any
     wake_workers: asyncio.Event
     wake_writer: asyncio.Event
+    # An error line was logged for the 413s of a body limit in between; cleared by a delivery.
+    body_limit_reported: bool
 
     def mark_progress(self) -> None: ...
 
@@ -233,6 +242,7 @@ class Worker:
                 splits: list[Batch] = []
                 for action in judge(part, answers):
                     if isinstance(action, Delivered):
+                        host.body_limit_reported = False
                         host.mark_progress()
                         host.counters.delivered_events += len(action.batch)
                         host.counters.delivered_batches += 1
@@ -280,6 +290,20 @@ class Worker:
         await self._sleep(wait)
 
     def _log_retry(self, o: Outcome, wait: float, attempt: int) -> None:
+        host = self.host
+        if o.kind is Kind.TOO_LARGE:
+            host.counters.body_limit_refusals += 1
+            if not host.body_limit_reported:  # once per episode, not per worker or attempt
+                host.body_limit_reported = True
+                host.log.error(
+                    "intake_body_limit_check_proxy",
+                    status=o.status,
+                    response=o.detail,
+                    hint="a single small event was refused as too large: a proxy's body "
+                         "limit? data is kept and retried every intake.auth_retry",
+                    retry_in=wait,
+                )
+                return
         if o.kind is Kind.AUTH:
             self.host.log.error(
                 "intake_refused_check_config",

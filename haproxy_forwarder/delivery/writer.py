@@ -187,6 +187,13 @@ class SpoolWriter:
         while True:
             entry = self.router.next_write()
             if entry is None:
+                if self.router.spool_blocked:
+                    # What the disk refused was sent from memory meanwhile: nothing is held
+                    # back for the spool any more, so it no longer counts as refusing writes
+                    # (health would stay failed for good). The next refusal says so again.
+                    self.router.spool_blocked = False
+                    self.appends.log.info("spool_unblocked", reason="nothing waits for the disk",
+                                          **self.appends.fields())
                 self.wake.clear()
                 await self.wake.wait()
                 continue

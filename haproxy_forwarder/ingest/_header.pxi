@@ -446,3 +446,69 @@ cdef void c_read_header(const unsigned char* f, Py_ssize_t n, CHeader* h) noexce
     # rsyslog default: the first word is the TAG even without ":".
     m = w + 1 if w < n else n
     _h_put(h, p, w, p, m, ts_s, ts_e, zoned, pri, 0, host_s, host_e, m, m, 0, 0)
+
+
+cdef inline int _h_two(const unsigned char* t, Py_ssize_t i) noexcept nogil:
+    # The two ASCII digits t[i:i+2] as a number, or -1; the caller has i + 2 <= k.
+    if _h_digit(t[i]) and _h_digit(t[i + 1]):
+        return (t[i] - 48) * 10 + (t[i + 1] - 48)
+    return -1
+
+
+cdef bint _h_time_ok(const unsigned char* t, Py_ssize_t k) noexcept nogil:
+    # header.valid_time(t[0:k]): the whole RFC 3339 layout checked again (it does not rely on
+    # _h_zoned), then the calendar, then the offset.
+    cdef int year, month, day, hour, minute, second, days, oh, om
+    cdef Py_ssize_t z, i
+    # k >= 20 puts every fixed offset read below (0..19) inside t[0:k].
+    if k < 20 or k > 32:
+        return False
+    if t[4] != 45 or t[7] != 45 or t[10] != 84 or t[13] != 58 or t[16] != 58:
+        return False
+    year = _h_two(t, 0)
+    i = _h_two(t, 2)
+    if year < 0 or i < 0:
+        return False
+    year = year * 100 + i
+    month = _h_two(t, 5)
+    day = _h_two(t, 8)
+    hour = _h_two(t, 11)
+    minute = _h_two(t, 14)
+    second = _h_two(t, 17)
+    if month < 0 or day < 0 or hour < 0 or minute < 0 or second < 0:
+        return False
+    # The zone: "Z" at t[k - 1], or "+hh:mm" / "-hh:mm" from t[k - 6]; k >= 25 there, so every
+    # index read from k - 6 on is in 19..k-1.
+    oh = 0
+    om = 0
+    if t[k - 1] == 90:
+        z = k - 1
+    else:
+        if k < 25:
+            return False
+        z = k - 6
+        if not (t[z] == 43 or t[z] == 45) or t[k - 3] != 58:
+            return False
+        oh = _h_two(t, k - 5)
+        om = _h_two(t, k - 2)
+        if oh < 0 or om < 0:
+            return False
+    # Between the seconds and the zone (t[19:z], 19 <= z < k): nothing, or "." and 1-6 digits.
+    if z != 19:
+        if z < 21 or z > 26 or t[19] != 46:
+            return False
+        for i in range(20, z):
+            if not _h_digit(t[i]):
+                return False
+    # 60: a leap second.
+    if year < 1970 or month < 1 or month > 12 or hour > 23 or minute > 59 or second > 60:
+        return False
+    if month == 2:
+        days = 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    elif month == 4 or month == 6 or month == 9 or month == 11:
+        days = 30
+    else:
+        days = 31
+    if day < 1 or day > days:
+        return False
+    return om <= 59 and oh * 60 + om <= 14 * 60

@@ -13,3 +13,8 @@ def read_header(bytes frame not None):
     return (h.prog_start, h.prog_end, h.tag_start, h.msg_start, h.ts_start, h.ts_end,
             h.ts_zoned, h.pri, h.version, h.host_start, h.host_end, h.proc_start, h.proc_end,
             h.sd_start, h.sd_end)
+
+
+def valid_time(bytes token not None):
+    """syslog.header.valid_time(token), computed by _h_time_ok."""
+    return bool(_h_time_ok(<const unsigned char*><const char*>token, len(token)))

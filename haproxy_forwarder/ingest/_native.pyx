@@ -20,7 +20,7 @@ import orjson
 
 from ..config import MAX_EVENT_BYTES
 from ..syslog.framing import AUTO, LF, OCTET
-from ..syslog.header import event_text, read_header
+from ..syslog.header import event_text, read_header, valid_time
 from ._py import DATAGRAM
 from .result import ChunkResult
 
@@ -266,7 +266,7 @@ cdef class NativeChunkReader:
     # per call
     cdef list _ends, _times, _too_large
     cdef object _received
-    cdef Py_ssize_t _frames, _accepted, _oversized
+    cdef Py_ssize_t _frames, _accepted, _oversized, _bad_times
 
     # No __cinit__: the object's memory is zeroed at allocation (tp_alloc), so the buffers and
     # prefix tables start NULL/0 and __dealloc__ is safe even if __init__ never ran. (Cython's
@@ -411,7 +411,7 @@ cdef class NativeChunkReader:
         self._times = []
         self._too_large = []
         self._received = received_at
-        self._frames = self._accepted = self._oversized = 0
+        self._frames = self._accepted = self._oversized = self._bad_times = 0
         return 0
 
     cdef object _result(self, Buf* out):
@@ -430,6 +430,7 @@ cdef class NativeChunkReader:
             accepted=self._accepted,
             filtered=self._frames - self._accepted,
             oversized=self._oversized,
+            bad_times=self._bad_times,
             framing_errors=errors,
             error=error,
         )
@@ -648,9 +649,12 @@ cdef class NativeChunkReader:
             w += _emit_msg(f + h.msg_start, n - h.msg_start, o + w, &textlen)
         o[w] = 0x22
         w += 1
-        if h.ts_zoned:
+        # The span was checked above (_span_ok) when ts_zoned.
+        if h.ts_zoned and _h_time_ok(f + h.ts_start, h.ts_end - h.ts_start):
             ts = self._ts(f + h.ts_start, h.ts_end - h.ts_start)
         else:
+            if h.ts_zoned:  # a sender's impossible time: the reception time instead, counted
+                self._bad_times += 1
             ts = self._received
         if textlen > _MAX_EVENT:
             self._too_large.append((PyBytes_FromStringAndSize(<const char*>o, w), ts))
@@ -684,6 +688,9 @@ cdef class NativeChunkReader:
         text = event_text(frame, h, keep)
         frag = orjson.dumps(text)
         ts = frame[h.ts_start : h.ts_end] if h.ts_zoned else self._received
+        if h.ts_zoned and not valid_time(ts):
+            self._bad_times += 1
+            ts = self._received
         if len(text.encode("utf-8")) > _MAX_EVENT:
             self._too_large.append((frag, ts))
             return 0

@@ -10,7 +10,7 @@ import orjson
 
 from ..config import MAX_EVENT_BYTES
 from ..syslog.framing import AUTO, FrameDecoder
-from ..syslog.header import event_text, read_header
+from ..syslog.header import event_text, read_header, valid_time
 from .filter import ProgramFilter
 from .result import ChunkResult
 
@@ -67,6 +67,8 @@ class PyChunkReader:
         dumps = orjson.dumps
         header = read_header
         text_of = event_text
+        time_ok = valid_time
+        bad_times = 0
         parts: list[bytes] = []
         append = parts.append
         ends = out.ends
@@ -82,7 +84,14 @@ class PyChunkReader:
             accepted += 1
             text = text_of(frame, h, bool(keep_tag) and frame.startswith(keep_tag, ps, pe))
             frag = dumps(text)
-            ts = frame[h.ts_start : h.ts_end] if h.ts_zoned else received_at
+            if h.ts_zoned:
+                ts = frame[h.ts_start : h.ts_end]
+                if not time_ok(ts):
+                    # A sender's impossible time: the reception time instead, counted.
+                    bad_times += 1
+                    ts = received_at
+            else:
+                ts = received_at
             # The literal is the UTF-8 text plus two quotes plus escapes, never less: only
             # a fragment over the limit needs the exact count.  (Bounding by the frame's
             # MSG bytes missed a kept "name[pid]: " tag and let such events through.)
@@ -94,6 +103,7 @@ class PyChunkReader:
             ends.append(end)
             times.append(ts)
         out.accepted = accepted
+        out.bad_times = bad_times
         out.filtered = out.frames - out.accepted
         out.data = b"".join(parts)
         dec = self._decoder

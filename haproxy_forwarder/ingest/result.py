@@ -15,7 +15,7 @@ class ChunkResult:
 
     `data` holds each kept event as the JSON string literal orjson writes for its text
     (quotes included), back to back; `ends[i]` is where event i stops in `data`; `times[i]`
-    its timestamp (the header's own RFC 3339 time if zoned, else the reception time).
+    its timestamp (the header's own RFC 3339 time if zoned and valid, else the reception time).
     `too_large` holds events over the intake's 250 KiB limit, as (fragment, timestamp):
     they go to dead letters, never to a batch.
     """
@@ -28,6 +28,7 @@ class ChunkResult:
     accepted: int = 0  # frames whose program passed the filter (too_large included)
     filtered: int = 0  # frames the program filter dropped
     oversized: int = 0  # frames over max_message_size, dropped by the framing
+    bad_times: int = 0  # zoned header times that are no real date/time: reception time used
     framing_errors: int = 0  # 1 when the stream became unreadable (then `error` says why)
     error: str | None = None  # set once: the connection must be closed
 

@@ -75,10 +75,17 @@ class ListenerCounters:
     connections_accepted: int = 0
     connections_refused: int = 0
     connections_evicted: int = 0
+    connections_idle_closed: int = 0  # listen.idle_timeout: no complete frame for that long
+    connections_shed: int = 0  # listen.max_buffered_bytes: closed for holding the most
+    access_denied: int = 0  # connections (TCP) or datagrams (UDP) from outside listen.allow
     received_bytes: int = 0
     oversized_frames: int = 0
     udp_dropped: int = 0
+    # UDP datagrams the kernel dropped (receive queue full): kept by the kernel, copied in by
+    # `refresh` when read (scrape, stats line), so nothing is done per datagram.
+    udp_kernel_dropped: int = 0
     framings: dict[str, FramingCounters] = field(default_factory=dict)
+    refresh: Callable[[], None] | None = None
 
     def framing(self, name: str) -> FramingCounters:
         fc = self.framings.get(name)
@@ -89,7 +96,7 @@ class ListenerCounters:
 
 # The per-listener counters, summed over listeners in the flat snapshot.
 LISTENER_FIELDS = tuple(
-    f.name for f in fields(ListenerCounters) if f.name not in ("name", "framings")
+    f.name for f in fields(ListenerCounters) if f.name not in ("name", "framings", "refresh")
 )
 
 
@@ -122,18 +129,24 @@ class Counters:
     # filter
     filtered_out: int = 0
     accepted_events: int = 0
+    # header times that were no real date/time (the reception time was used instead)
+    invalid_timestamps: int = 0
     # delivery
     batches_sent: int = 0
     delivered_events: int = 0
     delivered_batches: int = 0
     retries: int = 0
     uncertain_deliveries: int = 0
+    # 413 on a single small event (a proxy's body limit): kept and retried slowly
+    body_limit_refusals: int = 0
     dead_lettered_events: int = 0  # the sum of dead_letter_reasons
     requeued_events: int = 0
     dropped_events: int = 0  # lost for good: the sum of drop_reasons
     # SIGHUP: configs applied, and configs refused (the running one stayed)
     reloads: int = 0
     reload_failures: int = 0
+    # connections closed, or accept() failing, for want of file descriptors (descriptors.py)
+    accept_errors: int = 0
     spool: SpoolCounters = field(default_factory=SpoolCounters)
     listeners: list[ListenerCounters] = field(default_factory=list)
     requests: RequestStats = field(default_factory=RequestStats)
@@ -153,7 +166,14 @@ class Counters:
         self.dropped_events += events
         self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + events
 
+    def refresh_listeners(self) -> None:
+        """Bring in the counts kept outside the process (the kernel's UDP drops)."""
+        for lc in self.listeners:
+            if lc.refresh is not None:
+                lc.refresh()
+
     def snapshot(self) -> dict[str, int]:
+        self.refresh_listeners()
         out = {name: getattr(self, name) for name in SCALAR_FIELDS}
         for name in LISTENER_FIELDS:
             out[name] = sum(getattr(lc, name) for lc in self.listeners)

@@ -34,26 +34,42 @@ _LABELLED = {"received_frames", "dead_lettered_events", "dropped_events"}
 
 HELP: dict[str, str] = {
     "connections_accepted": "TCP connections accepted.",
-    "connections_refused": "TCP connections refused at listen.max_connections.",
-    "connections_evicted": "Idle TCP connections closed to make room at listen.max_connections.",
+    "connections_refused": "TCP connections refused at listen.max_connections (nothing to "
+                           "evict) or listen.max_connections_per_address.",
+    "connections_evicted": "TCP connections closed to make room at listen.max_connections "
+                           "(the oldest last complete frame first).",
+    "connections_idle_closed": "TCP connections closed after listen.idle_timeout without a "
+                               "complete frame.",
+    "connections_shed": "TCP connections closed for holding the most of "
+                        "listen.max_buffered_bytes.",
+    "access_denied": "TCP connections closed and UDP datagrams dropped: peer not in "
+                     "listen.allow.",
     "received_frames": "Syslog messages read (TCP frames, UDP datagrams), before the filter.",
     "received_bytes": "Raw bytes read, framing included.",
     "framing_errors": "TCP connections closed for unreadable framing.",
     "oversized_frames": "Messages over listen.max_message_size, discarded.",
     "udp_dropped": "UDP datagrams dropped under backpressure.",
+    "udp_kernel_dropped": "UDP datagrams the kernel dropped, receive queue full (the "
+                          "socket's drops in /proc/net/udp; see listen.udp_rcvbuf).",
     "filtered_out": "Messages not forwarded: program not in filter.programs.",
     "accepted_events": "Events put into batches.",
+    "invalid_timestamps": "Events whose header time was no real date and time (or offset "
+                          "beyond +-14:00): sent with the reception time.",
     "batches_sent": "Send attempts, retries included.",
     "delivered_events": "Events accepted by the intake (2xx).",
     "delivered_batches": "Batches accepted by the intake (2xx).",
     "retries": "Failed attempts that will be retried.",
     "uncertain_deliveries": "Requests of unknown outcome (timeout after sending): maybe "
                             "duplicated.",
+    "body_limit_refusals": "Requests of one small event answered 413 (a proxy's body "
+                           "limit): kept and retried every intake.auth_retry.",
     "dead_lettered_events": "Events written to dead letters, by reason.",
     "requeued_events": "Dead letters re-queued by replay-dead-letter.",
     "dropped_events": "Events lost for good, by reason.",
     "reloads": "Configurations applied on SIGHUP.",
     "reload_failures": "Configurations refused on SIGHUP (the running one stayed).",
+    "accept_errors": "TCP connections closed, or accept() failures, for want of file "
+                     "descriptors (EMFILE/ENFILE, or too few left): raise LimitNOFILE.",
     "intake_requests": "HTTP requests to the intake, by status class (network: no answer).",
     "intake_key_rejected": "Intake answers 401/403: the intake key is refused.",
     "intake_request_duration_seconds": "Time of one HTTP request to the intake.",
@@ -116,6 +132,7 @@ class ForwarderCollector:
         # Summed by name: a listener closed and opened again (a reload) keeps one series.
         totals: dict[str, dict[str, int]] = {}
         frames: dict[tuple[str, str], list[int]] = {}
+        self.registry.counters.refresh_listeners()
         for lc in self.registry.counters.listeners:
             t = totals.setdefault(lc.name, dict.fromkeys(LISTENER_FIELDS, 0))
             for f in LISTENER_FIELDS:
@@ -125,9 +142,9 @@ class ForwarderCollector:
                 acc[0] += fc.frames
                 acc[1] += fc.framing_errors
         for f in LISTENER_FIELDS:
-            if f == "udp_dropped" or f.startswith("connections_"):
+            if f.startswith(("udp_", "connections_")):
                 # Only where they can happen: TCP connections, UDP drops.
-                proto = "udp://" if f == "udp_dropped" else "tcp://"
+                proto = "udp://" if f.startswith("udp_") else "tcp://"
                 items = [(n, t) for n, t in totals.items() if n.startswith(proto)]
             else:
                 items = list(totals.items())

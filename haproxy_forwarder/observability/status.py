@@ -21,6 +21,9 @@ from .prometheus import collector_registry, exposition
 
 MAX_REQUEST = 8192
 READ_TIMEOUT = 5.0
+# Connections served at once; more are closed at once. Scrapers and probes need a few; idle
+# connections past it would only take descriptors the syslog listeners need.
+MAX_CONNECTIONS = 16
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
 
@@ -54,6 +57,7 @@ class StatusServer:
         self.log = log
         self.metrics = collector_registry(registry)
         self.server: asyncio.Server | None = None
+        self.active = 0
 
     async def start(self) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._handle, self.host, self.port,
@@ -67,6 +71,16 @@ class StatusServer:
             await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        self.active += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.active -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
             parts = head.split(b" ", 2)

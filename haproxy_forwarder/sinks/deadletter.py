@@ -16,6 +16,8 @@ from pathlib import Path
 import orjson
 
 from ..batching import Batch
+from ..observability import logs
+from ..spool.segments import make_private_dirs, open_spool_file
 
 # A timestamp that needs no escaping between JSON quotes (printable ASCII, no " or \): the
 # usual case, written as is. Anything else (a hand-edited requeued file) goes through orjson.
@@ -45,9 +47,10 @@ def dead_letter_lines(
     head = orjson.dumps(
         {
             "dead_lettered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", at),
-            "reason": reason,
+            # The sink scrubs the key from answers already; this covers any other writer.
+            "reason": logs.redact(reason),
             "status": status,
-            "response": response,
+            "response": logs.redact(response),
         }
     )[:-1]  # without the closing brace: the per-event keys follow
     return b"".join(
@@ -67,7 +70,7 @@ class DeadLetters:
 
     def size(self) -> int:
         if self._size is None:
-            self._size = sum(p.stat().st_size for p in self.files())
+            self._size = sum(p.lstat().st_size for p in self.files())
         return self._size
 
     def write(
@@ -87,9 +90,10 @@ class DeadLetters:
         lines = dead_letter_lines(batch, reason, status, response, when)
         if self.size() + len(lines) > self.max_size:
             return None
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.dir)
         path = self.dir / time.strftime("dead-letter-%Y%m%d.jsonl", when)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        # Never through a symbolic link, never into another user's file (UnsafeSpoolFile).
+        fd = open_spool_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             _write_all(fd, lines)
             os.fsync(fd)
@@ -101,7 +105,7 @@ class DeadLetters:
 
 def read_dead_letters(path: Path) -> Iterator[tuple[str, str]]:
     """(event, timestamp) of every well-formed line of a dead-letter file."""
-    with path.open("rb") as fh:
+    with os.fdopen(open_spool_file(path, os.O_RDONLY), "rb") as fh:
         for line in fh:
             try:
                 rec = orjson.loads(line)

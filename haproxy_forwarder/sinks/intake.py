@@ -11,16 +11,19 @@ import email.utils
 import enum
 import ssl
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
 
 import httpx
+import orjson
 
 from .. import __version__
 from ..batching import Batch
 from ..config import IntakeConfig
+from ..observability import logs
 from .encoding import bodies_bounded
 
 # Cap what a Retry-After may impose, so a bogus header cannot park delivery for days.
@@ -29,6 +32,13 @@ MAX_RETRY_AFTER = 600.0
 # in one go: a body written whole would exist three times at once (the body, OpenSSL's output
 # buffer, the bytes read out of it), per concurrent request.
 SEND_PIECE = 64 * 1024
+# At most this much of an answer is read: enough to classify it and log a detail. The rest is
+# not read (the connection is closed instead), so a huge or endless answer costs nothing.
+ANSWER_CAP = 64 * 1024
+# The intake's limit on one event (250 KiB): a 413 on a single event under it comes from
+# something in between (a proxy's body limit), not from the event.
+INTAKE_EVENT_LIMIT = 250 * 1024
+MASK = "********"
 
 
 class Kind(enum.Enum):
@@ -85,10 +95,38 @@ def classify(status: int, body: str, retry_after: str | None) -> Outcome:
     return Outcome(Kind.AUTH, status, detail, parse_retry_after(retry_after))
 
 
-async def _pieces(body: bytes) -> AsyncIterator[memoryview]:
+@dataclass(slots=True)
+class _Exchange:
+    """How far one request got, for classifying it when the deadline cuts it short."""
+
+    sent: bool = False  # the whole body was handed to the connection
+    status: int | None = None
+    retry_after: str | None = None
+    answer: bytearray = field(default_factory=bytearray)
+
+
+async def _pieces(body: bytes, progress: _Exchange) -> AsyncIterator[memoryview]:
     view = memoryview(body)
     for start in range(0, len(view), SEND_PIECE):
         yield view[start : start + SEND_PIECE]
+    # Resumed only once the transport took the last piece.
+    progress.sent = True
+
+
+def key_forms(key: str) -> list[str]:
+    """The key as it can come back in an answer: as is, URL-encoded, JSON-escaped."""
+    if not key:
+        return []
+    forms = {key, urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key),
+             orjson.dumps(key).decode()[1:-1]}
+    return sorted(forms, key=len, reverse=True)
+
+
+def scrub(text: str, key: str) -> str:
+    """`text` without the key in any form (an intake or proxy may echo the request)."""
+    for form in key_forms(key):
+        text = text.replace(form, MASK)
+    return logs.redact(text)
 
 
 def _ssl_context(cfg: IntakeConfig) -> ssl.SSLContext:
@@ -109,7 +147,9 @@ class IntakeClient:
         self.cfg = cfg
         self.url = cfg.endpoint_url
         self.key = cfg.key.get_secret_value() if cfg.key is not None else ""
-        headers = {"User-Agent": f"haproxy-forwarder/{__version__}"}
+        # identity: an answer is read raw up to ANSWER_CAP, never inflated (no gzip bomb).
+        headers = {"User-Agent": f"haproxy-forwarder/{__version__}",
+                   "Accept-Encoding": "identity"}
         if cfg.endpoint in ("jsons", "plain-batch"):
             headers["X-SEKOIAIO-INTAKE-KEY"] = self.key
         headers["Content-Type"] = (
@@ -135,25 +175,66 @@ class IntakeClient:
         return dataclasses.replace(outcome, elapsed=time.monotonic() - start)
 
     async def _post(self, body: bytes) -> Outcome:
+        outcome = await self._attempt(body)
+        if outcome.detail:
+            # An intake or proxy echoing the request would hand the key to logs, dead letters
+            # and send-test output: it never leaves this module.
+            outcome = dataclasses.replace(outcome, detail=scrub(outcome.detail, self.key))
+        return outcome
+
+    async def _attempt(self, body: bytes) -> Outcome:
+        progress = _Exchange()
         try:
-            if len(body) <= SEND_PIECE:
-                resp = await self._client.post(self.url, content=body)
-            else:
-                # An explicit Content-Length: httpx then frames the streamed pieces with it
-                # (no chunked encoding), exactly like the whole body.
-                # Memoryviews, not copies: h11 and the TLS layer take any bytes-like piece.
-                pieces = cast("AsyncIterator[bytes]", _pieces(body))
-                resp = await self._client.post(self.url, content=pieces,
-                                               headers={"Content-Length": str(len(body))})
+            # intake.timeout bounds the whole request: httpx's timeouts are per read, so an
+            # answer trickling a byte at a time would otherwise hold a worker indefinitely.
+            async with asyncio.timeout(self.cfg.timeout):
+                await self._exchange(body, progress)
+        except TimeoutError:
+            if progress.status is not None:
+                # The intake gave its verdict; only the rest of its explanation is missing.
+                return self._classify(progress)
+            return Outcome(Kind.RETRY, None,
+                           f"no answer within intake.timeout ({self.cfg.timeout:g} s)",
+                           uncertain=progress.sent)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing reached the intake: retrying cannot duplicate.
             return Outcome(Kind.RETRY, None, f"{type(exc).__name__}: {exc}")
         except httpx.HTTPError as exc:
+            if progress.status is not None:  # the answer broke off after its status line
+                return self._classify(progress)
             # Read timeouts, resets after sending: the intake may have taken the batch.
             return Outcome(Kind.RETRY, None, f"{type(exc).__name__}: {exc}", uncertain=True)
         except (OSError, ssl.SSLError) as exc:  # pragma: no cover - httpx wraps these
             return Outcome(Kind.RETRY, None, f"{type(exc).__name__}: {exc}")
-        return classify(resp.status_code, resp.text, resp.headers.get("retry-after"))
+        return self._classify(progress)
+
+    async def _exchange(self, body: bytes, progress: _Exchange) -> None:
+        # An explicit Content-Length: httpx then frames the streamed pieces with it (no
+        # chunked encoding), exactly like the whole body. Memoryviews, not copies: h11 and
+        # the TLS layer take any bytes-like piece.
+        pieces = cast("AsyncIterator[bytes]", _pieces(body, progress))
+        request = self._client.build_request(
+            "POST", self.url, content=pieces, headers={"Content-Length": str(len(body))})
+        resp = await self._client.send(request, stream=True)
+        try:
+            progress.sent = True
+            progress.status = resp.status_code
+            progress.retry_after = resp.headers.get("retry-after")
+            # Raw bytes: nothing decoded or inflated beyond the cap.
+            async for chunk in resp.aiter_raw():
+                progress.answer += chunk[: ANSWER_CAP - len(progress.answer)]
+                if len(progress.answer) >= ANSWER_CAP:
+                    break  # the rest is dropped with the connection
+        finally:
+            # A response not read to its end closes its connection rather than returning it
+            # to the pool.
+            await resp.aclose()
+
+    def _classify(self, progress: _Exchange) -> Outcome:
+        assert progress.status is not None
+        # Scrubbed whole, before classify() shortens it: a cut could split a key in two.
+        text = scrub(bytes(progress.answer).decode("utf-8", "replace"), self.key)
+        return classify(progress.status, text, progress.retry_after)
 
     async def aclose(self) -> None:
         await self._client.aclose()

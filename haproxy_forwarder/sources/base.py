@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from ..ingest import ChunkReader, ChunkResult, ProgramFilter, new_reader
 from ..observability.counters import Counters
+from .guard import BufferBudget, QuietLog
 
 
 class IngestSink(Protocol):
@@ -53,6 +54,13 @@ class SourceContext:
     filter: ProgramFilter
     pressure: Backpressure
     max_message_size: int
+    # Shared by every TCP listener: listen.max_buffered_bytes is a total over all of them.
+    budget: BufferBudget = field(default_factory=BufferBudget)
+    # Warnings a flood repeats (refused, evicted, denied...): rate-limited, with a count.
+    quiet: QuietLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.quiet = QuietLog(self.log)
 
     def reader(self, framing: str) -> ChunkReader:
         return new_reader(self.filter, self.max_message_size, framing)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 from ..ingest import DATAGRAM
 from ..observability import counters
 from ..observability.counters import ListenerCounters
 from .base import SourceContext, listener_name
+from .guard import Allow
+from .udp_drops import kernel_drops, socket_inode
 
-# A large receive buffer absorbs bursts while a batch is being encoded.
+# A large receive buffer absorbs bursts while a batch is being encoded (listen.udp_rcvbuf).
 RCVBUF = 8 * 1024 * 1024
+RMEM_MAX = "/proc/sys/net/core/rmem_max"
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -22,10 +26,16 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.reader = self.ctx.reader(DATAGRAM)
         self.stats = source.stats
         self.framing = source.stats.framing(counters.DATAGRAM)
+        self.source = source
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         ctx = self.ctx
         c = self.stats
+        if not self.source.allow.permits(str(addr[0])):
+            c.access_denied += 1
+            ctx.quiet.warning("datagram_denied", listener=c.name, peer=f"{addr[0]}:{addr[1]}",
+                              reason="not in listen.allow")
+            return
         c.received_bytes += len(data)
         if ctx.pressure.on:
             # A datagram cannot be held back: dropping it is the only bounded choice, and
@@ -42,10 +52,16 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class UdpSource:
-    def __init__(self, ctx: SourceContext, host: str, port: int) -> None:
+    def __init__(self, ctx: SourceContext, host: str, port: int,
+                 allow: Iterable[str] = (), rcvbuf: int = RCVBUF) -> None:
         self.ctx = ctx
+        self.rcvbuf = rcvbuf
+        self._inode = 0
+        self._family = 0
+        self._drops_base = 0  # what earlier sockets of these counters dropped
         self.host = host
         self.port = port
+        self.allow = Allow(allow)  # listen.allow, replaced on SIGHUP
         self._transport: asyncio.DatagramTransport | None = None
         self._stopping = False
         # Its `listener` label gets the bound port at start() (port 0 in tests), and it is
@@ -59,12 +75,35 @@ class UdpSource:
         )
         self._transport = transport
         sock = transport.get_extra_info("socket")
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         addr = transport.get_extra_info("sockname")
         self.stats.name = listener_name("udp", addr[0], addr[1])
+        self._set_rcvbuf(sock)
+        self._inode, self._family = socket_inode(sock), sock.family
+        self._drops_base = self.stats.udp_kernel_dropped
+        self.stats.refresh = self._read_drops
         self.ctx.counters.add_listener(self.stats)
         return addr[0], addr[1]
+
+    def _set_rcvbuf(self, sock: Any) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        effective = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        # Linux doubles the request (its bookkeeping) after capping it at rmem_max: less than
+        # twice the request means the cap cut it, and bursts are lost sooner than configured.
+        extra: dict[str, Any] = {}
+        if effective < 2 * self.rcvbuf:
+            extra["capped"] = True
+            with contextlib.suppress(OSError, ValueError), open(RMEM_MAX) as f:
+                extra["rmem_max"] = int(f.read())
+            extra["hint"] = "raise net.core.rmem_max (sysctl) for a larger buffer"
+        self.ctx.log.info("udp_rcvbuf", listener=self.stats.name, requested=self.rcvbuf,
+                          effective=effective, **extra)
+
+    def _read_drops(self) -> None:
+        # At scrape time; a socket already closed is gone from the table: the last count stays.
+        n = kernel_drops(self._inode, self._family)
+        if n is not None:
+            self.stats.udp_kernel_dropped = self._drops_base + n
 
     @property
     def name(self) -> str:
@@ -83,5 +122,9 @@ class UdpSource:
 
     async def stop(self) -> None:
         self._stopping = True
+        self.ctx.quiet.flush()
         if self._transport is not None:
+            if self.stats.refresh is not None:
+                self._read_drops()  # the last count, before the socket (and its row) goes
+                self.stats.refresh = None
             self._transport.close()

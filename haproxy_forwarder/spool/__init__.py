@@ -27,7 +27,14 @@ flock on segments/LOCK, so two daemons cannot share a spool (SpoolLocked).
 
 from __future__ import annotations
 
-from .errors import RecordTooLarge, SpoolError, SpoolFull, SpoolLocked, SpoolWriteError
+from .errors import (
+    RecordTooLarge,
+    SpoolError,
+    SpoolFull,
+    SpoolLocked,
+    SpoolWriteError,
+    UnsafeSpoolFile,
+)
 from .format import HEADER_SIZE
 from .queue import AppendResult, Spool, WhenFull, inspect_spool
 from .recovery import QuarantinedSegment, RecoveryReport, TruncatedTail
@@ -46,6 +53,7 @@ __all__ = [
     "SpoolLocked",
     "SpoolWriteError",
     "TruncatedTail",
+    "UnsafeSpoolFile",
     "WhenFull",
     "inspect_spool",
 ]

@@ -22,6 +22,17 @@ class SpoolLocked(SpoolError):
     """Another process holds the spool directory."""
 
 
+class UnsafeSpoolFile(SpoolError, OSError):
+    """A spool file that is a symbolic link, or owned by another user: never opened.
+
+    Also an OSError, so that the paths that survive a failing disk survive this too.
+    """
+
+    def __init__(self, path: object, why: str) -> None:
+        super().__init__(f"refusing spool file {path}: {why}")
+        self.path = path
+
+
 class SpoolWriteError(SpoolError):
     """The disk refused a write (ENOSPC, EIO, EROFS...); the spool is still consistent."""
 

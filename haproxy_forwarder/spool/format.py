@@ -43,9 +43,11 @@ Scanning (recovery)
 -------------------
 Every complete record with a good checksum, of either version, is found. At a bad byte, the
 scan resynchronises: it looks for the next position where a valid record starts (bytes.find
-of the magic, each candidate verified by version, header, length and checksum: linear in
-practice; only crafted bytes with many plausible headers make each candidate cost a checksum
-over its claimed length).
+of the magic, each candidate verified by version, header, length and checksum). From the first
+bad byte on, checksums go through RangeCrc, so a candidate costs a bounded amount of work
+whatever length it claims: the scan is O(n) in the segment size. Worst case (a crafted file
+with a plausible header every few bytes): one pass of crc32 over the file plus at most 536
+bytes of crc32 and ~10 table steps per candidate, about 0.3 s per MiB of fake headers.
 - Nothing valid after it: a torn tail (short header, short payload, bad checksum at the end,
   zero fill); the file is cut there.
 - A valid record follows: corruption in the middle, a "hole" that recovery covers with filler
@@ -219,6 +221,102 @@ def filler(length: int) -> bytes:
     return b"".join(parts)
 
 
+# -- checksums of arbitrary ranges (the resynchronising scan) ----------------------------------
+#
+# A crafted segment can put a plausible header every few bytes, each claiming a payload up to
+# the end of the file: checking each one with zlib.crc32 over its claimed length is quadratic.
+# CRC-32 is linear over GF(2), so the crc of any range follows from the crc of two prefixes of
+# the file and the operator "advance the register by L zero bytes". RangeCrc keeps the prefix
+# crc every _BLOCK bytes (one pass over the file), finishes a prefix from the nearest mark
+# (< _BLOCK bytes) and applies the operator for L digit by digit in base 16 (<= 9 table steps,
+# tables built once). So a candidate costs at most 2 * _BLOCK + 20 bytes of zlib.crc32 and a
+# constant number of table steps, whatever length it claims.
+
+_MASK = 0xFFFFFFFF
+_BLOCK = 256
+_Op = list[list[int]]  # 4 tables of 256: the image of each byte of the register
+_SHIFT_OPS: list[list[_Op]] = []  # [k][d - 1]: advance by d * 16**k zero bytes
+
+
+def _apply(op: _Op, r: int) -> int:
+    return op[0][r & 255] ^ op[1][(r >> 8) & 255] ^ op[2][(r >> 16) & 255] ^ op[3][r >> 24]
+
+
+def _compose(f: _Op, g: _Op) -> _Op:
+    """f after g."""
+    return [[_apply(f, _apply(g, v << (8 * j))) for v in range(256)] for j in range(4)]
+
+
+def _shift_ops() -> list[list[_Op]]:
+    if not _SHIFT_OPS:
+        table = []
+        for b in range(256):
+            c = b
+            for _ in range(8):
+                c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+            table.append(c)
+        # One zero byte into the (reflected) register r: table[r & 255] ^ (r >> 8).
+        base = [[table[(v << (8 * j)) & 255] ^ ((v << (8 * j)) >> 8) for v in range(256)]
+                for j in range(4)]
+        ops: list[list[_Op]] = []
+        for _k in range(9):  # 16**9 > the longest range (4 GiB + a header)
+            row = [base]
+            for _d in range(2, 16):
+                row.append(_compose(base, row[-1]))
+            ops.append(row)
+            base = _compose(base, row[-1])
+        _SHIFT_OPS[:] = ops
+    return _SHIFT_OPS
+
+
+def _advance(r: int, length: int) -> int:
+    """The raw register `r` after `length` zero bytes."""
+    ops = _shift_ops()
+    k = 0
+    while length:
+        d = length & 15
+        if d:  # _apply, inlined: this is the scan's inner loop on crafted input
+            t = ops[k][d - 1]
+            r = t[0][r & 255] ^ t[1][(r >> 8) & 255] ^ t[2][(r >> 16) & 255] ^ t[3][r >> 24]
+        length >>= 4
+        k += 1
+    return r
+
+
+class RangeCrc:
+    """zlib.crc32 of any range of `data` in bounded work (see above); counts bytes examined."""
+
+    MAX_PER_CANDIDATE = 2 * _BLOCK + HEADER_SIZE
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self.view = memoryview(data)
+        self.marks: array[int] | None = None  # crc32(data[: k * _BLOCK], _MASK), built lazily
+        self.examined = 0
+
+    def _prefix(self, x: int) -> int:
+        """zlib.crc32(data[:x], 0xFFFFFFFF): the bitwise complement of the raw register."""
+        if self.marks is None:
+            marks = array("I")
+            c = _MASK
+            for k in range(len(self.view) // _BLOCK + 1):
+                marks.append(c)
+                c = zlib.crc32(self.view[k * _BLOCK : (k + 1) * _BLOCK], c)
+            self.examined += len(self.view)
+            self.marks = marks
+        k = x // _BLOCK
+        self.examined += x - k * _BLOCK
+        return zlib.crc32(self.view[k * _BLOCK : x], self.marks[k])
+
+    def crc32(self, start: int, stop: int, value: int) -> int:
+        """== zlib.crc32(data[start:stop], value)."""
+        if stop - start <= 2 * _BLOCK:
+            self.examined += stop - start
+            return zlib.crc32(self.view[start:stop], value)
+        ga = ~self._prefix(start) & _MASK
+        gb = ~self._prefix(stop) & _MASK
+        return ~(_advance((~value & _MASK) ^ ga, stop - start) ^ gb) & _MASK
+
+
 class Parsed(NamedTuple):
     length: int  # header + payload
     events: int
@@ -227,8 +325,13 @@ class Parsed(NamedTuple):
     version: int
 
 
-def parse_at(data: bytes | bytearray | memoryview, pos: int) -> Parsed | None:
-    """The valid record (batch or filler, either version) at `pos`, else None."""
+def parse_at(
+    data: bytes | bytearray | memoryview, pos: int, sums: RangeCrc | None = None
+) -> Parsed | None:
+    """The valid record (batch or filler, either version) at `pos`, else None.
+
+    `sums` (a RangeCrc of `data`) checks a long payload's checksum in constant time.
+    """
     end = len(data)
     if end - pos < HEADER_SIZE:
         return None
@@ -242,7 +345,12 @@ def parse_at(data: bytes | bytearray | memoryview, pos: int) -> Parsed | None:
         return None
     (crc,) = _CRC.unpack_from(data, pos + _HEAD.size)
     view = memoryview(data)
-    if zlib.crc32(view[pos + HEADER_SIZE : stop], zlib.crc32(view[pos : pos + _HEAD.size])) != crc:
+    head_crc = zlib.crc32(view[pos : pos + _HEAD.size])
+    if sums is not None:
+        got = sums.crc32(pos + HEADER_SIZE, stop, head_crc)
+    else:
+        got = zlib.crc32(view[pos + HEADER_SIZE : stop], head_crc)
+    if got != crc:
         return None
     return Parsed(HEADER_SIZE + plen, n, created, flags, version)
 
@@ -255,11 +363,11 @@ def decode_record(data: bytes | bytearray | memoryview, events: int) -> Batch:
     return decode_payload(parsed.version, memoryview(data)[HEADER_SIZE:], events)
 
 
-def next_valid(data: bytes | bytearray, start: int) -> int:
+def next_valid(data: bytes | bytearray, start: int, sums: RangeCrc | None = None) -> int:
     """Offset of the first valid record (batch or filler) at or after `start`, or -1."""
     i = data.find(MAGIC, start)
     while i != -1:
-        if parse_at(data, i) is not None:
+        if parse_at(data, i, sums) is not None:
             return i
         i = data.find(MAGIC, i + 1)
     return -1
@@ -296,18 +404,23 @@ def scan(data: bytes | bytearray) -> Scan:
     holes: list[tuple[int, int]] = []
     pos, end = 0, len(data)
     tail_corrupt = False
+    # A clean segment is checksummed record by record (each byte once); from the first bad
+    # byte on, every check goes through RangeCrc so that candidates cost O(1) each.
+    sums: RangeCrc | None = None
     while pos < end:
-        r = parse_at(data, pos)
+        r = parse_at(data, pos, sums)
         if r is not None:
             if r.flags == 0:
                 recs.append(ScannedRecord(pos, r.length, r.events, r.created))
             pos += r.length
             continue
-        nxt = next_valid(data, pos + 1)
+        if sums is None:
+            sums = RangeCrc(data)
+        nxt = next_valid(data, pos + 1, sums)
         if nxt == -1:
             break  # a torn tail
         if nxt - pos < HEADER_SIZE:  # no room for a filler: swallow what follows
-            nxt = next_valid(data, pos + HEADER_SIZE)
+            nxt = next_valid(data, pos + HEADER_SIZE, sums)
             if nxt == -1:
                 tail_corrupt = True
                 break

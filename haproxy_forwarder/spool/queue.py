@@ -149,7 +149,7 @@ class Spool:
             return report
 
     def _take_lock(self) -> None:
-        fd = self.fs.open(self.seg_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o640)
+        fd = self.fs.open(self.seg_dir / "LOCK", os.O_RDWR | os.O_CREAT)
         try:
             self.fs.flock(fd)
         except OSError as e:

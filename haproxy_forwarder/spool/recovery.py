@@ -271,7 +271,7 @@ class Recovery:
         if scan.records:
             tmp = path.with_suffix(".seg.tmp")
             try:
-                fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 try:
                     pwrite_all(fs, fd, fmt.repaired(data, scan), 0)
                     fs.fsync(fd)

@@ -1,6 +1,11 @@
 """Segment and ack files on disk, behind `Filesystem`: the only place the spool calls the OS.
 
 Tests inject faults (ENOSPC, EIO, EROFS, torn writes) by passing a `Filesystem` subclass.
+
+Every file is opened through `open_spool_file`: O_NOFOLLOW | O_CLOEXEC, and refused
+(UnsafeSpoolFile) if it is a symbolic link or belongs to a user other than this process's or
+the owner of the folder it is in. Whoever can plant a link in the spool must not make the
+daemon truncate or append to a file elsewhere. Folders are created 0700.
 """
 
 from __future__ import annotations
@@ -9,16 +14,76 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UnsafeSpoolFile
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def open_spool_file(path: Path, flags: int, mode: int = FILE_MODE) -> int:
+    """os.open that never follows a symbolic link and refuses files of other users."""
+    try:
+        # O_NONBLOCK: a FIFO planted in the spool must not hang the open (cleared below).
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeSpoolFile(path, "it is a symbolic link") from None  # one clear line
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeSpoolFile(path, "not a regular file")
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        if st.st_uid != os.geteuid():
+            # root running `spool stats` / `purge` on the service user's spool is fine: the
+            # folder's owner is the service user.
+            folder_uid = os.stat(path.parent).st_uid
+            if st.st_uid != folder_uid:
+                raise UnsafeSpoolFile(
+                    path, f"owned by uid {st.st_uid}, not by uid {os.geteuid()} (this "
+                    f"process) nor uid {folder_uid} (the folder's owner)"
+                )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_private_dirs(path: Path) -> None:
+    """mkdir -p with mode 0700 for every folder it creates (existing ones are left alone)."""
+    missing: list[Path] = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # created meanwhile (another thread)
+            os.mkdir(d, DIR_MODE)
+    if not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+
+
+def read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
 
 class Filesystem:
-    """The OS calls the spool makes; each method is the plain os/shutil call."""
+    """The OS calls the spool makes; files never through a symbolic link (see above)."""
 
-    def open(self, path: Path, flags: int, mode: int = 0o640) -> int:
-        return os.open(path, flags, mode)
+    def open(self, path: Path, flags: int, mode: int = FILE_MODE) -> int:
+        return open_spool_file(path, flags, mode)
+
+    def open_dir(self, path: Path) -> int:
+        """A folder, for fsync: it may be a symbolic link (a spool.dir moved elsewhere)."""
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -39,26 +104,39 @@ class Filesystem:
         os.ftruncate(fd, length)
 
     def truncate(self, path: Path, length: int) -> None:
-        os.truncate(path, length)
+        fd = self.open(path, os.O_WRONLY)
+        try:
+            self.ftruncate(fd, length)
+        finally:
+            self.close(fd)
 
     def flock(self, fd: int) -> None:
         """Exclusive, non-blocking; OSError if another process holds it."""
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def read_bytes(self, path: Path) -> bytes:
-        return path.read_bytes()
+        fd = self.open(path, os.O_RDONLY)
+        try:
+            return read_all(fd)
+        finally:
+            self.close(fd)
 
     def size(self, path: Path) -> int:
-        return path.stat().st_size
+        return path.lstat().st_size
 
     def unlink(self, path: Path, missing_ok: bool = False) -> None:
         path.unlink(missing_ok=missing_ok)
 
     def link(self, src: Path, dst: Path) -> None:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)
 
     def copyfile(self, src: Path, dst: Path) -> None:
-        shutil.copyfile(src, dst)
+        data = self.read_bytes(src)
+        fd = self.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            pwrite_all(self, fd, data, 0)
+        finally:
+            self.close(fd)
 
     def replace(self, src: Path, dst: Path) -> None:
         os.replace(src, dst)
@@ -67,10 +145,10 @@ class Filesystem:
         return os.listdir(path)
 
     def mkdir(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path)
 
     def exists(self, path: Path) -> bool:
-        return path.exists()
+        return os.path.lexists(path)
 
     def is_dir(self, path: Path) -> bool:
         return path.is_dir()
@@ -81,7 +159,7 @@ class Filesystem:
 
 def fsync_dir(fs: Filesystem, path: Path) -> None:
     """Make a create/unlink/rename in `path` durable."""
-    fd = fs.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = fs.open_dir(path)
     try:
         fs.fsync(fd)
     finally:
@@ -151,7 +229,7 @@ class SegmentFiles:
     def create(self, seq: int) -> Segment:
         """A new, empty segment open for writing, its directory entry durable (or OSError)."""
         path = self.path(seq)
-        fd = self.fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = self.fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         try:
             self.sync_dir()
         except OSError:
@@ -199,7 +277,7 @@ class SegmentFiles:
             self._rfd = None
 
     def append_acks(self, seg: Segment, entries: bytes) -> None:
-        fd = self.fs.open(seg.ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = self.fs.open(seg.ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             self.fs.write(fd, entries)
             self.fs.fsync(fd)

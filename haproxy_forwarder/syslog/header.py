@@ -3,6 +3,8 @@ It only locates spans in a frame, by byte scanning, and cuts out the MSG text we
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from typing import Final, NamedTuple
 
 
@@ -15,7 +17,7 @@ class Header(NamedTuple):
     msg_start: int  # first byte of MSG; len(frame) when there is none
     ts_start: int  # timestamp token as on the wire
     ts_end: int
-    ts_zoned: bool  # token has the RFC 3339 shape with Z or +-hh:mm (shape only, not checked)
+    ts_zoned: bool  # token has the RFC 3339 shape with Z or +-hh:mm (shape only: valid_time)
     pri: int  # PRIVAL 0..191, or -1 if absent/invalid (RFC 3164 4.3.3: treat as 13)
     version: int  # RFC 5424 VERSION, 0 for everything else
     host_start: int
@@ -251,6 +253,48 @@ def _zoned(frame: bytes, s: int, e: int) -> bool:
     if skel == b"--T::.+:" or skel == b"--T::.-:":
         return 27 <= k <= 32 and frame[e - 3] == 58 and frame[e - 6] in (43, 45)
     return False
+
+
+# RFC 3339 section 5.6 with what the intake needs: 1-6 fraction digits, a zone; ASCII digits.
+_RFC3339: Final = re.compile(
+    rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)"
+)
+_MONTH_DAYS: Final = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+# Years: no syslog sender can mean an event before the Unix epoch (a clock never set shows
+# 1970), and four digits end at 9999. Offsets: the widest in use are -12:00 and +14:00.
+MIN_YEAR: Final = 1970
+MAX_OFFSET_MINUTES: Final = 14 * 60
+
+
+def valid_time(token: bytes) -> bool:
+    """Is this RFC 3339 token a real date and time, with a real offset?
+
+    Checked where a zoned header time would become the event time: a sender's "99:99" must
+    not reach the intake (it may refuse the whole batch).
+    """
+    if _RFC3339.fullmatch(token) is None:
+        return False
+    # The layout holds: the date and time are token[:19], the zone "Z" or token[-6:].
+    return _real(token[:19], b"Z" if token[-1] == 90 else token[-6:])
+
+
+@lru_cache(maxsize=256)
+def _real(date_time: bytes, zone: bytes) -> bool:
+    # Cached without the fraction: consecutive events mostly share their second.
+    year, month, day = int(date_time[:4]), int(date_time[5:7]), int(date_time[8:10])
+    hour, minute, second = int(date_time[11:13]), int(date_time[14:16]), int(date_time[17:])
+    if not (year >= MIN_YEAR and 1 <= month <= 12 and hour <= 23 and minute <= 59
+            and second <= 60):  # 60: a leap second
+        return False
+    days = _MONTH_DAYS[month]
+    if month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+        days = 29
+    if not 1 <= day <= days:
+        return False
+    if zone == b"Z":
+        return True
+    oh, om = int(zone[1:3]), int(zone[4:])
+    return om <= 59 and oh * 60 + om <= MAX_OFFSET_MINUTES
 
 
 def _strict_tag(frame: bytes, n: int, p: int) -> tuple[int, int, int, int] | None:

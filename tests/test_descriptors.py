@@ -1,0 +1,134 @@
+"""A low open-files limit: idle status connections cannot starve the syslog listeners of
+descriptors, and when syslog connections do use them up, that is logged (rate-limited) and
+counted (issue 11, item 6, "Descriptors").
+
+The daemon runs under a hard RLIMIT_NOFILE (it raises its soft limit up to the hard one, so
+both are set), with the default listen.max_connections far above what fits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import resource
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.daemon import Daemon, base_config
+from devtools.traffic import octet_counted, send_tcp, traditional
+
+NOFILE = 128
+
+
+def _low_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    tmp = tmp_path_factory.mktemp("descriptors")
+    # No per-address cap: every test connection comes from 127.0.0.1.
+    cfg = base_config(tmp, listen={"tcp": ["127.0.0.1:0"], "udp": [],
+                                   "max_connections_per_address": 100_000},
+                      log={"format": "json", "stats_interval": 60.0})
+    spawn = functools.partial(subprocess.Popen, preexec_fn=_low_nofile)
+    d = Daemon(tmp, cfg, args=("--dry-run",), spawn=spawn).start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.stop()
+
+
+def _connect(port: int, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        socks.append(s)
+    return socks
+
+
+def _close(socks: list[socket.socket]) -> None:
+    for s in socks:
+        s.close()
+
+
+def _open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def _delivered(d: Daemon, tag: str, n: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(tag in str(r) for r in d.stdout_lines()) >= n:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        body = resp.read().decode()
+    match = re.search(rf"^haproxy_forwarder_{name} (\S+)$", body, re.M)
+    assert match, f"{name} not on /metrics"
+    return float(match.group(1))
+
+
+def test_idle_status_connections_leave_syslog_working(daemon: Daemon) -> None:
+    assert daemon.events("fd_limit_low")  # the limit really is too low for the config
+    idle = _connect(daemon.status_port, NOFILE + 20)  # more than the daemon could ever hold
+    try:
+        # Sent while the idle ones are open (they would be held up to the 5 s read timeout).
+        with contextlib.suppress(OSError):  # refused: shown by the assertion below
+            send_tcp(daemon.tcp_port, octet_counted(
+                [traditional("haproxy", f"through-status-flood {i}") for i in range(20)]))
+        assert _delivered(daemon, "through-status-flood", 20), daemon.stderr_text()[-2000:]
+        # Past the cap they were closed at once: the daemon holds only a few more descriptors.
+        assert _open_fds(daemon.pid) < NOFILE - 40
+        assert not daemon.events("descriptors_exhausted")
+    finally:
+        _close(idle)
+
+
+def test_running_out_of_descriptors_is_logged_once_and_counted(daemon: Daemon) -> None:
+    flood = _connect(daemon.tcp_port, NOFILE + 20)
+    try:
+        first = daemon.wait_log("descriptors_exhausted")
+        assert first["accept_errors"] >= 1 and "nofile 128" in first["reason"]
+        # /metrics still answers (descriptors are kept for it) and counts every refusal.
+        errors = 0.0
+        deadline = time.monotonic() + 5
+        while errors < 20:
+            assert time.monotonic() < deadline, errors
+            errors = _metric(daemon.status_port, "accept_errors_total")
+            time.sleep(0.05)
+        # Rate-limited: the next ones come as one line with a count, seconds later.
+        summary = _wait_summary(daemon)
+        assert isinstance(summary["suppressed"], int) and summary["suppressed"] >= 1
+        assert len(daemon.events("descriptors_exhausted")) <= 2 < errors
+    finally:
+        _close(flood)
+    # Once the flood is gone, senders get in again.
+    deadline = time.monotonic() + 5
+    while _open_fds(daemon.pid) > NOFILE - 40:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with contextlib.suppress(ConnectionError):
+        send_tcp(daemon.tcp_port, octet_counted(
+            [traditional("haproxy", f"after-flood {i}") for i in range(5)]))
+    assert _delivered(daemon, "after-flood", 5)
+
+
+def _wait_summary(d: Daemon, timeout: float = 10.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [r for r in d.events("descriptors_exhausted") if "suppressed" in r]
+        if lines:
+            return lines[0]
+        time.sleep(0.1)
+    raise AssertionError("no rate-limited summary line")
