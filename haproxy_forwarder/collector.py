@@ -68,7 +68,6 @@ class Collector:
 
     def take(self, result: ChunkResult) -> None:
         c = self.counters
-        c.received_frames += result.frames
         c.accepted_events += result.accepted
         c.filtered_out += result.filtered
         c.invalid_timestamps += result.bad_times

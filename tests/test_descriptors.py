@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import resource
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from devtools.daemon import Daemon, base_config
+from devtools.probe import metric
 from devtools.traffic import octet_counted, send_tcp, traditional
 
 NOFILE = 128
@@ -71,14 +70,6 @@ def _delivered(d: Daemon, tag: str, n: int, timeout: float = 10.0) -> bool:
     return False
 
 
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        body = resp.read().decode()
-    match = re.search(rf"^haproxy_forwarder_{name} (\S+)$", body, re.M)
-    assert match, f"{name} not on /metrics"
-    return float(match.group(1))
-
-
 def test_idle_status_connections_leave_syslog_working(daemon: Daemon) -> None:
     assert daemon.events("fd_limit_low")  # the limit really is too low for the config
     idle = _connect(daemon.status_port, NOFILE + 20)  # more than the daemon could ever hold
@@ -105,7 +96,7 @@ def test_running_out_of_descriptors_is_logged_once_and_counted(daemon: Daemon) -
         deadline = time.monotonic() + 5
         while errors < 20:
             assert time.monotonic() < deadline, errors
-            errors = _metric(daemon.status_port, "accept_errors_total")
+            errors = metric(daemon.status_port, "accept_errors_total")
             time.sleep(0.05)
         # Rate-limited: the next ones come as one line with a count, seconds later.
         summary = _wait_summary(daemon)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from devtools.probe import peak_rss
 from devtools.traffic import octet_counted, traditional
 from tests.fake_intake import FakeIntake
 from tests.test_hostile import (
@@ -47,15 +48,6 @@ def _enough_descriptors() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        status = f.read()
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import itertools
 import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from devtools.daemon import Daemon, base_config
+from devtools.probe import metric, peak_rss, wait_until
 from devtools.traffic import octet_counted, send_tcp, traditional
 from haproxy_forwarder.delivery import Backoff
 from haproxy_forwarder.sinks import Kind, Outcome
@@ -50,31 +49,6 @@ def send(d: Daemon, text: str) -> None:
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", text)]))
 
 
-def wait_until(cond: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def metric(d: Daemon, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{d.status_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for line in text.splitlines():
-        if line.startswith(f"haproxy_forwarder_{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not on /metrics")
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
 def test_trickling_answer_ends_at_the_request_deadline(intake: FakeIntake,
                                                        daemon: Daemon) -> None:
     # 200 bytes at one every 0.5 s: each read is well within intake.timeout, the whole
@@ -107,12 +81,12 @@ def test_huge_answers_are_not_read_into_memory(intake: FakeIntake, daemon: Daemo
     assert intake.event_texts() == ["then 300 MB of 503"]
     assert [r["status"] for r in intake.requests] == [200, 503, 200]
     # The old client read each answer whole: ~1 GB peak for one of them.
-    assert peak_rss_mib(daemon.pid) < 150
+    assert peak_rss(daemon.pid) / 2**20 < 150
 
 
 def test_413_on_one_small_event_is_kept_and_retried_slowly(intake: FakeIntake,
                                                            daemon: Daemon) -> None:
-    refused_before = metric(daemon, "body_limit_refusals_total")
+    refused_before = metric(daemon.status_port, "body_limit_refusals_total")
     errors_before = len(daemon.events("intake_body_limit_check_proxy"))
     intake.inject(413, times=3, body=b"<html>413 Request Entity Too Large</html>")
     send(daemon, "behind a proxy with a small body limit")
@@ -125,7 +99,7 @@ def test_413_on_one_small_event_is_kept_and_retried_slowly(intake: FakeIntake,
     assert min(gaps) >= AUTH_RETRY * 0.8 - 0.05
     errors = daemon.events("intake_body_limit_check_proxy")[errors_before:]
     assert len(errors) == 1 and errors[0]["level"] == "error"  # once for the episode
-    assert metric(daemon, "body_limit_refusals_total") == refused_before + 3
+    assert metric(daemon.status_port, "body_limit_refusals_total") == refused_before + 3
     dead = daemon.tmp / "spool" / "dead-letter"
     assert not any("small body limit" in p.read_text() for p in dead.glob("*.jsonl"))
 

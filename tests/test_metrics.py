@@ -25,6 +25,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.daemon import Daemon, run_cli
+from devtools.probe import wait_until
 from devtools.traffic import lf_framed, octet_counted, send_tcp, send_udp, traditional
 from haproxy_forwarder.app import build
 from haproxy_forwarder.batching import Batch
@@ -82,15 +83,6 @@ def total(m: Samples, name: str) -> float:
 
 def names(m: Samples) -> set[str]:
     return {n for n, _ in m}
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def corrupt_segment(spool_dir: Path) -> None:
@@ -199,7 +191,7 @@ def test_labelled_counters_histogram_and_status_classes_follow_real_traffic(
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "slow")]))
     assert intake.wait_for(9, 15)
     intake.set_delay(0)
-    assert wait_until(lambda: value(scrape(d.status_port), "delivered_events_total") == 9)
+    assert wait_until(lambda: value(scrape(d.status_port), "delivered_events_total") == 9, 15.0)
     m = scrape(d.status_port)
     got = {c: value(m, "intake_requests_total", status_class=c)
            for c in ("2xx", "4xx", "5xx", "network")}
@@ -240,7 +232,7 @@ def test_labelled_counters_histogram_and_status_classes_follow_real_traffic(
     held = socket.create_connection(("127.0.0.1", d.tcp_port))
     held.sendall(octet_counted([traditional("haproxy", "last")]))
     assert wait_until(lambda: value(scrape(d.status_port), "connections_open",
-                                    listener=tcp) == 1)
+                                    listener=tcp) == 1, 15.0)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGTERM)
     assert wait_until(lambda: http_get(d.status_port, "/readyz")[0] == 503, timeout=5)

@@ -17,9 +17,10 @@ from collections.abc import Iterator
 import pytest
 
 from devtools.daemon import Daemon, base_config
+from devtools.probe import wait_until
 from tests.conftest import intake_section
 from tests.fake_intake import FakeIntake
-from tests.test_metrics import scrape, total, value, wait_until
+from tests.test_metrics import scrape, total, value
 
 RCVBUF = 4096
 RECEIVED_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

@@ -123,9 +123,7 @@ class RequestStats:
 
 @dataclass(slots=True)
 class Counters:
-    # input: totals of the listeners' counters (`listeners`); received_frames is counted by
-    # the collector, per chunk
-    received_frames: int = 0
+    # input: the listeners' counters (`listeners`), summed in snapshot()
     # filter
     filtered_out: int = 0
     accepted_events: int = 0
@@ -177,8 +175,9 @@ class Counters:
         out = {name: getattr(self, name) for name in SCALAR_FIELDS}
         for name in LISTENER_FIELDS:
             out[name] = sum(getattr(lc, name) for lc in self.listeners)
-        out["framing_errors"] = sum(fc.framing_errors for lc in self.listeners
-                                    for fc in lc.framings.values())
+        framings = [fc for lc in self.listeners for fc in lc.framings.values()]
+        out["received_frames"] = sum(fc.frames for fc in framings)
+        out["framing_errors"] = sum(fc.framing_errors for fc in framings)
         out.update(self.spool.snapshot())
         return out
 

@@ -30,7 +30,7 @@ from .counters import DURATION_BUCKETS, LISTENER_FIELDS, SCALAR_FIELDS, Registry
 PREFIX = "haproxy_forwarder_"
 
 # Exported with labels below, not as the plain totals of SCALAR_FIELDS.
-_LABELLED = {"received_frames", "dead_lettered_events", "dropped_events"}
+_LABELLED = {"dead_lettered_events", "dropped_events"}
 
 HELP: dict[str, str] = {
     "connections_accepted": "TCP connections accepted.",
