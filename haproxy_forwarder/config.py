@@ -117,6 +117,10 @@ def _url_problem(value: str) -> str:
 class ListenConfig(_Section):
     tcp: list[str] = Field(default_factory=lambda: ["0.0.0.0:1514"])
     udp: list[str] = Field(default_factory=lambda: ["0.0.0.0:1514"])
+    # Syslog over TLS (RFC 5425; octet counting, LF framing also read as on TCP): [tls].
+    tls: list[str] = Field(default_factory=list)
+    # RELP (rsyslog's omrelp): each message acknowledged once durable; [relp].
+    relp: list[str] = Field(default_factory=list)
     max_message_size: int = Field(default=256 * KIB, ge=1024, le=64 * MIB)
     # Bounded so a connection flood cannot exhaust memory or file descriptors (Vector #8238).
     max_connections: int = Field(default=1024, ge=1, le=1 << 20)
@@ -137,7 +141,7 @@ class ListenConfig(_Section):
     # Linux doubles it (bookkeeping) and caps it at net.core.rmem_max; the result is logged.
     udp_rcvbuf: int = Field(default=8 * MIB, ge=1024, le=1 << 30)
 
-    @field_validator("tcp", "udp")
+    @field_validator("tcp", "udp", "tls", "relp")
     @classmethod
     def _addresses(cls, values: list[str]) -> list[str]:
         return [_check_hostport(v) for v in values]
@@ -157,6 +161,32 @@ class ListenConfig(_Section):
         if self.evict_idle_after is not None and "idle_timeout" not in self.model_fields_set:
             self.idle_timeout = self.evict_idle_after
         return self
+
+
+class TlsConfig(_Section):
+    """The server side of listen.tls (and of RELP with relp.tls): certificate, client checks."""
+
+    # PEM certificate chain and its private key; read at start and on SIGHUP.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # Set: peers must present a certificate signed by this CA (mutual TLS).
+    client_ca_file: Path | None = None
+    # With client_ca_file: the subject CN or a DNS SAN must match one of these patterns
+    # (shell-style, "*.example.org"); empty: any certificate of that CA.
+    allowed_names: list[str] = Field(default_factory=list)
+    # A peer that has not finished its handshake by then is closed (a plain-TCP client on the
+    # TLS port, a stalled attacker); handshakes in progress at once are capped.
+    handshake_timeout: float = Field(default=10.0, gt=0, le=300)
+    max_handshakes: int = Field(default=256, ge=1)
+
+
+class RelpConfig(_Section):
+    # RELP over TLS (omrelp tls="on"), with the [tls] settings.
+    tls: bool = False
+    # Most unacknowledged messages we let one sender have (the window offered at `open`;
+    # omrelp's own default is 128).
+    max_window: int = Field(default=128, ge=1, le=65536)
 
 
 class FilterConfig(_Section):
@@ -383,6 +413,8 @@ class Settings(BaseSettings):
     )
 
     listen: ListenConfig = Field(default_factory=ListenConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    relp: RelpConfig = Field(default_factory=RelpConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
