@@ -79,7 +79,7 @@ asan: $(STAMP)
 # reader, FUZZ_SECONDS each, in a clang build with coverage + ASan/UBSan (needs clang).
 # New inputs go to build/fuzz/corpus; a finding stops the run and is written to
 # build/fuzz/findings: copy it into tests/fuzz/<harness>/ and it becomes a regression test.
-FUZZ_SECONDS ?= 300
+FUZZ_SECONDS ?= 600
 FUZZ_DIR := $(abspath build/fuzz)
 fuzz: $(STAMP)
 	$(BIN)/pip install -q 'atheris>=2.3'

@@ -302,7 +302,7 @@ def _check_install(deb: Deb) -> None:
     assert user.pw_dir == str(SPOOL)
     assert grp.getgrgid(user.pw_gid).gr_name == NAME
     st = SPOOL.stat()
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (user.pw_uid, user.pw_gid, 0o750)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (user.pw_uid, user.pw_gid, 0o700)
     env = ETC / "env"
     st = env.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
