@@ -10,11 +10,73 @@ message. The text is decoded only on demand (dead letters, dry-run, /plain/batch
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 
 import orjson
+
+
+class AckGauge:
+    """How many `Waiter`s wait (the acks_pending gauge): one object shared by all of them."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = 0
+
+
+class Waiter:
+    """One `Collector.on_durable` call: its callback runs once every holder has released it.
+
+    A countdown, not a flag: the events of one take() may sit in several batches (and dead
+    letters); each place holding some of them holds the waiter once. It starts held by its
+    creator, so nothing can fire it before every place is attached. `lose()` (a place whose
+    events were lost) drops the callback for good: an unacknowledged message is resent by
+    its sender, an acknowledged lost one is gone.
+    """
+
+    __slots__ = ("callback", "gauge", "left")
+
+    def __init__(self, callback: Callable[[], None], gauge: AckGauge) -> None:
+        self.callback: Callable[[], None] | None = callback
+        self.left = 1
+        self.gauge = gauge
+        gauge.pending += 1
+
+    def hold(self) -> None:
+        self.left += 1
+
+    def release(self) -> None:
+        cb = self.callback
+        if cb is None:
+            return
+        self.left -= 1
+        if self.left > 0:
+            return
+        self.callback = None
+        self.gauge.pending -= 1
+        try:
+            cb()
+        except Exception as exc:  # a source's bug must not break delivery's bookkeeping
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "on_durable callback failed", "exception": exc})
+
+    def lose(self) -> None:
+        if self.callback is not None:
+            self.callback = None
+            self.gauge.pending -= 1
+
+
+def release_all(acks: list[Waiter] | None) -> None:
+    for w in acks or ():
+        w.release()
+
+
+def lose_all(acks: list[Waiter] | None) -> None:
+    for w in acks or ():
+        w.lose()
 
 
 class Batch:
@@ -22,9 +84,13 @@ class Batch:
 
     `times[i]` is the event's timestamp (RFC 3339, ASCII, JSON-safe: it is written between
     quotes as is). Parallel sequences, not an object per event: cheaper to build and split.
+
+    `acks`: the waiters (Collector.on_durable) of the open batch, handed to delivery with it;
+    delivery keeps them on its router entry from then on. Never copied by slice/split/join
+    (delivery counts a batch's parts itself) nor written to the spool.
     """
 
-    __slots__ = ("data", "ends", "times")
+    __slots__ = ("acks", "data", "ends", "times")
 
     def __init__(
         self,
@@ -35,6 +101,7 @@ class Batch:
         self.data = bytearray(data)
         self.ends: list[int] = ends if ends is not None else []
         self.times: list[bytes] = times if times is not None else []
+        self.acks: list[Waiter] | None = None
         if len(self.ends) != len(self.times):
             raise ValueError(f"{len(self.ends)} fragments but {len(self.times)} timestamps")
 

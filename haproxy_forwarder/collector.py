@@ -7,10 +7,12 @@ encoded events to the open batch and hand closed batches to delivery.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 from typing import Protocol
 
-from .batching import Batch, Batcher
+from .batching import AckGauge, Batch, Batcher, Waiter
 from .config import MAX_EVENT_BYTES
 from .ingest import ChunkResult
 from .observability.counters import Counters
@@ -27,7 +29,13 @@ class BatchSink(Protocol):
 
     def submit(self, batch: Batch) -> None: ...
 
-    def dead_letter(self, batch: Batch, reason: str) -> None: ...
+    def dead_letter(self, batch: Batch, reason: str) -> asyncio.Future[bool] | None:
+        """Queue the write; the future (if any) says True once it is on disk (fsync'd)."""
+        ...
+
+    def durable(self, batches: int, waiter: Waiter) -> None:
+        """`waiter` also waits for the last `batches` submitted (see on_durable)."""
+        ...
 
 
 class Clock:
@@ -62,17 +70,33 @@ class Collector:
         self._timer: asyncio.TimerHandle | None = None
         self._opened = 0.0  # loop time of the open batch's first event
         self._last = 0.0  # loop time of the last chunk that added events
+        # What on_durable needs of the last take(): the result, how many batches it closed
+        # (valid while result.ends; a count, not the batches: an idle daemon must not keep
+        # its last batch alive) and its dead-letter writes (valid while result.too_large).
+        # Plain stores per take; sources that never call on_durable pay nothing more.
+        self._took: ChunkResult | None = None
+        self._closed = 0
+        self._dead: list[asyncio.Future[bool] | None] = []
+        self._acked_at = 0.0  # loop time of the last on_durable on the open batch
+        self.acks = AckGauge()
+
+    @property
+    def acks_pending(self) -> int:
+        """on_durable callbacks not called yet (the acks_pending gauge)."""
+        return self.acks.pending
 
     def received_at(self) -> bytes:
         return self.clock.now()
 
     def take(self, result: ChunkResult) -> None:
+        self._took = result
         c = self.counters
         c.accepted_events += result.accepted
         c.filtered_out += result.filtered
         c.invalid_timestamps += result.bad_times
         if result.ends:
             closed = self.batcher.add(result.data, result.ends, result.times)
+            self._closed = len(closed)
             for batch in closed:
                 self.delivery.submit(batch)
             if self.batcher.current.ends:
@@ -84,8 +108,51 @@ class Collector:
                     # One timer for the open batch, not one per chunk: it re-arms itself.
                     self._timer = loop.call_at(now + self.idle_flush,
                                                self._on_timer)
-        for fragment, ts in result.too_large:
-            self.delivery.dead_letter(Batch(fragment, [len(fragment)], [ts]), OVERSIZED_REASON)
+        if result.too_large:
+            self._dead = [
+                self.delivery.dead_letter(Batch(fragment, [len(fragment)], [ts]),
+                                          OVERSIZED_REASON)
+                for fragment, ts in result.too_large
+            ]
+
+    def on_durable(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once every event of the last take() is durable.
+
+        Durable: its batch appended to the spool and fsync'd, or accepted by the intake (no
+        spool), or (too large) its dead letter written and fsync'd. Called once, from the
+        event loop; never if one of them is lost (crash, shutdown without a spool, dead
+        letters full). With no event in the last take() it is called at once, synchronously.
+        Must follow take() with no await in between: the batches are found by position.
+        """
+        result = self._took
+        if result is None or (not result.ends and not result.too_large):
+            callback()
+            return
+        w = Waiter(callback, self.acks)
+        n = len(result.ends)
+        if n:
+            cur = self.batcher.current
+            if cur.ends:
+                # The open batch holds the take's last min(len, n) events: if the take closed
+                # batches, the open one holds only events of this take.
+                w.hold()
+                if cur.acks is None:
+                    cur.acks = [w]
+                else:
+                    cur.acks.append(w)
+                self._acked_at = asyncio.get_running_loop().time()
+            if len(cur.ends) < n:
+                # Every batch the take closed holds some of its events (add() closes a batch
+                # only right after filling it); they were the last ones submitted.
+                self.delivery.durable(self._closed, w)
+        if result.too_large:
+            for fut in self._dead:
+                if fut is None:
+                    w.lose()  # a delivery that cannot tell when it is on disk
+                    break
+                w.hold()
+                fut.add_done_callback(functools.partial(_dead_letter_done, w))
+        w.release()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -94,6 +161,10 @@ class Collector:
         loop = asyncio.get_running_loop()
         now = loop.time()
         due = min(self._last + self.idle_flush, self._opened + self.max_delay)
+        if self.batcher.current.acks is not None:
+            # Its senders wait for the ack (a RELP window): no message of theirs for
+            # idle_flush closes it, even while other traffic (TCP) keeps the input busy.
+            due = min(due, self._acked_at + self.idle_flush)
         if now >= due:
             self.flush()
         else:
@@ -107,3 +178,10 @@ class Collector:
         full = self.batcher.take()
         if full is not None:
             self.delivery.submit(full)
+
+
+def _dead_letter_done(w: Waiter, f: asyncio.Future[bool]) -> None:
+    if not f.cancelled() and f.exception() is None and f.result():
+        w.release()
+    else:
+        w.lose()

@@ -7,7 +7,8 @@ tasks in `start()`.
 Where a batch lives, in order of preference:
   memory  -> sent at once when the intake is healthy and nothing older waits on disk;
   spool   -> when the intake fails, when it waited in memory over SPILL_AFTER, when older
-             batches are on disk (so order is kept), or always in write-ahead mode;
+             batches are on disk (so order is kept), or always in write-ahead mode, and
+             at once for a batch carrying on_durable waiters (RELP: answered after the fsync);
   dead letters -> when the intake refuses it for good (400, an event it will never take).
 """
 
@@ -19,12 +20,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..batching import Batch
+from ..batching import Batch, Waiter
 from ..observability.counters import Counters
 from ..sinks import Sink
 from ..sinks.deadletter import DeadLetters
 from ..spool import SpoolError, SpoolFull
-from .router import SPILL_AFTER, Entry, Location, Router
+from .router import SPILL_AFTER, Entry, Location, Router, durable, lost
 from .worker import Backoff, RetryWait, Worker
 from .writer import SPOOL_RETRY, DeadLetterWriter, SpoolAppends, SpoolLike, SpoolWriter, age
 
@@ -137,11 +138,18 @@ class Delivery:
         else:
             self.wake_workers.set()
 
+    def durable(self, batches: int, waiter: Waiter) -> None:
+        """`waiter` waits for the last `batches` submitted too: see Collector.on_durable."""
+        if self.router.attach(batches, waiter):
+            self.wake_writer.set()
+
     def dead_letter(
         self, batch: Batch, reason: str, status: int | None = None, response: str = ""
-    ) -> None:
-        """Keep events the intake will never take; written and fsync'd off the event loop."""
-        self._dead.write(batch, reason, status, response)
+    ) -> asyncio.Future[bool]:
+        """Keep events the intake will never take; written and fsync'd off the event loop.
+
+        The future says True once they are on disk, False if they were dropped."""
+        return self._dead.write(batch, reason, status, response)
 
     async def spool_append(self, batch: Batch) -> int:
         """Append straight to the spool (requeued dead letters); SpoolError goes to the caller."""
@@ -160,7 +168,7 @@ class Delivery:
 
     def dead_letter_later(
         self, batch: Batch, reason: str, status: int | None, response: str
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[bool]:
         return self._dead.write(batch, reason, status, response)
 
     async def next_record(self) -> tuple[int, Batch] | None:
@@ -245,29 +253,35 @@ class Delivery:
         # Appends already running finish in their threads whatever we do; their outcome must
         # reach the router first, or the batch would be spooled a second time below.
         in_doubt = await self._appends.wait(STOP_WAIT) if self._appends is not None else set()
-        for e in self.router.held.values():
+        held = list(self.router.held.values())
+        for e in held:
             if e.on_wire:
                 # Cancelled mid-request: the intake may have taken it; replay can duplicate.
                 self.counters.uncertain_deliveries += 1
-        spooled = lost = 0
+        spooled = dropped = 0
         for entry in self.router.stop():
             n = len(entry.batch)
             if entry in in_doubt:
                 # Its append is still running (a hung disk): it may yet land; not again.
                 self.log.error("shutdown_spool_failed", events=n,
                                error="an append of this batch is still running")
-                lost += n
+                lost(entry)
+                dropped += n
                 continue
             if self.spool is not None and self._appends is not None:
                 try:
                     result = await self._appends.append(entry.batch)
                     self._appends.appended(result)
+                    durable(entry)  # on disk (fsync'd): its senders are acknowledged now
                     spooled += n
                     continue
                 except (SpoolFull, SpoolError) as exc:
                     self.log.error("shutdown_spool_failed", events=n, error=str(exc))
-            lost += n
-        self.counters.dropped(lost, "shutdown")
+            lost(entry)
+            dropped += n
+        for e in held:
+            lost(e)  # claimed batches still waiting for their dead letters: not tracked further
+        self.counters.dropped(dropped, "shutdown")
         await self._dead.close(STOP_WAIT)
         await self.sink.aclose()
         for task, old in list(self._retiring.items()):
@@ -278,4 +292,4 @@ class Delivery:
         self._spool_acks.shutdown(wait=False)
         if self._appends is not None:
             self._appends.pool.shutdown(wait=False)
-        return spooled, lost
+        return spooled, dropped

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..batching import Batch
+from ..batching import Batch, Waiter, lose_all, release_all
 
 # A batch waiting in memory longer than this (the intake is slower than the input) is written
 # to the spool: "cannot be delivered at once" must not mean "only in RAM".
@@ -44,6 +44,22 @@ class Entry:
     # a request cut off at shutdown may have been taken (an uncertain delivery).
     on_wire: bool = False
     spoolable: bool = True  # False once the spool said the record can never fit
+    # on_durable waiters of this batch (RELP): released once it is fsync'd on the spool, or
+    # delivered (every part, its dead letters on disk) when it cannot be; then None.
+    acks: list[Waiter] | None = None
+    seq: int = 0  # submission number (attach finds the newest batches by it)
+
+
+def durable(entry: Entry) -> None:
+    """Every event of `entry` is on disk or delivered: its waiters are released (once)."""
+    acks, entry.acks = entry.acks, None
+    release_all(acks)
+
+
+def lost(entry: Entry) -> None:
+    """Some events of `entry` may be lost: its waiters are never called."""
+    acks, entry.acks = entry.acks, None
+    lose_all(acks)
 
 
 class FromSpool:
@@ -88,6 +104,7 @@ class Router:
         self.spool_blocked = False
         self.stopping = False
         self.closed = False  # stop() was called: late reports are ignored
+        self.submitted = 0  # batches submitted so far: the last one's Entry.seq
         self.pressure = False
 
     # -- accounting ---------------------------------------------------------------------------
@@ -134,9 +151,15 @@ class Router:
 
     def submit(self, batch: Batch) -> Entry:
         """A closed batch: to memory for a worker, or behind what is on (or going to) disk."""
-        entry = Entry(batch, Location.MEMORY, self._now())
+        self.submitted = seq = self.submitted + 1
+        entry = Entry(batch, Location.MEMORY, self._now(), seq=seq)
+        acks = batch.acks
+        if acks is not None:
+            batch.acks = None  # the entry's from now on (its batch may be replaced)
+            entry.acks = acks
         if self.has_spool and (
             self.write_ahead
+            or acks is not None  # its senders wait for the fsync: write-ahead for it
             or self.failing
             or self.to_spool
             or self.spooling is not None
@@ -151,6 +174,46 @@ class Router:
             self.memory.append(entry)
         self._check_pressure()
         return entry
+
+    def attach(self, n: int, waiter: Waiter) -> bool:
+        """`waiter` waits for the last `n` batches submitted too (a take() that closed them).
+
+        They are at the newest end of the queues (nothing ran since). Memory batches among
+        them go to the spool queue, behind the older memory ones and ahead of their newer
+        siblings: acknowledged after their fsync, order kept. True when the writer must be
+        woken. Any of them not found (a bug) loses the waiter: never acknowledged rather
+        than acknowledged wrongly.
+        """
+        first = self.submitted - n + 1
+        spooled = self._newest(self.to_spool, first)
+        kept = self._newest(self.memory, first)
+        for entry in (*spooled, *kept):
+            waiter.hold()
+            if entry.acks is None:
+                entry.acks = [waiter]
+            else:
+                entry.acks.append(waiter)
+        if len(spooled) + len(kept) != n:
+            waiter.lose()
+            return False
+        if not kept or not self.has_spool:
+            return False
+        moved = [e for e in kept if e.spoolable]
+        at = len(self.to_spool) - len(spooled)
+        for entry in sorted(moved, key=lambda e: e.seq, reverse=True):
+            self.memory.remove(entry)
+            entry.location = Location.TO_SPOOL
+            self.to_spool.insert(at, entry)
+        return bool(moved)
+
+    @staticmethod
+    def _newest(queue: deque[Entry], first: int) -> list[Entry]:
+        out = []
+        for entry in reversed(queue):
+            if entry.seq < first:
+                break
+            out.append(entry)
+        return out
 
     def spill(self) -> bool:
         """If the oldest memory batch waited more than SPILL_AFTER, queue ALL of memory for disk.

@@ -17,7 +17,7 @@ from ..batching import Batch
 from ..observability.counters import Counters
 from ..sinks import Kind, Outcome, Sink
 from ..sinks.intake import INTAKE_EVENT_LIMIT
-from .router import FROM_SPOOL, Entry, Router, RouterError
+from .router import FROM_SPOOL, Entry, Router, RouterError, durable, lost
 
 BACKOFF_MIN = 0.5
 
@@ -144,7 +144,7 @@ class Host(Protocol):
 
     def dead_letter_later(
         self, batch: Batch, reason: str, status: int | None, response: str
-    ) -> asyncio.Future[None]: ...
+    ) -> asyncio.Future[bool]: ...
 
     async def next_record(self) -> tuple[int, Batch] | None: ...
 
@@ -182,6 +182,7 @@ class Worker:
                 raise
             except Exception:  # a bug must not kill the worker and silently stall delivery
                 host.log.exception("delivery_bug", events=len(entry.batch))
+                lost(entry)  # whatever became of it, not acknowledged
                 if entry.record is None:
                     # Only in memory: kept with its reason rather than lost. With a record it
                     # stays on disk (handed out) and is sent again at the next start.
@@ -219,7 +220,7 @@ class Worker:
         """Every event of `entry` delivered or dead-lettered; then its record is acked."""
         host = self.host
         todo = [entry.batch]
-        dead: list[asyncio.Future[None]] = []
+        dead: list[asyncio.Future[bool]] = []
         while todo:
             part = todo.pop(0)
             attempt = 0
@@ -261,10 +262,14 @@ class Worker:
                     break
                 if isinstance(again, RetryPartial):
                     part = again.remaining
-                await self._before_retry(entry, part, todo, again.outcome, attempt)
+                await self._before_retry(entry, part, todo, again.outcome, attempt, dead)
             if host.router.recovered():
                 host.log.info("intake_recovered", **host.spool_fields())
                 host.wake_workers.set()
+        if entry.acks is not None:
+            # Sent from memory (no spool, or it refused the batch): acknowledged once every
+            # part is delivered and every dead letter of it is on disk.
+            await self._acknowledge(entry, dead)
         if entry.record is not None:
             # Dead letters of a spooled batch are on disk before its record goes: a crash in
             # between would otherwise lose those events.
@@ -272,8 +277,17 @@ class Worker:
                 await fut
             await host.ack(entry.record)
 
+    @staticmethod
+    async def _acknowledge(entry: Entry, dead: list[asyncio.Future[bool]]) -> None:
+        written = [await fut for fut in dead]
+        if all(written):
+            durable(entry)
+        else:
+            lost(entry)
+
     async def _before_retry(
-        self, entry: Entry, part: Batch, todo: list[Batch], outcome: Outcome, attempt: int
+        self, entry: Entry, part: Batch, todo: list[Batch], outcome: Outcome, attempt: int,
+        dead: list[asyncio.Future[bool]],
     ) -> None:
         host = self.host
         if outcome.uncertain:
@@ -284,6 +298,10 @@ class Worker:
         if claim is not None:
             # On disk before the wait, so a crash during a long outage cannot lose it.
             await host.claim(entry, claim)
+            if entry.acks is not None and entry.record is not None:
+                # What is left is fsync'd, the rest delivered: its senders need not wait out
+                # the outage (once its dead letters, if any, are on disk too).
+                await self._acknowledge(entry, dead)
         wait = self.backoff.delay(attempt, outcome)
         host.counters.retries += 1
         self._log_retry(outcome, round(wait, 2), attempt)

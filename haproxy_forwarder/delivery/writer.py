@@ -18,7 +18,7 @@ from ..collector import OVERSIZED_REASON
 from ..observability.counters import Counters
 from ..sinks.deadletter import DeadLetters
 from ..spool import AppendResult, RecordTooLarge, SpoolError, SpoolFull
-from .router import SPILL_AFTER, Entry, Location, Router
+from .router import SPILL_AFTER, Entry, Location, Router, durable
 
 # How often a blocked spool writer (disk full, I/O error) tries again: slow enough not to
 # spin, fast enough that backpressure lifts soon after space comes back.
@@ -132,6 +132,7 @@ class SpoolAppends:
             if exc is None:
                 self.router.written(entry)
                 self.appended(task.result())
+                durable(entry)  # Spool.append returns after the fsync
             elif isinstance(exc, RecordTooLarge):
                 self.router.unspoolable(entry)
             else:
@@ -230,12 +231,13 @@ class DeadLetterWriter:
         self.counters = counters
         self.log = log
         self._pool: ThreadPoolExecutor | None = None  # its thread starts at the first write
-        self._pending: set[asyncio.Future[None]] = set()
+        self._pending: set[asyncio.Future[bool]] = set()
 
     def write(
         self, batch: Batch, reason: str, status: int | None = None, response: str = ""
-    ) -> asyncio.Future[None]:
-        """Queue the write; the future resolves (never fails) once it is counted and logged."""
+    ) -> asyncio.Future[bool]:
+        """Queue the write; the future resolves (never fails) once it is counted and logged:
+        True if the events are on disk (fsync'd), False if they were dropped."""
         loop = asyncio.get_running_loop()
         if self._pool is None:
             # One thread: writes land in the order they were asked for.
@@ -243,14 +245,14 @@ class DeadLetterWriter:
         at = time.gmtime()
         inner = loop.run_in_executor(self._pool, self.dead.write, batch, reason, status,
                                      response, at)
-        outer: asyncio.Future[None] = loop.create_future()
+        outer: asyncio.Future[bool] = loop.create_future()
         self._pending.add(outer)
 
         def done(f: asyncio.Future[Any]) -> None:
-            self._report(batch, reason, status, response, f)
+            written = self._report(batch, reason, status, response, f)
             self._pending.discard(outer)
             if not outer.done():
-                outer.set_result(None)
+                outer.set_result(written)
 
         inner.add_done_callback(done)
         return outer
@@ -258,25 +260,26 @@ class DeadLetterWriter:
     def _report(
         self, batch: Batch, reason: str, status: int | None, response: str,
         f: asyncio.Future[Any],
-    ) -> None:
+    ) -> bool:
         n = len(batch)
         exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
         if exc is not None:
             self.counters.dropped(n, "dead_letter_failed")
             self.log.error("dead_letter_write_failed", events=n, reason=reason,
                            error=str(exc), action="events dropped")
-            return
+            return False
         path = f.result()
         if path is None:
             self.counters.dropped(n, "dead_letter_full")
             self.log.error("dead_letter_full", events=n, reason=reason,
                            max_size=self.dead.max_size, action="events dropped")
-            return
+            return False
         self.counters.dead_lettered(n, dead_letter_label(reason, status))
         self.log.error(
             "dead_lettered", events=n, reason=reason, status=status,
             response=response[:200], file=str(path),
         )
+        return True
 
     async def close(self, timeout: float) -> None:
         """Wait for queued writes (up to `timeout`), then let the thread go."""

@@ -30,6 +30,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _json_str(value: bytes) -> bytes:
     if _PLAIN.fullmatch(value):
         return b'"' + value + b'"'
@@ -90,8 +98,10 @@ class DeadLetters:
         lines = dead_letter_lines(batch, reason, status, response, when)
         if self.size() + len(lines) > self.max_size:
             return None
+        new_dir = not os.path.isdir(self.dir)
         make_private_dirs(self.dir)
         path = self.dir / time.strftime("dead-letter-%Y%m%d.jsonl", when)
+        new_file = not os.path.lexists(path)
         # Never through a symbolic link, never into another user's file (UnsafeSpoolFile).
         fd = open_spool_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
@@ -99,6 +109,12 @@ class DeadLetters:
             os.fsync(fd)
         finally:
             os.close(fd)
+        # A file (or folder) just created is durable once its directory entry is: the
+        # caller may acknowledge these events to their sender (RELP) on return.
+        if new_file:
+            _fsync_dir(self.dir)
+        if new_dir:
+            _fsync_dir(self.dir.parent)
         self._size = self.size() + len(lines)
         return path
 

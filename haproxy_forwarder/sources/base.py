@@ -20,6 +20,23 @@ class IngestSink(Protocol):
 
     def take(self, result: ChunkResult) -> None: ...
 
+    def on_durable(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once every event of the last take() is durable (RELP acks).
+
+        Durable: fsync'd on the spool, accepted by the intake (no spool), or (too large) in
+        the dead-letter store. Exactly once, from the event loop, or never if some of them
+        were lost (crash; shutdown without a spool; dead letters full): the sender resends.
+        No event in the last take() (all filtered): called at once, synchronously. Call it
+        right after take(), with no await in between. Sources that never call it pay nothing.
+        """
+        ...
+
+    def flush(self) -> None:
+        """Close the open batch now. Optional: for a source whose sender can send no more
+        until answered (a RELP session at its window), so the answers come after one fsync
+        instead of after batch.idle_flush. Call it when that happens, not per message."""
+        ...
+
     def received_at(self) -> bytes:
         """Reception time as the intake wants it (UTC, ms, RFC 3339)."""
         ...
