@@ -54,6 +54,10 @@ def risky_settings(settings: Settings) -> list[str]:
         out.append("spool.when_full = \"drop_oldest\": a full spool deletes its oldest events "
                    "(counted in spool_dropped_events, logged spool_full_dropped_oldest); "
                    "\"block\" holds input back instead, or raise spool.max_size")
+    if settings.listen.tls and settings.tls.client_ca_file is None:
+        out.append("listen.tls without tls.client_ca_file: any client may send (the traffic is "
+                   "encrypted, the sender not authenticated); set tls.client_ca_file (and "
+                   "tls.allowed_names) to require client certificates")
     listen = settings.status.listen
     if listen and not _is_loopback(listen.rpartition(":")[0]):
         out.append(f"status.listen = {listen}: /metrics and /healthz have no authentication "

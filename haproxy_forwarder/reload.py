@@ -10,6 +10,7 @@ force; then the swaps, which cannot fail and never touch an open connection or a
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from .delivery import Backoff, Delivery
 from .observability import logs
 from .observability.counters import Counters
 from .sinks import Sink, make_sink
-from .sources import SourceContext, TcpSource, UdpSource, split_hostport
+from .sources import RelpSource, SourceContext, TcpSource, TlsSource, UdpSource, split_hostport
 from .sources.guard import Allow
+from .tlscontext import ServerTls, TlsFileError, build_context, tls_needed
 
 # Settings applied live, each by the part of the daemon that owns it. Anything else that
 # changes (spool.*, status.listen, log.level, a setting added later and not listed here) is
@@ -36,20 +38,26 @@ FILTER = frozenset({"filter.programs", "filter.keep_tag"})
 BATCH = frozenset(f"batch.{k}" for k in ("max_events", "max_bytes", "max_delay", "idle_flush"))
 BACKOFF = frozenset({"intake.retry_max", "intake.auth_retry"})
 IN_FLIGHT = frozenset({"batch.max_in_flight"})
-LISTENERS = frozenset({"listen.tcp", "listen.udp"})
+LISTENERS = frozenset({"listen.tcp", "listen.udp", "listen.tls", "listen.relp"})
+# Applied to the RELP sessions open, too (a narrower window pauses them sooner).
+RELP = frozenset({"relp.max_window"})
+# [tls]: the files are read again at every reload anyway (same paths, new certificate).
+TLS = frozenset(f"tls.{k}" for k in ("cert_file", "key_file", "min_version", "client_ca_file",
+                                     "allowed_names", "handshake_timeout", "max_handshakes"))
 TCP_LIMITS = frozenset(f"listen.{k}" for k in (
     "max_connections", "evict_idle_after", "idle_timeout", "max_connections_per_address",
     "max_buffered_bytes", "allow"))
 # Read from the settings each time they are used: replacing the settings applies them.
 READ_LIVE = frozenset({"status.stall_after", "log.stats_interval", "shutdown_timeout"})
-LIVE = SINK | FILTER | BATCH | BACKOFF | IN_FLIGHT | LISTENERS | TCP_LIMITS | READ_LIVE
+LIVE = SINK | FILTER | BATCH | BACKOFF | IN_FLIGHT | LISTENERS | TCP_LIMITS | READ_LIVE | TLS
+LIVE |= RELP
 
 MASK = "********"
 # The same grace as at shutdown (app.TCP_DRAIN_GRACE): senders of a removed listener get as
 # long to finish what they were writing.
 TCP_DRAIN_GRACE = 2.0
 
-_S = TypeVar("_S", TcpSource, UdpSource)
+_S = TypeVar("_S", TcpSource, TlsSource, UdpSource, RelpSource)
 
 
 def flatten(settings: Settings) -> dict[str, Any]:
@@ -84,6 +92,10 @@ class Plan:
     tcp_remove: list[str] = field(default_factory=list)
     udp_add: list[str] = field(default_factory=list)
     udp_remove: list[str] = field(default_factory=list)
+    tls_add: list[str] = field(default_factory=list)
+    tls_remove: list[str] = field(default_factory=list)
+    relp_add: list[str] = field(default_factory=list)
+    relp_remove: list[str] = field(default_factory=list)
 
     def touches(self, names: Iterable[str]) -> bool:
         return any(n in self.changes for n in names)
@@ -151,6 +163,8 @@ def make_plan(old: Settings, new: Settings) -> Plan:
     restart = {n: v for n, v in changed.items() if n not in LIVE}
     tcp_add, tcp_remove = _multiset_diff(old.listen.tcp, new.listen.tcp)
     udp_add, udp_remove = _multiset_diff(old.listen.udp, new.listen.udp)
+    tls_add, tls_remove = _multiset_diff(old.listen.tls, new.listen.tls)
+    relp_add, relp_remove = _multiset_diff(old.listen.relp, new.listen.relp)
     return Plan(
         effective=_keep_running(new, old, restart),
         changes=live,
@@ -159,6 +173,10 @@ def make_plan(old: Settings, new: Settings) -> Plan:
         tcp_remove=tcp_remove,
         udp_add=udp_add,
         udp_remove=udp_remove,
+        tls_add=tls_add,
+        tls_remove=tls_remove,
+        relp_add=relp_add,
+        relp_remove=relp_remove,
     )
 
 
@@ -176,6 +194,14 @@ class Target(Protocol):
     ctx: SourceContext
     tcp: list[TcpSource]
     udp: list[UdpSource]
+    tls: list[TlsSource]
+    server_tls: ServerTls
+
+    def new_tls(self, address: str, settings: Settings) -> TlsSource: ...
+
+    relp: list[RelpSource]
+
+    def new_relp(self, address: str, settings: Settings) -> RelpSource: ...
 
     def new_tcp(self, address: str, settings: Settings) -> TcpSource: ...
 
@@ -196,10 +222,18 @@ class _Prepared:
     udp: list[UdpSource] = field(default_factory=list)
     sink: Sink | None = None
     bound: list[tuple[str, str, int]] = field(default_factory=list)  # (proto, host, port)
+    tls: list[TlsSource] = field(default_factory=list)
+    tls_context: ssl.SSLContext | None = None
+    tls_before: ServerTls | None = None  # put back if the reload is refused after all
+    tls_changed: bool = False  # the files hold something new (a renewed certificate...)
+    relp: list[RelpSource] = field(default_factory=list)
+    relp_removed: list[RelpSource] = field(default_factory=list)  # set by _commit
 
     async def undo(self) -> None:
-        for t in self.tcp:
+        for t in (*self.tcp, *self.tls):
             await t.stop(0.0)
+        for r in self.relp:
+            await r.stop(0.0)
         for u in self.udp:
             await u.stop()
         if self.sink is not None:
@@ -234,6 +268,12 @@ async def _prepare(target: Target, plan: Plan) -> _Prepared:
     if problems:
         raise Refused(problems)
     done = _Prepared()
+    if tls_needed(s):
+        # Read again even if no path changed: the files may hold a renewed certificate.
+        try:
+            done.tls_context = build_context(s.tls)
+        except TlsFileError as exc:
+            raise Refused([str(exc)]) from None
     # The client first: a listener bound and then undone could have taken a connection.
     if plan.sink:
         try:
@@ -250,6 +290,30 @@ async def _prepare(target: Target, plan: Plan) -> _Prepared:
             continue
         done.tcp.append(src)
         done.bound.append(("tcp", h, p))
+    if done.tls_context is not None:
+        # The listeners added below must handshake with the new files from their first peer.
+        done.tls_before = target.server_tls.copy()
+        done.tls_changed = target.server_tls.install(done.tls_context, s.tls)
+    for addr in plan.tls_add:
+        tsrc = target.new_tls(addr, s)
+        try:
+            h, p = await tsrc.start()
+        except OSError as exc:
+            await tsrc.stop(0.0)
+            problems.append(f"listen.tls: cannot listen on {addr}: {exc.strerror or exc}")
+            continue
+        done.tls.append(tsrc)
+        done.bound.append(("tls", h, p))
+    for addr in plan.relp_add:
+        rsrc = target.new_relp(addr, s)
+        try:
+            h, p = await rsrc.start()
+        except OSError as exc:
+            await rsrc.stop(0.0)
+            problems.append(f"listen.relp: cannot listen on {addr}: {exc.strerror or exc}")
+            continue
+        done.relp.append(rsrc)
+        done.bound.append(("relp", h, p))
     for addr in plan.udp_add:
         usrc = target.new_udp(addr, s)
         try:
@@ -261,6 +325,8 @@ async def _prepare(target: Target, plan: Plan) -> _Prepared:
         done.bound.append(("udp", h, p))
     if problems:
         await done.undo()
+        if done.tls_before is not None:
+            target.server_tls.restore(done.tls_before)
         raise Refused(problems)
     return done
 
@@ -294,10 +360,19 @@ def _commit(target: Target, plan: Plan, ready: _Prepared) -> tuple[list[TcpSourc
         d.set_workers(s.intake.concurrency)
     removed_tcp = _take_out(target.tcp, plan.tcp_remove, lambda src: (src.host, src.port))
     removed_udp = _take_out(target.udp, plan.udp_remove, lambda src: (src.host, src.port))
+    removed_tls = _take_out(target.tls, plan.tls_remove, lambda src: (src.host, src.port))
+    removed_tcp = [*removed_tcp, *removed_tls]  # drained alike
+    target.tls.extend(ready.tls)
+    ready.relp_removed = _take_out(target.relp, plan.relp_remove,
+                                   lambda src: (src.host, src.port))
+    target.relp.extend(ready.relp)
+    if plan.tcp_limits or plan.touches(RELP):
+        for rsrc in target.relp:
+            rsrc.configure(s.listen, s.relp)
     target.tcp.extend(ready.tcp)
     target.udp.extend(ready.udp)
     if plan.tcp_limits:
-        for src in target.tcp:
+        for src in (*target.tcp, *target.tls):
             src.configure(s.listen)
         for udp in target.udp:
             udp.allow = Allow(s.listen.allow)
@@ -325,12 +400,17 @@ async def apply(target: Target, new: Settings) -> Plan:
     ready = await _prepare(target, plan)
     removed_tcp, removed_udp = _commit(target, plan, ready)
     log = target.log
+    if ready.tls_changed:
+        log.info("tls_certificate_loaded", cert_file=str(plan.effective.tls.cert_file),
+                 fingerprint=target.server_tls.fingerprint, reload=True,
+                 action="new connections get it; open ones keep theirs")
     for proto, host, port in ready.bound:
         log.info("listening", proto=proto, host=host, port=port, reload=True)
     # Closed like at shutdown: no more accepts, a FIN, then what senders already wrote is read
     # (the drain, up to the grace, goes on after the `reloaded` line).
     grace = min(TCP_DRAIN_GRACE, plan.effective.shutdown_timeout)
     drains = [asyncio.create_task(t.stop(grace)) for t in removed_tcp]
+    drains += [asyncio.create_task(r.stop(grace)) for r in ready.relp_removed]
     for u in removed_udp:
         await u.stop()
     await asyncio.sleep(0)  # the drains' first step: accepting stops, FINs go out
@@ -341,9 +421,11 @@ async def apply(target: Target, new: Settings) -> Plan:
                     configured=configured, action="the running value is kept until a restart")
     await asyncio.gather(*drains)
     for t in removed_tcp:
-        log.info("listener_closed", proto="tcp", host=t.host, port=t.port)
+        log.info("listener_closed", proto=t.proto, host=t.host, port=t.port)
     for u in removed_udp:
         log.info("listener_closed", proto="udp", host=u.host, port=u.port)
+    for r in ready.relp_removed:
+        log.info("listener_closed", proto="relp", host=r.host, port=r.port)
     return plan
 
 

@@ -642,3 +642,36 @@ frontend fe
     http-request return status 200 content-type text/plain string ok
 {sections}
 """
+
+
+# --------------------------------------------------------------------------- RELP (omrelp)
+
+RSYSLOG_RULE_RELP = REPO_ROOT / "config" / "rsyslog" / "haproxy-forwarder-relp.conf"
+# The RELP rule's port (the forwarder's listen.relp example), where the TCP rules have 1514.
+RULE_RELP_PORT = 'port="2514"'
+
+
+class RelpRsyslogProcess(RsyslogProcess):
+    """``RsyslogProcess`` with the SHIPPED omrelp rule (config/rsyslog/haproxy-forwarder-relp.conf,
+    Debian package rsyslog-relp): its port placeholder is put where RsyslogProcess looks for
+    it, then everything (target, port, local file, ``substitutions``, ``extra_config``) is
+    as for the TCP rules."""
+
+    def __init__(self, tmpdir: Path | str, forward_host: str, forward_port: int,
+                 **kwargs: object) -> None:
+        tmp = Path(tmpdir)
+        tmp.mkdir(parents=True, exist_ok=True)
+        shipped = RSYSLOG_RULE_RELP.read_text()
+        source = tmp / "relp-rule.shipped.conf"
+        source.write_text(_substitute(shipped, RULE_RELP_PORT, RULE_PORT, "relp port",
+                                      RSYSLOG_RULE_RELP))
+        super().__init__(tmp, forward_host, forward_port, rule_file=source,
+                         **kwargs)  # type: ignore[arg-type]
+
+
+def imptcp_input(port: int) -> str:
+    """RainerScript for ``extra_config``: a plain TCP syslog input on 127.0.0.1:port (LF
+    framing), through the default ruleset like the unix socket: a sender that a full rsyslog
+    queue slows down instead of dropping its datagrams."""
+    return (f'module(load="imptcp")\n'
+            f'input(type="imptcp" address="127.0.0.1" port="{port}")\n')

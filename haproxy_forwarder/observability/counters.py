@@ -67,6 +67,49 @@ class FramingCounters:
     framing_errors: int = 0
 
 
+# Why a TLS peer was refused before any byte of it was read (`reason` label).
+TLS_REFUSALS = ("no_certificate", "untrusted", "name_not_allowed", "handshake_timeout",
+                "protocol_error", "closed_in_handshake", "too_many_handshakes")
+
+
+@dataclass(slots=True, eq=False)
+class TlsCounters:
+    """A TLS listener's handshakes: completed, and refused by reason."""
+
+    handshakes: int = 0
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TLS_REFUSALS, 0))
+
+
+# RELP commands counted by name (`command` label); any other name is counted as "other".
+RELP_COMMANDS = ("open", "syslog", "close", "other")
+# Upper bounds (seconds) of the RELP acknowledgement latency: batch.idle_flush (50 ms) plus
+# an fsync at best, batch.max_delay plus a slow disk or intake at worst.
+ACK_BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(slots=True, eq=False)
+class RelpCounters:
+    """A RELP listener's sessions, commands, session-ending errors and acknowledgements."""
+
+    sessions: int = 0  # sessions opened (an `open` answered 200)
+    commands: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELP_COMMANDS, 0))
+    # Sessions ended for a protocol error, by reason (relp.ERROR_REASONS; filled on first use).
+    frame_errors: dict[str, int] = field(default_factory=dict)
+    acks: int = 0  # syslog commands answered "200 OK"
+    ack_buckets: list[int] = field(default_factory=lambda: [0] * (len(ACK_BUCKETS) + 1))
+    ack_seconds: float = 0.0
+
+    def command(self, name: str, n: int = 1) -> None:
+        key = name if name in self.commands else "other"
+        self.commands[key] += n
+
+    def acked(self, n: int, seconds: float) -> None:
+        """`n` messages answered after `seconds` (one durability wait, one observation)."""
+        self.acks += n
+        self.ack_buckets[bisect_left(ACK_BUCKETS, seconds)] += 1
+        self.ack_seconds += seconds
+
+
 @dataclass(slots=True, eq=False)
 class ListenerCounters:
     """One listener's input; `name` ("tcp://127.0.0.1:1514") is its `listener` label."""
@@ -86,6 +129,8 @@ class ListenerCounters:
     udp_kernel_dropped: int = 0
     framings: dict[str, FramingCounters] = field(default_factory=dict)
     refresh: Callable[[], None] | None = None
+    tls: TlsCounters | None = None  # set on listeners that speak TLS
+    relp: RelpCounters | None = None  # set on RELP listeners
 
     def framing(self, name: str) -> FramingCounters:
         fc = self.framings.get(name)
@@ -96,7 +141,8 @@ class ListenerCounters:
 
 # The per-listener counters, summed over listeners in the flat snapshot.
 LISTENER_FIELDS = tuple(
-    f.name for f in fields(ListenerCounters) if f.name not in ("name", "framings", "refresh")
+    f.name for f in fields(ListenerCounters)
+    if f.name not in ("name", "framings", "refresh", "tls", "relp")
 )
 
 
@@ -178,6 +224,14 @@ class Counters:
         framings = [fc for lc in self.listeners for fc in lc.framings.values()]
         out["received_frames"] = sum(fc.frames for fc in framings)
         out["framing_errors"] = sum(fc.framing_errors for fc in framings)
+        tls = [lc.tls for lc in self.listeners if lc.tls is not None]
+        out["tls_handshakes"] = sum(t.handshakes for t in tls)
+        out["tls_handshakes_refused"] = sum(sum(t.refused.values()) for t in tls)
+        relp = [lc.relp for lc in self.listeners if lc.relp is not None]
+        out["relp_sessions"] = sum(r.sessions for r in relp)
+        out["relp_commands"] = sum(sum(r.commands.values()) for r in relp)
+        out["relp_frame_errors"] = sum(sum(r.frame_errors.values()) for r in relp)
+        out["relp_acks"] = sum(r.acks for r in relp)
         out.update(self.spool.snapshot())
         return out
 

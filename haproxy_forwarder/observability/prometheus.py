@@ -25,7 +25,15 @@ from prometheus_client.metrics_core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
-from .counters import DURATION_BUCKETS, LISTENER_FIELDS, SCALAR_FIELDS, Registry
+from .counters import (
+    ACK_BUCKETS,
+    DURATION_BUCKETS,
+    LISTENER_FIELDS,
+    RELP_COMMANDS,
+    SCALAR_FIELDS,
+    Registry,
+    RelpCounters,
+)
 
 PREFIX = "haproxy_forwarder_"
 
@@ -71,6 +79,23 @@ HELP: dict[str, str] = {
     "accept_errors": "TCP connections closed, or accept() failures, for want of file "
                      "descriptors (EMFILE/ENFILE, or too few left): raise LimitNOFILE.",
     "intake_requests": "HTTP requests to the intake, by status class (network: no answer).",
+    "tls_handshakes": "TLS handshakes completed (the peer passed every check of [tls]).",
+    "tls_handshakes_refused": "TLS peers closed before any byte was read, by reason "
+                              "(no_certificate, untrusted, name_not_allowed, "
+                              "handshake_timeout, protocol_error, closed_in_handshake, "
+                              "too_many_handshakes).",
+    "tls_handshakes_in_progress": "TLS handshakes under way (capped by tls.max_handshakes).",
+    "buffered_bytes": "Bytes held in unfinished frames over all connections (capped by "
+                      "listen.max_buffered_bytes).",
+    "relp_sessions": "RELP sessions opened (open answered 200).",
+    "relp_commands": "RELP commands read, by command (open, syslog, close, other).",
+    "relp_frame_errors": "RELP sessions ended for a protocol error, by reason (txnr, "
+                         "command, datalen, trailer, sequence, not_open, unknown_command, "
+                         "offers, protocol).",
+    "relp_acks": "RELP syslog messages answered 200 OK (durable, filtered or oversized).",
+    "relp_ack_latency_seconds": "Time from reading RELP messages to their answer (durable: "
+                                "spool fsync, intake 2xx or dead letter); one sample per "
+                                "read that brought syslog messages.",
     "intake_key_rejected": "Intake answers 401/403: the intake key is refused.",
     "intake_request_duration_seconds": "Time of one HTTP request to the intake.",
     "connections_open": "TCP connections open.",
@@ -79,6 +104,7 @@ HELP: dict[str, str] = {
                                        "(0: none yet).",
     "build": "Version, ingest and gzip implementations of this daemon.",
     "in_memory_batches": "Batches held in memory only (neither delivered nor on disk).",
+    "acks_pending": "Acknowledgements (RELP) waiting for their messages to be durable.",
     "backlog_batches": "Batches not delivered yet, in memory and on the spool.",
     "paused": "1 under backpressure: TCP listeners stop reading, UDP is dropped.",
     "intake_failing": "1 from a failed request until the intake accepts again.",
@@ -143,9 +169,9 @@ class ForwarderCollector:
                 acc[1] += fc.framing_errors
         for f in LISTENER_FIELDS:
             if f.startswith(("udp_", "connections_")):
-                # Only where they can happen: TCP connections, UDP drops.
-                proto = "udp://" if f.startswith("udp_") else "tcp://"
-                items = [(n, t) for n, t in totals.items() if n.startswith(proto)]
+                # Only where they can happen: connections (TCP, TLS...), UDP drops.
+                udp = f.startswith("udp_")
+                items = [(n, t) for n, t in totals.items() if n.startswith("udp://") == udp]
             else:
                 items = list(totals.items())
             fam = CounterMetricFamily(PREFIX + f, _help(f), labels=["listener"])
@@ -158,6 +184,60 @@ class ForwarderCollector:
                 if i == 0 or framing != "datagram":  # a datagram has no framing to get wrong
                     fam.add_metric([listener, framing], acc[i])
             yield fam
+        yield from self._tls()
+        yield from self._relp()
+
+    def _tls(self) -> Iterator[Metric]:
+        done: dict[str, int] = {}
+        refused: dict[tuple[str, str], int] = {}
+        for lc in self.registry.counters.listeners:
+            if lc.tls is None:
+                continue
+            done[lc.name] = done.get(lc.name, 0) + lc.tls.handshakes
+            for reason, n in lc.tls.refused.items():
+                refused[(lc.name, reason)] = refused.get((lc.name, reason), 0) + n
+        fam = CounterMetricFamily(PREFIX + "tls_handshakes", _help("tls_handshakes"),
+                                  labels=["listener"])
+        for listener, n in done.items():
+            fam.add_metric([listener], n)
+        yield fam
+        fam = CounterMetricFamily(PREFIX + "tls_handshakes_refused",
+                                  _help("tls_handshakes_refused"), labels=["listener", "reason"])
+        for (listener, reason), n in refused.items():
+            fam.add_metric([listener, reason], n)
+        yield fam
+
+    def _relp(self) -> Iterator[Metric]:
+        # Summed by listener name, as the other per-listener series.
+        per: dict[str, list[RelpCounters]] = {}
+        for lc in self.registry.counters.listeners:
+            if lc.relp is not None:
+                per.setdefault(lc.name, []).append(lc.relp)
+        sessions = CounterMetricFamily(PREFIX + "relp_sessions", _help("relp_sessions"),
+                                       labels=["listener"])
+        acks = CounterMetricFamily(PREFIX + "relp_acks", _help("relp_acks"), labels=["listener"])
+        commands = CounterMetricFamily(PREFIX + "relp_commands", _help("relp_commands"),
+                                       labels=["listener", "command"])
+        errors = CounterMetricFamily(PREFIX + "relp_frame_errors", _help("relp_frame_errors"),
+                                     labels=["listener", "reason"])
+        name = "relp_ack_latency_seconds"
+        latency = HistogramMetricFamily(PREFIX + name, _help(name), labels=["listener"])
+        for listener, group in per.items():
+            sessions.add_metric([listener], sum(r.sessions for r in group))
+            acks.add_metric([listener], sum(r.acks for r in group))
+            for cmd in RELP_COMMANDS:
+                commands.add_metric([listener, cmd], sum(r.commands.get(cmd, 0) for r in group))
+            reasons = sorted({k for r in group for k in r.frame_errors})
+            for reason in reasons:
+                errors.add_metric([listener, reason],
+                                  sum(r.frame_errors.get(reason, 0) for r in group))
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for i, le in enumerate((*map(repr, ACK_BUCKETS), "+Inf")):
+                cumulative += sum(r.ack_buckets[i] for r in group)
+                buckets.append((le, cumulative))
+            latency.add_metric([listener], buckets, sum(r.ack_seconds for r in group))
+        yield from (sessions, commands, errors, acks, latency)
 
     def _requests(self) -> Iterator[Metric]:
         q = self.registry.counters.requests

@@ -1,17 +1,24 @@
 """Sources: sockets in, one ChunkReader per connection, results handed to the collector.
 
-TCP and UDP today; TLS and RELP sources will sit beside them with the same `SourceContext`.
+TCP, TLS (the TCP source behind a TLS layer any stream protocol can use) and UDP; RELP sits
+beside them with the same `SourceContext`.
 """
 
 from .base import Backpressure, IngestSink, SourceContext, split_hostport
+from .relp import RelpSource
 from .tcp import TcpSource
+from .tls import TlsGate, TlsLayer, TlsSource
 from .udp import UdpSource
 
 __all__ = [
     "Backpressure",
     "IngestSink",
+    "RelpSource",
     "SourceContext",
     "TcpSource",
+    "TlsGate",
+    "TlsLayer",
+    "TlsSource",
     "UdpSource",
     "split_hostport",
 ]

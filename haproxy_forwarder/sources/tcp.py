@@ -2,6 +2,9 @@
 
 Thin by design: framing and header reading live in ingest/; here we only move bytes, enforce
 the connection limit, apply backpressure (pause_reading) and half-close at shutdown.
+
+The TLS source (tls.py) is this one with `protocol()` wrapping each connection in a TLS
+layer: TcpConnection only sees a transport, plain or decrypted, and never knows which.
 """
 
 from __future__ import annotations
@@ -39,42 +42,15 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
         transport = cast(asyncio.Transport, transport)
-        ctx = self.ctx
-        c = self.stats
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.address = str(peer[0])
-            self.peer = f"{peer[0]}:{peer[1]}"
-        else:
-            self.address = self.peer = str(peer)
+        self.peer, self.address = peer_of(transport)
         src = self.source
-        if not src.descriptors.admit(transport, c.name):
-            transport.abort()
-            return
-        if not src.allow.permits(self.address):
-            c.access_denied += 1
-            ctx.quiet.warning("connection_denied", listener=c.name, peer=self.peer,
-                              reason="not in listen.allow")
-            transport.abort()
-            return
-        if src.per_address.get(self.address, 0) >= src.max_connections_per_address:
-            c.connections_refused += 1
-            ctx.quiet.warning("connection_refused", listener=c.name, peer=self.peer,
-                              reason="listen.max_connections_per_address reached")
-            transport.abort()
-            return
-        if len(src.connections) >= src.max_connections and not src.evict_one():
-            # Refuse instead of buffering: an unbounded number of paused connections is
-            # how peers ran out of memory (Vector #8238).
-            c.connections_refused += 1
-            ctx.quiet.warning("connection_refused", listener=c.name, peer=self.peer,
-                              reason="listen.max_connections reached")
+        if not src.admit(transport, self.peer, self.address):
             transport.abort()
             return
         self.transport = transport
         src.add(self)
-        c.connections_accepted += 1
-        if ctx.pressure.on:
+        self.stats.connections_accepted += 1
+        if self.ctx.pressure.on:
             transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -117,8 +93,9 @@ class TcpConnection(asyncio.Protocol):
                 )
         if result.error is not None:
             fc.framing_errors += result.framing_errors
-            ctx.log.warning("framing_error", peer=self.peer, error=result.error,
-                            action="connection closed")
+            # Rate-limited like every warning a flood repeats (one bad sender reconnecting).
+            ctx.quiet.warning("framing_error", listener=self.stats.name, peer=self.peer,
+                              error=result.error, action="connection closed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
@@ -168,7 +145,18 @@ class TcpConnection(asyncio.Protocol):
             t.write_eof()
 
 
+def peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """("host:port", "host") of the peer, as log lines and the per-address limits use them."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    return str(peer), str(peer)
+
+
 class TcpSource:
+    # The scheme of its `listener` label.
+    proto = "tcp"
+
     def __init__(self, ctx: SourceContext, host: str, port: int, listen: ListenConfig) -> None:
         self.ctx = ctx
         self.host = host
@@ -183,7 +171,7 @@ class TcpSource:
         self._stopping = False
         # Its `listener` label gets the bound port at start() (port 0 in tests), and it is
         # shown from then on: a listener that failed to bind has no series.
-        self.stats = ListenerCounters(listener_name("tcp", host, port))
+        self.stats = ListenerCounters(listener_name(self.proto, host, port))
         self.configure(listen)
         self.descriptors = Descriptors(ctx.counters, ctx.quiet)
         ctx.pressure.subscribe(self._on_pressure)
@@ -201,6 +189,45 @@ class TcpSource:
             self.ctx.quiet.warning("connection_denied", listener=self.stats.name,
                                    peer=conn.peer, reason="not in listen.allow (reload)")
             conn.drop()
+
+    def screen(self, transport: asyncio.BaseTransport, peer: str, address: str) -> bool:
+        """The checks that cost nothing: descriptors left, listen.allow, the per-address cap.
+        False: counted and logged; the caller aborts. TLS runs them before its handshake."""
+        c = self.stats
+        if not self.descriptors.admit(transport, c.name):
+            return False
+        if not self.allow.permits(address):
+            c.access_denied += 1
+            self.ctx.quiet.warning("connection_denied", listener=c.name, peer=peer,
+                                   reason="not in listen.allow")
+            return False
+        if self.held(address) >= self.max_connections_per_address:
+            c.connections_refused += 1
+            self.ctx.quiet.warning("connection_refused", listener=c.name, peer=peer,
+                                   reason="listen.max_connections_per_address reached")
+            return False
+        return True
+
+    def admit(self, transport: asyncio.BaseTransport, peer: str, address: str) -> bool:
+        """`screen`, then a slot under listen.max_connections (evicting if need be)."""
+        if not self.screen(transport, peer, address):
+            return False
+        if len(self.connections) >= self.max_connections and not self.evict_one():
+            # Refuse instead of buffering: an unbounded number of paused connections is
+            # how peers ran out of memory (Vector #8238).
+            self.stats.connections_refused += 1
+            self.ctx.quiet.warning("connection_refused", listener=self.stats.name, peer=peer,
+                                   reason="listen.max_connections reached")
+            return False
+        return True
+
+    def held(self, address: str) -> int:
+        """Connections `address` holds, as listen.max_connections_per_address counts them."""
+        return self.per_address.get(address, 0)
+
+    def protocol(self) -> asyncio.Protocol:
+        """One accepted connection's protocol (TLS wraps it in its layer)."""
+        return TcpConnection(self)
 
     def add(self, conn: TcpConnection) -> None:
         self.connections.add(conn)
@@ -222,10 +249,10 @@ class TcpSource:
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: TcpConnection(self), self.host, self.port, reuse_address=True, backlog=1024
+            self.protocol, self.host, self.port, reuse_address=True, backlog=1024
         )
         addr = self._server.sockets[0].getsockname()
-        self.stats.name = listener_name("tcp", addr[0], addr[1])
+        self.stats.name = listener_name(self.proto, addr[0], addr[1])
         self.ctx.counters.add_listener(self.stats)
         self._schedule_sweep()
         return addr[0], addr[1]
@@ -307,6 +334,7 @@ class TcpSource:
         self.ctx.pressure.unsubscribe(self._on_pressure)
         if self._server is not None:
             self._server.close()
+        self._close_pending()
         for conn in list(self.connections):
             conn.half_close()
         deadline = time.monotonic() + grace
@@ -316,3 +344,6 @@ class TcpSource:
             if conn.transport is not None:
                 conn.transport.close()
         self.ctx.quiet.flush()
+
+    def _close_pending(self) -> None:
+        """Connections accepted but not handed to a TcpConnection yet (TLS handshakes)."""

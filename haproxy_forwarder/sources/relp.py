@@ -1,0 +1,435 @@
+"""RELP source (rsyslog's omrelp): each message answered "200 OK" only once it is durable.
+
+The protocol is in relp/ (sans-IO); here bytes move, and each chunk's syslog messages go
+through the same ingest as TCP: one reader per connection, fed the messages as octet-counted
+frames (so a message is exactly one frame, whatever bytes it holds), `ctx.sink.take()`, then
+at once `ctx.sink.on_durable()`, whose callback answers them. Answers leave in txnr order.
+
+Flow control: a session with `relp.max_window` unanswered messages is not read from until
+answers go out (its sender's own window then fills and it waits); under backpressure no
+session is read, as on TCP. Limits (allow-list, connection caps, idle timeout, buffered
+bytes) are the listen.* ones of TCP.
+
+RelpConnection only uses transport.write / pause_reading / resume_reading / close / abort /
+is_closing / get_extra_info("peername"): a TLS layer can stand in for the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import cast
+
+from ..config import ListenConfig, RelpConfig
+from ..ingest import OCTET
+from ..observability.counters import ListenerCounters, RelpCounters
+from ..observability.descriptors import Descriptors
+from ..relp import ServerSession
+from .base import SourceContext, listener_name
+from .guard import Allow
+
+# The parser holds at most this much above listen.max_message_size: what is longer than
+# max_message_size is the reader's to count as oversized (as on TCP), what is far longer is
+# skipped unread by the parser.
+DATA_HEADROOM = 1024
+# The `framing` label of a RELP listener's frame counters.
+RELP_FRAMING = "relp"
+
+
+def _peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    return str(peer), str(peer)
+
+
+class RelpConnection(asyncio.Protocol):
+    def __init__(self, source: RelpSource) -> None:
+        self.source = source
+        self.ctx = source.ctx
+        self.stats = source.stats
+        self.relp = source.relp
+        self.frames = source.stats.framing(RELP_FRAMING)
+        self.session = ServerSession(source.max_data)
+        self.reader = self.ctx.reader(OCTET)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.address = "?"
+        self.last_frame = time.monotonic()
+        self.framed = False
+        self.buffered = 0  # what the parser holds, as last reported to the budget
+        self.reading = True
+        # The peer does not read its answers (the transport's write buffer is over its
+        # high-water mark): read nothing more from it, or the answers would pile up here.
+        self.write_blocked = False
+        self.oversized_logged = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.peer, self.address = _peer_of(transport)
+        src = self.source
+        if not src.admit(transport, self.peer, self.address):
+            transport.abort()
+            return
+        self.transport = transport
+        src.add(self)
+        self.stats.connections_accepted += 1
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        self.stats.received_bytes += len(data)
+        session = self.session
+        got = session.receive(data)
+        relp = self.relp
+        for name, n in got.commands.items():
+            relp.command(name, n)
+        # received_frames: the syslog messages (what TCP counts), not the other commands.
+        self.frames.frames += len(got.messages) + len(got.oversized)
+        if got.frames:
+            self.last_frame = time.monotonic()
+            if not self.framed:
+                self.framed = True
+                self.source.frameless.pop(self, None)
+        if got.opened:
+            relp.sessions += 1
+        if got.oversized:
+            self._oversized(len(got.oversized))
+            relp.acked(len(got.oversized), 0.0)
+        if got.messages:
+            self._ingest(got.messages)
+        if got.error is not None:
+            err = got.error
+            relp.frame_errors[err.reason] = relp.frame_errors.get(err.reason, 0) + 1
+            self.frames.framing_errors += 1
+            self.ctx.quiet.warning("relp_protocol_error", listener=self.stats.name,
+                                   peer=self.peer, reason=err.reason, error=err.message,
+                                   action="session closed")
+        self._flush()
+        if self.transport is not None:
+            self.ctx.budget.update(self, session.buffered)
+            self._update_reading()
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        # A sender gone without `close`: what it has not seen answered, it sends again.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.source.remove(self)
+            self.transport = None
+
+    # -- ingest and answers -------------------------------------------------------------------
+
+    def _ingest(self, messages: list[tuple[int, bytes]]) -> None:
+        """One feed for the chunk's messages, each an octet-counted frame; one durability
+        wait for all of them."""
+        parts: list[bytes] = []
+        for _, msg in messages:
+            if msg.endswith(b"\n"):
+                msg = msg[:-1]  # a sender's trailing LF, as UDP drops it: not the message
+            if msg:
+                parts.append(b"%d %s" % (len(msg), msg))
+        txnrs = [txnr for txnr, _ in messages]
+        started = time.monotonic()
+        if not parts:  # empty messages only: nothing to ingest, nothing to wait for
+            self._durable(txnrs, started)
+            return
+        sink = self.ctx.sink
+        result = self.reader.feed(b"".join(parts), sink.received_at())
+        sink.take(result)
+        if result.oversized:
+            self._oversized(result.oversized)
+        # No await between take() and here: on_durable is about that take.
+        sink.on_durable(lambda: self._durable(txnrs, started))
+
+    def _durable(self, txnrs: list[int], started: float) -> None:
+        if self.transport is None:
+            return  # gone: the sender resends what it did not see answered
+        self.session.acknowledge(txnrs)
+        self.relp.acked(len(txnrs), time.monotonic() - started)
+        self._flush()
+        if self.transport is not None:
+            self._update_reading()
+        if self.source.stopping:
+            self.source.settled.set()
+
+    def _oversized(self, n: int) -> None:
+        self.stats.oversized_frames += n
+        if not self.oversized_logged:  # logged once per session, counted always
+            self.oversized_logged = True
+            self.ctx.log.warning("frame_too_large", peer=self.peer,
+                                 max_message_size=self.ctx.max_message_size,
+                                 action="discarded and acknowledged, session kept")
+
+    def _flush(self) -> None:
+        t = self.transport
+        if t is None:
+            return
+        out = self.session.outgoing()
+        if out:
+            t.write(out)
+        if self.session.close_after_write:
+            # close() sends what is buffered first, then the FIN.
+            t.close()
+            self.source.remove(self)
+            self.transport = None
+
+    # -- flow control -------------------------------------------------------------------------
+
+    @property
+    def window_full(self) -> bool:
+        return self.session.unacked >= self.source.max_window
+
+    def _update_reading(self) -> None:
+        """Read only when there is room in the window, no backpressure, and not stopping."""
+        t = self.transport
+        if t is None:
+            return
+        want = not (self.window_full or self.ctx.pressure.on or self.source.stopping
+                    or self.session.closing or self.write_blocked)
+        if want == self.reading:
+            return
+        self.reading = want
+        if want:
+            if not t.is_closing():
+                t.resume_reading()
+        else:
+            t.pause_reading()
+            if self.window_full and not (self.ctx.pressure.on or self.write_blocked):
+                # Its sender can send nothing more until answered: close the open batch now
+                # rather than after batch.idle_flush (the answers then cost one fsync).
+                self.ctx.sink.flush()
+
+    def pressure_changed(self) -> None:
+        self._update_reading()
+
+    # -- closing for the source's reasons -----------------------------------------------------
+
+    def drop(self) -> None:
+        """Idle, evicted, no longer allowed, shutdown: the answers ready, serverclose, close."""
+        if self.transport is None:
+            return
+        self.session.shutdown()
+        self._flush()
+
+    def shed(self) -> None:
+        """Called by the budget: this session holds the most of listen.max_buffered_bytes."""
+        self.stats.connections_shed += 1
+        self.ctx.quiet.warning("connection_shed", listener=self.stats.name, peer=self.peer,
+                               buffered=self.buffered,
+                               reason="listen.max_buffered_bytes reached")
+        if self.transport is not None:
+            self.transport.abort()
+            self.source.remove(self)
+            self.transport = None
+        self.session = ServerSession(self.source.max_data)  # free what it held now
+
+
+class RelpSource:
+    proto = "relp"
+
+    def __init__(self, ctx: SourceContext, host: str, port: int, listen: ListenConfig,
+                 relp: RelpConfig) -> None:
+        self.ctx = ctx
+        self.host = host
+        self.port = port
+        self.connections: set[RelpConnection] = set()
+        self.per_address: dict[str, int] = {}
+        self.frameless: dict[RelpConnection, None] = {}
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.stopping = False
+        self.settled = asyncio.Event()  # set by an answer during stop(): look again
+        self.stats = ListenerCounters(listener_name(self.proto, host, port))
+        self.relp = self.stats.relp = RelpCounters()
+        self.max_data = listen.max_message_size + DATA_HEADROOM
+        self.max_window = relp.max_window
+        self.configure(listen, relp)
+        self.descriptors = Descriptors(ctx.counters, ctx.quiet)
+        ctx.pressure.subscribe(self._on_pressure)
+
+    def configure(self, listen: ListenConfig, relp: RelpConfig | None = None) -> None:
+        """The listen.* limits and relp.max_window, at start and on SIGHUP."""
+        self.max_connections = listen.max_connections
+        self.max_connections_per_address = listen.max_connections_per_address
+        self.idle_timeout = listen.idle_timeout
+        self.allow = Allow(listen.allow)
+        self.ctx.budget.cap = listen.max_buffered_bytes
+        if relp is not None:
+            self.max_window = relp.max_window
+            for conn in self.connections:
+                conn._update_reading()
+        for conn in [c for c in self.connections if not self.allow.permits(c.address)]:
+            self.stats.access_denied += 1
+            self.ctx.quiet.warning("connection_denied", listener=self.stats.name,
+                                   peer=conn.peer, reason="not in listen.allow (reload)")
+            conn.drop()
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def screen(self, transport: asyncio.BaseTransport, peer: str, address: str) -> bool:
+        """Descriptors left, listen.allow, the per-address cap (a TLS layer runs these before
+        its handshake). False: counted and logged; the caller aborts."""
+        c = self.stats
+        if not self.descriptors.admit(transport, c.name):
+            return False
+        if not self.allow.permits(address):
+            c.access_denied += 1
+            self.ctx.quiet.warning("connection_denied", listener=c.name, peer=peer,
+                                   reason="not in listen.allow")
+            return False
+        if self.per_address.get(address, 0) >= self.max_connections_per_address:
+            c.connections_refused += 1
+            self.ctx.quiet.warning("connection_refused", listener=c.name, peer=peer,
+                                   reason="listen.max_connections_per_address reached")
+            return False
+        return True
+
+    def admit(self, transport: asyncio.BaseTransport, peer: str, address: str) -> bool:
+        if self.stopping or not self.screen(transport, peer, address):
+            return False
+        if len(self.connections) >= self.max_connections and not self.evict_one():
+            self.stats.connections_refused += 1
+            self.ctx.quiet.warning("connection_refused", listener=self.stats.name, peer=peer,
+                                   reason="listen.max_connections reached")
+            return False
+        return True
+
+    def protocol(self) -> asyncio.Protocol:
+        """One accepted connection's protocol (a TLS layer can wrap it: relp.tls)."""
+        return RelpConnection(self)
+
+    def add(self, conn: RelpConnection) -> None:
+        self.connections.add(conn)
+        self.frameless[conn] = None
+        self.per_address[conn.address] = self.per_address.get(conn.address, 0) + 1
+
+    def remove(self, conn: RelpConnection) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        self.frameless.pop(conn, None)
+        self.ctx.budget.release(conn)
+        n = self.per_address.get(conn.address, 0) - 1
+        if n > 0:
+            self.per_address[conn.address] = n
+        else:
+            self.per_address.pop(conn.address, None)
+        if self.stopping:
+            self.settled.set()
+
+    def evict_one(self) -> bool:
+        """At max_connections: the session that never framed, else the longest idle, goes;
+        not one whose messages wait for their answer, nor any framed one under pressure."""
+        candidates = [c for c in self.frameless if c.transport is not None]
+        if not candidates:
+            if self.ctx.pressure.on:
+                return False
+            candidates = [c for c in self.connections
+                          if c.transport is not None and not c.session.unacked]
+        if not candidates:
+            return False
+        oldest = candidates[0] if not candidates[0].framed else min(
+            candidates, key=lambda c: c.last_frame)
+        self.stats.connections_evicted += 1
+        self.ctx.quiet.warning("connection_evicted_idle", listener=self.stats.name,
+                               peer=oldest.peer,
+                               idle=round(time.monotonic() - oldest.last_frame, 1),
+                               complete_frames=oldest.framed,
+                               reason="listen.max_connections reached")
+        oldest.drop()
+        return True
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self.protocol, self.host, self.port, reuse_address=True, backlog=1024
+        )
+        addr = self._server.sockets[0].getsockname()
+        self.stats.name = listener_name(self.proto, addr[0], addr[1])
+        self.ctx.counters.add_listener(self.stats)
+        self._schedule_sweep()
+        return addr[0], addr[1]
+
+    @property
+    def name(self) -> str:
+        return self.stats.name
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def down(self) -> bool:
+        return self._server is not None and not self.stopping and not self._server.is_serving()
+
+    def _schedule_sweep(self) -> None:
+        delay = min(max(self.idle_timeout / 10, 0.05), 5.0)
+        self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    def _sweep(self) -> None:
+        """listen.idle_timeout: sessions with no complete frame for that long, and nothing
+        waiting for an answer (a full window is not idleness), get serverclose."""
+        if self.stopping:
+            return
+        if not self.ctx.pressure.on:
+            limit = time.monotonic() - self.idle_timeout
+            for conn in [c for c in self.connections
+                         if c.last_frame < limit and not c.session.unacked]:
+                self.stats.connections_idle_closed += 1
+                self.ctx.quiet.warning("connection_idle_closed", listener=self.stats.name,
+                                       peer=conn.peer, idle_timeout=self.idle_timeout)
+                conn.drop()
+        self._schedule_sweep()
+
+    def _on_pressure(self, on: bool) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if not on and conn.framed:
+                conn.last_frame = max(conn.last_frame, now)
+            conn.pressure_changed()
+
+    @property
+    def unacked(self) -> int:
+        return sum(c.session.unacked for c in self.connections)
+
+    async def stop(self, grace: float) -> None:
+        """Stop reading; answer what becomes durable within `grace`; then serverclose.
+
+        Messages still unanswered then are the sender's to resend to the next forwarder
+        (duplicates at worst: they may be in the spool already)."""
+        self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.ctx.pressure.unsubscribe(self._on_pressure)
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn._update_reading()
+        if self.unacked:
+            self.ctx.sink.flush()  # nothing more will come in: answers after one fsync
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.unacked and loop.time() < deadline:
+            self.settled.clear()
+            try:
+                await asyncio.wait_for(self.settled.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
+        for conn in list(self.connections):
+            conn.drop()
+        self.ctx.quiet.flush()

@@ -1,0 +1,168 @@
+"""The server side of TLS ([tls]): the SSLContext, the client-name rule, the handshake limits.
+
+Shared by every listener that speaks TLS (listen.tls, RELP with relp.tls), so one process
+has one certificate, one cap on handshakes in progress and one place a SIGHUP swaps them:
+`ServerTls.install` replaces the context for new connections, while open ones keep the
+SSLObject (and so the certificate) they were made with.
+
+`tls_problem` is what config validation calls: every file is loaded exactly as the listener
+will load it, so a broken certificate is one config line (exit 2, or `reload_failed`), never
+a failed start or a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Settings, TlsConfig
+
+VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class TlsFileError(ValueError):
+    """One line naming the setting and the file: what is wrong with it."""
+
+
+def tls_needed(settings: Settings) -> bool:
+    """Some listener will do TLS handshakes: listen.tls, or RELP with relp.tls."""
+    return bool(settings.listen.tls) or (settings.relp.tls and bool(settings.listen.relp))
+
+
+def _no_passphrase() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
+    return b""
+
+
+def _read(setting: str, path: Path, marker: bytes) -> bytes:
+    """Readable, and PEM of the kind expected (checked by hand: OpenSSL's own error does not
+    say which of the two files of load_cert_chain it could not read)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TlsFileError(f"{setting}: {str(path)!r}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data or marker not in data:
+        kind = "certificate" if marker == b"CERTIFICATE-----" else "private key"
+        raise TlsFileError(f"{setting}: {str(path)!r} holds no PEM {kind}")
+    return data
+
+
+def build_context(cfg: TlsConfig) -> ssl.SSLContext:
+    """The server context of `cfg`; TlsFileError (one line) if a file cannot be used."""
+    if cfg.cert_file is None or cfg.key_file is None:
+        missing = "tls.cert_file" if cfg.cert_file is None else "tls.key_file"
+        raise TlsFileError(f"{missing}: missing (a TLS listener needs tls.cert_file and "
+                           "tls.key_file, PEM)")
+    _read("tls.cert_file", cfg.cert_file, b"CERTIFICATE-----")
+    if b"ENCRYPTED" in _read("tls.key_file", cfg.key_file, b"PRIVATE KEY-----"):
+        raise TlsFileError(f"tls.key_file: {str(cfg.key_file)!r} is encrypted; the daemon "
+                           "needs it without a passphrase (readable by its user only)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = VERSIONS[cfg.min_version]
+    # A client-initiated renegotiation is a handshake outside every limit below.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    # Syslog senders keep one long connection: tickets would be work for nothing.
+    ctx.num_tickets = 0
+    try:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file, password=_no_passphrase)
+    except ssl.SSLError as exc:
+        reason = getattr(exc, "reason", "") or ""
+        if "MISMATCH" in reason:
+            raise TlsFileError(f"tls.key_file: {str(cfg.key_file)!r} is not the key of "
+                               f"tls.cert_file {str(cfg.cert_file)!r}") from None
+        raise TlsFileError(f"tls.cert_file / tls.key_file: {str(cfg.cert_file)!r}, "
+                           f"{str(cfg.key_file)!r} cannot be used (OpenSSL: "
+                           f"{reason or exc.strerror or 'unreadable PEM'})") from None
+    except OSError as exc:
+        raise TlsFileError(f"tls.cert_file: {exc.strerror or exc}") from None
+    if cfg.client_ca_file is not None:
+        _read("tls.client_ca_file", cfg.client_ca_file, b"CERTIFICATE-----")
+        try:
+            ctx.load_verify_locations(cafile=str(cfg.client_ca_file))
+        except (ssl.SSLError, OSError):
+            raise TlsFileError(f"tls.client_ca_file: {str(cfg.client_ca_file)!r} holds no "
+                               "usable PEM certificate") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def tls_problem(settings: Settings) -> str | None:
+    """The one line that makes [tls] unusable, or None. Files are loaded only when set or
+    needed: a config without TLS pays nothing."""
+    cfg = settings.tls
+    if cfg.allowed_names and cfg.client_ca_file is None:
+        return ("tls.allowed_names: needs tls.client_ca_file (names are those of client "
+                "certificates signed by that CA)")
+    if not tls_needed(settings) and cfg.cert_file is None and cfg.key_file is None:
+        return None
+    try:
+        build_context(cfg)
+    except TlsFileError as exc:
+        return str(exc)
+    return None
+
+
+def peer_names(cert: dict[str, Any]) -> list[str]:
+    """Subject CN and DNS subjectAltNames of a verified peer certificate (getpeercert())."""
+    names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    names += [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+    return list(dict.fromkeys(names))  # the CN is often a SAN too
+
+
+def name_allowed(names: Iterable[str], patterns: list[str]) -> bool:
+    """Shell-style patterns, case-insensitive as DNS names are; no pattern: any name."""
+    if not patterns:
+        return True
+    lowered = [p.lower() for p in patterns]
+    return any(fnmatch.fnmatchcase(n.lower(), p) for n in names for p in lowered)
+
+
+def _fingerprint(cfg: TlsConfig) -> str:
+    """What the files hold now (a reload with the same paths may bring a new certificate)."""
+    h = hashlib.sha256()
+    for path in (cfg.cert_file, cfg.key_file, cfg.client_ca_file):
+        h.update(path.read_bytes() if path is not None and path.is_file() else b"-")
+    return h.hexdigest()[:16]
+
+
+@dataclass(eq=False)
+class ServerTls:
+    """The TLS settings in force, one per daemon; swapped whole on SIGHUP."""
+
+    context: ssl.SSLContext | None = None
+    allowed_names: list[str] = field(default_factory=list)
+    handshake_timeout: float = 10.0
+    max_handshakes: int = 256
+    fingerprint: str = ""
+    # Handshakes under way over every TLS listener: the cap is per process (it bounds CPU).
+    handshaking: int = 0
+
+    def install(self, context: ssl.SSLContext, cfg: TlsConfig) -> bool:
+        """New connections from now on get `context`; True if the files changed."""
+        fingerprint = _fingerprint(cfg)
+        changed = fingerprint != self.fingerprint
+        self.context = context
+        self.allowed_names = list(cfg.allowed_names)
+        self.handshake_timeout = cfg.handshake_timeout
+        self.max_handshakes = cfg.max_handshakes
+        self.fingerprint = fingerprint
+        return changed
+
+    def load(self, cfg: TlsConfig) -> bool:
+        return self.install(build_context(cfg), cfg)
+
+    def copy(self) -> ServerTls:
+        return dataclasses.replace(self)
+
+    def restore(self, old: ServerTls) -> None:
+        """Back to `old`'s settings (a refused reload); the handshakes under way are ours."""
+        self.context, self.allowed_names = old.context, old.allowed_names
+        self.handshake_timeout, self.max_handshakes = old.handshake_timeout, old.max_handshakes
+        self.fingerprint = old.fingerprint
