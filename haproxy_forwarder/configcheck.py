@@ -54,6 +54,11 @@ def risky_settings(settings: Settings) -> list[str]:
         out.append("spool.when_full = \"drop_oldest\": a full spool deletes its oldest events "
                    "(counted in spool_dropped_events, logged spool_full_dropped_oldest); "
                    "\"block\" holds input back instead, or raise spool.max_size")
+        if settings.listen.relp:
+            # Those events were answered rsp 200: their sender will never send them again.
+            out.append("spool.when_full = \"drop_oldest\" with listen.relp: RELP messages "
+                       "already acknowledged to their sender can be deleted from a full spool "
+                       "and will not be resent; use \"block\" with RELP")
     if settings.listen.tls and settings.tls.client_ca_file is None:
         out.append("listen.tls without tls.client_ca_file: any client may send (the traffic is "
                    "encrypted, the sender not authenticated); set tls.client_ca_file (and "

@@ -898,6 +898,15 @@ def test_check_config_warns_about_a_risky_setting(tmp_path: Path, case: str) -> 
     assert len(lines) == 1 and needle in lines[0], lines
 
 
+def test_check_config_warns_that_drop_oldest_deletes_acknowledged_relp_messages(
+        tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    write_toml(cfg, {"intake": {"key": VALID_KEY}, "spool": {"when_full": "drop_oldest"},
+                     "listen": {"relp": ["127.0.0.1:2514"]}})
+    lines = _warnings(run_cli("check-config", "--config", str(cfg)))
+    assert len(lines) == 2 and "listen.relp" in lines[1] and "block" in lines[1], lines
+
+
 def test_check_config_names_the_private_ca_file(tmp_path: Path, intake: FakeIntake) -> None:
     cfg = tmp_path / "c.toml"
     write_toml(cfg, {"intake": _intake(intake)})
