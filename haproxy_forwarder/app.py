@@ -135,8 +135,12 @@ def tls_source(ctx: SourceContext, address: str, s: Settings,
     return TlsSource(ctx, *split_hostport(address), s.listen, server_tls)
 
 
-def relp_source(ctx: SourceContext, address: str, s: Settings) -> RelpSource:
-    return RelpSource(ctx, *split_hostport(address), s.listen, s.relp)
+def relp_source(ctx: SourceContext, address: str, s: Settings,
+                server_tls: ServerTls) -> RelpSource:
+    # relp.tls is restart-only: a reload's `s` keeps the running value, so listeners added by
+    # SIGHUP speak what the ones started with do.
+    return RelpSource(ctx, *split_hostport(address), s.listen, s.relp,
+                      server_tls if s.relp.tls else None)
 
 
 def udp_source(ctx: SourceContext, address: str, s: Settings) -> UdpSource:
@@ -175,7 +179,7 @@ def build(settings: Settings, log: Any,
     if tls_needed(s):
         server_tls.load(s.tls)  # validated with the config: it does not fail here
     tls = [tls_source(ctx, a, s, server_tls) for a in s.listen.tls]
-    relp = [relp_source(ctx, a, s) for a in s.listen.relp]
+    relp = [relp_source(ctx, a, s, server_tls) for a in s.listen.relp]
     return Daemon(settings, log, registry, spool, pressure, delivery, collector, tcp, udp,
                   ctx=ctx, loader=loader, tls=tls, server_tls=server_tls, relp=relp)
 
@@ -290,13 +294,12 @@ class Daemon:
             self.log.info("listening", proto="tls", host=h, port=p,
                           client_certificates=self.settings.tls.client_ca_file is not None)
             bound.append(f"tls://{h}:{p}")
-        if self.relp and s.relp.tls:
-            # Not wired yet: refusing beats sending what was meant to be encrypted in clear.
-            raise ListenError("relp.tls = true is not supported yet (listen.relp is plain TCP)")
         for r in self.relp:
             h, p = await _bind("listen.relp", r.host, r.port, r.start())
             self.log.info("listening", proto="relp", host=h, port=p,
-                          max_window=s.relp.max_window)
+                          max_window=s.relp.max_window, tls=r.tls,
+                          **({"client_certificates": s.tls.client_ca_file is not None}
+                             if r.tls else {}))
             bound.append(f"relp://{h}:{p}")
         for udp in self.udp:
             h, p = await _bind("listen.udp", udp.host, udp.port, udp.start())
@@ -483,7 +486,7 @@ class Daemon:
         return tls_source(self.ctx, address, settings, self.server_tls)
 
     def new_relp(self, address: str, settings: Settings) -> RelpSource:
-        return relp_source(self.ctx, address, settings)
+        return relp_source(self.ctx, address, settings, self.server_tls)
 
     def new_udp(self, address: str, settings: Settings) -> UdpSource:
         return udp_source(self.ctx, address, settings)

@@ -658,13 +658,13 @@ class RelpRsyslogProcess(RsyslogProcess):
     as for the TCP rules."""
 
     def __init__(self, tmpdir: Path | str, forward_host: str, forward_port: int,
-                 **kwargs: object) -> None:
+                 shipped_rule: Path = RSYSLOG_RULE_RELP, **kwargs: object) -> None:
         tmp = Path(tmpdir)
         tmp.mkdir(parents=True, exist_ok=True)
-        shipped = RSYSLOG_RULE_RELP.read_text()
+        shipped = shipped_rule.read_text()
         source = tmp / "relp-rule.shipped.conf"
         source.write_text(_substitute(shipped, RULE_RELP_PORT, RULE_PORT, "relp port",
-                                      RSYSLOG_RULE_RELP))
+                                      shipped_rule))
         super().__init__(tmp, forward_host, forward_port, rule_file=source,
                          **kwargs)  # type: ignore[arg-type]
 
@@ -675,3 +675,23 @@ def imptcp_input(port: int) -> str:
     queue slows down instead of dropping its datagrams."""
     return (f'module(load="imptcp")\n'
             f'input(type="imptcp" address="127.0.0.1" port="{port}")\n')
+
+
+# The RELP-over-TLS rule (omrelp tls="on"): same placeholders as the RELP rule.
+RSYSLOG_RULE_RELP_TLS = REPO_ROOT / "config" / "rsyslog" / "haproxy-forwarder-relp-tls.conf"
+
+
+class RelpTlsRsyslogProcess(RelpRsyslogProcess):
+    """``RelpRsyslogProcess`` with the shipped RELP-over-TLS rule
+    (config/rsyslog/haproxy-forwarder-relp-tls.conf). Its certificate paths
+    (/etc/rsyslog.d/haproxy-forwarder-tls/) become ``certs_dir``, which must hold ca.pem,
+    client.pem and client.key; ``tlslib`` ("openssl", "gnutls") replaces the rule's
+    tls.tlslib."""
+
+    def __init__(self, tmpdir: Path | str, forward_host: str, forward_port: int,
+                 certs_dir: Path, tlslib: str = "openssl", **kwargs: object) -> None:
+        subs = dict(kwargs.pop("substitutions", None) or {})  # type: ignore[call-overload]
+        subs["/etc/rsyslog.d/haproxy-forwarder-tls/"] = f"{certs_dir}/"
+        subs['tls.tlslib="openssl"'] = f'tls.tlslib="{tlslib}"'
+        super().__init__(tmpdir, forward_host, forward_port, substitutions=subs,
+                         shipped_rule=RSYSLOG_RULE_RELP_TLS, **kwargs)

@@ -19,14 +19,13 @@ from typing import Any
 
 import pytest
 
-from devtools.daemon import Daemon, base_config, write_toml
+from devtools.daemon import Daemon, write_toml
 from devtools.probe import metric
 from haproxy_forwarder.config import ListenConfig, RelpConfig
 from haproxy_forwarder.ingest import AUTO, ChunkResult, ProgramFilter, new_reader
 from haproxy_forwarder.observability.counters import Counters
 from haproxy_forwarder.relp import Frame, FrameParser, build_frame
 from haproxy_forwarder.sources import Backpressure, RelpSource, SourceContext
-from tests.conftest import intake_section
 from tests.fake_intake import FakeIntake
 
 OFFERS = b"relp_version=0\nrelp_software=librelp,1.11.0,http://librelp.adiscon.com\n" \
@@ -531,22 +530,3 @@ def test_daemon_reload_adds_and_removes_a_relp_listener(
 
     asyncio.run(main())
     assert intake.wait_for(4, timeout=10)
-
-
-def test_daemon_refuses_relp_tls_until_it_is_supported(
-        tmp_path: Path, intake: FakeIntake) -> None:
-    import trustme
-
-    cert = trustme.CA().issue_cert("forwarder.test")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    (tmp_path / "key.pem").chmod(0o600)
-    cfg = base_config(tmp_path, listen={"tcp": [], "udp": [], "relp": ["127.0.0.1:0"]},
-                      intake=intake_section(intake), relp={"tls": True},
-                      tls={"cert_file": str(tmp_path / "cert.pem"),
-                           "key_file": str(tmp_path / "key.pem")})
-    d = Daemon(tmp_path, cfg)
-    with pytest.raises(RuntimeError, match=r"relp\.tls"):
-        d.start()
-    assert d.proc is not None and d.proc.wait(10) == 2
-    d.close_files()

@@ -11,7 +11,11 @@ session is read, as on TCP. Limits (allow-list, connection caps, idle timeout, b
 bytes) are the listen.* ones of TCP.
 
 RelpConnection only uses transport.write / pause_reading / resume_reading / close / abort /
-is_closing / get_extra_info("peername"): a TLS layer can stand in for the socket.
+is_closing / get_extra_info("peername"), so with relp.tls (omrelp tls="on") each accepted
+socket gets the TLS layer of sources/tls.py, with the [tls] settings of listen.tls: the
+screen (allow-list, per-address cap, descriptors) runs before the handshake, the client
+certificate and its name are checked, and only then is a RelpConnection made. A handshake in
+progress counts against listen.max_connections_per_address, as on listen.tls.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from ..ingest import OCTET
 from ..observability.counters import ListenerCounters, RelpCounters
 from ..observability.descriptors import Descriptors
 from ..relp import ServerSession
+from ..tlscontext import ServerTls
 from .base import SourceContext, listener_name
 from .guard import Allow
+from .tls import TlsGate, TlsLayer
 
 # The parser holds at most this much above listen.max_message_size: what is longer than
 # max_message_size is the reader's to count as oversized (as on TCP), what is far longer is
@@ -241,7 +247,7 @@ class RelpSource:
     proto = "relp"
 
     def __init__(self, ctx: SourceContext, host: str, port: int, listen: ListenConfig,
-                 relp: RelpConfig) -> None:
+                 relp: RelpConfig, server_tls: ServerTls | None = None) -> None:
         self.ctx = ctx
         self.host = host
         self.port = port
@@ -258,7 +264,14 @@ class RelpSource:
         self.max_window = relp.max_window
         self.configure(listen, relp)
         self.descriptors = Descriptors(ctx.counters, ctx.quiet)
+        # relp.tls: the daemon's one ServerTls (shared with listen.tls, swapped at SIGHUP).
+        self.gate = (TlsGate(server_tls, self.stats, ctx.quiet, ctx.log, screen=self.screen)
+                     if server_tls is not None else None)
         ctx.pressure.subscribe(self._on_pressure)
+
+    @property
+    def tls(self) -> bool:
+        return self.gate is not None
 
     def configure(self, listen: ListenConfig, relp: RelpConfig | None = None) -> None:
         """The listen.* limits and relp.max_window, at start and on SIGHUP."""
@@ -290,7 +303,7 @@ class RelpSource:
             self.ctx.quiet.warning("connection_denied", listener=c.name, peer=peer,
                                    reason="not in listen.allow")
             return False
-        if self.per_address.get(address, 0) >= self.max_connections_per_address:
+        if self.held(address) >= self.max_connections_per_address:
             c.connections_refused += 1
             self.ctx.quiet.warning("connection_refused", listener=c.name, peer=peer,
                                    reason="listen.max_connections_per_address reached")
@@ -307,8 +320,18 @@ class RelpSource:
             return False
         return True
 
+    def held(self, address: str) -> int:
+        """Sessions `address` holds, as listen.max_connections_per_address counts them: with
+        relp.tls its handshakes in progress too (one host cannot take every handshake slot)."""
+        n = self.per_address.get(address, 0)
+        if self.gate is not None:
+            n += self.gate.pending_by_address.get(address, 0)
+        return n
+
     def protocol(self) -> asyncio.Protocol:
-        """One accepted connection's protocol (a TLS layer can wrap it: relp.tls)."""
+        """One accepted connection's protocol: behind the TLS layer with relp.tls."""
+        if self.gate is not None:
+            return TlsLayer(self.gate, lambda: RelpConnection(self))
         return RelpConnection(self)
 
     def add(self, conn: RelpConnection) -> None:
@@ -418,6 +441,8 @@ class RelpSource:
         self.ctx.pressure.unsubscribe(self._on_pressure)
         if self._server is not None:
             self._server.close()
+        if self.gate is not None:
+            self.gate.close_pending()  # no RELP session yet: nothing of theirs to answer
         for conn in list(self.connections):
             conn._update_reading()
         if self.unacked:
