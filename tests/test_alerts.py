@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools import REPO
@@ -19,6 +20,7 @@ from devtools.traffic import octet_counted, send_tcp, traditional
 from tests.conftest import intake_section
 from tests.fake_intake import FakeIntake
 from tests.test_metrics import http_get
+from tests.test_tls import SERVER_NAME, Pki
 
 RULES = REPO / "config" / "prometheus" / "haproxy-forwarder-alerts.yml"
 RULE_TESTS = REPO / "tests" / "prometheus" / "haproxy-forwarder-alerts-test.yml"
@@ -54,7 +56,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """Every sample name of one real scrape (after some traffic and a delivery)."""
     tmp = tmp_path_factory.mktemp("alerts")
     with FakeIntake() as fi:
-        d = Daemon(tmp, base_config(tmp, intake=intake_section(fi)))
+        # A TLS listener too, so that its series are in the scrape.
+        cert, key = Pki(tmp, trustme.CA(), trustme.CA()).leaf(SERVER_NAME)
+        cfg = base_config(tmp, intake=intake_section(fi),
+                          tls={"cert_file": str(cert), "key_file": str(key)})
+        cfg["listen"]["tls"] = ["127.0.0.1:0"]
+        d = Daemon(tmp, cfg)
         with d:
             send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "for the scrape")]))
             assert fi.wait_for(1, 15)
