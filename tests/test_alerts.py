@@ -56,11 +56,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """Every sample name of one real scrape (after some traffic and a delivery)."""
     tmp = tmp_path_factory.mktemp("alerts")
     with FakeIntake() as fi:
-        # A TLS listener too, so that its series are in the scrape.
+        # TLS and RELP listeners too, so that their series are in the scrape.
         cert, key = Pki(tmp, trustme.CA(), trustme.CA()).leaf(SERVER_NAME)
         cfg = base_config(tmp, intake=intake_section(fi),
                           tls={"cert_file": str(cert), "key_file": str(key)})
         cfg["listen"]["tls"] = ["127.0.0.1:0"]
+        cfg["listen"]["relp"] = ["127.0.0.1:0"]
         d = Daemon(tmp, cfg)
         with d:
             send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "for the scrape")]))
