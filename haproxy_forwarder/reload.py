@@ -376,6 +376,14 @@ def _commit(target: Target, plan: Plan, ready: _Prepared) -> tuple[list[TcpSourc
             src.configure(s.listen)
         for udp in target.udp:
             udp.allow = Allow(s.listen.allow)
+    if ready.tls_context is not None:
+        # A narrowed allow-list of names (or newly required certificates) applies to the
+        # peers already connected too, as a narrowed listen.allow does.
+        for tsrc in target.tls:
+            tsrc.gate.recheck(tsrc.connections)
+        for rsrc in target.relp:
+            if rsrc.gate is not None:
+                rsrc.gate.recheck(rsrc.connections)
     target.settings = s
     return removed_tcp, removed_udp
 

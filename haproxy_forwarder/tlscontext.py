@@ -13,8 +13,9 @@ a failed start or a traceback.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
+import functools
 import hashlib
+import re
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -116,12 +117,25 @@ def peer_names(cert: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))  # the CN is often a SAN too
 
 
+@functools.lru_cache(maxsize=256)
+def _name_pattern(pattern: str) -> re.Pattern[str]:
+    """`*` is any run of characters within one DNS label, `?` one character; the rest is
+    literal. A `*` that crossed dots (fnmatch's) would let `*.example.org` admit
+    `evil.other.example.org`: wildcards in certificates (RFC 6125) and rsyslog's
+    PermittedPeer stay within a label too."""
+    parts = []
+    for c in pattern.lower():
+        parts.append("[^.]*" if c == "*" else "[^.]" if c == "?" else re.escape(c))
+    return re.compile("".join(parts))
+
+
 def name_allowed(names: Iterable[str], patterns: list[str]) -> bool:
-    """Shell-style patterns, case-insensitive as DNS names are; no pattern: any name."""
+    """Any of the peer's names (CN and DNS SANs, as rsyslog's x509/name checks both) matches
+    one of the patterns, case-insensitive as DNS names are; no pattern: any name."""
     if not patterns:
         return True
-    lowered = [p.lower() for p in patterns]
-    return any(fnmatch.fnmatchcase(n.lower(), p) for n in names for p in lowered)
+    compiled = [_name_pattern(p) for p in patterns]
+    return any(rx.fullmatch(n.lower()) for n in names for rx in compiled)
 
 
 def _fingerprint(cfg: TlsConfig) -> str:

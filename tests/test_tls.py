@@ -24,6 +24,7 @@ import trustme
 from devtools.daemon import Daemon, run_cli, write_toml
 from devtools.probe import wait_until
 from devtools.traffic import lf_framed, octet_counted
+from haproxy_forwarder.tlscontext import name_allowed
 from tests.fake_intake import VALID_KEY, FakeIntake
 from tests.test_hostile import _wait_events, hp, stop_counters
 from tests.test_metrics import scrape, value
@@ -527,6 +528,34 @@ def test_sighup_new_certificate_and_listeners(intake: FakeIntake, daemon: MakeDa
     assert d.stop() == 0
 
 
+def test_sighup_narrowed_allowed_names_closes_open_connections_no_longer_allowed(
+        intake: FakeIntake, daemon: MakeDaemon, pki: Pki) -> None:
+    d = start(daemon, intake, pki, allowed_names=["*.example.org"])
+    port = tls_ports(d)[0]
+    t = tag()
+    kept = connect(port, client_context(pki, pki.leaf("lb1.example.org")))
+    gone = connect(port, client_context(pki, pki.leaf("old.example.org")))
+    kept.sendall(octet_counted([hp(f"{t} kept")]))
+    gone.sendall(octet_counted([hp(f"{t} gone")]))
+    _wait_events(intake, [f"{t} kept", f"{t} gone"])
+
+    cfg = dict(d.config)
+    cfg["tls"] = {**cfg["tls"], "allowed_names": ["lb*.example.org"]}
+    write_toml(d.config_path, cfg)
+    hup(d)
+    denied = d.wait_log("connection_denied")
+    assert "tls.allowed_names (reload)" in denied["reason"], denied
+    gone.settimeout(5)
+    # Closed by the daemon: EOF or a reset; a timeout (still open) fails the test.
+    with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+        assert gone.recv(4096) == b""
+    kept.sendall(octet_counted([hp(f"{t} still open")]))
+    _wait_events(intake, [f"{t} kept", f"{t} gone", f"{t} still open"])
+    kept.close()
+    gone.close()
+    assert d.stop() == 0
+
+
 # -- config errors ---------------------------------------------------------------------------------
 
 
@@ -640,3 +669,20 @@ def test_check_config_warns_about_a_tls_listener_without_client_ca(tmp_path: Pat
                               "client_ca_file": str(pki.ca_file)})
     res = run_cli("--config", str(path), "check-config")
     assert res.returncode == 0 and "client_ca_file" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(("names", "patterns", "allowed"), [
+    (["lb1.example.org"], ["*.example.org"], True),
+    (["LB1.Example.ORG"], ["*.example.org"], True),  # DNS names are case-insensitive
+    (["a.b.example.org"], ["*.example.org"], False),  # `*` stays within one label
+    (["example.org"], ["*.example.org"], False),
+    (["lb12.example.org"], ["lb?.example.org"], False),
+    (["lb1.example.org"], ["lb?.example.org"], True),
+    (["lb1.example.org"], ["lb*.example.org"], True),
+    (["lb1.example.orgx"], ["lb1.example.org"], False),  # the whole name, not a prefix
+    (["lb1-example.org"], ["lb1.example.org"], False),  # `.` is literal
+    (["rsyslog", "lb1.example.org"], ["lb1.example.org"], True),  # CN or any DNS SAN
+    (["anything"], [], True),
+])
+def test_allowed_names_patterns(names: list[str], patterns: list[str], allowed: bool) -> None:
+    assert name_allowed(names, patterns) is allowed

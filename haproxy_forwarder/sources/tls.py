@@ -35,7 +35,7 @@ import asyncio
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from ..config import ListenConfig
@@ -137,6 +137,30 @@ class TlsGate:
     def close_pending(self) -> None:
         for layer in list(self.pending):
             layer.abort()
+
+    def recheck(self, connections: Iterable[Any]) -> None:
+        """After a reload narrowed tls.client_ca_file or tls.allowed_names: close the open
+        connections whose certificate would now be refused, as a narrowed listen.allow does.
+        (A certificate of a CA no longer trusted is not re-verified: a restart does that.)"""
+        tls = self.server_tls
+        if tls.context is None:
+            return
+        required = tls.context.verify_mode == ssl.CERT_REQUIRED
+        for conn in list(connections):
+            t = conn.transport
+            if t is None:
+                continue
+            cert = t.get_extra_info("peercert")
+            if required and not cert:
+                why = "no client certificate, and tls.client_ca_file is now set (reload)"
+            elif cert and not name_allowed(peer_names(cert), tls.allowed_names):
+                why = "certificate name not in tls.allowed_names (reload)"
+            else:
+                continue
+            self.stats.access_denied += 1
+            self.quiet.warning("connection_denied", listener=self.stats.name, peer=conn.peer,
+                               reason=why)
+            conn.drop()
 
 
 class TlsTransport(asyncio.Transport):
@@ -369,9 +393,10 @@ class TlsLayer(asyncio.Protocol):
                 closed = True
                 break
             except ssl.SSLError as exc:
-                self.gate.log.warning("tls_error", listener=self.gate.stats.name,
-                                      peer=self.peer, error=_detail(exc),
-                                      action="connection closed")
+                # Rate-limited: without client certificates anyone can get this far.
+                self.gate.quiet.warning("tls_error", listener=self.gate.stats.name,
+                                        peer=self.peer, error=_detail(exc),
+                                        action="connection closed")
                 self._deliver(chunks)
                 self.abort()
                 return
@@ -408,8 +433,9 @@ class TlsLayer(asyncio.Protocol):
         try:
             self.sslobj.write(data)
         except ssl.SSLError as exc:
-            self.gate.log.warning("tls_error", listener=self.gate.stats.name, peer=self.peer,
-                                  error=_detail(exc), action="connection closed")
+            self.gate.quiet.warning("tls_error", listener=self.gate.stats.name,
+                                    peer=self.peer, error=_detail(exc),
+                                    action="connection closed")
             self.abort()
             return
         self._flush()
