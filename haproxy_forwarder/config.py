@@ -173,7 +173,7 @@ class TlsConfig(_Section):
     # Set: peers must present a certificate signed by this CA (mutual TLS).
     client_ca_file: Path | None = None
     # With client_ca_file: the subject CN or a DNS SAN must match one of these patterns
-    # (shell-style, "*.example.org"); empty: any certificate of that CA.
+    # ("*.example.org": a * stays within one label); empty: any certificate of that CA.
     allowed_names: list[str] = Field(default_factory=list)
     # A peer that has not finished its handshake by then is closed (a plain-TCP client on the
     # TLS port, a stalled attacker); handshakes in progress at once are capped.
