@@ -33,14 +33,18 @@ class Waiter:
     A countdown, not a flag: the events of one take() may sit in several batches (and dead
     letters); each place holding some of them holds the waiter once. It starts held by its
     creator, so nothing can fire it before every place is attached. `lose()` (a place whose
-    events were lost) drops the callback for good: an unacknowledged message is resent by
-    its sender, an acknowledged lost one is gone.
+    events were lost) drops the callback for good and calls `on_lost` instead: the source
+    must not wait for that answer (a RELP session whose answers leave in order would be
+    stuck behind it); an unacknowledged message is resent by its sender, an acknowledged
+    lost one is gone.
     """
 
-    __slots__ = ("callback", "gauge", "left")
+    __slots__ = ("callback", "gauge", "left", "on_lost")
 
-    def __init__(self, callback: Callable[[], None], gauge: AckGauge) -> None:
+    def __init__(self, callback: Callable[[], None], gauge: AckGauge,
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.callback: Callable[[], None] | None = callback
+        self.on_lost = on_lost
         self.left = 1
         self.gauge = gauge
         gauge.pending += 1
@@ -55,18 +59,26 @@ class Waiter:
         self.left -= 1
         if self.left > 0:
             return
-        self.callback = None
+        self.callback = self.on_lost = None
         self.gauge.pending -= 1
-        try:
-            cb()
-        except Exception as exc:  # a source's bug must not break delivery's bookkeeping
-            asyncio.get_running_loop().call_exception_handler(
-                {"message": "on_durable callback failed", "exception": exc})
+        _call(cb, "on_durable callback failed")
 
     def lose(self) -> None:
-        if self.callback is not None:
-            self.callback = None
-            self.gauge.pending -= 1
+        if self.callback is None:
+            return
+        on_lost = self.on_lost
+        self.callback = self.on_lost = None
+        self.gauge.pending -= 1
+        if on_lost is not None:
+            _call(on_lost, "on_durable on_lost callback failed")
+
+
+def _call(cb: Callable[[], None], message: str) -> None:
+    try:
+        cb()
+    except Exception as exc:  # a source's bug must not break delivery's bookkeeping
+        asyncio.get_running_loop().call_exception_handler(
+            {"message": message, "exception": exc})
 
 
 def release_all(acks: list[Waiter] | None) -> None:

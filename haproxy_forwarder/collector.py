@@ -115,20 +115,26 @@ class Collector:
                 for fragment, ts in result.too_large
             ]
 
-    def on_durable(self, callback: Callable[[], None]) -> None:
-        """Call `callback` once every event of the last take() is durable.
+    def on_durable(self, callback: Callable[[], None],
+                   on_lost: Callable[[], None] | None = None) -> None:
+        """Call `callback` once every event of the last take() is settled.
 
-        Durable: its batch appended to the spool and fsync'd, or accepted by the intake (no
-        spool), or (too large) its dead letter written and fsync'd. Called once, from the
-        event loop; never if one of them is lost (crash, shutdown without a spool, dead
-        letters full). With no event in the last take() it is called at once, synchronously.
-        Must follow take() with no await in between: the batches are found by position.
+        Settled: its batch appended to the spool and fsync'd, or accepted by the intake (no
+        spool); an event too large for the intake once its dead letter is written and
+        fsync'd, or dropped because it could not be (dead letters full, write failed: a drop
+        counted in dropped_events and logged, which no resend can undo: the sender waiting
+        for it would only send it again and again). Called once, from the event loop.
+        If some event is lost instead (a delivery bug, the spool refusing it while the intake
+        does too, shutdown without a spool) `on_lost` is called (once) and `callback` never;
+        nothing at all at a crash. With no event in the last take() `callback` runs at once,
+        synchronously. Must follow take() with no await in between: the batches are found by
+        position.
         """
         result = self._took
         if result is None or (not result.ends and not result.too_large):
             callback()
             return
-        w = Waiter(callback, self.acks)
+        w = Waiter(callback, self.acks, on_lost)
         n = len(result.ends)
         if n:
             cur = self.batcher.current
@@ -181,7 +187,9 @@ class Collector:
 
 
 def _dead_letter_done(w: Waiter, f: asyncio.Future[bool]) -> None:
-    if not f.cancelled() and f.exception() is None and f.result():
+    # False (dead letters full, the write failed): dropped, counted and logged by delivery;
+    # settled all the same. Only a future that failed (never expected) is a loss.
+    if not f.cancelled() and f.exception() is None:
         w.release()
     else:
         w.lose()

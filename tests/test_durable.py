@@ -24,7 +24,15 @@ from haproxy_forwarder.observability.counters import Counters
 from haproxy_forwarder.sinks.deadletter import DeadLetters, read_dead_letters
 from haproxy_forwarder.spool import Spool
 from haproxy_forwarder.spool.segments import Filesystem
-from tests.test_delivery import OK, TOO_LARGE, UNAVAILABLE, FakeSink, Log, NoWait
+from tests.test_delivery import (
+    BAD_REQUEST,
+    OK,
+    TOO_LARGE,
+    UNAVAILABLE,
+    FakeSink,
+    Log,
+    NoWait,
+)
 
 TS = b"2026-12-01T00:00:00.000Z"
 
@@ -86,6 +94,7 @@ class Rig:
                                    max_delay, idle_flush)
         self.reader = new_reader(ProgramFilter(["haproxy"]), 1 << 20)
         self.calls: list[str] = []
+        self.lost: list[str] = []  # the on_lost callbacks that ran
         self.delivery.start()
 
     def send(self, *texts: str, program: str = "haproxy",
@@ -103,7 +112,7 @@ class Rig:
             self.calls.append(name)
 
         self.collector.take(result)
-        self.collector.on_durable(callback)
+        self.collector.on_durable(callback, lambda: self.lost.append(name))
 
     def on_disk(self) -> list[str]:
         """The events a new process would find in the spool now (read-only open)."""
@@ -311,16 +320,60 @@ def test_too_large_event_acknowledged_once_in_the_dead_letters(tmp_path: Path) -
     run(main())
 
 
-def test_too_large_event_dropped_by_full_dead_letters_is_never_acknowledged(
-        tmp_path: Path) -> None:
+def test_too_large_event_dropped_by_full_dead_letters_is_settled(tmp_path: Path) -> None:
+    """Dead letters full: the event is dropped (counted, logged), which no resend can undo.
+    Its waiter is settled, not lost: the sender would resend it forever (and a RELP session
+    would hold every later answer behind it)."""
     sink = FakeSink()
 
     async def main() -> None:
         rig = Rig(tmp_path, sink, dead_max=1000)
-        rig.send("y" * (260 * 1024))
-        await until(lambda: rig.counters.drop_reasons["dead_letter_full"] == 1)
-        await asyncio.sleep(0.05)
-        assert rig.calls == [] and rig.collector.acks_pending == 0
+        seen: list[int] = []
+        rig.send("y" * (260 * 1024),
+                 check=lambda name: seen.append(rig.counters.drop_reasons["dead_letter_full"]))
+        rig.send("next")  # durable: answered as well
+        await until(lambda: rig.calls == ["y" * (260 * 1024), "next"])
+        assert seen == [1]  # settled once the drop was counted
+        assert rig.lost == [] and rig.collector.acks_pending == 0
+        assert any(e == "dead_letter_full" for e, _ in rig.log.lines)
+        await rig.stop()
+
+    run(main())
+
+
+def test_event_refused_by_the_intake_with_dead_letters_full_is_settled(tmp_path: Path) -> None:
+    """The spool refuses writes, so the batch goes from memory; the intake refuses it for good
+    (400) and the dead letters are full: dropped, counted, and settled, not lost (a resend
+    would be refused the same way)."""
+    fs = DiskLog()
+    sink = FakeSink(respond=lambda b: BAD_REQUEST)
+
+    async def main() -> None:
+        rig = Rig(tmp_path, sink, fs=fs, dead_max=100)
+        fs.fail_writes = True
+        rig.send("x" * 300)
+        await until(lambda: rig.calls == ["x" * 300])
+        assert rig.lost == [] and rig.collector.acks_pending == 0
+        assert rig.counters.drop_reasons["dead_letter_full"] == 1
+        await rig.stop()
+
+    run(main())
+
+
+def test_too_large_event_whose_dead_letter_write_fails_is_settled(tmp_path: Path) -> None:
+    sink = FakeSink()
+
+    async def main() -> None:
+        rig = Rig(tmp_path, sink)
+
+        def fail(*a: Any, **kw: Any) -> Any:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        rig.dead.write = fail  # type: ignore[method-assign]
+        rig.send("w" * (260 * 1024))
+        await until(lambda: len(rig.calls) == 1)
+        assert rig.counters.drop_reasons["dead_letter_failed"] == 1
+        assert rig.lost == [] and rig.collector.acks_pending == 0
         await rig.stop()
 
     run(main())
@@ -390,8 +443,10 @@ def test_batch_never_spooled_is_never_acknowledged(tmp_path: Path) -> None:
         rig.send("m1")
         await until(lambda: rig.counters.spool.write_errors >= 1 and len(sink.attempts) >= 2)
         assert rig.calls == []
+        assert rig.lost == []  # not lost yet: the intake may come back
         assert await rig.stop() == (0, 1)  # the shutdown append fails too: lost
         assert rig.calls == [] and rig.collector.acks_pending == 0
+        assert rig.lost == ["m1"]  # the source is told (RELP aborts the session)
 
     run(main())
 
@@ -515,10 +570,12 @@ def test_router_moves_the_take_s_memory_batches_behind_older_ones_to_the_spool()
         assert fired == []
         durable(entry)
     assert fired == ["w"] and gauge.pending == 0
-    lost_one = Waiter(lambda: fired.append("lost"), gauge)
+    lost_one = Waiter(lambda: fired.append("called"), gauge, lambda: fired.append("lost"))
     assert not router.attach(5, lost_one)  # more than were submitted: a bug, never called
+    assert fired == ["w", "lost"] and gauge.pending == 0  # on_lost at once, exactly once
     lost_one.release()
-    assert fired == ["w"] and gauge.pending == 0
+    lost_one.lose()
+    assert fired == ["w", "lost"] and gauge.pending == 0
 
 
 def test_one_take_across_a_closed_batch_and_a_dead_letter(tmp_path: Path) -> None:

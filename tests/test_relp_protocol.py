@@ -158,11 +158,13 @@ def test_pipelined_syslog_answered_in_txnr_order_once_durable() -> None:
     assert s.outgoing() == b""  # nothing durable yet: nothing answered
     s.acknowledge([4, 5])
     assert s.outgoing() == b""  # 2 and 3 first
+    assert s.unacked == 5 and s.answered == 0  # held answers still use the window
     s.acknowledge([2])
     assert parse_answers(s.outgoing()) == [(2, "rsp", b"200 OK")]
+    assert s.unacked == 4 and s.answered == 1
     s.acknowledge([3, 6])
     assert [a[0] for a in parse_answers(s.outgoing())] == [3, 4, 5, 6]
-    assert s.unacked == 0
+    assert s.unacked == 0 and s.answered == 5
 
 
 def test_close_answered_after_pending_messages_then_session_ends() -> None:

@@ -26,6 +26,8 @@ from haproxy_forwarder.ingest import AUTO, ChunkResult, ProgramFilter, new_reade
 from haproxy_forwarder.observability.counters import Counters
 from haproxy_forwarder.relp import Frame, FrameParser, build_frame
 from haproxy_forwarder.sources import Backpressure, RelpSource, SourceContext
+from haproxy_forwarder.sources import relp as relp_source
+from haproxy_forwarder.sources.relp import RelpConnection
 from tests.fake_intake import FakeIntake
 
 OFFERS = b"relp_version=0\nrelp_software=librelp,1.11.0,http://librelp.adiscon.com\n" \
@@ -77,6 +79,8 @@ class RelpClient:
             data = await asyncio.wait_for(self.reader.read(65536), timeout)
         except TimeoutError:
             return False
+        except ConnectionResetError:
+            data = b""  # aborted by the server: gone all the same
         if not data:
             self.eof = True
             return True
@@ -123,6 +127,7 @@ class ScriptedSink:
         self.data: list[bytes] = []
         self.events = 0
         self.waiting: list[Callable[[], None]] = []
+        self.losers: dict[Callable[[], None], Callable[[], None] | None] = {}
         self.flushes = 0
         self._last: ChunkResult | None = None
 
@@ -137,17 +142,26 @@ class ScriptedSink:
         self.data.append(result.data)
         self.events += len(result.ends)
 
-    def on_durable(self, callback: Callable[[], None]) -> None:
+    def on_durable(self, callback: Callable[[], None],
+                   on_lost: Callable[[], None] | None = None) -> None:
         last = self._last
         if last is None or (not last.ends and not last.too_large):
             callback()
         else:
             self.waiting.append(callback)
+            self.losers[callback] = on_lost
 
     def release(self) -> None:
         waiting, self.waiting = self.waiting, []
         for cb in waiting:
+            self.losers.pop(cb, None)
             cb()
+
+    def lose(self, i: int = 0) -> None:
+        """The i-th waiting take is lost (as Waiter.lose()): its on_lost, never its callback."""
+        on_lost = self.losers.pop(self.waiting.pop(i), None)
+        if on_lost is not None:
+            on_lost()
 
 
 class Log:
@@ -255,7 +269,7 @@ def test_window_pauses_reading_until_answers_go() -> None:
 def test_a_sender_that_reads_no_answers_is_not_read_either() -> None:
     async def main() -> None:
         sink = ScriptedSink()
-        sink.on_durable = lambda callback: callback()  # type: ignore[method-assign]
+        sink.on_durable = lambda callback, on_lost=None: callback()  # type: ignore[method-assign]
         src, _ = make_source(sink)
         _, port = await src.start()
         raw = socket.socket()
@@ -379,6 +393,217 @@ def test_ingest_is_byte_identical_to_tcp(message: bytes) -> None:
     run(main())
 
 
+# -- losses, closing, limits ---------------------------------------------------------------
+
+
+def test_a_lost_message_aborts_its_session_instead_of_holding_later_answers() -> None:
+    async def main() -> None:
+        sink = ScriptedSink()
+        src, ctx = make_source(sink)
+        _, port = await src.start()
+        c = await RelpClient.connect(port)
+        other = await RelpClient.connect(port)
+        c.send("syslog", haproxy_line(1))
+        await until(lambda: len(sink.waiting) == 1)
+        c.send("syslog", haproxy_line(2))
+        await until(lambda: len(sink.waiting) == 2)
+        sink.waiting[1]()  # the second is durable: its answer waits behind the first
+        sink.losers.pop(sink.waiting.pop(1))
+        sink.lose(0)  # the first is lost (Waiter.lose())
+        # Aborted at once: the sender resends both on a new session, no timeout to wait out.
+        await c.wait_eof(timeout=2)
+        assert sorted(c.answers) == [1] and not c.hints  # only `open` was ever answered
+        assert src.relp.frame_errors == {"not_durable": 1}
+        assert src.relp.acks == 0  # nothing answered: relp_acks counts no held answer
+        assert [kw["reason"] for e, kw in ctx.log.lines
+                if e == "relp_session_aborted"] == ["not_durable"]
+        assert len(src.connections) == 1 and src.per_address == {"127.0.0.1": 1}
+        t = other.send("syslog", haproxy_line(3))  # the other session is unharmed
+        await until(lambda: len(sink.waiting) == 1)
+        sink.release()
+        await other.wait_for([t])
+        await other.close()
+        await c.close()
+        await src.stop(0.1)
+
+    run(main())
+
+
+def test_a_loss_reported_for_a_session_already_gone_is_ignored() -> None:
+    async def main() -> None:
+        sink = ScriptedSink()
+        src, _ = make_source(sink)
+        _, port = await src.start()
+        c = await RelpClient.connect(port)
+        c.send("syslog", haproxy_line(1))
+        await until(lambda: len(sink.waiting) == 1)
+        await c.close()
+        await until(lambda: not src.connections)
+        sink.lose(0)
+        assert src.relp.frame_errors == {}
+        await src.stop(0.1)
+
+    run(main())
+
+
+def test_the_window_counts_answers_held_behind_an_older_pending_one() -> None:
+    async def main() -> None:
+        sink = ScriptedSink()
+        src, _ = make_source(sink, max_window=3)
+        _, port = await src.start()
+        c = await RelpClient.connect(port)
+        first = c.send("syslog", haproxy_line(1))
+        await until(lambda: sink.events == 1)
+        held = [c.send("syslog", haproxy_line(i)) for i in (2, 3)]
+        await until(lambda: sink.events == 3)
+        for cb in sink.waiting[1:]:  # durable, but answered only after the first
+            cb()
+        del sink.waiting[1:]
+        late = c.send("syslog", haproxy_line(4))
+        await c.writer.drain()
+        assert not await c.pump(0.2)  # nothing answered...
+        assert sink.events == 3  # ...so nothing more is read: three answers are held
+        sink.release()
+        await c.wait_for([first, *held])
+        await until(lambda: sink.events == 4)
+        sink.release()
+        await c.wait_for([late])
+        assert c.order == [1, first, *held, late]
+        await c.close()
+        await src.stop(0.1)
+
+    run(main())
+
+
+def test_a_closing_session_behind_a_never_settled_answer_is_aborted() -> None:
+    async def main() -> None:
+        sink = ScriptedSink()
+        src, _ = make_source(sink, idle_timeout=0.3)
+        _, port = await src.start()
+        c = await RelpClient.connect(port)
+        c.send("syslog", haproxy_line(1))
+        await until(lambda: len(sink.waiting) == 1)
+        sink.waiting.clear()  # never settled, not even reported lost
+        c.send("close")  # rsyslog at its own HUP or shutdown: reading stops
+        await until(lambda: bool(src.relp.commands["close"]))
+        await c.close()  # the sender times out and goes: not seen, nothing is read
+        await until(lambda: not src.connections, timeout=3)
+        assert src.per_address == {}
+        assert src.relp.frame_errors == {"close_timeout": 1}
+        await src.stop(0.1)
+
+    run(main())
+
+
+def test_frame_too_large_is_rate_limited_across_sessions() -> None:
+    async def main() -> None:
+        sink = ScriptedSink()
+        src, ctx = make_source(sink)
+        _, port = await src.start()
+        for _ in range(3):  # a peer that reconnects: one line, not one per session
+            c = await RelpClient.connect(port)
+            t = c.send("syslog", b"<13>Dec  2 03:00:00 host haproxy[1]: " + b"x" * 9000)
+            await c.wait_for([t])
+            await c.close()
+        assert src.stats.oversized_frames == 3
+        assert len([kw for e, kw in ctx.log.lines if e == "frame_too_large"]) == 1
+        await src.stop(0.1)  # says what was suppressed
+        lines = [kw for e, kw in ctx.log.lines if e == "frame_too_large"]
+        assert len(lines) == 2 and lines[1]["suppressed"] == 2
+
+    run(main())
+
+
+class UnreadPeer:
+    """A RELP sender that never reads its answers: a tiny receive buffer, filtered messages
+    (answered at once), the server side's send buffer made tiny too."""
+
+    def __init__(self, src: RelpSource, port: int) -> None:
+        self.src = src
+        self.port = port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    async def start(self, messages: int, high_water: int) -> RelpConnection:
+        loop = asyncio.get_running_loop()
+        before = set(self.src.connections)
+        self.sock.connect(("127.0.0.1", self.port))
+        self.sock.setblocking(False)
+        await loop.sock_sendall(self.sock, build_frame(1, "open", OFFERS))
+        await until(lambda: len(set(self.src.connections) - before) == 1)
+        [conn] = set(self.src.connections) - before
+        t = conn.transport
+        assert t is not None
+        t.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        t.set_write_buffer_limits(high=high_water)
+        self.server_socket = t.get_extra_info("socket")
+        line = b"<13>Dec  2 03:00:00 h cron[1]: x"
+        blob = b"".join(build_frame(n, "syslog", line) for n in range(2, messages + 2))
+        with contextlib.suppress(TimeoutError):  # the server may stop reading: as expected
+            await asyncio.wait_for(loop.sock_sendall(self.sock, blob), 0.5)
+        return conn
+
+    @property
+    def server_closed(self) -> bool:
+        return self.server_socket.fileno() == -1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def run_on(loop_name: str, coro: Coroutine[Any, Any, None]) -> None:
+    if loop_name == "uvloop":
+        import uvloop
+        uvloop.run(asyncio.wait_for(coro, 30))
+    else:
+        run(coro)
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_closed_session_whose_peer_reads_nothing_is_aborted(
+        loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swept (serverclose, close) while its answers are unread: counted against
+    max_connections_per_address until its socket is closed, which is within CLOSE_GRACE
+    (at once when writing to it is blocked already), so such a peer cannot pile up sockets."""
+    monkeypatch.setattr(relp_source, "CLOSE_GRACE", 0.3)
+
+    async def main() -> None:
+        sink = ScriptedSink()
+        src, ctx = make_source(sink, idle_timeout=0.3, max_connections_per_address=2)
+        _, port = await src.start()
+        peers: list[UnreadPeer] = []
+        # Answers over the write buffer's high-water mark: writing blocked, aborted at once.
+        blocked = UnreadPeer(src, port)
+        peers.append(blocked)
+        conn = await blocked.start(20_000, high_water=16_384)
+        assert conn.write_blocked
+        await until(lambda: blocked.server_closed, timeout=2)
+        assert conn not in src.connections
+        async def unread_after_close() -> None:
+            # Answers under it (not blocked), never read: close(), aborted after the grace.
+            peer = UnreadPeer(src, port)
+            peers.append(peer)
+            conn = await peer.start(3_000, high_water=1 << 20)
+            assert not conn.write_blocked
+            await until(lambda: conn.draining is not None, timeout=2)  # swept: closing
+            assert not peer.server_closed and conn.transport is None
+            assert src.per_address == {"127.0.0.1": 1}  # still counted while it is open
+            await until(lambda: peer.server_closed, timeout=2)
+            await until(lambda: not src.connections)
+
+        for _ in range(2):  # three sessions in all, one at a time: the cap of 2 holds
+            await unread_after_close()
+        assert src.stats.connections_refused == 0
+        assert src.stats.connections_idle_closed == 3
+        assert "answers_unread" in {kw["reason"] for e, kw in ctx.log.lines
+                                    if e == "relp_session_aborted"}
+        for p in peers:
+            p.close()
+        await src.stop(0.1)
+
+    run_on(loop_name, main())
+
+
 # -- the real daemon ------------------------------------------------------------------------
 
 
@@ -462,6 +687,32 @@ def test_daemon_sigterm_answers_then_serverclose(
         d.start()
     assert intake.wait_for(50, timeout=15)
     assert len(set(intake.event_texts())) == 50
+
+
+def test_daemon_answers_an_event_dropped_for_full_dead_letters_and_what_follows(
+        daemon: Callable[..., Daemon], intake: FakeIntake) -> None:
+    # An event over 250 KiB (the intake's limit) in a frame under max_message_size goes to
+    # the dead letters; they are full: dropped and counted. Answered all the same (resending
+    # it cannot help), and the session's later messages are not held behind it.
+    d = relp_daemon(daemon, intake, relp={"max_window": 3},
+                    spool={"dead_letter_max_size": 64 * 1024})
+    port = relp_port(d)
+    big = haproxy_line(1) + b" " + b"x" * (251 * 1024)
+
+    async def main() -> None:
+        c = await RelpClient.connect(port)
+        ts = [c.send("syslog", big), c.send("syslog", haproxy_line(2)),
+              c.send("syslog", haproxy_line(3))]
+        await c.wait_for(ts, timeout=10)
+        assert [c.answers[t] for t in ts] == [b"200 OK"] * 3
+        assert metric(d.status_port, "acks_pending") == 0
+        await c.close()
+
+    asyncio.run(main())
+    assert d.wait_log("dead_letter_full", 5)["events"] == 1
+    assert intake.wait_for(2, timeout=10)
+    texts = intake.event_texts()
+    assert len(texts) == 2 and "GET /2 " in texts[0] and "GET /3 " in texts[1]
 
 
 def test_daemon_metrics_name_the_relp_listener(

@@ -279,11 +279,14 @@ class Worker:
 
     @staticmethod
     async def _acknowledge(entry: Entry, dead: list[asyncio.Future[bool]]) -> None:
-        written = [await fut for fut in dead]
-        if all(written):
-            durable(entry)
-        else:
+        results = await asyncio.gather(*dead, return_exceptions=True)
+        # Written, or dropped because the store is full or failing (counted and logged as
+        # dropped_events): settled either way, as for events over 250 KiB, since a resend
+        # would meet the same refusal. Only an error of ours is a loss.
+        if any(isinstance(r, BaseException) for r in results):
             lost(entry)
+        else:
+            durable(entry)
 
     async def _before_retry(
         self, entry: Entry, part: Batch, todo: list[Batch], outcome: Outcome, attempt: int,

@@ -93,7 +93,8 @@ class RelpCounters:
 
     sessions: int = 0  # sessions opened (an `open` answered 200)
     commands: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELP_COMMANDS, 0))
-    # Sessions ended for a protocol error, by reason (relp.ERROR_REASONS; filled on first use).
+    # Sessions ended for a protocol error or aborted by us (a message lost before it was
+    # durable, a close never answered), by reason (relp.ERROR_REASONS; filled on first use).
     frame_errors: dict[str, int] = field(default_factory=dict)
     acks: int = 0  # syslog commands answered "200 OK"
     ack_buckets: list[int] = field(default_factory=lambda: [0] * (len(ACK_BUCKETS) + 1))

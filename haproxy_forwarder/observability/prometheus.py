@@ -89,9 +89,10 @@ HELP: dict[str, str] = {
                       "listen.max_buffered_bytes).",
     "relp_sessions": "RELP sessions opened (open answered 200).",
     "relp_commands": "RELP commands read, by command (open, syslog, close, other).",
-    "relp_frame_errors": "RELP sessions ended for a protocol error, by reason (txnr, "
-                         "command, datalen, trailer, sequence, not_open, unknown_command, "
-                         "offers, protocol).",
+    "relp_frame_errors": "RELP sessions ended for a protocol error, or aborted by the "
+                         "forwarder, by reason (txnr, command, datalen, trailer, sequence, "
+                         "not_open, unknown_command, offers, protocol; aborted: not_durable, "
+                         "close_timeout).",
     "relp_acks": "RELP syslog messages answered 200 OK (durable, filtered or oversized).",
     "relp_ack_latency_seconds": "Time from reading RELP messages to their answer (durable: "
                                 "spool fsync, intake 2xx or dead letter); one sample per "

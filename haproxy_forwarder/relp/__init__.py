@@ -15,15 +15,28 @@ from .frame import (
     next_txnr,
     rsp,
 )
-from .session import PROTOCOL_VERSION, SESSION_REASONS, Problem, Received, ServerSession
+from .session import (
+    ABORT_REASONS,
+    CLOSE_TIMEOUT,
+    NOT_DURABLE,
+    PROTOCOL_VERSION,
+    SESSION_REASONS,
+    Problem,
+    Received,
+    ServerSession,
+)
 
-# Every reason a session can end on (the `reason` label of relp_frame_errors_total).
-ERROR_REASONS = (*REASONS, *SESSION_REASONS)
+# Every reason a session can end on (the `reason` label of relp_frame_errors_total): the
+# client's protocol errors, and the sessions the server aborts.
+ERROR_REASONS = (*REASONS, *SESSION_REASONS, *ABORT_REASONS)
 
 __all__ = [
+    "ABORT_REASONS",
+    "CLOSE_TIMEOUT",
     "ERROR_REASONS",
     "MAX_COMMAND",
     "MAX_TXNR",
+    "NOT_DURABLE",
     "PROTOCOL_VERSION",
     "SERVERCLOSE",
     "Frame",

@@ -58,6 +58,10 @@ UNKNOWN = "unknown_command"
 OFFERS = "offers"  # an `open` whose offers cannot be read
 PROTOCOL = "protocol"  # a second open, syslog not offered, a command after close
 SESSION_REASONS = (SEQUENCE, NOT_OPEN, UNKNOWN, OFFERS, PROTOCOL)
+# Sessions the server aborts (sources/relp.py), no protocol error of the client's.
+NOT_DURABLE = "not_durable"  # one of its messages was lost before it was durable
+CLOSE_TIMEOUT = "close_timeout"  # `close` still waiting for earlier answers too long
+ABORT_REASONS = (NOT_DURABLE, CLOSE_TIMEOUT)
 
 OK = "OK"
 
@@ -112,7 +116,7 @@ class ServerSession:
         self.opened = False
         self.syslog_enabled = False
         self.expected = 1  # the next txnr the client must use
-        # Commands answered in txnr order: [txnr, answer or None while pending].
+        # Commands answered in txnr order: [txnr, answer or None while pending, syslog?].
         self._answers: deque[list[object]] = deque()
         self._pending: dict[int, list[object]] = {}
         self._out: list[bytes] = []
@@ -121,13 +125,16 @@ class ServerSession:
         self._final = b""  # written last when closing: serverclose, or nothing after close
         self.done = False  # everything that will ever be written has been handed out
         self.error: Problem | None = None
+        self.answered = 0  # syslog answers handed out (what relp_acks counts)
 
     # -- state --------------------------------------------------------------------------------
 
     @property
     def unacked(self) -> int:
-        """Syslog messages read and not answered yet: the window in use."""
-        return len(self._pending)
+        """Answers not handed out yet: pending ones and those ready but held behind an older
+        pending one (txnr order). The window in use: what the session holds is bounded by
+        it, whatever order durability comes in."""
+        return len(self._answers)
 
     @property
     def buffered(self) -> int:
@@ -174,9 +181,9 @@ class ServerSession:
                 return Problem(PROTOCOL, "syslog, which the client did not offer at open")
             if frame.oversized:
                 out.oversized.append(frame.oversized)
-                self._answer(txnr, rsp(txnr, 200, OK))
+                self._answer(txnr, rsp(txnr, 200, OK), syslog=True)
             else:
-                entry: list[object] = [txnr, None]
+                entry: list[object] = [txnr, None, True]
                 self._answers.append(entry)
                 self._pending[txnr] = entry
                 out.messages.append((txnr, frame.data))
@@ -231,17 +238,19 @@ class ServerSession:
                 entry[1] = rsp(txnr, 200, OK)
         self._release()
 
-    def _answer(self, txnr: int, answer: bytes) -> None:
-        self._answers.append([txnr, answer])
+    def _answer(self, txnr: int, answer: bytes, syslog: bool = False) -> None:
+        self._answers.append([txnr, answer, syslog])
         self._release()
 
     def _release(self) -> None:
         """Move the answers that are ready, oldest first, to the output."""
         answers = self._answers
         while answers and answers[0][1] is not None:
-            ready = answers.popleft()[1]
+            _, ready, syslog = answers.popleft()
             assert isinstance(ready, bytes)
             self._out.append(ready)
+            if syslog:
+                self.answered += 1
         if self._closing and not self.done and (not answers or self.error is not None):
             self._finish()
 

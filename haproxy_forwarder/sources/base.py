@@ -20,14 +20,19 @@ class IngestSink(Protocol):
 
     def take(self, result: ChunkResult) -> None: ...
 
-    def on_durable(self, callback: Callable[[], None]) -> None:
+    def on_durable(self, callback: Callable[[], None],
+                   on_lost: Callable[[], None] | None = None) -> None:
         """Call `callback` once every event of the last take() is durable (RELP acks).
 
         Durable: fsync'd on the spool, accepted by the intake (no spool), or (too large) in
-        the dead-letter store. Exactly once, from the event loop, or never if some of them
-        were lost (crash; shutdown without a spool; dead letters full): the sender resends.
-        No event in the last take() (all filtered): called at once, synchronously. Call it
-        right after take(), with no await in between. Sources that never call it pay nothing.
+        the dead-letter store, or dropped and counted because it could not be written there
+        (dead letters full or failing: resending would not help). Exactly once, from the
+        event loop. If some of them were lost instead (a delivery bug, the spool refusing
+        them while the intake does too, shutdown without a spool), `on_lost` is called once
+        (maybe synchronously, from this call) and `callback` never: the source stops waiting
+        for that answer and the sender resends. Neither at a crash. No event in the last
+        take() (all filtered): `callback` at once, synchronously. Call it right after take(),
+        with no await in between. Sources that never call it pay nothing.
         """
         ...
 

@@ -8,7 +8,17 @@ at once `ctx.sink.on_durable()`, whose callback answers them. Answers leave in t
 Flow control: a session with `relp.max_window` unanswered messages is not read from until
 answers go out (its sender's own window then fills and it waits); under backpressure no
 session is read, as on TCP. Limits (allow-list, connection caps, idle timeout, buffered
-bytes) are the listen.* ones of TCP.
+bytes) are the listen.* ones of TCP. The window counts every answer not sent yet, the ones
+ready but held behind an older pending one included, so what a session holds is bounded.
+
+A message the delivery loses (Waiter.lose(): a bug, the spool refusing it while the intake
+does too, ...) would hold back every later answer of its session (they leave in txnr
+order): the session is aborted at once instead, so the sender resends its unanswered window
+on a new session (duplicates at worst). A session we close (serverclose, close) whose peer
+does not read its last answers is aborted after CLOSE_GRACE, or at once when writing to it
+is blocked already; it counts against the connection caps until its socket is closed. A
+session in `close` (not read any more) still waiting for answers after CLOSE_DEADLINE (or
+listen.idle_timeout if shorter) is aborted.
 
 RelpConnection only uses transport.write / pause_reading / resume_reading / close / abort /
 is_closing / get_extra_info("peername"), so with relp.tls (omrelp tls="on") each accepted
@@ -28,7 +38,7 @@ from ..config import ListenConfig, RelpConfig
 from ..ingest import OCTET
 from ..observability.counters import ListenerCounters, RelpCounters
 from ..observability.descriptors import Descriptors
-from ..relp import ServerSession
+from ..relp import CLOSE_TIMEOUT, NOT_DURABLE, ServerSession
 from ..tlscontext import ServerTls
 from .base import SourceContext, listener_name
 from .guard import Allow
@@ -40,6 +50,11 @@ from .tls import TlsGate, TlsLayer
 DATA_HEADROOM = 1024
 # The `framing` label of a RELP listener's frame counters.
 RELP_FRAMING = "relp"
+# A session we closed whose last answers its peer has not read by then is aborted.
+CLOSE_GRACE = 2.0
+# A session in `close` still waiting for answers after this long (or listen.idle_timeout if
+# shorter) is aborted: it is not read any more, so a sender gone meanwhile is not seen.
+CLOSE_DEADLINE = 30.0
 
 
 def _peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
@@ -68,7 +83,12 @@ class RelpConnection(asyncio.Protocol):
         # The peer does not read its answers (the transport's write buffer is over its
         # high-water mark): read nothing more from it, or the answers would pile up here.
         self.write_blocked = False
-        self.oversized_logged = False
+        self.acks_counted = 0  # session.answered already added to relp_acks
+        self.closing_since: float | None = None  # monotonic time `close` was read
+        # Closed by us (transport is None from then on) while its last bytes drain: still
+        # counted by the source until connection_lost; aborted when _grace fires.
+        self.draining: asyncio.Transport | None = None
+        self._grace: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -102,11 +122,15 @@ class RelpConnection(asyncio.Protocol):
                 self.source.frameless.pop(self, None)
         if got.opened:
             relp.sessions += 1
+        if session.closing and self.closing_since is None:
+            self.closing_since = time.monotonic()
         if got.oversized:
             self._oversized(len(got.oversized))
-            relp.acked(len(got.oversized), 0.0)
+            relp.acked(0, 0.0)  # the latency sample; the answers count once sent (_flush)
         if got.messages:
             self._ingest(got.messages)
+        if self.transport is None:
+            return  # aborted by a loss reported from the ingest itself
         if got.error is not None:
             err = got.error
             relp.frame_errors[err.reason] = relp.frame_errors.get(err.reason, 0) + 1
@@ -132,9 +156,12 @@ class RelpConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if self.transport is not None or self.draining is not None:
             self.source.remove(self)
-            self.transport = None
+            self.transport = self.draining = None
 
     # -- ingest and answers -------------------------------------------------------------------
 
@@ -158,39 +185,97 @@ class RelpConnection(asyncio.Protocol):
         if result.oversized:
             self._oversized(result.oversized)
         # No await between take() and here: on_durable is about that take.
-        sink.on_durable(lambda: self._durable(txnrs, started))
+        sink.on_durable(lambda: self._durable(txnrs, started), self._lost)
 
     def _durable(self, txnrs: list[int], started: float) -> None:
         if self.transport is None:
             return  # gone: the sender resends what it did not see answered
         self.session.acknowledge(txnrs)
-        self.relp.acked(len(txnrs), time.monotonic() - started)
+        self.relp.acked(0, time.monotonic() - started)  # counted in relp_acks once sent
         self._flush()
         if self.transport is not None:
             self._update_reading()
         if self.source.stopping:
             self.source.settled.set()
 
+    def _lost(self) -> None:
+        """A message of this session will never be durable: its answer, and so every later
+        one (txnr order), would never go. Abort: the sender resends its unanswered window
+        on a new session at once, instead of after its own timeout."""
+        if self.transport is None:
+            return  # closed already (by us or the peer): nothing waits for that answer
+        self.abort(NOT_DURABLE, "a message was lost before it was durable")
+
+    def abort(self, reason: str, why: str) -> None:
+        """End the session now, without its pending answers (counted by `reason`)."""
+        relp = self.relp
+        relp.frame_errors[reason] = relp.frame_errors.get(reason, 0) + 1
+        self.ctx.quiet.warning("relp_session_aborted", listener=self.stats.name,
+                               peer=self.peer, reason=reason, error=why,
+                               unanswered=self.session.unacked,
+                               action="session aborted: the sender resends what was not "
+                                      "answered")
+        self._abort()
+        if self.source.stopping:
+            self.source.settled.set()
+
+    def _abort(self) -> None:
+        t = self.transport or self.draining
+        if t is not None:
+            t.abort()
+        self.source.remove(self)
+        self.transport = self.draining = None
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        self.session = ServerSession(self.source.max_data)  # free what it held now
+
     def _oversized(self, n: int) -> None:
-        self.stats.oversized_frames += n
-        if not self.oversized_logged:  # logged once per session, counted always
-            self.oversized_logged = True
-            self.ctx.log.warning("frame_too_large", peer=self.peer,
-                                 max_message_size=self.ctx.max_message_size,
-                                 action="discarded and acknowledged, session kept")
+        self.stats.oversized_frames += n  # counted always; logged rate-limited
+        self.ctx.quiet.warning("frame_too_large", listener=self.stats.name, peer=self.peer,
+                               max_message_size=self.ctx.max_message_size,
+                               action="discarded and acknowledged, session kept")
 
     def _flush(self) -> None:
         t = self.transport
         if t is None:
             return
-        out = self.session.outgoing()
+        session = self.session
+        out = session.outgoing()
         if out:
             t.write(out)
-        if self.session.close_after_write:
-            # close() sends what is buffered first, then the FIN.
-            t.close()
-            self.source.remove(self)
-            self.transport = None
+        if session.answered != self.acks_counted:
+            self.relp.acks += session.answered - self.acks_counted
+            self.acks_counted = session.answered
+        if session.close_after_write:
+            self._close(t)
+
+    def _close(self, t: asyncio.Transport) -> None:
+        """Everything is written: close. close() sends what is buffered first, then the FIN;
+        it waits for a peer that reads nothing forever, so that wait is bounded."""
+        self.transport = None
+        self.source.closing(self)
+        if self.write_blocked:
+            # It reads nothing already: its last answers would never drain.
+            self.draining = t
+            self._abort()
+            return
+        t.close()
+        # connection_lost comes once the buffer is written (next loop turn if it is empty)
+        # and cancels the timer.
+        self.draining = t
+        self._grace = asyncio.get_running_loop().call_later(CLOSE_GRACE, self._undrained)
+
+    def _undrained(self) -> None:
+        self._grace = None
+        if self.draining is None:
+            return
+        self.ctx.quiet.warning("relp_session_aborted", listener=self.stats.name,
+                               peer=self.peer, reason="answers_unread",
+                               error=f"its last answers not read {CLOSE_GRACE:g} s after "
+                                     "the session was closed",
+                               action="connection aborted")
+        self._abort()
 
     # -- flow control -------------------------------------------------------------------------
 
@@ -236,11 +321,7 @@ class RelpConnection(asyncio.Protocol):
         self.ctx.quiet.warning("connection_shed", listener=self.stats.name, peer=self.peer,
                                buffered=self.buffered,
                                reason="listen.max_buffered_bytes reached")
-        if self.transport is not None:
-            self.transport.abort()
-            self.source.remove(self)
-            self.transport = None
-        self.session = ServerSession(self.source.max_data)  # free what it held now
+        self._abort()
 
 
 class RelpSource:
@@ -284,7 +365,8 @@ class RelpSource:
             self.max_window = relp.max_window
             for conn in self.connections:
                 conn._update_reading()
-        for conn in [c for c in self.connections if not self.allow.permits(c.address)]:
+        for conn in [c for c in self.connections
+                     if c.transport is not None and not self.allow.permits(c.address)]:
             self.stats.access_denied += 1
             self.ctx.quiet.warning("connection_denied", listener=self.stats.name,
                                    peer=conn.peer, reason="not in listen.allow (reload)")
@@ -339,6 +421,13 @@ class RelpSource:
         self.frameless[conn] = None
         self.per_address[conn.address] = self.per_address.get(conn.address, 0) + 1
 
+    def closing(self, conn: RelpConnection) -> None:
+        """`conn` is closed by us and drains its last bytes: no longer a session (idle sweep,
+        eviction, the budget), still counted (connections, per address) until its socket is
+        closed (remove)."""
+        self.frameless.pop(conn, None)
+        self.ctx.budget.release(conn)
+
     def remove(self, conn: RelpConnection) -> None:
         if conn not in self.connections:
             return
@@ -355,7 +444,12 @@ class RelpSource:
 
     def evict_one(self) -> bool:
         """At max_connections: the session that never framed, else the longest idle, goes;
-        not one whose messages wait for their answer, nor any framed one under pressure."""
+        not one whose messages wait for their answer, nor any framed one under pressure.
+        A session closed by us still draining its last answers goes first (aborted)."""
+        for c in self.connections:
+            if c.draining is not None:
+                c._abort()
+                return True
         candidates = [c for c in self.frameless if c.transport is not None]
         if not candidates:
             if self.ctx.pressure.on:
@@ -409,14 +503,21 @@ class RelpSource:
         waiting for an answer (a full window is not idleness), get serverclose."""
         if self.stopping:
             return
+        now = time.monotonic()
         if not self.ctx.pressure.on:
-            limit = time.monotonic() - self.idle_timeout
-            for conn in [c for c in self.connections
-                         if c.last_frame < limit and not c.session.unacked]:
+            limit = now - self.idle_timeout
+            for conn in [c for c in self.connections if c.transport is not None
+                         and c.last_frame < limit and not c.session.unacked]:
                 self.stats.connections_idle_closed += 1
                 self.ctx.quiet.warning("connection_idle_closed", listener=self.stats.name,
                                        peer=conn.peer, idle_timeout=self.idle_timeout)
                 conn.drop()
+        # Not read any more since its `close`: a sender gone meanwhile would not be seen.
+        deadline = now - min(CLOSE_DEADLINE, self.idle_timeout)
+        for conn in [c for c in self.connections if c.transport is not None
+                     and c.closing_since is not None and c.closing_since < deadline]:
+            conn.abort(CLOSE_TIMEOUT, "`close` still waiting for earlier answers after "
+                       f"{min(CLOSE_DEADLINE, self.idle_timeout):g} s")
         self._schedule_sweep()
 
     def _on_pressure(self, on: bool) -> None:
