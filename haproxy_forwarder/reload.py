@@ -380,9 +380,10 @@ def _commit(target: Target, plan: Plan, ready: _Prepared) -> tuple[list[TcpSourc
         # A narrowed allow-list of names (or newly required certificates) applies to the
         # peers already connected too, as a narrowed listen.allow does.
         for tsrc in target.tls:
-            tsrc.gate.recheck(tsrc.connections)
+            if tsrc.gate is not None:
+                tsrc.gate.recheck(tsrc.connections)
         for rsrc in target.relp:
-            if rsrc.gate is not None:
+            if rsrc.gate is not None:  # none without relp.tls
                 rsrc.gate.recheck(rsrc.connections)
     target.settings = s
     return removed_tcp, removed_udp

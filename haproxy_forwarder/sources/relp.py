@@ -36,12 +36,11 @@ from typing import cast
 
 from ..config import ListenConfig, RelpConfig
 from ..ingest import OCTET
-from ..observability.counters import ListenerCounters, RelpCounters
-from ..observability.descriptors import Descriptors
+from ..observability.counters import RelpCounters
 from ..relp import CLOSE_TIMEOUT, NOT_DURABLE, ServerSession
 from ..tlscontext import ServerTls
-from .base import SourceContext, listener_name
-from .guard import Allow
+from .base import SourceContext
+from .stream import StreamSource, peer_of
 from .tls import TlsGate, TlsLayer
 
 # The parser holds at most this much above listen.max_message_size: what is longer than
@@ -55,13 +54,6 @@ CLOSE_GRACE = 2.0
 # A session in `close` still waiting for answers after this long (or listen.idle_timeout if
 # shorter) is aborted: it is not read any more, so a sender gone meanwhile is not seen.
 CLOSE_DEADLINE = 30.0
-
-
-def _peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple):
-        return f"{peer[0]}:{peer[1]}", str(peer[0])
-    return str(peer), str(peer)
 
 
 class RelpConnection(asyncio.Protocol):
@@ -94,7 +86,7 @@ class RelpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
-        self.peer, self.address = _peer_of(transport)
+        self.peer, self.address = peer_of(transport)
         src = self.source
         if not src.admit(transport, self.peer, self.address):
             transport.abort()
@@ -324,31 +316,19 @@ class RelpConnection(asyncio.Protocol):
         self._abort()
 
 
-class RelpSource:
+class RelpSource(StreamSource[RelpConnection]):
     proto = "relp"
 
     def __init__(self, ctx: SourceContext, host: str, port: int, listen: ListenConfig,
                  relp: RelpConfig, server_tls: ServerTls | None = None) -> None:
-        self.ctx = ctx
-        self.host = host
-        self.port = port
-        self.connections: set[RelpConnection] = set()
-        self.per_address: dict[str, int] = {}
-        self.frameless: dict[RelpConnection, None] = {}
-        self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
-        self.stopping = False
-        self.settled = asyncio.Event()  # set by an answer during stop(): look again
-        self.stats = ListenerCounters(listener_name(self.proto, host, port))
-        self.relp = self.stats.relp = RelpCounters()
         self.max_data = listen.max_message_size + DATA_HEADROOM
         self.max_window = relp.max_window
-        self.configure(listen, relp)
-        self.descriptors = Descriptors(ctx.counters, ctx.quiet)
+        self.settled = asyncio.Event()  # set by an answer during stop(): look again
+        super().__init__(ctx, host, port, listen)
+        self.relp = self.stats.relp = RelpCounters()
         # relp.tls: the daemon's one ServerTls (shared with listen.tls, swapped at SIGHUP).
-        self.gate = (TlsGate(server_tls, self.stats, ctx.quiet, ctx.log, screen=self.screen)
-                     if server_tls is not None else None)
-        ctx.pressure.subscribe(self._on_pressure)
+        if server_tls is not None:
+            self.gate = TlsGate(server_tls, self.stats, ctx.quiet, ctx.log, screen=self.screen)
 
     @property
     def tls(self) -> bool:
@@ -356,70 +336,22 @@ class RelpSource:
 
     def configure(self, listen: ListenConfig, relp: RelpConfig | None = None) -> None:
         """The listen.* limits and relp.max_window, at start and on SIGHUP."""
-        self.max_connections = listen.max_connections
-        self.max_connections_per_address = listen.max_connections_per_address
-        self.idle_timeout = listen.idle_timeout
-        self.allow = Allow(listen.allow)
-        self.ctx.budget.cap = listen.max_buffered_bytes
         if relp is not None:
             self.max_window = relp.max_window
             for conn in self.connections:
                 conn._update_reading()
-        for conn in [c for c in self.connections
-                     if c.transport is not None and not self.allow.permits(c.address)]:
-            self.stats.access_denied += 1
-            self.ctx.quiet.warning("connection_denied", listener=self.stats.name,
-                                   peer=conn.peer, reason="not in listen.allow (reload)")
-            conn.drop()
+        super().configure(listen)
 
     # -- admission ----------------------------------------------------------------------------
 
-    def screen(self, transport: asyncio.BaseTransport, peer: str, address: str) -> bool:
-        """Descriptors left, listen.allow, the per-address cap (a TLS layer runs these before
-        its handshake). False: counted and logged; the caller aborts."""
-        c = self.stats
-        if not self.descriptors.admit(transport, c.name):
-            return False
-        if not self.allow.permits(address):
-            c.access_denied += 1
-            self.ctx.quiet.warning("connection_denied", listener=c.name, peer=peer,
-                                   reason="not in listen.allow")
-            return False
-        if self.held(address) >= self.max_connections_per_address:
-            c.connections_refused += 1
-            self.ctx.quiet.warning("connection_refused", listener=c.name, peer=peer,
-                                   reason="listen.max_connections_per_address reached")
-            return False
-        return True
-
     def admit(self, transport: asyncio.BaseTransport, peer: str, address: str) -> bool:
-        if self.stopping or not self.screen(transport, peer, address):
-            return False
-        if len(self.connections) >= self.max_connections and not self.evict_one():
-            self.stats.connections_refused += 1
-            self.ctx.quiet.warning("connection_refused", listener=self.stats.name, peer=peer,
-                                   reason="listen.max_connections reached")
-            return False
-        return True
-
-    def held(self, address: str) -> int:
-        """Sessions `address` holds, as listen.max_connections_per_address counts them: with
-        relp.tls its handshakes in progress too (one host cannot take every handshake slot)."""
-        n = self.per_address.get(address, 0)
-        if self.gate is not None:
-            n += self.gate.pending_by_address.get(address, 0)
-        return n
+        return not self.stopping and super().admit(transport, peer, address)
 
     def protocol(self) -> asyncio.Protocol:
         """One accepted connection's protocol: behind the TLS layer with relp.tls."""
         if self.gate is not None:
             return TlsLayer(self.gate, lambda: RelpConnection(self))
         return RelpConnection(self)
-
-    def add(self, conn: RelpConnection) -> None:
-        self.connections.add(conn)
-        self.frameless[conn] = None
-        self.per_address[conn.address] = self.per_address.get(conn.address, 0) + 1
 
     def closing(self, conn: RelpConnection) -> None:
         """`conn` is closed by us and drains its last bytes: no longer a session (idle sweep,
@@ -429,16 +361,7 @@ class RelpSource:
         self.ctx.budget.release(conn)
 
     def remove(self, conn: RelpConnection) -> None:
-        if conn not in self.connections:
-            return
-        self.connections.discard(conn)
-        self.frameless.pop(conn, None)
-        self.ctx.budget.release(conn)
-        n = self.per_address.get(conn.address, 0) - 1
-        if n > 0:
-            self.per_address[conn.address] = n
-        else:
-            self.per_address.pop(conn.address, None)
+        super().remove(conn)
         if self.stopping:
             self.settled.set()
 
@@ -460,43 +383,9 @@ class RelpSource:
             return False
         oldest = candidates[0] if not candidates[0].framed else min(
             candidates, key=lambda c: c.last_frame)
-        self.stats.connections_evicted += 1
-        self.ctx.quiet.warning("connection_evicted_idle", listener=self.stats.name,
-                               peer=oldest.peer,
-                               idle=round(time.monotonic() - oldest.last_frame, 1),
-                               complete_frames=oldest.framed,
-                               reason="listen.max_connections reached")
-        oldest.drop()
-        return True
+        return self.evict(oldest)
 
     # -- lifecycle ----------------------------------------------------------------------------
-
-    async def start(self) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self.protocol, self.host, self.port, reuse_address=True, backlog=1024
-        )
-        addr = self._server.sockets[0].getsockname()
-        self.stats.name = listener_name(self.proto, addr[0], addr[1])
-        self.ctx.counters.add_listener(self.stats)
-        self._schedule_sweep()
-        return addr[0], addr[1]
-
-    @property
-    def name(self) -> str:
-        return self.stats.name
-
-    @property
-    def listening(self) -> bool:
-        return self._server is not None and self._server.is_serving()
-
-    @property
-    def down(self) -> bool:
-        return self._server is not None and not self.stopping and not self._server.is_serving()
-
-    def _schedule_sweep(self) -> None:
-        delay = min(max(self.idle_timeout / 10, 0.05), 5.0)
-        self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
 
     def _sweep(self) -> None:
         """listen.idle_timeout: sessions with no complete frame for that long, and nothing
@@ -508,10 +397,7 @@ class RelpSource:
             limit = now - self.idle_timeout
             for conn in [c for c in self.connections if c.transport is not None
                          and c.last_frame < limit and not c.session.unacked]:
-                self.stats.connections_idle_closed += 1
-                self.ctx.quiet.warning("connection_idle_closed", listener=self.stats.name,
-                                       peer=conn.peer, idle_timeout=self.idle_timeout)
-                conn.drop()
+                self.idle_close(conn)
         # Not read any more since its `close`: a sender gone meanwhile would not be seen.
         deadline = now - min(CLOSE_DEADLINE, self.idle_timeout)
         for conn in [c for c in self.connections if c.transport is not None
@@ -536,14 +422,7 @@ class RelpSource:
 
         Messages still unanswered then are the sender's to resend to the next forwarder
         (duplicates at worst: they may be in the spool already)."""
-        self.stopping = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        self.ctx.pressure.unsubscribe(self._on_pressure)
-        if self._server is not None:
-            self._server.close()
-        if self.gate is not None:
-            self.gate.close_pending()  # no RELP session yet: nothing of theirs to answer
+        self._stop_accepting()  # handshakes under way: no RELP session yet, nothing to answer
         for conn in list(self.connections):
             conn._update_reading()
         if self.unacked:

@@ -43,7 +43,8 @@ from ..observability.counters import ListenerCounters, TlsCounters
 from ..tlscontext import ServerTls, name_allowed, peer_names
 from .base import SourceContext
 from .guard import QuietLog
-from .tcp import TcpConnection, TcpSource, peer_of
+from .stream import peer_of
+from .tcp import TcpConnection, TcpSource
 
 # Plaintext taken from the TLS object per call; a record is at most 16 KiB, so a few records.
 READ_SIZE = 256 * 1024
@@ -504,12 +505,5 @@ class TlsSource(TcpSource):
         self.gate = TlsGate(server_tls, self.stats, ctx.quiet, ctx.log, screen=self.screen)
 
     def protocol(self) -> asyncio.Protocol:
+        assert self.gate is not None  # set in __init__, before any accept
         return TlsLayer(self.gate, lambda: TcpConnection(self))
-
-    def held(self, address: str) -> int:
-        # A host's handshakes in progress count against listen.max_connections_per_address:
-        # one host alone cannot take every slot of tls.max_handshakes.
-        return super().held(address) + self.gate.pending_by_address.get(address, 0)
-
-    def _close_pending(self) -> None:
-        self.gate.close_pending()

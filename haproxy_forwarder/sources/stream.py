@@ -1,0 +1,221 @@
+"""What every stream listener (TCP, TLS, RELP) keeps for its limits, in one place.
+
+The connections, per peer address and in connect order while they never completed a frame;
+the checks at accept (descriptors, listen.allow, listen.max_connections_per_address, then
+listen.max_connections); the server socket; the idle sweep's timer. What differs by protocol
+(which connection to evict, what idleness means, how to stop) stays in the subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from ..config import ListenConfig
+from ..observability.counters import ListenerCounters
+from ..observability.descriptors import Descriptors
+from .base import SourceContext, listener_name
+from .guard import Allow, Holder
+
+if TYPE_CHECKING:
+    from .tls import TlsGate
+
+
+class StreamConnection(Holder, Protocol):
+    """A connection as its listener's bookkeeping (and the budget) sees it."""
+
+    peer: str
+    address: str
+    last_frame: float
+    framed: bool
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    def drop(self) -> None: ...
+
+
+C = TypeVar("C", bound=StreamConnection)
+
+
+def peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """("host:port", "host") of the peer, as log lines and the per-address limits use them."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    return str(peer), str(peer)
+
+
+class StreamSource(Generic[C]):
+    # The scheme of its `listener` label.
+    proto = "tcp"
+
+    def __init__(self, ctx: SourceContext, host: str, port: int, listen: ListenConfig) -> None:
+        self.ctx = ctx
+        self.host = host
+        self.port = port
+        self.connections: set[C] = set()
+        self.per_address: dict[str, int] = {}
+        # Connections that never completed a frame, oldest first: the first to be evicted,
+        # found in O(1) however fast a flood connects.
+        self.frameless: dict[C, None] = {}
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.stopping = False
+        # Set by a TLS listener (and RELP with relp.tls): its handshakes in progress count.
+        self.gate: TlsGate | None = None
+        # Its `listener` label gets the bound port at start() (port 0 in tests), and it is
+        # shown from then on: a listener that failed to bind has no series.
+        self.stats = ListenerCounters(listener_name(self.proto, host, port))
+        self.descriptors = Descriptors(ctx.counters, ctx.quiet)
+        self.configure(listen)
+        ctx.pressure.subscribe(self._on_pressure)
+
+    def configure(self, listen: ListenConfig) -> None:
+        """The listen.* limits, at start and on SIGHUP."""
+        self.max_connections = listen.max_connections
+        self.max_connections_per_address = listen.max_connections_per_address
+        self.idle_timeout = listen.idle_timeout
+        self.allow = Allow(listen.allow)
+        self.ctx.budget.cap = listen.max_buffered_bytes
+        # A narrowed allow-list also applies to the peers already connected.
+        for conn in [c for c in self.connections
+                     if c.transport is not None and not self.allow.permits(c.address)]:
+            self.stats.access_denied += 1
+            self.ctx.quiet.warning("connection_denied", listener=self.stats.name,
+                                   peer=conn.peer, reason="not in listen.allow (reload)")
+            conn.drop()
+
+    def _on_pressure(self, on: bool) -> None:
+        raise NotImplementedError
+
+    # -- admission --------------------------------------------------------------------------------
+
+    def screen(self, transport: asyncio.BaseTransport, peer: str, address: str) -> bool:
+        """The checks that cost nothing: descriptors left, listen.allow, the per-address cap.
+        False: counted and logged; the caller aborts. TLS runs them before its handshake."""
+        c = self.stats
+        if not self.descriptors.admit(transport, c.name):
+            return False
+        if not self.allow.permits(address):
+            c.access_denied += 1
+            self.ctx.quiet.warning("connection_denied", listener=c.name, peer=peer,
+                                   reason="not in listen.allow")
+            return False
+        if self.held(address) >= self.max_connections_per_address:
+            c.connections_refused += 1
+            self.ctx.quiet.warning("connection_refused", listener=c.name, peer=peer,
+                                   reason="listen.max_connections_per_address reached")
+            return False
+        return True
+
+    def admit(self, transport: asyncio.BaseTransport, peer: str, address: str) -> bool:
+        """`screen`, then a slot under listen.max_connections (evicting if need be)."""
+        if not self.screen(transport, peer, address):
+            return False
+        if len(self.connections) >= self.max_connections and not self.evict_one():
+            # Refuse instead of buffering: an unbounded number of paused connections is
+            # how peers ran out of memory (Vector #8238).
+            self.stats.connections_refused += 1
+            self.ctx.quiet.warning("connection_refused", listener=self.stats.name, peer=peer,
+                                   reason="listen.max_connections reached")
+            return False
+        return True
+
+    def held(self, address: str) -> int:
+        """Connections `address` holds, as listen.max_connections_per_address counts them:
+        with TLS its handshakes in progress too (one host cannot take every handshake slot)."""
+        n = self.per_address.get(address, 0)
+        if self.gate is not None:
+            n += self.gate.pending_by_address.get(address, 0)
+        return n
+
+    def evict_one(self) -> bool:
+        raise NotImplementedError
+
+    def evict(self, conn: C) -> bool:
+        """Close `conn` to make room at listen.max_connections (counted, logged)."""
+        self.stats.connections_evicted += 1
+        self.ctx.quiet.warning("connection_evicted_idle", listener=self.stats.name,
+                               peer=conn.peer,
+                               idle=round(time.monotonic() - conn.last_frame, 1),
+                               complete_frames=conn.framed,
+                               reason="listen.max_connections reached")
+        conn.drop()
+        return True
+
+    def idle_close(self, conn: C) -> None:
+        """listen.idle_timeout: no complete frame from `conn` for that long."""
+        self.stats.connections_idle_closed += 1
+        self.ctx.quiet.warning("connection_idle_closed", listener=self.stats.name,
+                               peer=conn.peer, idle_timeout=self.idle_timeout)
+        conn.drop()
+
+    def add(self, conn: C) -> None:
+        self.connections.add(conn)
+        self.frameless[conn] = None
+        self.per_address[conn.address] = self.per_address.get(conn.address, 0) + 1
+
+    def remove(self, conn: C) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        self.frameless.pop(conn, None)
+        self.ctx.budget.release(conn)
+        n = self.per_address.get(conn.address, 0) - 1
+        if n > 0:
+            self.per_address[conn.address] = n
+        else:
+            self.per_address.pop(conn.address, None)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def protocol(self) -> asyncio.Protocol:
+        """One accepted connection's protocol (TLS wraps it in its layer)."""
+        raise NotImplementedError
+
+    async def start(self) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self.protocol, self.host, self.port, reuse_address=True, backlog=1024
+        )
+        addr = self._server.sockets[0].getsockname()
+        self.stats.name = listener_name(self.proto, addr[0], addr[1])
+        self.ctx.counters.add_listener(self.stats)
+        self._schedule_sweep()
+        return addr[0], addr[1]
+
+    @property
+    def name(self) -> str:
+        return self.stats.name
+
+    @property
+    def listening(self) -> bool:
+        """Bound and accepting: False before start(), after stop(), or if the socket closed."""
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def down(self) -> bool:
+        """Started, not stopped by us, and yet not accepting any more."""
+        return self._server is not None and not self.stopping and not self._server.is_serving()
+
+    def _schedule_sweep(self) -> None:
+        # Often enough that a connection outlives idle_timeout by a tenth at most.
+        delay = min(max(self.idle_timeout / 10, 0.05), 5.0)
+        self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    def _sweep(self) -> None:
+        raise NotImplementedError
+
+    def _stop_accepting(self) -> None:
+        """First step of stop(): no more sweeps, accepts, handshakes, pressure calls."""
+        self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        # A listener closed by a reload must not stay subscribed (kept alive, called).
+        self.ctx.pressure.unsubscribe(self._on_pressure)
+        if self._server is not None:
+            self._server.close()
+        if self.gate is not None:
+            self.gate.close_pending()  # handshakes: nothing of theirs was read yet
