@@ -280,55 +280,40 @@ async def _prepare(target: Target, plan: Plan) -> _Prepared:
             done.sink = make_sink(s.intake)
         except Exception as exc:  # whatever the new client refuses (a CA file not PEM...)
             problems.append(logs.redact(f"intake: cannot build the client: {exc}"))
-    for addr in plan.tcp_add:
-        src = target.new_tcp(addr, s)
-        try:
-            h, p = await src.start()
-        except OSError as exc:
-            await src.stop(0.0)  # never listening; stop() also ends its backpressure hook
-            problems.append(f"listen.tcp: cannot listen on {addr}: {exc.strerror or exc}")
-            continue
-        done.tcp.append(src)
-        done.bound.append(("tcp", h, p))
+    done.tcp = await _open("tcp", plan.tcp_add, lambda a: target.new_tcp(a, s), done, problems)
     if done.tls_context is not None:
         # The listeners added below must handshake with the new files from their first peer.
         done.tls_before = target.server_tls.copy()
         done.tls_changed = target.server_tls.install(done.tls_context, s.tls)
-    for addr in plan.tls_add:
-        tsrc = target.new_tls(addr, s)
-        try:
-            h, p = await tsrc.start()
-        except OSError as exc:
-            await tsrc.stop(0.0)
-            problems.append(f"listen.tls: cannot listen on {addr}: {exc.strerror or exc}")
-            continue
-        done.tls.append(tsrc)
-        done.bound.append(("tls", h, p))
-    for addr in plan.relp_add:
-        rsrc = target.new_relp(addr, s)
-        try:
-            h, p = await rsrc.start()
-        except OSError as exc:
-            await rsrc.stop(0.0)
-            problems.append(f"listen.relp: cannot listen on {addr}: {exc.strerror or exc}")
-            continue
-        done.relp.append(rsrc)
-        done.bound.append(("relp", h, p))
-    for addr in plan.udp_add:
-        usrc = target.new_udp(addr, s)
-        try:
-            h, p = await usrc.start()
-        except OSError as exc:
-            problems.append(f"listen.udp: cannot listen on {addr}: {exc.strerror or exc}")
-            continue
-        done.udp.append(usrc)
-        done.bound.append(("udp", h, p))
+    done.tls = await _open("tls", plan.tls_add, lambda a: target.new_tls(a, s), done, problems)
+    done.relp = await _open("relp", plan.relp_add, lambda a: target.new_relp(a, s), done,
+                            problems)
+    done.udp = await _open("udp", plan.udp_add, lambda a: target.new_udp(a, s), done, problems)
     if problems:
         await done.undo()
         if done.tls_before is not None:
             target.server_tls.restore(done.tls_before)
         raise Refused(problems)
     return done
+
+
+async def _open(proto: str, addresses: list[str], make: Callable[[str], _S],
+                done: _Prepared, problems: list[str]) -> list[_S]:
+    """The listeners of `addresses` started, each noted in `done.bound`; one problem line
+    per address that cannot be bound (the others stay open, for undo() if any failed)."""
+    opened: list[_S] = []
+    for addr in addresses:
+        src = make(addr)
+        try:
+            h, p = await src.start()
+        except OSError as exc:
+            if not isinstance(src, UdpSource):
+                await src.stop(0.0)  # never listening; stop() also ends its backpressure hook
+            problems.append(f"listen.{proto}: cannot listen on {addr}: {exc.strerror or exc}")
+            continue
+        opened.append(src)
+        done.bound.append((proto, h, p))
+    return opened
 
 
 def _commit(target: Target, plan: Plan, ready: _Prepared) -> tuple[list[TcpSource],
