@@ -74,10 +74,10 @@ def feed(socket_path: Path, lines: list[str]) -> None:
             s.send(b"<134>" + stamp + b" haproxy[4242]: " + line.encode())
 
 
-@needs("rsyslogd")
-@pytest.mark.parametrize("driver", ["gtls", "ossl"])
-def test_rsyslog_tls_client_certificate_10k_exactly_once(
-        driver: str, tmp_path: Path, intake: FakeIntake, daemon: MakeDaemon) -> None:
+def start_tls(driver: str, tmp_path: Path, intake: FakeIntake, daemon: MakeDaemon,
+              allowed: str) -> tuple[Daemon, int, Path]:
+    """A CA, the forwarder's certificate, the rsyslog rule for `driver` and the daemon with
+    one TLS listener requiring client certificates named `allowed`: (daemon, port, rule)."""
     ca = trustme.CA()
     certs = tmp_path / "certs"
     certs.mkdir()
@@ -87,8 +87,16 @@ def test_rsyslog_tls_client_certificate_10k_exactly_once(
     rule = rule_for_test(driver, certs, ca)
     d = daemon(intake, listen={"tcp": [], "udp": [], "tls": ["127.0.0.1:0"]},
                tls={"cert_file": str(certs / "server.pem"), "key_file": str(certs / "server.key"),
-                    "client_ca_file": str(certs / "ca.pem"), "allowed_names": ["*.example.org"]})
+                    "client_ca_file": str(certs / "ca.pem"), "allowed_names": [allowed]})
     port = next(int(r["port"]) for r in d.events("listening") if r.get("proto") == "tls")
+    return d, port, rule
+
+
+@needs("rsyslogd")
+@pytest.mark.parametrize("driver", ["gtls", "ossl"])
+def test_rsyslog_tls_client_certificate_10k_exactly_once(
+        driver: str, tmp_path: Path, intake: FakeIntake, daemon: MakeDaemon) -> None:
+    d, port, rule = start_tls(driver, tmp_path, intake, daemon, "*.example.org")
     lines = [f"{driver} {i:05d} {haproxy_line(i)}" for i in range(N)]
     with RsyslogProcess(tmp_path / "rsyslog", "127.0.0.1", port, rule_file=rule) as rs:
         feed(rs.socket_path, lines)
@@ -113,17 +121,7 @@ def test_rsyslog_tls_client_certificate_10k_exactly_once(
 def test_rsyslog_with_a_name_not_allowed_is_refused(
         driver: str, tmp_path: Path, intake: FakeIntake, daemon: MakeDaemon) -> None:
     """rsyslog1.example.org's certificate is valid, but tls.allowed_names wants another name."""
-    ca = trustme.CA()
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    server = ca.issue_cert("forwarder.example.org", common_name="forwarder.example.org")
-    server.cert_chain_pems[0].write_to_path(str(certs / "server.pem"))
-    server.private_key_pem.write_to_path(str(certs / "server.key"))
-    rule = rule_for_test(driver, certs, ca)
-    d = daemon(intake, listen={"tcp": [], "udp": [], "tls": ["127.0.0.1:0"]},
-               tls={"cert_file": str(certs / "server.pem"), "key_file": str(certs / "server.key"),
-                    "client_ca_file": str(certs / "ca.pem"), "allowed_names": ["lb*.example.org"]})
-    port = next(int(r["port"]) for r in d.events("listening") if r.get("proto") == "tls")
+    d, port, rule = start_tls(driver, tmp_path, intake, daemon, "lb*.example.org")
     name = f"tls://127.0.0.1:{port}"
     with RsyslogProcess(tmp_path / "rsyslog", "127.0.0.1", port, rule_file=rule) as rs:
         feed(rs.socket_path, [f"{driver} refused {haproxy_line(i)}" for i in range(10)])
