@@ -82,12 +82,10 @@ class TcpConnection(asyncio.Protocol):
             self.stats.oversized_frames += result.oversized
             if not self.oversized_logged:  # logged once per connection, counted always
                 self.oversized_logged = True
-                ctx.log.warning(
-                    "frame_too_large",
-                    peer=self.peer,
-                    max_message_size=ctx.max_message_size,
-                    action="discarded, connection kept",
-                )
+                # and rate-limited across connections: a sender reconnecting repeats it.
+                ctx.quiet.warning("frame_too_large", listener=self.stats.name, peer=self.peer,
+                                  max_message_size=ctx.max_message_size,
+                                  action="discarded, connection kept")
         if result.error is not None:
             fc.framing_errors += result.framing_errors
             # Rate-limited like every warning a flood repeats (one bad sender reconnecting).
