@@ -74,16 +74,22 @@ def feed(socket_path: Path, lines: list[str]) -> None:
             s.send(b"<134>" + stamp + b" haproxy[4242]: " + line.encode())
 
 
-def start_tls(driver: str, tmp_path: Path, intake: FakeIntake, daemon: MakeDaemon,
-              allowed: str) -> tuple[Daemon, int, Path]:
-    """A CA, the forwarder's certificate, the rsyslog rule for `driver` and the daemon with
-    one TLS listener requiring client certificates named `allowed`: (daemon, port, rule)."""
+def forwarder_certs(tmp_path: Path) -> tuple[trustme.CA, Path]:
+    """A CA and, in tmp_path/certs, the forwarder's certificate (server.pem, server.key)."""
     ca = trustme.CA()
     certs = tmp_path / "certs"
     certs.mkdir()
     server = ca.issue_cert("forwarder.example.org", common_name="forwarder.example.org")
     server.cert_chain_pems[0].write_to_path(str(certs / "server.pem"))
     server.private_key_pem.write_to_path(str(certs / "server.key"))
+    return ca, certs
+
+
+def start_tls(driver: str, tmp_path: Path, intake: FakeIntake, daemon: MakeDaemon,
+              allowed: str) -> tuple[Daemon, int, Path]:
+    """A CA, the forwarder's certificate, the rsyslog rule for `driver` and the daemon with
+    one TLS listener requiring client certificates named `allowed`: (daemon, port, rule)."""
+    ca, certs = forwarder_certs(tmp_path)
     rule = rule_for_test(driver, certs, ca)
     d = daemon(intake, listen={"tcp": [], "udp": [], "tls": ["127.0.0.1:0"]},
                tls={"cert_file": str(certs / "server.pem"), "key_file": str(certs / "server.key"),
@@ -149,12 +155,7 @@ SSL = "ssl verify required ca-file {ca} crt {crt} sni str(forwarder.example.org)
 @needs("haproxy")
 def test_haproxy_ring_over_tls_with_client_certificate(
         tmp_path: Path, intake: FakeIntake, daemon: MakeDaemon) -> None:
-    ca = trustme.CA()
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    server = ca.issue_cert("forwarder.example.org", common_name="forwarder.example.org")
-    server.cert_chain_pems[0].write_to_path(str(certs / "server.pem"))
-    server.private_key_pem.write_to_path(str(certs / "server.key"))
+    ca, certs = forwarder_certs(tmp_path)
     client = ca.issue_cert("lb1.example.org", common_name="lb1.example.org")
     # HAProxy's `crt`: the certificate and its key in one file.
     client.cert_chain_pems[0].write_to_path(str(certs / "lb1.pem"))
