@@ -1,6 +1,8 @@
-"""Where the shared syslog conformance corpus lives (../shared/conformance), and its loaders.
+"""Where the syslog conformance corpus lives (tests/conformance, with its README naming each
+source), and its loaders.
 
-The corpus is read in place, never copied into this repository.
+The corpus is part of the repository: no test, tool or build step reads outside it, so a fresh
+clone tests itself.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 from . import REPO
 
-CONFORMANCE = REPO.parent / "shared" / "conformance"
+CONFORMANCE = REPO / "tests" / "conformance"
 
 FRAMING_VECTORS = "framing_vectors.jsonl"
 RFC3164_VECTORS = "rfc3164_vectors.jsonl"
@@ -22,11 +24,6 @@ SEKOIA_SAMPLES = "sekoia_haproxy_samples.txt"
 
 def path(name: str) -> Path:
     return CONFORMANCE / name
-
-
-def available(name: str) -> bool:
-    """False when the corpus is not checked out next to the repository (tests then skip)."""
-    return path(name).is_file()
 
 
 def rows(name: str) -> list[Any]:

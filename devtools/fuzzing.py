@@ -125,8 +125,7 @@ def corpus_files(kind: str) -> Iterator[Path]:
 def seeds(conformance: bool = True) -> dict[str, dict[str, bytes]]:
     """Seed inputs: {"ingest": {name: input}, "header": {name: frame}}. The generated ones
     (devtools.traffic) are committed under tests/fuzz (`python -m devtools.fuzzing`); those
-    made from the shared conformance vectors are built where they are used, from
-    ../shared/conformance, never copied into the repository."""
+    made from the conformance vectors are built where they are used, from tests/conformance."""
     from . import conformance as cf
     from .traffic import haproxy_line, lf_framed, octet_counted, rfc5424, traditional
 
@@ -145,16 +144,14 @@ def seeds(conformance: bool = True) -> dict[str, dict[str, bytes]]:
     ingest: dict[str, bytes] = {}
     if conformance:
         for name in (cf.RFC5424_VECTORS, cf.RFC3164_VECTORS):
-            if cf.available(name):
-                for row in cf.rows(name):
-                    frames[row["id"]] = cf.wire(row)
-        if cf.available(cf.FRAMING_VECTORS):
-            for row in cf.rows(cf.FRAMING_VECTORS):
-                stream = row["stream"].encode("utf-8")
-                framing = {"octet-counting": OCTET, "non-transparent": LF}.get(
-                    row.get("framing"), AUTO)
-                ingest[row["id"]] = encode(stream, framing)
-                ingest[f"{row['id']}-auto-small"] = encode(stream, AUTO, 64, seed=7)
+            for row in cf.rows(name):
+                frames[row["id"]] = cf.wire(row)
+        for row in cf.rows(cf.FRAMING_VECTORS):
+            stream = row["stream"].encode("utf-8")
+            framing = {"octet-counting": OCTET, "non-transparent": LF}.get(
+                row.get("framing"), AUTO)
+            ingest[row["id"]] = encode(stream, framing)
+            ingest[f"{row['id']}-auto-small"] = encode(stream, AUTO, 64, seed=7)
     some = list(frames.values())[:24]
     ingest["octet-mixed"] = encode(octet_counted(some), OCTET)
     ingest["lf-mixed"] = encode(lf_framed(some), LF, filt=1, seed=3)

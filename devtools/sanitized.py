@@ -5,8 +5,7 @@
 
 `asan`: gcc with AddressSanitizer + UndefinedBehaviorSanitizer (`make asan` runs the ingest
 suites with it). `fuzz`: clang with libFuzzer's coverage (-fsanitize=fuzzer-no-link) plus
-ASan/UBSan, for atheris (`make fuzz`). The copy lives in DIR/tree, beside a DIR/shared link to
-../shared, so the tests find the conformance corpus exactly as they do from the repository; the
+ASan/UBSan, for atheris (`make fuzz`). The copy lives in DIR/tree (tests/ brings the conformance corpus with it); the
 installed package (editable, unsanitized) is shadowed because the tree is the working directory.
 `run` refuses to start unless the sanitized module is the one Python imports.
 """
@@ -53,9 +52,6 @@ def build(kind: str, out: Path) -> Path:
             shutil.copytree(src, tree / name, ignore=IGNORE)
         elif src.is_file():
             shutil.copy2(src, tree / name)
-    shared = out / "shared"
-    if not shared.exists():
-        shared.symlink_to(REPO.parent / "shared")
     env = {**os.environ, "CC": cc, "CFLAGS": flags, "LDSHARED": f"{cc} -shared {flags}"}
     env.pop("HAPROXY_FORWARDER_NO_EXTENSIONS", None)
     subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,

@@ -1,5 +1,5 @@
 """RFC 6587 de-framing: the shared conformance vectors, split reads and the peers' old bugs.
-Vectors are read from ../shared/conformance next to the repository, never copied in."""
+Vectors are read from tests/conformance (the project's copy, its README names each source)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """ChunkReader, every implementation: conformance vectors, filter, timestamps, caps, splits.
-Vectors are read from ../shared/conformance next to the repository, never copied in."""
+Vectors are read from tests/conformance (the project's copy, its README names each source)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools import conformance
 from devtools.traffic import httplog_line, other_program_line, rfc5424, syslog_time, traditional
 from haproxy_forwarder.syslog.header import read_header, valid_time
 
@@ -27,15 +28,13 @@ except ImportError as exc:  # pragma: no cover - depends on the build
         ) from exc
     pytest.skip(f"compiled header reader not built: {exc}", allow_module_level=True)
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+CONFORMANCE = conformance.CONFORMANCE
 
 
 def _vector_inputs() -> list[bytes]:
     out: list[bytes] = []
     for name in ("rfc5424_vectors.jsonl", "rfc3164_vectors.jsonl"):
         path = CONFORMANCE / name
-        if not path.is_file():
-            continue
         for line in path.read_text("utf-8").splitlines():
             if not line:
                 continue
@@ -51,11 +50,9 @@ def _payloads() -> list[bytes]:
     """HAProxy lines and Sekoia samples as they appear on the wire, unwrapped."""
     out: list[bytes] = []
     path = CONFORMANCE / "haproxy_lines.txt"
-    if path.is_file():
-        out += [x for x in path.read_bytes().split(b"\n") if x and not x.startswith(b"#")]
+    out += [x for x in path.read_bytes().split(b"\n") if x and not x.startswith(b"#")]
     path = CONFORMANCE / "sekoia_haproxy_samples.txt"
-    if path.is_file():
-        out += [json.loads(x).encode() for x in path.read_text("utf-8").splitlines() if x]
+    out += [json.loads(x).encode() for x in path.read_text("utf-8").splitlines() if x]
     return out
 
 
@@ -87,8 +84,6 @@ def same(frame: bytes) -> None:
 
 
 def test_corpus_is_there() -> None:
-    if not CONFORMANCE.is_dir():
-        pytest.skip(f"{CONFORMANCE} missing")
     assert len(VECTORS) > 200
     assert len(PAYLOADS) > 50
 

@@ -27,7 +27,14 @@ DURATION_BUCKETS: tuple[float, ...] = (
 # Present from the start (at 0), so that rate() and increase() work from the first scrape.
 STATUS_CLASSES = ("2xx", "4xx", "5xx", "network")
 DEAD_LETTER_REASONS = ("rejected", "too_large", "oversized", "internal")
-DROP_REASONS = ("dead_letter_full", "dead_letter_failed", "shutdown")
+# Why events were lost for good (`reason` label of dropped_events). Each is also a
+# rate-limited warning where it happens: a drop is never only a debug line.
+#   spool_full: when_full = "drop_oldest" deleted un-acked events to make room;
+#   spool_corrupt: a spool record failed its checksum (at open or when read back);
+#   dead_letter_full / dead_letter_failed: a refused event could not be dead-lettered;
+#   shutdown: still in memory when the shutdown timeout ran out and the spool refused them.
+DROP_REASONS = ("spool_full", "spool_corrupt", "dead_letter_full", "dead_letter_failed",
+                "shutdown")
 
 
 @dataclass(slots=True)
@@ -51,6 +58,11 @@ class SpoolCounters:
     quarantined_segments: int = 0
     repair_errors: int = 0
     corrupt_records: int = 0  # records that failed their checksum (at open or when read)
+    # the events of those records, where the record's header was still readable (else unknown)
+    corrupt_events: int = 0
+    # un-acked events found at open (left by the previous run): input of this process, like
+    # accepted_events, in the accounting identity
+    recovered_events: int = 0
     purged_batches: int = 0
     purged_events: int = 0
 
