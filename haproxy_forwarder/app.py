@@ -23,6 +23,7 @@ from .collector import OVERSIZED_REASON, Collector
 from .config import MAX_EVENT_BYTES, Settings
 from .delivery import Backoff, Delivery
 from .ingest import ProgramFilter
+from .observability.accounting import balance
 from .observability.counters import Registry
 from .observability.descriptors import OUT_OF_DESCRIPTORS, Descriptors
 from .observability.status import StatusServer
@@ -124,6 +125,14 @@ def stall_reason(delivery: Delivery, stall_after: float) -> str | None:
 
 def _spool_gauge(spool: Spool, name: str) -> float:
     return float(spool.stats()[name])
+
+
+def held_events(collector: Collector, delivery: Delivery,
+                spool: Spool | None) -> dict[str, int]:
+    """The `held` term of the accounting identity (observability/accounting.py), by where."""
+    memory = len(collector.batcher.current) + sum(
+        len(e.batch) for e in delivery.router.memory_only())
+    return {"memory": memory, "spool": spool.pending_events if spool is not None else 0}
 
 
 def tcp_source(ctx: SourceContext, address: str, s: Settings) -> TcpSource:
@@ -245,6 +254,9 @@ class Daemon:
         self.registry.labelled_gauge(
             "listener_up", "listener",
             lambda: {s.name: float(s.listening) for s in self._listeners()})
+        self.registry.labelled_gauge(
+            "events_held", "where",
+            lambda: held_events(self.collector, self.delivery, self.spool))
         g("in_memory_batches", lambda: d.in_memory)
         g("buffered_bytes", lambda: self.ctx.budget.total)
         # RELP messages received, not yet durable, hence not yet acknowledged to their sender.
@@ -374,6 +386,9 @@ class Daemon:
 
     def log_stats(self, name: str) -> None:
         snap: dict[str, Any] = self.registry.snapshot()
+        # The identity's terms on every stats line: in = out + held, `events_unaccounted` 0
+        # at rest (observability/accounting.py).
+        snap.update(balance(snap, held_events(self.collector, self.delivery, self.spool)))
         for flag in ("paused", "intake_failing", "spool_blocked"):
             if flag in snap:
                 snap[flag] = bool(snap[flag])

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from .observability.accounting import IN, OUT, balance
+
 PREFIX = "haproxy_forwarder_"
 TIMEOUT = 5.0
 RATE_INTERVAL = 1.0
@@ -197,9 +199,21 @@ def summarise(url: str, ok: bool, detail: Mapping[str, Any], last: Scrape,
             "udp_dropped": get("udp_dropped_total"),
             "spool_dropped_events": get("spool_dropped_events_total"),
         },
+        "accounting": _accounting(v),
         "backpressure": None if paused is None else bool(paused),
         "intake_failing": None if failing is None else bool(failing),
     }
+
+
+def _accounting(v: Mapping[str, float]) -> dict[str, int] | None:
+    """The accounting identity's terms (observability/accounting.py), or None when the daemon
+    is older than the `events_held` gauge."""
+    held = v.get(PREFIX + "events_held")
+    if held is None:
+        return None
+    totals = {name: v.get(f"{PREFIX}{name}_total", 0.0) for name in (*IN, *OUT)}
+    # The gauge is summed over `where` by the parser: all of it is the memory + spool total.
+    return balance(totals, {"memory": held})
 
 
 # -- the human table -----------------------------------------------------------------------------
@@ -270,6 +284,12 @@ def render(report: Mapping[str, Any]) -> str:
     rows.append(("dropped", f"{_count(t['dropped_events'], 'event', 'events')} (UDP under "
                             f"backpressure {_na(t['udp_dropped'])}, spool drop_oldest "
                             f"{_na(t['spool_dropped_events'])})"))
+    acc = report["accounting"]
+    if acc is not None:
+        rows.append(("accounting", f"{acc['events_in']} in = {acc['events_out']} out + "
+                                   f"{acc['events_held']} held"
+                                   + (f", {acc['events_unaccounted']} unaccounted (0 at rest)"
+                                      if acc["events_unaccounted"] else "")))
     rows.append(("backpressure", _flag(report["backpressure"])))
     rows.append(("intake", _flag(report["intake_failing"], "failing", "ok")))
     width = max(len(k) for k, _ in rows)

@@ -72,7 +72,16 @@ HELP: dict[str, str] = {
     "body_limit_refusals": "Requests of one small event answered 413 (a proxy's body "
                            "limit): kept and retried every intake.auth_retry.",
     "dead_lettered_events": "Events written to dead letters, by reason.",
-    "requeued_events": "Dead letters re-queued by replay-dead-letter.",
+    "requeued_events": "Dead letters re-queued by replay-dead-letter (input of the "
+                       "accounting identity, as accepted and spool_recovered events).",
+    "spool_recovered_events": "Un-acked events found on the spool at start (left by the "
+                              "previous run): input of the accounting identity.",
+    "spool_corrupt_events": "Events of spool records that failed their checksum, where the "
+                            "record still said how many (also in dropped_events "
+                            "reason=spool_corrupt).",
+    "events_held": "Events neither delivered, dead-lettered nor dropped yet, by where: memory "
+                   "or spool. accepted + spool_recovered + requeued = delivered + "
+                   "dead_lettered + dropped + held, exact at rest.",
     "dropped_events": "Events lost for good, by reason.",
     "reloads": "Configurations applied on SIGHUP.",
     "reload_failures": "Configurations refused on SIGHUP (the running one stayed).",
