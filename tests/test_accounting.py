@@ -59,8 +59,7 @@ def at_rest(d: Daemon, check: Callable[[dict[str, float]], bool]) -> dict[str, f
 
 def test_delivered_and_dead_lettered_add_up(intake: FakeIntake, daemon: MakeDaemon) -> None:
     d = daemon(intake, batch={"max_events": 50, "max_delay": 0.2})
-    good, good_texts = frames(500, "good")
-    assert len(good_texts) == 500
+    good, _ = frames(500, "good")
     send_tcp(d.tcp_port, octet_counted(good))
     assert intake.wait_for(500, 30)
     # The intake refuses the next request for good: its events are dead-lettered.
