@@ -596,3 +596,35 @@ def test_one_take_across_a_closed_batch_and_a_dead_letter(tmp_path: Path) -> Non
         await rig.stop()
 
     run(main())
+
+
+def test_relp_message_refused_once_the_dead_letters_were_replayed_is_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """Issue 17: the dead letters were full, then `spool replay-dead-letter` moved the files
+    away. A RELP message the intake refuses (400) is dead-lettered into the emptied folder, not
+    dropped as dead_letter_full on a stale count ("answered, dropped, counted" is for a store
+    really full)."""
+    sink = FakeSink(respond=lambda b: BAD_REQUEST)
+    first, second = "first " + "x" * 600, "second " + "y" * 600
+
+    async def main() -> None:
+        rig = Rig(tmp_path, sink, dead_max=1500)  # room for one of them, not two
+        rig.send(first)
+        await until(lambda: rig.counters.dead_lettered_events == 1)
+        assert [e for p in rig.dead.files() for e, _ in read_dead_letters(p)] == [first]
+        requeue = tmp_path / "requeue"
+        requeue.mkdir()
+        for p in rig.dead.files():  # what `spool replay-dead-letter` does
+            p.rename(requeue / f"{p.stem}-1.jsonl")
+        rig.send(second)
+        await until(lambda: rig.calls == [first, second])
+        await until(lambda: rig.counters.dead_lettered_events == 2)
+        assert [e for p in rig.dead.files() for e, _ in read_dead_letters(p)] == [second]
+        assert rig.counters.drop_reasons["dead_letter_full"] == 0
+        assert rig.counters.dropped_events == 0
+        assert not any(e == "dead_letter_full" for e, _ in rig.log.lines)
+        assert rig.lost == [] and rig.collector.acks_pending == 0
+        await rig.stop()
+
+    run(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,18 +69,36 @@ def dead_letter_lines(
 
 
 class DeadLetters:
+    """The dead-letter folder; `write` runs in one thread (delivery's dead-letter writer)."""
+
     def __init__(self, spool_dir: Path, max_size: int = 256 << 20) -> None:
         self.dir = spool_dir / "dead-letter"
         self.max_size = max_size
-        self._size: int | None = None  # measured lazily: the directory may not exist yet
+        # Held for a whole write: see barrier().
+        self._writing = threading.Lock()
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("dead-letter-*.jsonl")) if self.dir.is_dir() else []
 
     def size(self) -> int:
-        if self._size is None:
-            self._size = sum(p.lstat().st_size for p in self.files())
-        return self._size
+        """Bytes in the dead-letter files now, measured (a listing and one lstat per file)."""
+        total = 0
+        for p in self.files():
+            try:
+                total += p.lstat().st_size
+            except FileNotFoundError:  # moved away (replay) between the listing and here
+                continue
+        return total
+
+    def barrier(self) -> None:
+        """Return once no write that started before this call is still running.
+
+        `spool replay-dead-letter` may rename today's file while a write has it open; that
+        write still lands in the renamed file. Whoever reads a renamed file (the requeuer)
+        calls this first, so that it never reads, and deletes, a file still being appended.
+        """
+        with self._writing:
+            pass
 
     def write(
         self,
@@ -96,8 +115,16 @@ class DeadLetters:
         """
         when = at if at is not None else time.gmtime()
         lines = dead_letter_lines(batch, reason, status, response, when)
-        if self.size() + len(lines) > self.max_size:
-            return None
+        with self._writing:
+            # The folder is measured at each write, never counted in memory: another process
+            # moves files away (`spool replay-dead-letter`), and a stale count dropped
+            # refusals as dead_letter_full into an empty folder. A listing and a few lstat
+            # calls, in this thread, cost less than the fsync that follows.
+            if self.size() + len(lines) > self.max_size:
+                return None
+            return self._append(lines, when)
+
+    def _append(self, lines: bytes, when: time.struct_time) -> Path:
         new_dir = not os.path.isdir(self.dir)
         make_private_dirs(self.dir)
         path = self.dir / time.strftime("dead-letter-%Y%m%d.jsonl", when)
@@ -115,7 +142,6 @@ class DeadLetters:
             _fsync_dir(self.dir)
         if new_dir:
             _fsync_dir(self.dir.parent)
-        self._size = self.size() + len(lines)
         return path
 
 
