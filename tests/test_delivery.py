@@ -9,18 +9,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
 from haproxy_forwarder.batching import Batch
+from haproxy_forwarder.config import IntakeConfig
 from haproxy_forwarder.delivery import SPILL_AFTER, Delivery, SpoolLike
 from haproxy_forwarder.observability.counters import Counters
 from haproxy_forwarder.sinks import Kind, Outcome
 from haproxy_forwarder.sinks.deadletter import DeadLetters, dead_letter_lines, read_dead_letters
+from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink
 from haproxy_forwarder.spool import AppendResult, Spool, SpoolFull, SpoolWriteError
 
 OK = Outcome(Kind.DELIVERED, 200)
@@ -650,3 +653,128 @@ def test_dead_letter_lines_are_the_json_of_today_built_without_decoding() -> Non
         for e, t in zip(texts, times, strict=True)
     )
     assert out == expected
+
+
+# -- batches of several bodies (the real IntakeSink over httpx.MockTransport) -----------------
+
+
+def streamed(status: int, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    """An answer the client reads as from the network (a `content=bytes` answer comes read
+    already, and IntakeClient streams it)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    return httpx.Response(status, headers=headers, content=chunks())
+
+
+class Intake:
+    """The intake behind an httpx.MockTransport: each request's events (decoded from the
+    /array body) and its answer, chosen by `answer(events)`."""
+
+    def __init__(self, answer: Callable[[list[str]], int]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[list[str], int]] = []
+        self.accepted: list[str] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        sent = [item["json"] for item in orjson.loads(request.read())]
+        status = self.answer(sent)
+        self.requests.append((sent, status))
+        if status < 300:
+            self.accepted += sent
+        return streamed(status, b"refused" if status >= 400 else b"")
+
+    def sink(self, max_body: int) -> IntakeSink:
+        cfg = IntakeConfig(url="https://127.0.0.1:9", key="K3y", gzip=False)
+        client = IntakeClient(cfg, transport=httpx.MockTransport(self.handle))
+        return IntakeSink(client, cfg.endpoint, False, max_body=max_body)
+
+
+# One body per event (each encodes to ~80 bytes), or two per body.
+ONE_PER_BODY, TWO_PER_BODY = 100, 180
+
+
+def test_bodies_after_a_400_are_sent_not_dead_lettered_with_it(tmp_path: Path) -> None:
+    # Regression: the bodies not yet sent got the first body's 400 and were dead-lettered as
+    # "intake answered 400" without ever reaching the intake.
+    intake = Intake(lambda sent: 400 if "event 0" in sent else 200)
+
+    async def main() -> None:
+        d, c, log, _ = make(tmp_path, FakeSink(), FakeSpool())
+        d.replace_sink(intake.sink(ONE_PER_BODY))
+        d.start()
+        d.submit(events(0, 3))
+        assert await d.drain(10)
+        await d.stop()
+        assert intake.requests == [(["event 0"], 400), (["event 1"], 200), (["event 2"], 200)]
+        assert intake.accepted == ["event 1", "event 2"]
+        assert [(x["event"], x["status"]) for x in dead_lines(tmp_path)] == [("event 0", 400)]
+        assert (c.dead_lettered_events, c.delivered_events, c.retries) == (1, 2, 0)
+        assert [f["events"] for f in log.named("dead_lettered")] == [1]
+
+    run(main())
+
+
+def test_bodies_after_a_413_are_sent_as_they_are_after_its_halves(tmp_path: Path) -> None:
+    # Regression: the untried bodies were split as if they had been refused as too large.
+    intake = Intake(lambda sent: 413 if "event 0" in sent and len(sent) > 1 else 200)
+
+    async def main() -> None:
+        d, c, log, _ = make(tmp_path, FakeSink(), FakeSpool())
+        d.replace_sink(intake.sink(TWO_PER_BODY))
+        d.start()
+        d.submit(events(0, 4))
+        assert await d.drain(10)
+        await d.stop()
+        assert [sent for sent, _ in intake.requests] == [
+            ["event 0", "event 1"], ["event 0"], ["event 1"], ["event 2", "event 3"]]
+        assert intake.accepted == [f"event {i}" for i in range(4)]  # in order
+        assert [f["events"] for f in log.named("intake_payload_too_large")] == [2]
+        assert c.dead_lettered_events == 0 and c.retries == 0
+
+    run(main())
+
+
+def test_bodies_after_a_failed_one_are_retried_with_it_in_order(tmp_path: Path) -> None:
+    answers = iter([200, 503])
+    intake = Intake(lambda sent: next(answers, 200))
+
+    async def main() -> None:
+        d, c, log, _ = make(tmp_path, FakeSink(), FakeSpool())
+        d.replace_sink(intake.sink(ONE_PER_BODY))
+        d.start()
+        d.submit(events(0, 4))
+        await until(lambda: len(intake.accepted) == 4)
+        await d.stop()
+        assert [sent for sent, _ in intake.requests] == [
+            ["event 0"], ["event 1"], ["event 1"], ["event 2"], ["event 3"]]
+        assert intake.accepted == [f"event {i}" for i in range(4)]
+        assert c.retries == 1 and c.dead_lettered_events == 0
+        assert [f["status"] for f in log.named("intake_retry")] == [503]
+
+    run(main())
+
+
+# -- reload -----------------------------------------------------------------------------------
+
+
+def test_a_replaced_sink_is_closed_after_a_request_that_raised(tmp_path: Path) -> None:
+    # Regression: `sending_on` stayed set when send raised, so the replaced sink was polled
+    # for (every 20 ms) until that worker happened to send again, and never closed meanwhile.
+    def boom(b: Batch) -> Outcome:
+        raise RuntimeError("a bug in the sink")
+
+    old, new = FakeSink(respond=boom), FakeSink()
+
+    async def main() -> None:
+        d, _, log, _ = make(tmp_path, old, FakeSpool())
+        d.start()
+        d.submit(events(0, 1))
+        await until(lambda: bool(log.named("delivery_bug")))
+        d.replace_sink(new)
+        await asyncio.wait_for(until(lambda: old.closed), 2)
+        assert new.attempts == [] and not new.closed  # no send was needed to close it
+        await d.stop()
+
+    run(main())

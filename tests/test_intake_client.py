@@ -159,3 +159,39 @@ def test_large_bodies_are_streamed_with_a_content_length(intake: FakeIntake,
     for r in reqs:
         assert "transfer-encoding" not in r["headers"]
         assert int(r["headers"]["content-length"]) == r["body_size"]
+
+
+def test_a_batch_of_several_bodies_stops_at_the_first_refused_one() -> None:
+    """After a body is not accepted the others are not sent, and carry no verdict of its:
+    NOT_SENT (delivery sends them again), never the refused body's 400."""
+    import httpx
+    import orjson
+
+    from haproxy_forwarder.batching import Batch
+    from haproxy_forwarder.config import IntakeConfig
+    from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink
+
+    seen: list[list[str]] = []
+
+    async def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append([x["json"] for x in orjson.loads(await request.aread())])
+
+        async def body() -> Any:
+            yield b'{"message": "malformed"}'
+
+        return httpx.Response(400, content=body())
+
+    cfg = IntakeConfig(url="https://127.0.0.1:9", key="K3y", gzip=False)
+    batch = Batch.from_events(["a", "b", "c"], ["2026-12-01T00:00:00.000Z"] * 3)
+
+    async def go() -> list[tuple[list[str], Kind, int | None]]:
+        sink = IntakeSink(IntakeClient(cfg, transport=httpx.MockTransport(refuse)), "array",
+                          False, max_body=100)  # one event per body
+        try:
+            return [(b.events(), o.kind, o.status) for b, o in await sink.send(batch)]
+        finally:
+            await sink.aclose()
+
+    assert asyncio.run(go()) == [(["a"], Kind.REJECTED, 400), (["b"], Kind.NOT_SENT, None),
+                                 (["c"], Kind.NOT_SENT, None)]
+    assert seen == [["a"]]

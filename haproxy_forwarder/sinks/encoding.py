@@ -108,13 +108,15 @@ def body(
 
 
 def bodies_bounded(
-    batch: Batch, endpoint: str, key: str, use_gzip: bool, gzip_impl: str | None = None
+    batch: Batch, endpoint: str, key: str, use_gzip: bool, gzip_impl: str | None = None,
+    limit: int = MAX_REQUEST_BYTES,
 ) -> list[tuple[Batch, bytes]]:
-    """Encode, halving the batch until every body is under the request limit."""
+    """Encode, halving the batch until every body is under `limit` (before compression):
+    the intake's request limit; tests lower it to get batches of several bodies."""
     data, size = body(batch, endpoint, key, use_gzip, gzip_impl)
-    if size <= MAX_REQUEST_BYTES or len(batch) == 1:
+    if size <= limit or len(batch) == 1:
         return [(batch, data)]
     left, right = batch.split()
-    return bodies_bounded(left, endpoint, key, use_gzip, gzip_impl) + bodies_bounded(
-        right, endpoint, key, use_gzip, gzip_impl
+    return bodies_bounded(left, endpoint, key, use_gzip, gzip_impl, limit) + bodies_bounded(
+        right, endpoint, key, use_gzip, gzip_impl, limit
     )

@@ -22,7 +22,7 @@ import orjson
 
 from .. import __version__
 from ..batching import Batch
-from ..config import IntakeConfig
+from ..config import MAX_REQUEST_BYTES, IntakeConfig
 from ..observability import logs
 from .encoding import bodies_bounded
 
@@ -47,6 +47,9 @@ class Kind(enum.Enum):
     AUTH = "auth"  # 401/403/404...: configuration problem, retried slowly and loudly
     TOO_LARGE = "too_large"  # 413: split and retry the halves
     REJECTED = "rejected"  # 400: never retried, dead-lettered
+    # A body of the batch never sent (an earlier body was not accepted): no verdict on its
+    # events, which are sent again (worker.judge), never judged by another body's answer.
+    NOT_SENT = "not_sent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +144,14 @@ def _ssl_context(cfg: IntakeConfig) -> ssl.SSLContext:
 
 
 class IntakeClient:
-    """Keep-alive HTTPS client for one intake endpoint."""
+    """Keep-alive HTTPS client for one intake endpoint.
 
-    def __init__(self, cfg: IntakeConfig) -> None:
+    `transport` replaces the network (tests: httpx.MockTransport); None in the daemon.
+    """
+
+    def __init__(
+        self, cfg: IntakeConfig, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         self.cfg = cfg
         self.url = cfg.endpoint_url
         self.key = cfg.key.get_secret_value() if cfg.key is not None else ""
@@ -161,8 +169,10 @@ class IntakeClient:
             headers=headers,
             verify=_ssl_context(cfg),
             proxy=cfg.proxy,
-            # trust_env keeps HTTPS_PROXY / NO_PROXY working when intake.proxy is unset.
-            trust_env=True,
+            # trust_env keeps HTTPS_PROXY / NO_PROXY working when intake.proxy is unset
+            # (not with a transport of the caller's: the environment must not divert it).
+            trust_env=transport is None,
+            transport=transport,
             timeout=httpx.Timeout(cfg.timeout, connect=min(cfg.timeout, 10.0)),
             limits=httpx.Limits(
                 max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
@@ -240,13 +250,21 @@ class IntakeClient:
         await self._client.aclose()
 
 
-class IntakeSink:
-    """Encodes a batch for the configured endpoint and POSTs it (the key is inserted here)."""
+NOT_SENT = Outcome(Kind.NOT_SENT, None, "not sent: an earlier body of the batch failed")
 
-    def __init__(self, client: IntakeClient, endpoint: str, use_gzip: bool) -> None:
+
+class IntakeSink:
+    """Encodes a batch for the configured endpoint and POSTs it (the key is inserted here).
+
+    `max_body`: bodies are halved until under it (the intake's request limit; tests lower it).
+    """
+
+    def __init__(self, client: IntakeClient, endpoint: str, use_gzip: bool, *,
+                 max_body: int = MAX_REQUEST_BYTES) -> None:
         self.client = client
         self.endpoint = endpoint
         self.use_gzip = use_gzip
+        self.max_body = max_body
         # One thread encodes for every worker, not one each: glibc gives each thread that
         # allocates its own arena, which keeps the freed bodies of its busiest moment resident
         # (measured: ~2.5 MiB per thread through a burst). Assembly and gzip of a 5000-event
@@ -254,7 +272,8 @@ class IntakeSink:
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encode")
 
     def _bodies(self, batch: Batch) -> list[tuple[Batch, bytes]]:
-        return bodies_bounded(batch, self.endpoint, self.client.key, self.use_gzip)
+        return bodies_bounded(batch, self.endpoint, self.client.key, self.use_gzip,
+                              limit=self.max_body)
 
     async def send(self, batch: Batch) -> list[tuple[Batch, Outcome]]:
         # Off the event loop: gzip releases the GIL, so listeners keep reading meanwhile.
@@ -265,9 +284,11 @@ class IntakeSink:
             outcome = await self.client.post(body)
             out.append((b, outcome))
             if outcome.kind is not Kind.DELIVERED:
-                # Don't push the other parts at an intake that just failed; they are retried.
-                skipped = dataclasses.replace(outcome, elapsed=None)
-                out += [(rest, skipped) for rest, _ in parts[len(out) :]]
+                # Don't push the other parts at an intake that just failed, nor ahead of the
+                # halves of a 413 (order): they are sent again, and their events judged only
+                # by an answer to a request that carried them (never dead-lettered for this
+                # body's 400, nor split for its 413).
+                out += [(rest, NOT_SENT) for rest, _ in parts[len(out) :]]
                 break
         return out
 
