@@ -79,6 +79,13 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class Resend:
+    """Parts never sent (an earlier body was not accepted): sent next, without a wait."""
+
+    batch: Batch
+
+
+@dataclass(frozen=True, slots=True)
 class Retry:
     """Nothing of the part went through: send it all again after the wait."""
 
@@ -93,36 +100,52 @@ class RetryPartial:
     outcome: Outcome
 
 
-Action = Delivered | Split | DeadLetter | Retry | RetryPartial
+Action = Delivered | Split | DeadLetter | Resend | Retry | RetryPartial
 
 
 def judge(part: Batch, answers: list[tuple[Batch, Outcome]]) -> list[Action]:
-    """The actions for one attempt at `part`; at most one Retry/RetryPartial, last."""
+    """The actions for one attempt at `part`; at most one Retry/RetryPartial, last.
+
+    Parts never sent are judged by no other part's answer: they join the retry if there is
+    one (in order), else they are sent next (Resend, after the halves of a 413).
+    """
     actions: list[Action] = []
     failed: list[tuple[Batch, Outcome]] = []
+    again: list[Batch] = []  # failed and unsent parts, in order
+    unsent: list[Batch] = []
     for sent, outcome in answers:
         kind = outcome.kind
         if kind is Kind.DELIVERED:
             actions.append(Delivered(sent))
+        elif kind is Kind.NOT_SENT:
+            unsent.append(sent)
+            again.append(sent)
         elif kind in (Kind.RETRY, Kind.AUTH):
             failed.append((sent, outcome))
+            again.append(sent)
         elif kind is Kind.TOO_LARGE and len(sent) > 1:
             actions.append(Split(sent.split()))
         elif kind is Kind.TOO_LARGE and sent.nbytes < INTAKE_EVENT_LIMIT:
             # One event the intake takes refused as too large: a body limit in between (a
             # proxy), a configuration problem. Kept and retried slowly, never dead-lettered.
             failed.append((sent, outcome))
+            again.append(sent)
         else:  # 400/422, or 413 on one event over the intake's limit: never taken
             actions.append(
                 DeadLetter(sent, f"intake answered {outcome.status}", outcome.status,
                            outcome.detail)
             )
-    if failed:
+    if len(unsent) == len(answers) and answers:
+        # Nothing was sent at all (a sink that gave up at once): a retry, after a wait.
+        actions.append(Retry(answers[0][1]))
+    elif failed:
         first = failed[0][1]
-        if len(failed) == len(answers):
+        if len(again) == len(answers):
             actions.append(Retry(first))
         else:
-            actions.append(RetryPartial(Batch.join([b for b, _ in failed]), first))
+            actions.append(RetryPartial(Batch.join(again), first))
+    elif unsent:
+        actions.append(Resend(Batch.join(unsent)))
     return actions
 
 
@@ -229,8 +252,12 @@ class Worker:
                 entry.on_wire = True
                 # Read per attempt: after a reload, the retry goes with the new key and URL.
                 self.sending_on = sink = self.sink
-                answers = await sink.send(part)
-                self.sending_on = None
+                try:
+                    answers = await sink.send(part)
+                finally:
+                    # Also when send raises: a replaced sink is closed once no worker is in
+                    # a request on it (Delivery._close_when_idle), not at this worker's next.
+                    self.sending_on = None
                 # Not in a `finally`: if cancelled mid-request (shutdown), the flag must stay
                 # set so stop() counts the request as in doubt.
                 entry.on_wire = False
@@ -240,7 +267,7 @@ class Worker:
                     if outcome.elapsed is not None:  # one per HTTP request actually made
                         requests.observe(outcome.elapsed, outcome.status)
                 again: Retry | RetryPartial | None = None
-                splits: list[Batch] = []
+                splits: list[Batch] = []  # the halves of a 413, then the parts never sent
                 for action in judge(part, answers):
                     if isinstance(action, Delivered):
                         host.body_limit_reported = False
@@ -252,6 +279,8 @@ class Worker:
                                          events=len(action.halves[0]) + len(action.halves[1]),
                                          action="split in halves")
                         splits.extend(action.halves)
+                    elif isinstance(action, Resend):
+                        splits.append(action.batch)
                     elif isinstance(action, DeadLetter):
                         dead.append(host.dead_letter_later(
                             action.batch, action.reason, action.status, action.detail))
