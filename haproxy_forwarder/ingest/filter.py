@@ -30,10 +30,3 @@ class ProgramFilter:
             raise ValueError("needs at least one non-empty program name prefix")
         self.programs = tuple(p.encode() for p in programs)
         self.keep_tag = tuple(p.encode() for p in keep_tag if p)
-
-    def accepts(self, frame: bytes, start: int, end: int) -> bool:
-        # startswith with a span: no slice, no object for the messages we drop.
-        return frame.startswith(self.programs, start, end)
-
-    def keeps_tag(self, frame: bytes, start: int, end: int) -> bool:
-        return bool(self.keep_tag) and frame.startswith(self.keep_tag, start, end)
