@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import re
 import ssl
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from .config import Settings, TlsConfig
@@ -101,6 +102,14 @@ def tls_problem(settings: Settings) -> str | None:
     if cfg.allowed_names and cfg.client_ca_file is None:
         return ("tls.allowed_names: needs tls.client_ca_file (names are those of client "
                 "certificates signed by that CA)")
+    for pattern in cfg.allowed_names:
+        if not _ascii_name(pattern):
+            # Not converted with Python's idna codec: it is IDNA 2003 (nameprep folds
+            # compatibility characters, ß becomes ss), so the A-label it made could differ
+            # from the one in the certificate. The operator copies the name it holds.
+            return (f"tls.allowed_names: {pattern!r} is not an ASCII name: certificates "
+                    "carry internationalized names as IDNA A-labels (xn--...), and names are "
+                    "compared as ASCII, as rsyslog does: write the A-label")
     if not tls_needed(settings) and cfg.cert_file is None and cfg.key_file is None:
         return None
     try:
@@ -117,6 +126,13 @@ def peer_names(cert: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))  # the CN is often a SAN too
 
 
+def _ascii_name(name: str) -> bool:
+    """Printable ASCII only (IDNA A-labels are): no control byte, no NUL, nothing that
+    str.lower() or a Unicode-aware match could fold onto an ASCII letter (U+212A KELVIN SIGN
+    lowers to "k")."""
+    return name.isascii() and name.isprintable() and bool(name)
+
+
 @functools.lru_cache(maxsize=256)
 def _name_pattern(pattern: str) -> re.Pattern[str]:
     """`*` is any run of characters within one DNS label, `?` one character; the rest is
@@ -131,11 +147,18 @@ def _name_pattern(pattern: str) -> re.Pattern[str]:
 
 def name_allowed(names: Iterable[str], patterns: list[str]) -> bool:
     """Any of the peer's names (CN and DNS SANs, as rsyslog's x509/name checks both) matches
-    one of the patterns, case-insensitive as DNS names are; no pattern: any name."""
+    one of the patterns, case-insensitive as DNS names are (A-Z only); no pattern: any name.
+
+    Names are compared as ASCII, as rsyslog compares them: a name holding anything else
+    (a CN "\u212aafka.example.org", which Unicode lowercasing turns into "kafka...") matches
+    no pattern. Patterns are ASCII (tls_problem refuses the rest); one that is not matches
+    nothing, should it come from elsewhere."""
     if not patterns:
         return True
-    compiled = [_name_pattern(p) for p in patterns]
-    return any(rx.fullmatch(n.lower()) for n in names for rx in compiled)
+    compiled = [_name_pattern(p) for p in patterns if _ascii_name(p)]
+    # On ASCII text str.lower() maps A-Z only.
+    ascii_names = [n.lower() for n in names if _ascii_name(n)]
+    return any(rx.fullmatch(n) for n in ascii_names for rx in compiled)
 
 
 def _fingerprint(cfg: TlsConfig) -> str:
@@ -144,6 +167,57 @@ def _fingerprint(cfg: TlsConfig) -> str:
     for path in (cfg.cert_file, cfg.key_file, cfg.client_ca_file):
         h.update(path.read_bytes() if path is not None and path.is_file() else b"-")
     return h.hexdigest()[:16]
+
+
+H = TypeVar("H", bound=Hashable)
+
+
+class HandshakeSlots(Generic[H]):
+    """Who holds the slots of tls.max_handshakes, over every TLS listener of the process:
+    per peer address, oldest first.
+
+    When they are all taken, a new connection does not wait behind silent sockets (as TCP's
+    eviction at listen.max_connections, the oldest goes): `victim` names the handshake to
+    close for it. An honest handshake takes a few round trips, so the oldest one still
+    holding a slot is the most stalled; it is taken from the address holding the most, so
+    one address (or a few) cannot keep every slot: a flood displaces its own handshakes, and
+    the one handshake of an honest sender is the last to go. Pure; no clock (the order of
+    arrival is the age).
+    """
+
+    def __init__(self) -> None:
+        self._order = itertools.count()
+        # address -> {handshake: arrival number}, in arrival order.
+        self.by_address: dict[str, dict[H, int]] = {}
+        self.count = 0
+
+    def add(self, h: H, address: str) -> None:
+        self.by_address.setdefault(address, {})[h] = next(self._order)
+        self.count += 1
+
+    def remove(self, h: H, address: str) -> bool:
+        held = self.by_address.get(address)
+        if held is None or held.pop(h, None) is None:
+            return False
+        if not held:
+            del self.by_address[address]
+        self.count -= 1
+        return True
+
+    def victim(self, address: str) -> H | None:
+        """The handshake to close so that a new one of `address` can start: the oldest of the
+        address that would hold the most (the newcomer counted in its own address's share;
+        a tie goes to the one whose oldest came first). None if none is held.
+
+        O(addresses holding a slot), run only when every slot is taken."""
+        best: H | None = None
+        best_key = (0, 0)
+        for addr, held in self.by_address.items():
+            h, arrival = next(iter(held.items()))
+            key = (-(len(held) + (addr == address)), arrival)
+            if best is None or key < best_key:
+                best, best_key = h, key
+        return best
 
 
 @dataclass(eq=False)
@@ -156,7 +230,12 @@ class ServerTls:
     max_handshakes: int = 256
     fingerprint: str = ""
     # Handshakes under way over every TLS listener: the cap is per process (it bounds CPU).
-    handshaking: int = 0
+    # Shared by copy() (a refused reload puts the settings back, not the handshakes).
+    slots: HandshakeSlots[Any] = field(default_factory=HandshakeSlots)
+
+    @property
+    def handshaking(self) -> int:
+        return self.slots.count
 
     def install(self, context: ssl.SSLContext, cfg: TlsConfig) -> bool:
         """New connections from now on get `context`; True if the files changed."""

@@ -253,15 +253,19 @@ def test_plain_tcp_client_closed_after_the_timeout_others_unharmed(
 
 
 def test_handshake_cap(intake: FakeIntake, daemon: MakeDaemon, pki: Pki) -> None:
+    """At tls.max_handshakes a new connection takes the slot of the oldest stalled handshake
+    (of the address holding the most: here the only one); the cap itself holds."""
     d = start(daemon, intake, pki, max_handshakes=3, handshake_timeout=30.0)
     port = tls_ports(d)[0]
     stalled = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
     assert wait_until(lambda: value(scrape(d.status_port), "tls_handshakes_in_progress") == 3)
-    extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+    stalled.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    oldest = stalled.pop(0)
     with contextlib.suppress(ConnectionResetError):
-        assert extra.recv(1) == b""
-    extra.close()
+        assert oldest.recv(1) == b""  # closed (reset) for the newcomer
+    oldest.close()
     assert wait_until(lambda: refusals(d, "too_many_handshakes") == 1, 5)
+    assert value(scrape(d.status_port), "tls_handshakes_in_progress") == 3
     # A slot freed, a real client gets in.
     stalled.pop().close()
     assert wait_until(lambda: value(scrape(d.status_port), "tls_handshakes_in_progress") == 2)

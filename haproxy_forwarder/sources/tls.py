@@ -5,8 +5,10 @@ uvloop's built-in TLS a failed or timed-out handshake never reaches the protocol
 (connection_made is not called), so refused peers could be neither counted nor logged, and
 the handshakes in progress could not be capped. Here each accepted socket gets a `TlsLayer`:
 it screens the peer (allow-list, per-address cap) before spending a handshake on it, holds a
-slot of tls.max_handshakes, runs the handshake incrementally as bytes come (a slow peer never
-holds up the loop), arms tls.handshake_timeout, checks the client certificate's name, and
+slot of tls.max_handshakes (every slot taken: the oldest handshake of the address holding the
+most is closed for it, so silent sockets cannot lock senders out; tlscontext.HandshakeSlots),
+runs the handshake incrementally as bytes come (a slow peer never holds up the loop), arms
+tls.handshake_timeout, checks the client certificate's name, and
 only then creates the inner protocol and hands it a `TlsTransport`: a Transport that
 encrypts what is written and passes decrypted bytes to `data_received`. A refused peer is
 closed before any byte of it reaches the inner protocol.
@@ -40,7 +42,7 @@ from typing import Any, cast
 
 from ..config import ListenConfig
 from ..observability.counters import ListenerCounters, TlsCounters
-from ..tlscontext import ServerTls, name_allowed, peer_names
+from ..tlscontext import HandshakeSlots, ServerTls, name_allowed, peer_names
 from .base import SourceContext
 from .guard import QuietLog
 from .stream import peer_of
@@ -242,7 +244,9 @@ class TlsLayer(asyncio.Protocol):
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._timer: asyncio.TimerHandle | None = None
-        self._slot = False  # holds one of tls.max_handshakes
+        # The slots of tls.max_handshakes this layer holds one of, until its handshake ends.
+        self._slots: HandshakeSlots[TlsLayer] | None = None
+        self._started = 0.0  # time.monotonic() when it took its slot
         self._eof = False  # the raw socket's FIN came
         self._eof_told = False  # the inner protocol was told (once)
         self._transport: TlsTransport | None = None
@@ -261,13 +265,14 @@ class TlsLayer(asyncio.Protocol):
         if tls.context is None:  # config validation makes this unreachable; stay safe
             self._drop()
             return
-        if tls.handshaking >= tls.max_handshakes:
+        if not self._make_room(tls):
             gate.refused("too_many_handshakes", self.peer, self.address,
                          max_handshakes=tls.max_handshakes)
             self._drop()
             return
-        tls.handshaking += 1
-        self._slot = True
+        self._slots = tls.slots
+        tls.slots.add(self, self.address)
+        self._started = time.monotonic()
         gate.start_handshake(self)
         self.context = tls.context
         self.sslobj = tls.context.wrap_bio(self._in, self._out, server_side=True)
@@ -344,6 +349,36 @@ class TlsLayer(asyncio.Protocol):
             return
         self._pump()  # application data that came with the client's Finished
 
+    def _make_room(self, tls: ServerTls) -> bool:
+        """Under tls.max_handshakes, by closing stalled handshakes if need be (a reload may
+        have lowered the cap: then several). False: no slot could be freed."""
+        while tls.handshaking >= tls.max_handshakes:
+            victim = tls.slots.victim(self.address)
+            before = tls.handshaking
+            if victim is None:
+                return False
+            victim.evict(tls.max_handshakes)
+            if tls.handshaking >= before:  # pragma: no cover - evict() gives its slot back
+                return False
+        return True
+
+    def evict(self, max_handshakes: int) -> None:
+        """Closed to give its slot to a new connection: every slot of tls.max_handshakes was
+        taken and this is the oldest handshake of the address holding the most. Counted as
+        too_many_handshakes (that is why it is closed), logged rate-limited (a flood evicts
+        thousands)."""
+        gate = self.gate
+        refused = gate.counters.refused
+        refused["too_many_handshakes"] = refused.get("too_many_handshakes", 0) + 1
+        gate.quiet.warning("tls_handshake_evicted", listener=gate.stats.name, peer=self.peer,
+                           age=round(time.monotonic() - self._started, 3),
+                           max_handshakes=max_handshakes,
+                           reason="tls.max_handshakes reached: the oldest handshake of the "
+                                  "address holding the most makes room",
+                           action="closed before any byte of it was read")
+        self._end_handshake()
+        self._drop()
+
     def _timed_out(self) -> None:
         self._timer = None
         if self.inner is None and self.raw is not None:
@@ -359,9 +394,9 @@ class TlsLayer(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._slot:
-            self._slot = False
-            self.gate.server_tls.handshaking -= 1
+        if self._slots is not None:
+            self._slots.remove(self, self.address)
+            self._slots = None
         self.gate.end_handshake(self)
 
     def _drop(self, flush: bool = False) -> None:
