@@ -10,19 +10,26 @@ spool recovered; not ready again from the moment shutdown starts, while it drain
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from ..sources.guard import QuietLog
 from .counters import Registry
 from .prometheus import collector_registry, exposition
 
 MAX_REQUEST = 8192
+# The whole request head must come within this, however it trickles.
 READ_TIMEOUT = 5.0
-# Connections served at once; more are closed at once. Scrapers and probes need a few; idle
-# connections past it would only take descriptors the syslog listeners need.
+# A client that does not read its answer is closed after this.
+WRITE_TIMEOUT = 10.0
+# Connections served at once. Scrapers and probes need a few; idle connections past it would
+# only take descriptors the syslog listeners need. At the cap a new connection takes the
+# place of the oldest one (one still sending its request first: idle or trickling; then one
+# not reading its answer): a probe answers in a millisecond, so sockets held open by a slow
+# or idle client can no longer lock /healthz out and have a health check kill a daemon that
+# works.
 MAX_CONNECTIONS = 16
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
@@ -57,7 +64,13 @@ class StatusServer:
         self.log = log
         self.metrics = collector_registry(registry)
         self.server: asyncio.Server | None = None
-        self.active = 0
+        # Connections being served, oldest first -> True while their request is still coming.
+        self.clients: dict[asyncio.StreamWriter, bool] = {}
+        self.quiet = QuietLog(log)
+
+    @property
+    def active(self) -> int:
+        return len(self.clients)
 
     async def start(self) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._handle, self.host, self.port,
@@ -71,14 +84,28 @@ class StatusServer:
             await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
-        self.active += 1
+        while len(self.clients) >= MAX_CONNECTIONS:
+            self._evict()
+        self.clients[writer] = True
         try:
             await self._serve(reader, writer)
         finally:
-            self.active -= 1
+            self.clients.pop(writer, None)
+
+    def _evict(self) -> None:
+        """Make room for a new connection: close the oldest one still sending its request, or
+        else the oldest one being answered (rate-limited warning: a flood repeats it)."""
+        victim = next((w for w, reading in self.clients.items() if reading),
+                      next(iter(self.clients)))
+        reading = self.clients.pop(victim)
+        peer = victim.get_extra_info("peername")
+        self.quiet.warning("status_connection_evicted",
+                           peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+                           state="sending its request" if reading else "not reading its answer",
+                           reason=f"status endpoint at {MAX_CONNECTIONS} connections",
+                           action="closed for a new connection")
+        # Its handler sees the connection lost and ends (its finally finds it gone already).
+        victim.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -91,14 +118,21 @@ class StatusServer:
                 ConnectionError):
             writer.close()
             return
+        if writer in self.clients:
+            self.clients[writer] = False  # answered: evicted after those still asking
         writer.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n"
             % (status, _REASONS.get(status, b"Error"), ctype, len(body))
             + body
         )
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
+        try:
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        except TimeoutError:
+            writer.transport.abort()
+            return
+        except ConnectionError:
+            pass
         writer.close()
 
     def _route(self, method: bytes, path: bytes, head: bytes) -> tuple[int, bytes, bytes]:
