@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed$(if $(NO_EXTENSIONS),-pure)
 # and in use: a build that fell back to pure Python fails `make test` instead of passing slowly.
 EXPECT_COMPILED := $(if $(and $(CYTHON_SOURCES),$(if $(NO_EXTENSIONS),,1)),1,0)
 
-.PHONY: run test lint bench clean deb asan fuzz
+.PHONY: run test lint bench clean deb asan fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,16 +34,25 @@ run: $(STAMP)
 	$(BIN)/haproxy-forwarder --config config/haproxy-forwarder.toml run --dry-run
 
 test: $(STAMP)
-	$(BIN)/ruff check haproxy_forwarder devtools tests bench fuzz setup.py
-	$(BIN)/mypy haproxy_forwarder devtools bench fuzz
+	$(BIN)/ruff check haproxy_forwarder devtools tests bench fuzz soak setup.py
+	$(BIN)/mypy haproxy_forwarder devtools bench fuzz soak
 	HAPROXY_FORWARDER_EXPECT_COMPILED=$(EXPECT_COMPILED) $(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check haproxy_forwarder devtools tests bench fuzz setup.py
-	$(BIN)/mypy haproxy_forwarder devtools bench fuzz
+	$(BIN)/ruff check haproxy_forwarder devtools tests bench fuzz soak setup.py
+	$(BIN)/mypy haproxy_forwarder devtools bench fuzz soak
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The chaos soak with its event ledger (soak/, docs/reliability.md): the real daemon under a
+# fault schedule drawn from a seed, TCP, RELP (real rsyslog omrelp) and UDP senders; exits
+# non-zero on any event not accounted for. Needs rsyslog and rsyslog-relp; mounts an 8 MiB
+# tmpfs for the spool when run as root. E.g. make soak SOAK_ARGS="--minutes 2 --seed 7".
+SOAK_MINUTES ?= 10
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(BIN)/python -m soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 # The Debian package (dh-virtualenv, debian/): built from a copy of the project's sources under
 # $(DEB_BUILD), so no build product lands in the tree; the .deb goes to $(DEB_DIST) and its

@@ -1,0 +1,372 @@
+"""The event ledger: what was sent, against what the intake took and the dead letters hold,
+every difference explained by a cause or counted as unaccounted. Pure: data in, a report out.
+
+Every sent event ends in one of:
+- delivered (once, or more: each extra copy needs a cause, below);
+- dead-lettered (a line in spool.dir/dead-letter/, with its reason); an event dead-lettered
+  for a 400 must have been in a body the intake answered 400;
+- missing, and then explained by exactly one of:
+    udp_while_down     UDP sent while no daemon was reading (stopping, killed, starting);
+    send_failed        part of a TCP write that failed (the connection reset by a kill);
+    kill_in_flight     TCP/UDP sent to a run later killed (-9), past what that run had read
+                       at the scrape just before the kill: in kernel buffers or read after it;
+    kill_in_memory     TCP/UDP read by a killed run before that scrape: bounded by the
+                       run's events_held{where="memory"} then (what a kill -9 may lose);
+    corrupt            in the un-acked spool record the soak damaged: bounded by the
+                       daemon's dropped_events{reason="spool_corrupt"};
+    udp_counted        UDP: bounded by udp_dropped + udp_kernel_dropped (beside the identity);
+    dropped            bounded by the daemon's dropped_events{reason} over all its runs;
+  what exceeds a bound is UNACCOUNTED (and so is a RELP event lost to a kill: rsyslog resends
+  whatever was not acknowledged, so RELP has no kill_* cause).
+
+A copy beyond the first is explained when the earlier outcome was uncertain (no answer
+written, an answer after intake.timeout, or an answer in the last second of its process),
+when a kill -9 came between the two, or, for RELP, when the daemon stopped between the
+event's sending and the later copy (omrelp resends what was not answered); else it is an
+unexplained duplicate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .events import MAYBE, SOURCE_NAMES, SOURCES, UNSENT, SentLog, unkey
+from .intake import Request
+from .metrics import Scrape
+from .spoolfault import Flip
+
+DROP_REASONS = ("spool_full", "spool_corrupt", "dead_letter_full", "dead_letter_failed",
+                "shutdown")
+# An answer written this close to its process's exit may have come too late to be acked.
+EXIT_MARGIN = 1.0
+# An answer this close to intake.timeout may have come after the daemon gave up.
+TIMEOUT_MARGIN = 0.3
+
+
+@dataclass
+class RunInfo:
+    """One daemon process: when it ran, how it ended, what it said about itself."""
+
+    index: int
+    config: dict[str, Any]
+    t_spawn: float
+    t_started: float = float("inf")
+    t_signal: float = float("inf")  # the stop signal (or the kill)
+    t_exit: float = float("inf")
+    end: str = ""  # "term", "kill", "final", "died" (exited by itself)
+    last: Scrape | None = None  # the last /metrics answer
+    first: Scrape | None = None  # the first, after start (recovery counts)
+    before_kill: Scrape | None = None
+    stopped: dict[str, Any] | None = None  # its `stopped` log line
+    opened: dict[str, Any] | None = None  # its spool_opened / spool_recovered_* line
+    flip: Flip | None = None  # done after this run stopped, before the next
+    reloads: int = 0
+    reload_failures: int = 0
+
+    def counter(self, flat: str, metric: str | None = None) -> int:
+        """The run's final value of a counter: the `stopped` line when there is one, else
+        the last scrape (stale for a killed run: what it did after that is unknown)."""
+        if self.stopped is not None and flat in self.stopped:
+            return int(self.stopped[flat])
+        scrape = self.before_kill or self.last
+        if scrape is None:
+            return 0
+        return int(scrape.get(metric or f"{flat}_total"))
+
+    def drops(self) -> dict[str, int]:
+        """dropped_events by reason: the last scrape's labels, and whatever the `stopped`
+        line adds after it (only shutdown can drop once the status endpoint is closed)."""
+        scrape = self.before_kill or self.last
+        out = {r: 0 for r in DROP_REASONS}
+        if scrape is not None:
+            for reason, v in scrape.by_label("dropped_events_total", "reason").items():
+                out[reason] = out.get(reason, 0) + int(v)
+        late = self.counter("dropped_events") - sum(out.values())
+        if late > 0:
+            out["shutdown"] += late
+        return out
+
+
+@dataclass
+class DeadLetter:
+    key: int
+    reason: str
+    status: int | None
+
+
+@dataclass
+class Report:
+    sent: dict[str, int] = field(default_factory=dict)
+    maybe: dict[str, int] = field(default_factory=dict)
+    delivered_once: int = 0
+    duplicated_events: int = 0
+    extra_copies: Counter[str] = field(default_factory=Counter)
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    dead_letter_not_carried: int = 0
+    missing: Counter[str] = field(default_factory=Counter)  # cause -> events
+    missing_by_source: Counter[str] = field(default_factory=Counter)
+    bounds: dict[str, tuple[int, int]] = field(default_factory=dict)  # cause -> (used, bound)
+    unaccounted: Counter[str] = field(default_factory=Counter)
+    phantom: int = 0
+    altered: int = 0
+    foreign: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    udp_counters: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def example(self, what: str, text: str) -> None:
+        ex = self.examples.setdefault(what, [])
+        if len(ex) < 5:
+            ex.append(text)
+
+    @property
+    def failed(self) -> bool:
+        return bool(sum(self.unaccounted.values()) or self.phantom or self.altered
+                    or self.foreign or self.dead_letter_not_carried
+                    or self.extra_copies.get("UNEXPLAINED") or self.problems)
+
+
+@dataclass
+class Inputs:
+    logs: dict[str, SentLog]
+    delivered: list[Request]
+    refused_400: list[Request]
+    dead_letters: list[DeadLetter]
+    runs: list[RunInfo]
+    flips: list[Flip]
+    intake_timeout: float
+    altered: int = 0
+    foreign: int = 0
+
+
+class _Outcome:
+    """Where one copy of an event went: a request of the intake (2xx or 400)."""
+
+    __slots__ = ("answered", "t0", "t1")
+
+    def __init__(self, r: Request) -> None:
+        self.t0, self.t1, self.answered = r.t0, r.t1, r.answered
+
+
+class Ledger:
+    def __init__(self, inp: Inputs) -> None:
+        self.inp = inp
+        self.report = Report()
+        runs = inp.runs
+        self._spawns = [r.t_spawn for r in runs]
+        self._stops = sorted(r.t_signal for r in runs if r.t_signal != float("inf"))
+        self._kills = sorted(r.t_signal for r in runs if r.end == "kill")
+
+    # -- helpers ------------------------------------------------------------------------------
+    def run_at(self, t: float) -> RunInfo | None:
+        i = bisect.bisect_right(self._spawns, t) - 1
+        return self.inp.runs[i] if i >= 0 else None
+
+    def _uncertain(self, o: _Outcome) -> bool:
+        if not o.answered or o.t1 - o.t0 >= self.inp.intake_timeout - TIMEOUT_MARGIN:
+            return True
+        run = self.run_at(o.t0)
+        return run is not None and o.t1 >= run.t_exit - EXIT_MARGIN
+
+    def _between(self, times: list[float], a: float, b: float) -> bool:
+        i = bisect.bisect_right(times, a)
+        return i < len(times) and times[i] < b
+
+    def _copy_cause(self, src: str, sent_t: float, prev: _Outcome, nxt: _Outcome) -> str:
+        if self._between(self._kills, prev.t0, nxt.t0):
+            return "after kill -9"
+        if self._uncertain(prev):
+            return "after an uncertain delivery"
+        if src == "R" and self._between(self._stops, sent_t, nxt.t0):
+            return "RELP resend after a stop"
+        return "UNEXPLAINED"
+
+    # -- the ledger ---------------------------------------------------------------------------
+    def build(self) -> Report:
+        inp, rep = self.inp, self.report
+        rep.altered, rep.foreign = inp.altered, inp.foreign
+        n = {src: len(inp.logs[src]) for src in SOURCES}
+        outcomes: dict[str, array[int]] = {s: array("H", bytes(2 * n[s])) for s in SOURCES}
+        first: dict[str, array[int]] = {s: array("i", [-1]) * n[s] for s in SOURCES}
+        requests: list[_Outcome] = []
+        extra: dict[int, list[int]] = {}
+
+        def note(k: int, req: int) -> None:
+            src, seq = unkey(k)
+            if seq >= n[src] or inp.logs[src].states[seq] == UNSENT:
+                rep.phantom += 1
+                rep.example("phantom", f"{src}{seq:09d}")
+                return
+            if outcomes[src][seq] == 0:
+                first[src][seq] = req
+            else:
+                extra.setdefault(k, [first[src][seq]]).append(req)
+            outcomes[src][seq] = min(outcomes[src][seq] + 1, 65535)
+
+        for r in inp.delivered:
+            requests.append(_Outcome(r))
+            for k in r.ids:
+                note(k, len(requests) - 1)
+        # Dead letters: each is an outcome too; a 400 one is matched to the 400 request that
+        # carried it (FIFO per event), the others have no request (kept as their own copy).
+        carried: dict[int, list[int]] = {}
+        for r in inp.refused_400:
+            requests.append(_Outcome(r))
+            for k in r.ids:
+                carried.setdefault(k, []).append(len(requests) - 1)
+        for dl in inp.dead_letters:
+            rep.dead_lettered[f"{dl.reason} ({dl.status})"] += 1
+            reqs = carried.get(dl.key)
+            if dl.status == 400 and not reqs:
+                rep.dead_letter_not_carried += 1
+                rep.example("dead-lettered for 400 but in no body answered 400",
+                            "{}{:09d}".format(*unkey(dl.key)))
+                continue
+            if reqs:
+                note(dl.key, reqs.pop(0))
+            else:
+                # No request to time it by (e.g. over 250 KiB): counted once, never a copy.
+                src, seq = unkey(dl.key)
+                if seq < n[src] and outcomes[src][seq] == 0:
+                    outcomes[src][seq] = 1
+                else:
+                    note(dl.key, -1)
+
+        self._duplicates(extra, requests)
+        self._missing(n, outcomes)
+        return rep
+
+    def _duplicates(self, extra: dict[int, list[int]], requests: list[_Outcome]) -> None:
+        rep = self.report
+        rep.duplicated_events = len(extra)
+        for k, reqs in extra.items():
+            src, seq = unkey(k)
+            sent_t = self.inp.logs[src].times[seq]
+            known = sorted((requests[i] for i in reqs if i >= 0), key=lambda o: o.t0)
+            if len(known) < len(reqs):
+                rep.extra_copies["UNEXPLAINED"] += len(reqs) - len(known)
+            for prev, nxt in itertools.pairwise(known):
+                cause = self._copy_cause(src, sent_t, prev, nxt)
+                rep.extra_copies[cause] += 1
+                if cause == "UNEXPLAINED":
+                    rep.example("unexplained duplicate",
+                                f"{src}{seq:09d}: copies at t={prev.t0:.2f}-{prev.t1:.2f} and "
+                                f"t={nxt.t0:.2f}-{nxt.t1:.2f}")
+
+    def _missing(self, n: dict[str, int], outcomes: dict[str, array[int]]) -> None:
+        inp, rep = self.inp, self.report
+        runs = inp.runs
+        flipped = {k for f in inp.flips if not f.acked for k in f.ids}
+        kill_mem: Counter[int] = Counter()  # run -> events read before its last scrape
+        pending: Counter[str] = Counter()  # cause -> events, before bounds
+        pending_src: dict[str, Counter[str]] = {}
+        for src in SOURCES:
+            log = inp.logs[src]
+            rep.sent[SOURCE_NAMES[src]] = sum(1 for s in log.states if s != UNSENT)
+            rep.maybe[SOURCE_NAMES[src]] = sum(1 for s in log.states if s == MAYBE)
+            got = outcomes[src]
+            for seq in range(n[src]):
+                state = log.states[seq]
+                if state == UNSENT:
+                    continue
+                if got[seq]:
+                    if got[seq] == 1:
+                        rep.delivered_once += 1
+                    continue
+                cause = self._cause(src, seq, state, runs, flipped, kill_mem)
+                pending[cause] += 1
+                pending_src.setdefault(cause, Counter())[SOURCE_NAMES[src]] += 1
+                rep.missing_by_source[SOURCE_NAMES[src]] += 1
+                if cause in ("dropped", "udp_counted", "corrupt", "RELP lost"):
+                    rep.example(f"missing ({cause})", f"{src}{seq:09d} sent at "
+                                f"t={log.times[seq]:.2f} to run {log.runs[seq]}")
+        self._bounds(pending, kill_mem)
+        for cause, by_src in pending_src.items():
+            rep.example("missing by source", f"{cause}: {dict(by_src)}")
+
+    def _cause(self, src: str, seq: int, state: int, runs: list[RunInfo], flipped: set[int],
+               kill_mem: Counter[int]) -> str:
+        log = self.inp.logs[src]
+        k = (SOURCES.index(src) << 40) | seq
+        if k in flipped:
+            return "corrupt"
+        if state == MAYBE:
+            return "send_failed"
+        run_i = log.runs[seq]
+        t = log.times[seq]
+        if src == "U" and (run_i < 0 or run_i >= len(runs) or t >= runs[run_i].t_signal):
+            return "udp_while_down"
+        if src in ("T", "U") and 0 <= run_i < len(runs) and runs[run_i].end == "kill":
+            run = runs[run_i]
+            scrape = run.before_kill or run.last
+            if scrape is None:
+                return "kill_in_flight"
+            if src == "T":
+                read = sum(v for name, v in
+                           scrape.by_label("received_bytes_total", "listener").items()
+                           if name.startswith("tcp://"))
+                after = log.offsets[seq] > read
+            else:
+                after = t > scrape.t
+            if after:
+                return "kill_in_flight"
+            kill_mem[run_i] += 1
+            return "kill_in_memory"
+        if src == "U":
+            return "udp_counted"
+        return "dropped"
+
+    def _bounds(self, pending: Counter[str], kill_mem: Counter[int]) -> None:
+        rep, runs = self.report, self.inp.runs
+        for cause in ("udp_while_down", "send_failed", "kill_in_flight"):
+            if pending[cause]:
+                rep.missing[cause] = pending[cause]
+        # kill -9: what a killed run had read and lost is at most what it held in memory.
+        used = bound = 0
+        for run_i, lost in kill_mem.items():
+            run = runs[run_i]
+            scrape = run.before_kill or run.last
+            held = int(scrape.by_label("events_held", "where").get("memory", 0)) if scrape else 0
+            used, bound = used + lost, bound + held
+            if lost > held:
+                rep.unaccounted["kill -9 lost more than it held in memory"] += lost - held
+                rep.example("kill -9 over its bound",
+                            f"run {run_i}: {lost} events read and lost, {held} held in memory")
+        if used:
+            rep.missing["kill_in_memory"] = used
+            rep.bounds["kill_in_memory"] = (used, bound)
+        drops: Counter[str] = Counter()
+        udp_pool = 0
+        for run in runs:
+            drops.update(run.drops())
+            udp_pool += run.counter("udp_dropped") + run.counter("udp_kernel_dropped")
+            for name in ("udp_dropped", "udp_kernel_dropped"):
+                rep.udp_counters[name] = rep.udp_counters.get(name, 0) + run.counter(name)
+        rep.drops = dict(drops)
+        corrupt_pool = drops["spool_corrupt"]
+        if pending["corrupt"]:
+            rep.missing["corrupt"] = pending["corrupt"]
+            rep.bounds["corrupt"] = (pending["corrupt"], corrupt_pool)
+            if pending["corrupt"] > corrupt_pool:
+                rep.unaccounted["damaged spool record, not counted spool_corrupt"] += (
+                    pending["corrupt"] - corrupt_pool)
+        pool = sum(drops.values()) - min(pending["corrupt"], corrupt_pool)
+        udp = pending["udp_counted"]
+        if udp:
+            from_udp = min(udp, udp_pool)
+            rep.missing["udp_counted"] = from_udp
+            rep.bounds["udp_counted"] = (from_udp, udp_pool)
+            # Past the UDP counters: lost with their batch in a counted drop, if any.
+            pending["dropped"] += udp - from_udp
+        if pending["dropped"]:
+            rep.missing["dropped"] = pending["dropped"]
+            rep.bounds["dropped"] = (pending["dropped"], max(pool, 0))
+            if pending["dropped"] > pool:
+                rep.unaccounted["lost, counted by no drop reason"] += pending["dropped"] - max(
+                    pool, 0)
