@@ -11,7 +11,7 @@ from pathlib import Path
 
 from devtools import REPO
 
-from .run import main_run
+from .run import main_run, replay
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--udp-rate", type=float, default=100.0, help="events/s over UDP")
     p.add_argument("--no-tmpfs", action="store_true",
                    help="keep the spool on disk (else an 8 MiB tmpfs when root may mount)")
+    p.add_argument("--replay", type=Path, default=None,
+                   help="rebuild the ledger from a run's ledger-inputs.pickle, print it")
     a = p.parse_args(argv)
+    if a.replay is not None:
+        return replay(a.replay)
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1, 10**6)
     work = a.work or REPO / "build" / "soak" / f"{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     rates = {"tcp": a.tcp_rate, "relp": a.relp_rate, "udp": a.udp_rate}

@@ -58,6 +58,14 @@ class SentLog:
     offsets: array[int] = field(default_factory=lambda: array("q"))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __getstate__(self) -> dict[str, object]:
+        # Saved with the ledger's inputs (--replay); the lock is not.
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
     def __len__(self) -> int:
         return len(self.states)
 

@@ -261,11 +261,10 @@ class Ledger:
 
     def _missing(self, n: dict[str, int], outcomes: dict[str, array[int]]) -> None:
         inp, rep = self.inp, self.report
-        runs = inp.runs
         flipped = {k for f in inp.flips if not f.acked for k in f.ids}
-        kill_mem: Counter[int] = Counter()  # run -> events read before its last scrape
-        pending: Counter[str] = Counter()  # cause -> events, before bounds
-        pending_src: dict[str, Counter[str]] = {}
+        pending: Counter[str] = Counter()  # cause -> events needing no counter
+        read: Counter[tuple[int, str]] = Counter()  # (run, source) -> events read and lost
+        by_src: dict[str, Counter[str]] = {}
         for src in SOURCES:
             log = inp.logs[src]
             rep.sent[SOURCE_NAMES[src]] = sum(1 for s in log.states if s != UNSENT)
@@ -279,94 +278,95 @@ class Ledger:
                     if got[seq] == 1:
                         rep.delivered_once += 1
                     continue
-                cause = self._cause(src, seq, state, runs, flipped, kill_mem)
-                pending[cause] += 1
-                pending_src.setdefault(cause, Counter())[SOURCE_NAMES[src]] += 1
+                cause = self._cause(src, seq, state, flipped)
+                if cause == "read":
+                    read[(log.runs[seq] if src != "R" else -1, src)] += 1
+                    rep.example(f"missing {SOURCE_NAMES[src]}, needing a counter",
+                                f"{src}{seq:09d} sent at t={log.times[seq]:.2f} to run "
+                                f"{log.runs[seq]}")
+                else:
+                    pending[cause] += 1
+                by_src.setdefault(cause, Counter())[SOURCE_NAMES[src]] += 1
                 rep.missing_by_source[SOURCE_NAMES[src]] += 1
-                if cause in ("dropped", "udp_counted", "corrupt", "RELP lost"):
-                    rep.example(f"missing ({cause})", f"{src}{seq:09d} sent at "
-                                f"t={log.times[seq]:.2f} to run {log.runs[seq]}")
-        self._bounds(pending, kill_mem)
-        for cause, by_src in pending_src.items():
-            rep.example("missing by source", f"{cause}: {dict(by_src)}")
+        self._bounds(pending, read)
+        for cause, counts in by_src.items():
+            rep.example("missing by source", f"{cause}: {dict(counts)}")
 
-    def _cause(self, src: str, seq: int, state: int, runs: list[RunInfo], flipped: set[int],
-               kill_mem: Counter[int]) -> str:
-        log = self.inp.logs[src]
-        k = (SOURCES.index(src) << 40) | seq
-        if k in flipped:
+    def _cause(self, src: str, seq: int, state: int, flipped: set[int]) -> str:
+        """Why (src, seq) may be missing without a counter, or "read": the daemon took it in
+        and must have counted its loss (or, killed, held it in memory)."""
+        log, runs = self.inp.logs[src], self.inp.runs
+        if (SOURCES.index(src) << 40) | seq in flipped:
             return "corrupt"
         if state == MAYBE:
             return "send_failed"
-        run_i = log.runs[seq]
-        t = log.times[seq]
+        if src == "R":
+            return "read"
+        run_i, t = log.runs[seq], log.times[seq]
         if src == "U" and (run_i < 0 or run_i >= len(runs) or t >= runs[run_i].t_signal):
             return "udp_while_down"
-        if src in ("T", "U") and 0 <= run_i < len(runs) and runs[run_i].end == "kill":
-            run = runs[run_i]
-            scrape = run.before_kill or run.last
-            if scrape is None:
-                return "kill_in_flight"
-            if src == "T":
-                read = sum(v for name, v in
-                           scrape.by_label("received_bytes_total", "listener").items()
-                           if name.startswith("tcp://"))
-                after = log.offsets[seq] > read
-            else:
-                after = t > scrape.t
-            if after:
-                return "kill_in_flight"
-            kill_mem[run_i] += 1
-            return "kill_in_memory"
-        if src == "U":
-            return "udp_counted"
-        return "dropped"
+        run = runs[run_i]
+        scrape = run.before_kill or run.last
+        if run.end != "kill":
+            return "read"
+        if scrape is None:
+            return "kill_in_flight"
+        if src == "T":
+            got = sum(v for name, v in scrape.by_label("received_bytes_total", "listener").items()
+                      if name.startswith("tcp://"))
+            return "kill_in_flight" if log.offsets[seq] > got else "read"
+        return "kill_in_flight" if t > scrape.t else "read"
 
-    def _bounds(self, pending: Counter[str], kill_mem: Counter[int]) -> None:
+    def _bounds(self, pending: Counter[str], read: Counter[tuple[int, str]]) -> None:
+        """Events the daemon read and lost, against its counters: per run, UDP's own drop
+        counters first, then (killed runs) what the run held in memory at its last scrape;
+        what is left against the drop reasons summed over all runs."""
         rep, runs = self.report, self.inp.runs
         for cause in ("udp_while_down", "send_failed", "kill_in_flight"):
             if pending[cause]:
                 rep.missing[cause] = pending[cause]
-        # kill -9: what a killed run had read and lost is at most what it held in memory.
-        used = bound = 0
-        for run_i, lost in kill_mem.items():
-            run = runs[run_i]
-            scrape = run.before_kill or run.last
-            held = int(scrape.by_label("events_held", "where").get("memory", 0)) if scrape else 0
-            used, bound = used + lost, bound + held
-            if lost > held:
-                rep.unaccounted["kill -9 lost more than it held in memory"] += lost - held
-                rep.example("kill -9 over its bound",
-                            f"run {run_i}: {lost} events read and lost, {held} held in memory")
-        if used:
-            rep.missing["kill_in_memory"] = used
-            rep.bounds["kill_in_memory"] = (used, bound)
         drops: Counter[str] = Counter()
-        udp_pool = 0
         for run in runs:
             drops.update(run.drops())
-            udp_pool += run.counter("udp_dropped") + run.counter("udp_kernel_dropped")
             for name in ("udp_dropped", "udp_kernel_dropped"):
                 rep.udp_counters[name] = rep.udp_counters.get(name, 0) + run.counter(name)
         rep.drops = dict(drops)
+        left = read[(-1, "R")]
+        udp_used = udp_bound = mem_used = mem_bound = 0
+        for run in runs:
+            udp = read[(run.index, "U")]
+            pool = run.counter("udp_dropped") + run.counter("udp_kernel_dropped")
+            from_udp = min(udp, pool)
+            udp_used, udp_bound = udp_used + from_udp, udp_bound + pool
+            rest = udp - from_udp + read[(run.index, "T")]
+            if run.end == "kill":
+                scrape = run.before_kill or run.last
+                held = int(scrape.by_label("events_held", "where").get("memory", 0)) if scrape \
+                    else 0
+                from_mem = min(rest, held)
+                mem_used, mem_bound = mem_used + from_mem, mem_bound + held
+                rest -= from_mem
+                if rest:
+                    rep.example("killed run that lost more than its memory and UDP counters",
+                                f"run {run.index}: {rest} events over (held {held}, udp "
+                                f"counters {pool})")
+            left += rest
+        if udp_used:
+            rep.missing["udp_counted"] = udp_used
+            rep.bounds["udp_counted"] = (udp_used, udp_bound)
+        if mem_used:
+            rep.missing["kill_in_memory"] = mem_used
+            rep.bounds["kill_in_memory"] = (mem_used, mem_bound)
         corrupt_pool = drops["spool_corrupt"]
         if pending["corrupt"]:
             rep.missing["corrupt"] = pending["corrupt"]
             rep.bounds["corrupt"] = (pending["corrupt"], corrupt_pool)
             if pending["corrupt"] > corrupt_pool:
-                rep.unaccounted["damaged spool record, not counted spool_corrupt"] += (
+                rep.unaccounted["in the damaged spool record, not counted spool_corrupt"] += (
                     pending["corrupt"] - corrupt_pool)
-        pool = sum(drops.values()) - min(pending["corrupt"], corrupt_pool)
-        udp = pending["udp_counted"]
-        if udp:
-            from_udp = min(udp, udp_pool)
-            rep.missing["udp_counted"] = from_udp
-            rep.bounds["udp_counted"] = (from_udp, udp_pool)
-            # Past the UDP counters: lost with their batch in a counted drop, if any.
-            pending["dropped"] += udp - from_udp
-        if pending["dropped"]:
-            rep.missing["dropped"] = pending["dropped"]
-            rep.bounds["dropped"] = (pending["dropped"], max(pool, 0))
-            if pending["dropped"] > pool:
-                rep.unaccounted["lost, counted by no drop reason"] += pending["dropped"] - max(
-                    pool, 0)
+        pool = max(sum(drops.values()) - min(pending["corrupt"], corrupt_pool), 0)
+        if left:
+            rep.missing["dropped"] = left
+            rep.bounds["dropped"] = (left, pool)
+            if left > pool:
+                rep.unaccounted["lost, counted by no drop reason"] += left - pool

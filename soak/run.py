@@ -8,8 +8,10 @@ permitted (root); otherwise on the work folder's disk, and only spool.max_size f
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -293,13 +295,30 @@ class Soak:
             refused_400=self.intake.refused_400, dead_letters=dead, runs=self.runs,
             flips=self.flips, intake_timeout=INTAKE_TIMEOUT,
             altered=len(self.intake.altered), foreign=len(self.intake.foreign))
+        # Kept, so the ledger can be rebuilt after the fact: python -m soak --replay FILE.
+        with (self.work / "ledger-inputs.pickle").open("wb") as f:
+            pickle.dump(inputs, f)
         report = Ledger(inputs).build()
+        self._continuity()
         report.problems += self.problems
         for req_no, text in self.intake.altered[:5]:
             report.example("altered", f"request {req_no}: {text}")
         for text in self.intake.foreign[:5]:
             report.example("foreign", text)
         return report
+
+    def _continuity(self) -> None:
+        """Across a clean stop (no byte flipped after it) the next run must find in the
+        spool exactly what the stopped one said it held."""
+        for prev, run in itertools.pairwise(self.runs):
+            if prev.end != "term" or prev.flip is not None or prev.stopped is None:
+                continue
+            held = prev.stopped.get("events_held")
+            recovered = run.counter("spool_recovered_events")
+            if held is not None and int(held) != recovered:
+                self.problems.append(
+                    f"run {prev.index} stopped holding {held} events, run {run.index} "
+                    f"recovered {recovered} from the spool")
 
     def _run_index(self) -> int:
         return self.current
@@ -427,4 +446,14 @@ def main_run(seed: int, minutes: float, work: Path, rates: dict[str, float], tmp
     print(text, flush=True)
     (work / "report.txt").write_text(text)
     log_file.close()
+    return 1 if report.failed else 0
+
+
+def replay(path: Path) -> int:
+    """The ledger of a finished run again, from its saved inputs (no daemon runs)."""
+    with path.open("rb") as f:
+        inputs = pickle.load(f)  # our own file, written by the run above
+    report = Ledger(inputs).build()
+    for k, v in sorted(vars(report).items()):
+        print(f"{k}: {v}")
     return 1 if report.failed else 0
