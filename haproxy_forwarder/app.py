@@ -14,13 +14,12 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
-from .batching import Batch, Batcher
+from .batching import Batcher
 from .buildinfo import build_info
-from .collector import OVERSIZED_REASON, Collector
-from .config import MAX_EVENT_BYTES, Settings
+from .collector import Collector
+from .config import Settings
 from .delivery import Backoff, Delivery
 from .ingest import ProgramFilter
 from .observability.accounting import balance
@@ -29,7 +28,7 @@ from .observability.descriptors import OUT_OF_DESCRIPTORS, Descriptors
 from .observability.status import StatusServer
 from .reload import reload as reload_config
 from .sinks import make_sink
-from .sinks.deadletter import DeadLetters, read_dead_letters
+from .sinks.deadletter import DeadLetters
 from .sources import (
     Backpressure,
     RelpSource,
@@ -39,7 +38,7 @@ from .sources import (
     UdpSource,
     split_hostport,
 )
-from .spool import Spool, SpoolError
+from .spool import Spool
 from .systemd import Notifier, keep_status, keep_watchdog
 from .tlscontext import ServerTls, tls_needed
 
@@ -47,8 +46,6 @@ from .tlscontext import ServerTls, tls_needed
 FD_MARGIN = 64
 # Longest wait at shutdown for TCP senders to close after our FIN.
 TCP_DRAIN_GRACE = 2.0
-# How often the daemon looks for dead letters an operator re-queued.
-REQUEUE_INTERVAL = 2.0
 # Longest time between two refreshes of the systemd STATUS= line (`systemctl status`).
 STATUS_INTERVAL = 5.0
 
@@ -432,48 +429,6 @@ class Daemon:
         return not reasons, {"status": "ready" if not reasons else "not ready",
                              "reasons": reasons}
 
-    async def _requeue_loop(self) -> None:
-        """Pick up dead-letter files moved to spool.dir/requeue/ by `spool replay-dead-letter`."""
-        folder = self.settings.spool.dir / "requeue"
-        while True:
-            try:
-                files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-                for path in files:
-                    await self._requeue_file(path)
-            except (OSError, SpoolError) as exc:
-                self.log.error("requeue_failed", error=str(exc))
-            await asyncio.sleep(REQUEUE_INTERVAL)
-
-    async def _requeue_file(self, path: Path) -> None:
-        size = self.settings.batch.max_events
-        texts: list[str] = []
-        times: list[str] = []
-        n = 0
-
-        async def flush() -> None:
-            nonlocal n
-            if texts:
-                await self.delivery.spool_append(Batch.from_events(texts, times))
-                n += len(texts)
-                texts.clear()
-                times.clear()
-
-        for event, ts in read_dead_letters(path):
-            if len(event.encode("utf-8")) > MAX_EVENT_BYTES:
-                # The intake would refuse it again (silently, per event): keep it dead.
-                self.delivery.dead_letter(Batch.from_events([event], [ts]), OVERSIZED_REASON)
-                continue
-            texts.append(event)
-            times.append(ts)
-            if len(texts) >= size:
-                await flush()
-        await flush()
-        # Only once every event is durable in the spool is the file removed.
-        path.unlink()
-        self.counters.requeued_events += n
-        self.log.info("dead_letters_requeued", file=path.name, events=n)
-        self.delivery.poke()
-
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # Errors asyncio would print as bare text (e.g. accept() out of file descriptors)
         # become log lines like every other, so they are seen and grepped for.
@@ -544,8 +499,10 @@ class Daemon:
         await self.start()
         self._started.set()
         background = [asyncio.create_task(self._stats_loop())]
-        if self.spool is not None:
-            background.append(asyncio.create_task(self._requeue_loop()))
+        s = self.settings
+        # Dead letters an operator re-queued (`spool replay-dead-letter`); none in dry-run.
+        self.delivery.start_requeue(s.spool.dir / "requeue", s.batch.max_events,
+                                    s.batch.max_bytes, s.status.stall_after)
         await self._stop.wait()
         for task in background:
             task.cancel()

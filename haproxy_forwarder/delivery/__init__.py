@@ -18,13 +18,15 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from ..batching import Batch, Waiter
 from ..observability.counters import Counters
 from ..sinks import Sink
 from ..sinks.deadletter import DeadLetters
-from ..spool import SpoolError, SpoolFull
+from ..spool import AppendResult, SpoolError, SpoolFull
+from .requeue import Requeuer
 from .router import SPILL_AFTER, Entry, Location, Router, durable, lost
 from .worker import Backoff, RetryWait, Worker
 from .writer import SPOOL_RETRY, DeadLetterWriter, SpoolAppends, SpoolLike, SpoolWriter, age
@@ -97,6 +99,8 @@ class Delivery:
             if self._appends is not None else None
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.requeuer: Requeuer | None = None  # start_requeue()
+        self._requeue_task: asyncio.Task[None] | None = None
         # Monotonic time of the last accepted request (or start): what /healthz judges.
         self.last_progress = clock()
 
@@ -148,28 +152,75 @@ class Delivery:
     ) -> asyncio.Future[bool]:
         """Keep events the intake will never take; written and fsync'd off the event loop.
 
-        The future says True once they are on disk, False if they were dropped."""
+        The future says True once they are on disk, False if they were dropped (counted and
+        logged either way). The collector, the workers and the requeuer all come here."""
         return self._dead.write(batch, reason, status, response)
 
+    # worker.Host's name for the same thing (the workers' call sites are not ours to rename).
+    dead_letter_later = dead_letter
+
     async def spool_append(self, batch: Batch) -> int:
-        """Append straight to the spool (requeued dead letters); SpoolError goes to the caller."""
-        if self._appends is None:
+        """Append re-queued dead letters straight to the spool (fsync'd), bypassing the router.
+
+        Once on disk they are input again (requeued_events, counted once, even if the caller
+        was cancelled meanwhile) and the workers are woken: each batch goes out as soon as it
+        is in, not once a whole file is. SpoolError (full, disk error, too large) is raised."""
+        appends = self._appends
+        if appends is None:
             raise SpoolError("no spool (dry-run)")
-        return await self._appends.requeue(batch)
+        n = len(batch)
+
+        def done(task: asyncio.Task[AppendResult]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                return
+            appends.appended(task.result())
+            self.counters.requeued_events += n
+            self.wake_workers.set()
+
+        return (await asyncio.shield(appends.start(batch, False, None, done))).record_id
 
     def poke(self) -> None:
-        """Something new is on disk (re-queued dead letters): wake idle workers."""
+        """Something new is on disk: wake idle workers."""
         self.wake_workers.set()
+
+    # -- re-queued dead letters -----------------------------------------------------------------
+
+    def start_requeue(self, folder: Path, max_events: int, max_bytes: int,
+                      stall_after: float) -> None:
+        """Re-queue the dead-letter files `spool replay-dead-letter` moves into `folder` (none
+        without a spool: dry-run). Batches of at most `max_events` events and `max_bytes` bytes,
+        and an eighth of the spool, so that several fit in the share it may take."""
+        if self.spool is None or self._appends is None or self.requeuer is not None:
+            return
+        limit = min(max_bytes, max(1, int(self.spool.stats()["max_size"]) // 8))
+        self.requeuer = Requeuer(folder, self, self.spool, self._dead.dead, self.counters,
+                                 self.log, max_events=max_events, max_bytes=limit,
+                                 stall_after=stall_after)
+        self._requeue_task = asyncio.create_task(self.requeuer.run(), name="requeue")
+
+    def requeue_stall_reason(self) -> str | None:
+        """Why re-queued dead letters count as stuck (no progress for stall_after), or None."""
+        return self.requeuer.stall_reason() if self.requeuer is not None else None
+
+    @property
+    def requeue_files(self) -> int:
+        """Re-queued dead-letter files not yet all in the spool."""
+        return self.requeuer.waiting_files if self.requeuer is not None else 0
+
+    def requeue_idle_seconds(self) -> float:
+        """Seconds since a re-queued file last moved, while some wait (0 when none does)."""
+        return self.requeuer.idle_seconds() if self.requeuer is not None else 0.0
+
+    async def _stop_requeue(self) -> None:
+        # Between two batches: what it appended has its progress on disk (no duplicate later).
+        task, self._requeue_task = self._requeue_task, None
+        if task is not None and self.requeuer is not None:
+            await self.requeuer.stop(task, STOP_WAIT)
 
     # -- what the workers ask for (worker.Host) -----------------------------------------------
 
     def mark_progress(self) -> None:
         self.last_progress = self._clock()
-
-    def dead_letter_later(
-        self, batch: Batch, reason: str, status: int | None, response: str
-    ) -> asyncio.Future[bool]:
-        return self._dead.write(batch, reason, status, response)
 
     async def next_record(self) -> tuple[int, Batch] | None:
         assert self.spool is not None  # the router only says FROM_SPOOL when there is one
@@ -234,6 +285,7 @@ class Delivery:
     async def drain(self, timeout: float) -> bool:
         """Deliver (or spool) what is only in memory, for at most `timeout` seconds."""
         self.router.stopping = True
+        await self._stop_requeue()  # no new dead letters into the spool from now on
         self.wake_workers.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -246,6 +298,7 @@ class Delivery:
     async def stop(self) -> tuple[int, int]:
         """Cancel the tasks; spool what is only in memory. Returns (spooled, lost) events."""
         self.router.stopping = True
+        await self._stop_requeue()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
