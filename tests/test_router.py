@@ -308,6 +308,59 @@ def test_stop_returns_every_batch_only_in_memory_oldest_first() -> None:
     assert router.in_memory == 0 and router.closed
 
 
+# -- drop_oldest deletes records workers hold ------------------------------------------------------
+
+
+def test_an_evicted_record_makes_its_batch_memory_only() -> None:
+    """Issue 17: the router believed a record drop_oldest had deleted was still on disk, so a
+    shutdown neither spooled its batch again nor counted it."""
+    q = Queue()
+    q.append(batch(1))
+    q.append(batch(2))
+    router, _, _ = make(spool=q)
+    assert router.take(0) is FROM_SPOOL
+    held = router.took_record(0, *(q.next_batch() or (0, Batch())))
+    assert router.settled() and router.in_memory == 0
+    other = q.next_batch() or (0, Batch())  # handed out too, its worker not known yet
+    router.evicted([(held.record or 0, 1), (other[0], 1), (999, 1)])
+    assert held.record is None  # the spool deleted it: only this worker's memory has it
+    assert held in router.memory_only() and router.in_memory == 1 and not router.settled()
+    assert router.gone == {other[0]: 1, 999: 1}
+    # Its worker learns of it after the report: it holds it in memory only, too.
+    late = router.took_record(1, *other)
+    assert late.record is None and other[0] not in router.gone
+    # A failure claims what is left again, as for any batch only in memory.
+    assert router.failed(0, held.batch) is held.batch
+    left = router.stop()
+    assert set(map(id, left)) == {id(held), id(late)}  # written to the spool again at stop
+
+
+def test_a_claim_deleted_before_its_report_leaves_the_batch_memory_only() -> None:
+    q = Queue()
+    router, _, _ = make(spool=q)
+    e = router.submit(batch(1))
+    take_entry(router, 0)
+    claim = router.failed(0, e.batch)
+    assert claim is not None
+    rid = q.append(claim, claim=True)
+    router.evicted([(rid, 1)])  # the next append's report came first (another thread)
+    router.claimed(e, rid)
+    assert e.record is None and e in router.memory_only() and router.gone == {}
+    assert router.failed(0, e.batch) is e.batch  # claimed again at the next failure
+
+
+def test_a_retried_record_keeps_only_what_is_left_for_a_shutdown() -> None:
+    q = Queue()
+    q.append(Batch.from_events(["a", "b", "c"], [b"t"] * 3))
+    router, _, _ = make(spool=q)
+    assert router.take(0) is FROM_SPOOL
+    e = router.took_record(0, *(q.next_batch() or (0, Batch())))
+    rest = e.batch.slice(1, 3)
+    assert router.failed(0, rest) is None  # on disk: nothing to claim
+    router.evicted([(e.record or 0, 3)])
+    assert [x.batch.events() for x in router.stop()] == [["b", "c"]]  # not "a" again
+
+
 # -- backpressure -------------------------------------------------------------------------------
 
 

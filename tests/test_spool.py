@@ -509,9 +509,11 @@ def test_corrupt_segment_recovery_is_counted_in_the_shared_counters(tmp_path: Pa
     raw[offs[1] + HEADER_SIZE + 3] ^= 0x01
     raw[offs[2] + HEADER_SIZE + 3] ^= 0x01  # two records in a row: one corrupt range
     path.write_bytes(bytes(raw))
-    # `spool stats` (read-only) sees it...
+    # `spool stats` (read-only) sees it: two records lost (their headers still read: their
+    # 4 events each), in one quarantined segment...
     stats = inspect_spool(tmp_path)["stats"]
-    assert (stats["spool_corrupt_records"], stats["spool_quarantined_segments"]) == (1, 1)
+    assert (stats["spool_corrupt_records"], stats["spool_quarantined_segments"]) == (2, 1)
+    assert stats["spool_corrupt_events"] == 8
     assert stats["batches"] == 2
     # ...and so does the daemon's registry, through the counters it passes in.
     counters = SpoolCounters()
@@ -519,7 +521,8 @@ def test_corrupt_segment_recovery_is_counted_in_the_shared_counters(tmp_path: Pa
     sp.open()
     assert sp.counters is counters
     snap = counters.snapshot()
-    assert (snap["spool_corrupt_records"], snap["spool_quarantined_segments"]) == (1, 1)
+    assert (snap["spool_corrupt_records"], snap["spool_quarantined_segments"]) == (2, 1)
+    assert (snap["spool_corrupt_events"], snap["spool_recovered_events"]) == (8, 16)
     assert [first_event(b) for _, b in drain(sp)] == ["r0-0", "r3-0"]
     sp.close()
 
@@ -977,15 +980,43 @@ def test_write_ahead_append_ack_keeps_one_segment(make: Callable[..., Spool]) ->
 def test_eio_on_truncate_seals_segment(faulty: tuple[Spool, FaultyFs]) -> None:
     sp, fs = faulty
     put(sp, batch("ok0"))
+    good = sp.size_bytes
     fs.fail("pwrite", errno.EIO, partial=30)
     fs.fail("ftruncate", errno.EIO)
     with pytest.raises(SpoolWriteError) as info:
         sp.append(batch("maybe"))
     assert info.value.errno == errno.EIO
-    put(sp, batch("ok1"))  # goes to a fresh segment
+    first = seg_files(sp.directory)[0]
+    assert first.stat().st_size == good + 30  # the failed write's bytes are still there
+    put(sp, batch("ok1"))  # goes to a fresh segment; the disk writes again: cut once more
     assert len(seg_files(sp.directory)) == 2
+    assert first.stat().st_size == good
     sp, report = reopen(sp)
-    assert report.truncated_bytes == 30  # the torn tail, found at the next open
+    # Clean: otherwise the tail of a segment that is not the newest would be corruption.
+    assert report.clean and sp.counters.corrupt_records == 0
+    assert [first_event(b) for _, b in drain(sp)] == ["ok0-0", "ok1-0"]
+    sp.close()
+
+
+def test_failed_append_whose_tail_cannot_be_cut_is_counted_not_hidden(
+    faulty: tuple[Spool, FaultyFs],
+) -> None:
+    """The cut keeps failing (to the end of the run): the next open finds a bad tail in a
+    sealed segment. It cannot tell it from damage, so it counts it: never silent."""
+    sp, fs = faulty
+    put(sp, batch("ok0"))
+    fs.fail("pwrite", errno.EIO, partial=HEADER_SIZE + 2)  # a whole header, then the error
+    fs.fail("ftruncate", errno.EIO, times=None)
+    with pytest.raises(SpoolWriteError):
+        sp.append(batch("maybe"))
+    put(sp, batch("ok1"))
+    sp.close()
+    fs.heal()
+    sp = Spool(sp.directory)
+    report = sp.open()
+    (q,) = report.quarantined
+    assert q.segment == seg_files(sp.directory)[0].name and q.lost_records == 1
+    assert report.corrupt_events == 3 and report.truncated == []
     assert [first_event(b) for _, b in drain(sp)] == ["ok0-0", "ok1-0"]
     sp.close()
 

@@ -341,10 +341,11 @@ def test_corrupted_spool_good_records_delivered_bad_file_quarantined(
     assert d.stop() == 0
     intake.reset()
 
-    # Phase 2: a torn tail in one segment, a flipped byte in the middle record of another.
+    # Phase 2: a flipped byte in the middle record of one segment, a torn tail in the newest
+    # (the only one an append can have been cut short in: elsewhere a bad tail is corruption).
     # (Both built before either is damaged: opening a Spool repairs what it finds.)
-    torn, offs = build_segment(spool_dir, ["a0", "a1", "a2"])
     bad, boffs = build_segment(spool_dir, ["b0", "b1", "b2"])
+    torn, offs = build_segment(spool_dir, ["a0", "a1", "a2"])
     os.truncate(torn, torn.stat().st_size - 3)
     raw = bytearray(bad.read_bytes())
     raw[boffs[1] + HEADER_SIZE + 40] ^= 0x20
@@ -360,7 +361,8 @@ def test_corrupted_spool_good_records_delivered_bad_file_quarantined(
     assert kept.read_bytes() == bytes(raw)  # the whole original file, for manual recovery
     # Every intact record is replayed: those before the corruption and, after resynchronising
     # on the next valid record, those after it (b2); only the flipped record b1 is lost.
-    assert_delivered_once(intake, events_of("a0", "a1", "b0", "b2"))
+    assert (rec["corrupt_records"], rec["corrupt_events"]) == (1, 5)  # b1 (the torn a2: not)
+    assert_delivered_once(intake, events_of("b0", "b2", "a0", "a1"))
     assert b"b2-0 " in kept.read_bytes()
     stats = spool_stats(d)
     assert stats["quarantined_files"] == [str(kept)] and stats["spool_events"] == 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..batching import Batch, Waiter, lose_all, release_all
@@ -24,6 +24,7 @@ class Location(enum.Enum):
     SPOOLING = "spooling"  # the writer's append is running; only in RAM until it returns
     SPOOLED = "spooled"  # durable and ready: the spool's queue owns it from here on
     SENDING = "sending"  # held by a worker; `Entry.record` says whether it is on disk too
+    # (drop_oldest may delete a record a worker holds: `Router.evicted` clears its record)
     DONE = "done"  # delivered or dead-lettered (its record, if any, acked)
 
 
@@ -106,6 +107,9 @@ class Router:
         self.closed = False  # stop() was called: late reports are ignored
         self.submitted = 0  # batches submitted so far: the last one's Entry.seq
         self.pressure = False
+        # Handed-out records drop_oldest deleted before their worker was known to hold them
+        # (the report of an append can overtake took_record or claimed): record -> events.
+        self.gone: dict[int, int] = {}
 
     # -- accounting ---------------------------------------------------------------------------
 
@@ -313,7 +317,9 @@ class Router:
             raise RouterError(f"worker {worker} already holds a batch")
         if any(e.record == record for e in self.held.values()):
             raise RouterError(f"spool record {record} handed out twice")
-        entry = Entry(batch, Location.SENDING, self._now(), record=record)
+        # Deleted from disk meanwhile (drop_oldest): the worker holds it in memory only.
+        on_disk = self.gone.pop(record, None) is None
+        entry = Entry(batch, Location.SENDING, self._now(), record=record if on_disk else None)
         return self._hold(worker, entry)
 
     def entry(self, worker: int) -> Entry:
@@ -334,9 +340,11 @@ class Router:
             self.failing = True
             if self.has_spool:
                 self._memory_to_spool()
+        # What is left to deliver, also of a batch on disk: if drop_oldest deletes its record
+        # during the retries, only this part must be written again at a shutdown.
+        entry.batch = outstanding
         if entry.record is not None:
             return None  # the whole record stays on disk until acked
-        entry.batch = outstanding
         if not self.has_spool or not entry.spoolable:
             return None
         return outstanding
@@ -345,7 +353,24 @@ class Router:
         """The failing batch is on disk, claimed (the spool will not hand it out)."""
         if entry.location is not Location.SENDING or entry.record is not None:
             raise RouterError(f"claim for a {entry.location.value} batch")
-        entry.record = record
+        if self.gone.pop(record, None) is None:  # else deleted by drop_oldest already
+            entry.record = record
+
+    def evicted(self, records: Iterable[tuple[int, int]]) -> None:
+        """drop_oldest deleted these handed-out records, (record id, events), from disk.
+
+        Their batches now exist only in the memory of the workers holding them: they count
+        as memory-only (backlog, `settled`), a failure claims them again, and stop() writes
+        them to the spool again. A record no worker holds yet is remembered for took_record
+        or claimed, whichever comes (the append's report may overtake them).
+        """
+        holders = {e.record: e for e in self.held.values() if e.record is not None}
+        for record, events in records:
+            entry = holders.get(record)
+            if entry is not None:
+                entry.record = None
+            else:
+                self.gone[record] = events
 
     def recovered(self) -> bool:
         """An attempt succeeded; True if the intake had been failing (wake the workers)."""

@@ -3,13 +3,21 @@ of failing batches, requeued dead letters), the ager that spills memory, and dea
 
 Each append runs in a thread and reports its outcome to the router from a done-callback, so
 the router stays right even if the task that awaited it is cancelled (shutdown).
+
+What the spool loses is counted here, on the event loop, once each (`Counters.dropped`) and
+said in a rate-limited line: what drop_oldest deletes (`AppendResult`, or `take_losses()` after
+an append that failed), records found corrupt at open or when read back (`take_losses()`,
+polled by the writer task, as the spool's readers run in threads), and handed-out records
+drop_oldest deleted (the router makes them memory-only; after the router stopped, nobody holds
+them any more: lost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -17,12 +25,16 @@ from ..batching import Batch
 from ..collector import OVERSIZED_REASON
 from ..observability.counters import Counters
 from ..sinks.deadletter import DeadLetters
-from ..spool import AppendResult, RecordTooLarge, SpoolError, SpoolFull
+from ..spool import AppendResult, Losses, RecordTooLarge, SpoolError, SpoolFull
 from .router import SPILL_AFTER, Entry, Location, Router, durable
 
 # How often a blocked spool writer (disk full, I/O error) tries again: slow enough not to
 # spin, fast enough that backpressure lifts soon after space comes back.
 SPOOL_RETRY = 1.0
+# How often the idle writer asks the spool for losses its readers found (corrupt records).
+LOSS_POLL = 1.0
+# A loss line is said at once, then at most once per this many seconds with the totals since.
+LOSS_LOG_INTERVAL = 5.0
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -48,24 +60,150 @@ class SpoolLike(Protocol):
 AppendTask = asyncio.Task[AppendResult]
 
 
+class LossLine:
+    """The log line of one kind of loss: the first at once, then at most one per `interval`
+    with the totals since the last line (`occurrences`: how many losses it sums up).
+
+    `flush()` says what is pending once the interval is over (`force`: now, at shutdown).
+    """
+
+    def __init__(self, say: Callable[..., None], event: str, *,
+                 interval: float = LOSS_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic, **fixed: Any) -> None:
+        self.say = say
+        self.event = event
+        self.interval = interval
+        self.clock = clock
+        self.fixed = fixed
+        self.counts: dict[str, int] = {}
+        self.names: list[str] = []
+        self.occurrences = 0
+        self.quiet_until = float("-inf")
+
+    def add(self, names: Iterable[str] = (), **counts: int) -> None:
+        for key, n in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+        for name in names:
+            if name not in self.names:
+                self.names.append(name)
+        self.occurrences += 1
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        if not self.occurrences:
+            return
+        now = self.clock()
+        if not force and now < self.quiet_until:
+            return
+        extra: dict[str, Any] = {"segments": self.names} if self.names else {}
+        if self.occurrences > 1:
+            extra["occurrences"] = self.occurrences
+        self.say(self.event, **self.counts, **extra, **self.fixed)
+        self.counts, self.names, self.occurrences = {}, [], 0
+        self.quiet_until = now + self.interval
+
+
 class SpoolAppends:
-    """Appends in worker threads, tracked until they end; drops and refusals logged once."""
+    """Appends in worker threads, tracked until they end; drops and refusals logged once.
+
+    `counters`: where the spool's losses are counted as dropped events (by reason); without
+    it they are still logged and the router still told.
+    """
 
     def __init__(self, spool: SpoolLike, router: Router, log: Any,
-                 pool: ThreadPoolExecutor | None = None) -> None:
+                 pool: ThreadPoolExecutor | None = None, *,
+                 counters: Counters | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.spool = spool
         self.router = router
         self.log = log
+        self.counters = counters
         # Appends run in this one thread (the spool serialises them anyway): one glibc arena
         # holds what encoding records allocates, rather than one per default-executor thread.
         self.pool = pool or ThreadPoolExecutor(1, thread_name_prefix="spool-append")
         # task -> the router entry it writes (None for a requeued dead-letter batch)
         self.pending: dict[AppendTask, Entry | None] = {}
+        self._full = LossLine(
+            log.error, "spool_full_dropped_oldest", clock=clock,
+            hint="spool.when_full = drop_oldest; raise spool.max_size to keep more")
+        self._full_in_flight = LossLine(
+            log.error, "spool_full_dropped_in_flight", clock=clock,
+            hint="deleted by drop_oldest while being sent at shutdown; raise spool.max_size")
+        self._corrupt = LossLine(
+            log.error, "spool_corrupt_records", clock=clock,
+            action="skipped (damaged on disk); the segment is kept in quarantine/")
+        # What recovery found corrupt at open: counted now; open_spool logged it already.
+        self.report_losses(say=False)
 
     async def append(self, batch: Batch, claim: bool = False) -> AppendResult:
         """One append in the append thread (also used for the shutdown appends)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self.spool.append, batch, claim)
+        fut = loop.run_in_executor(self.pool, self.spool.append, batch, claim)
+        # Reported from the future itself, before anyone resumes, and even if the caller is
+        # cancelled meanwhile (shielded): what the append deleted is counted once, here.
+        fut.add_done_callback(self._reported)
+        return await asyncio.shield(fut)
+
+    def _reported(self, fut: asyncio.Future[AppendResult]) -> None:
+        if fut.cancelled():
+            return
+        if fut.exception() is None:
+            result = fut.result()
+            if result.dropped_batches or result.evicted:
+                self._dropped(result.dropped_batches, result.dropped_events,
+                              len(result.evicted))
+            self._evicted(result.evicted)
+        # A failed append's drops, and what the readers found corrupt, wait in the spool.
+        self.report_losses()
+
+    # -- what the spool lost ------------------------------------------------------------------
+
+    def report_losses(self, *, say: bool = True, flush: bool = False) -> None:
+        """Count (and say) the losses the spool has not reported through an AppendResult."""
+        take: Callable[[], Losses] | None = getattr(self.spool, "take_losses", None)
+        if take is not None:  # (a test's fake spool never loses anything)
+            losses = take()
+            if losses.dropped_batches or losses.evicted:
+                self._dropped(losses.dropped_batches, losses.dropped_events,
+                              len(losses.evicted))
+            self._evicted(losses.evicted)
+            if losses.corrupt_records:
+                if self.counters is not None:
+                    self.counters.dropped(losses.corrupt_events, "spool_corrupt")
+                if say:
+                    self._corrupt.add(losses.corrupt_segments,
+                                      records=losses.corrupt_records,
+                                      events=losses.corrupt_events)
+        if self.router.closed and self.router.gone:
+            gone, self.router.gone = self.router.gone, {}
+            self._lost_in_flight(gone.items())
+        force = flush or self.router.closed  # nothing may stay unsaid after a stop
+        for line in (self._full, self._full_in_flight, self._corrupt):
+            line.flush(force)
+
+    def _dropped(self, batches: int, events: int, in_flight: int) -> None:
+        """drop_oldest deleted un-acked batches (lost) and `in_flight` handed-out ones."""
+        if self.counters is not None and batches:
+            self.counters.dropped(events, "spool_full")
+        self._full.add(batches=batches, events=events, in_flight_batches=in_flight)
+
+    def _evicted(self, evicted: Iterable[tuple[int, int]]) -> None:
+        """Handed-out records drop_oldest deleted: memory-only from now on, or lost if the
+        router stopped (its workers are gone, what was only in memory is written already)."""
+        if not evicted:
+            return
+        if self.router.closed:
+            self._lost_in_flight(evicted)
+        else:
+            self.router.evicted(evicted)
+
+    def _lost_in_flight(self, records: Iterable[tuple[int, int]]) -> None:
+        records = list(records)
+        events = sum(n for _, n in records)
+        if self.counters is not None:
+            self.counters.dropped(events, "spool_full")
+        self._full_in_flight.add(batches=len(records), events=events)
+        self._full_in_flight.flush(force=True)
 
     def start(
         self, batch: Batch, claim: bool, entry: Entry | None,
@@ -86,15 +224,9 @@ class SpoolAppends:
         return {e for e in self.pending.values() if e is not None}
 
     def appended(self, result: AppendResult) -> None:
+        """An append succeeded (what it dropped was reported by `append` already)."""
         if self.router.spool_writable():
             self.log.info("spool_writable_again", **self.fields())
-        if result.dropped_batches:
-            self.log.error(
-                "spool_full_dropped_oldest",
-                batches=result.dropped_batches,
-                events=result.dropped_events,
-                hint="spool.when_full = drop_oldest; raise spool.max_size to keep more",
-            )
 
     def refused(self, exc: BaseException) -> None:
         """The spool refused an append (full, disk error): said once, until it writes again."""
@@ -185,6 +317,12 @@ class SpoolWriter:
         self._sleep = sleep
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:  # cancelled at shutdown: what waits in the loss lines is said now
+            self.appends.report_losses(flush=True)
+
+    async def _run(self) -> None:
         while True:
             entry = self.router.next_write()
             if entry is None:
@@ -196,7 +334,11 @@ class SpoolWriter:
                     self.appends.log.info("spool_unblocked", reason="nothing waits for the disk",
                                           **self.appends.fields())
                 self.wake.clear()
-                await self.wake.wait()
+                # Awake every LOSS_POLL as well: the spool's readers run in threads, so the
+                # corrupt records they skip are counted and said from here.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), LOSS_POLL)
+                self.appends.report_losses()
                 continue
             await asyncio.wait({self.appends.write(entry)})
             self.wake_workers.set()  # a ready record, or a refused batch a worker may send

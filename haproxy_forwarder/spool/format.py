@@ -49,7 +49,8 @@ whatever length it claims: the scan is O(n) in the segment size. Worst case (a c
 with a plausible header every few bytes): one pass of crc32 over the file plus at most 536
 bytes of crc32 and ~10 table steps per candidate, about 0.3 s per MiB of fake headers.
 - Nothing valid after it: a torn tail (short header, short payload, bad checksum at the end,
-  zero fill); the file is cut there.
+  zero fill); the file is cut there. Only the segment being appended to at a crash (the
+  newest) can have one: in any other segment recovery treats such a tail as corruption.
 - A valid record follows: corruption in the middle, a "hole" that recovery covers with filler
   records of exactly its length. A corrupt range shorter than a header cannot hold a filler:
   it swallows the next record(s) until it can (it takes inserted/deleted bytes, which disks
@@ -428,6 +429,63 @@ def scan(data: bytes | bytearray) -> Scan:
         pos = nxt
     prefix = sum(1 for r in recs if r.offset < holes[0][0]) if holes else len(recs)
     return Scan(recs, holes, pos, end, prefix, tail_corrupt)
+
+
+class LostRecord(NamedTuple):
+    offset: int
+    events: int | None  # None: no readable header says how many
+
+
+def _header(data: bytes | bytearray, pos: int) -> Parsed | None:
+    """The header at `pos` if it reads as a record's (its checksum is not checked: the damage
+    may be anywhere in the record); its length may run past the end of `data`."""
+    if len(data) - pos < HEADER_SIZE:
+        return None
+    magic, version, flags, plen, n, created = _HEAD.unpack_from(data, pos)
+    if magic != MAGIC or version not in READ_VERSIONS or 8 * n > plen:
+        return None
+    if flags != 0 and (flags != FLAG_FILLER or n != 0):
+        return None
+    return Parsed(HEADER_SIZE + plen, n, created, flags, version)
+
+
+def damaged_records(
+    data: bytes | bytearray, start: int, stop: int, sums: RangeCrc | None = None
+) -> list[LostRecord]:
+    """The batch records that were in the damaged range [start, stop) of a segment (a hole,
+    or a tail that is not a torn write), with their event counts where a header says so.
+
+    Walks the headers: an intact record the range swallowed counts with its events; a header
+    that reads well and ends exactly where the range or another readable header begins counts
+    with the events it states (only its payload or checksum is damaged). Bytes no header
+    explains count as one record of unknown size, up to the next intact record, unless they
+    are too short to have held one (bytes inserted before a record, which disks do not do).
+    Fillers are never lost records. Linear, as the scan: at most one resync per gap.
+    """
+    out: list[LostRecord] = []
+    pos = start
+    while pos < stop:
+        whole = parse_at(data, pos, sums)
+        if whole is not None and pos + whole.length <= stop:
+            if not whole.flags:
+                out.append(LostRecord(pos, whole.events))
+            pos += whole.length
+            continue
+        head = _header(data, pos)
+        if head is not None:
+            end = pos + head.length
+            if end == stop or (end < stop and _header(data, end) is not None):
+                if not head.flags:
+                    out.append(LostRecord(pos, head.events))
+                pos = end
+                continue
+        nxt = next_valid(data, pos + 1, sums)
+        nxt = stop if nxt == -1 or nxt > stop else nxt
+        if nxt - pos >= HEADER_SIZE:
+            events = head.events if head is not None and not head.flags else None
+            out.append(LostRecord(pos, events))
+        pos = nxt
+    return out
 
 
 def repaired(data: bytes | bytearray, result: Scan) -> bytearray:

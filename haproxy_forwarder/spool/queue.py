@@ -12,8 +12,13 @@ written). When an append would exceed max_size: "block" raises SpoolFull; "drop_
 whole oldest segments (sealing the current one first if nothing else is left) and counts the
 un-acked batches/events they held as dropped, except those handed out (next_batch, or appended
 with claim=True): the caller holds them in memory and still delivers them, so they are not
-dropped, only no longer on disk (a crash now loses them; counted as evicted_inflight). Their
-later ack() is a no-op.
+dropped, only no longer on disk (counted as evicted_inflight). The append says which ones
+(`AppendResult.evicted`): their holder must treat them as memory-only from then on (a crash
+loses them; a shutdown must write them again). Their later ack() is a no-op.
+
+Losses no caller was told of (records found corrupt at open or when read back, and what
+drop_oldest deleted during an append that then failed) wait in `take_losses()`: whoever counts
+drops for the daemon takes them from there, on its own thread, so each is counted once.
 
 Disk full: the segment being written is kept while it is fully acked (appending and acking
 every batch must not create a file per batch), so its space would never come back when the disk
@@ -30,6 +35,7 @@ import heapq
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -44,10 +50,48 @@ WhenFull = Literal["block", "drop_oldest"]
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+class Evicted(NamedTuple):
+    """A handed-out record drop_oldest deleted: from now on it exists only in its holder's
+    memory."""
+
+    record_id: int
+    events: int
+
+
 class AppendResult(NamedTuple):
     record_id: int
     dropped_batches: int  # drop_oldest: un-acked batches deleted to make room for this one
     dropped_events: int
+    evicted: tuple[Evicted, ...] = ()  # handed-out records drop_oldest deleted as well
+
+
+@dataclass
+class Losses:
+    """What the spool lost that no caller was told of yet (see `Spool.take_losses`)."""
+
+    # drop_oldest, during appends that then failed (a successful one returns them)
+    dropped_batches: int = 0
+    dropped_events: int = 0
+    evicted: list[Evicted] = field(default_factory=list)
+    # records that failed their checksum, at open or when read back, and their events where
+    # a header said how many
+    corrupt_records: int = 0
+    corrupt_events: int = 0
+    corrupt_segments: list[str] = field(default_factory=list)  # file names, for the logs
+
+    def __bool__(self) -> bool:
+        return bool(self.dropped_batches or self.evicted or self.corrupt_records)
+
+
+class _Room:
+    """What one append's drop_oldest deleted so far (kept if the append then fails)."""
+
+    __slots__ = ("batches", "events", "evicted")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.events = 0
+        self.evicted: list[Evicted] = []
 
 
 class Spool:
@@ -90,6 +134,10 @@ class Spool:
         self._pending_events = 0
         self._lock_fd: int | None = None
         self._state: Literal["new", "open", "readonly", "closed"] = "new"
+        self._losses = Losses()
+        # Sealed segments a failed append left longer than their good records (the cut back
+        # failed too): cut again later, or the next open would take the tail for corruption.
+        self._dirty: set[int] = set()
 
     # -- properties -------------------------------------------------------------------------
 
@@ -145,8 +193,18 @@ class Spool:
                     self._pending_batches += 1
                     self._pending_events += n
             heapq.heapify(self._ready)
+            self._losses.corrupt_records += report.corrupt_records
+            self._losses.corrupt_events += report.corrupt_events
+            self._losses.corrupt_segments += [q.segment for q in report.quarantined]
             self._state = "readonly" if readonly else "open"
             return report
+
+    def take_losses(self) -> Losses:
+        """The losses not reported yet (see the module docstring), once: the next call only
+        returns what happened after this one."""
+        with self._lock:
+            out, self._losses = self._losses, Losses()
+            return out
 
     def _take_lock(self) -> None:
         fd = self.fs.open(self.seg_dir / "LOCK", os.O_RDWR | os.O_CREAT)
@@ -181,45 +239,60 @@ class Spool:
         reclen = len(rec)
         if reclen > self.max_size:
             raise RecordTooLarge(f"record of {reclen} bytes exceeds max_size {self.max_size}")
-        dropped_b = dropped_e = 0
-        with self._wlock:
-            for attempt in range(2):
+        room = _Room()
+        try:
+            with self._wlock:
+                return self._append(rec, n, created_ms, claim, room)
+        except BaseException:
+            if room.batches or room.evicted:
+                with self._lock:  # dropped all the same: told through take_losses()
+                    self._losses.dropped_batches += room.batches
+                    self._losses.dropped_events += room.events
+                    self._losses.evicted += room.evicted
+            raise
+
+    def _append(
+        self, rec: bytes, n: int, created_ms: int, claim: bool, room: _Room
+    ) -> AppendResult:
+        """append() under _wlock; what drop_oldest deletes is noted in `room` as it goes."""
+        reclen = len(rec)
+        for attempt in range(2):
+            with self._lock:
+                self._check_writable()
+                self._make_room(reclen, room)
+                seg = self._writing_segment(reclen)
+                offset = seg.size
+            # The write and fsync run outside _lock: readers and acks go on meanwhile.
+            try:
+                self._files.write(seg, rec, offset)
+            except OSError as err:
                 with self._lock:
-                    self._check_writable()
-                    b, e = self._make_room(reclen)
-                    dropped_b, dropped_e = dropped_b + b, dropped_e + e
-                    seg = self._writing_segment(reclen)
-                    offset = seg.size
-                # The write and fsync run outside _lock: readers and acks go on meanwhile.
-                try:
-                    self._files.write(seg, rec, offset)
-                except OSError as err:
-                    with self._lock:
-                        self._undo_partial_write(seg, offset)
-                        if attempt == 0 and err.errno in _NO_SPACE and self._reclaim_acked():
-                            self.counters.space_reclaims += 1
-                            continue  # once, in a new segment
-                        self.counters.write_errors += 1
-                    raise SpoolWriteError(f"cannot append to {seg.path}", err) from err
-                with self._lock:
-                    seg.size = offset + reclen
-                    seg.total += 1
-                    seg.recs[offset] = (reclen, n, created_ms)
-                    rid = fmt.record_id(seg.seq, offset)
-                    if claim:
-                        self._inflight.add(rid)
-                    else:
-                        heapq.heappush(self._ready, rid)
-                    self._size += reclen
-                    self._pending_batches += 1
-                    self._pending_events += n
-                    self.counters.appended_batches += 1
-                    self.counters.appended_events += n
-                return AppendResult(rid, dropped_b, dropped_e)
+                    self._undo_partial_write(seg, offset)
+                    if attempt == 0 and err.errno in _NO_SPACE and self._reclaim_acked():
+                        self.counters.space_reclaims += 1
+                        continue  # once, in a new segment
+                    self.counters.write_errors += 1
+                raise SpoolWriteError(f"cannot append to {seg.path}", err) from err
+            with self._lock:
+                seg.size = offset + reclen
+                seg.total += 1
+                seg.recs[offset] = (reclen, n, created_ms)
+                rid = fmt.record_id(seg.seq, offset)
+                if claim:
+                    self._inflight.add(rid)
+                else:
+                    heapq.heappush(self._ready, rid)
+                self._size += reclen
+                self._pending_batches += 1
+                self._pending_events += n
+                self.counters.appended_batches += 1
+                self.counters.appended_events += n
+                if self._dirty:
+                    self._cut_dirty()  # the disk writes again: worth another try
+            return AppendResult(rid, room.batches, room.events, tuple(room.evicted))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _make_room(self, reclen: int) -> tuple[int, int]:
-        dropped_b = dropped_e = 0
+    def _make_room(self, reclen: int, room: _Room) -> None:
         while self._size + reclen > self.max_size:
             w = self._writing
             if w is not None and not w.recs and w.total:
@@ -238,12 +311,15 @@ class Spool:
                     raise SpoolFull("spool full and nothing left to drop")
                 self._seal_writing()
                 continue
-            # Handed-out records live on in the caller's memory and get delivered (their ack
-            # is a no-op then): not dropped, only no longer on disk.
-            held = b = e = 0
+            # Handed-out records live on in the holder's memory and get delivered (their ack
+            # is a no-op then): not dropped, only no longer on disk. Said in `room.evicted`,
+            # so that the holder knows a crash or a shutdown would lose them now.
+            held: list[Evicted] = []
+            b = e = 0
             for off, (_length, n, _created) in victim.recs.items():
-                if fmt.record_id(victim.seq, off) in self._inflight:
-                    held += 1
+                rid = fmt.record_id(victim.seq, off)
+                if rid in self._inflight:
+                    held.append(Evicted(rid, n))
                 else:
                     b, e = b + 1, e + n
             try:
@@ -251,12 +327,12 @@ class Spool:
             except OSError as err:
                 self.counters.delete_errors += 1
                 raise SpoolWriteError(f"cannot drop {victim.path}", err) from err
-            dropped_b += b
-            dropped_e += e
-            self.counters.evicted_inflight += held
+            room.batches += b
+            room.events += e
+            room.evicted += held
+            self.counters.evicted_inflight += len(held)
             self.counters.dropped_batches += b
             self.counters.dropped_events += e
-        return dropped_b, dropped_e
 
     def _reclaim_acked(self) -> bool:
         """Disk full: delete every fully acked segment, the one being written included.
@@ -307,13 +383,28 @@ class Spool:
         try:
             self._files.cut(seg, offset)
         except OSError:
-            # Unknown tail on disk: stop writing here. Memory only knows good records, and
-            # the next open() truncates the torn tail.
+            # Unknown tail on disk: stop writing here. Memory only knows good records; the
+            # cut is tried again after the next good append and at close. (If it never
+            # succeeds, the next open() finds a bad tail in a segment that is not the newest
+            # and counts it as corrupt: counted, never silently dropped.)
             if self._writing is seg:
                 self._seal_writing()
                 if not seg.total:
                     with contextlib.suppress(OSError):
                         self._delete_segment(seg, fsync_dir=True)
+                        return
+                self._dirty.add(seg.seq)
+
+    def _cut_dirty(self) -> None:
+        """Cut the segments in _dirty back to their good records (holds _lock)."""
+        for seq in list(self._dirty):
+            seg = self._segments.get(seq)
+            if seg is not None:
+                try:
+                    self._files.truncate(seg)
+                except OSError:
+                    continue
+            self._dirty.discard(seq)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -366,21 +457,38 @@ class Spool:
         return seg, meta
 
     def _corrupt_at_runtime(self, rid: int) -> None:
-        """A record that verified at open/append no longer does: keep the file, skip it."""
+        """A record that verified at open/append no longer does (or cannot be read): keep the
+        file in quarantine/, skip the record, count it and its events (the index knows how
+        many) for take_losses()."""
         with self._lock:
             found = self._forget(rid)
             if found is None:
                 return
-            seg, _meta = found
+            seg, meta = found
+            events = meta[1]
             self.counters.corrupt_records += 1
-            if self._state == "open":
-                with contextlib.suppress(OSError):
-                    self.fs.mkdir(self.quarantine_dir)
-                    dest = quarantine_path(self.fs, self.quarantine_dir, seg.path)
-                    if not self.fs.exists(dest):
-                        self.fs.link(seg.path, dest)
-                        self.counters.quarantined_segments += 1
-            # Not acked on disk: the next open() finds the corruption and quarantines properly.
+            self.counters.corrupt_events += events
+            self._losses.corrupt_records += 1
+            self._losses.corrupt_events += events
+            self._losses.corrupt_segments.append(seg.path.name)
+            if self._state != "open":
+                return
+            with contextlib.suppress(OSError):
+                self.fs.mkdir(self.quarantine_dir)
+                dest = quarantine_path(self.fs, self.quarantine_dir, seg.path)
+                if not self.fs.exists(dest):
+                    self.fs.link(seg.path, dest)
+                    self.counters.quarantined_segments += 1
+            # Acked on disk too: its loss is counted now, so the next open() must neither
+            # count it again nor replay it (a record read back wrong once is not trusted).
+            # That open still quarantines and repairs the damaged range.
+            if self._delete_or_count(seg, fsync_dir=True):
+                return
+            seq, off = fmt.split_id(rid)
+            try:
+                self._files.append_acks(seg, fmt.ack_entry(seq, off))
+            except OSError:
+                self.counters.ack_write_errors += 1
 
     # -- acks -------------------------------------------------------------------------------
 
@@ -462,6 +570,8 @@ class Spool:
             self._seal_writing()
             if w is not None and self._state == "open":
                 self._delete_or_count(w)
+            if self._dirty:
+                self._cut_dirty()
             self._files.close_reader()
             self._release_lock()
             self._state = "closed"

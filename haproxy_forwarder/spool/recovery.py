@@ -3,6 +3,15 @@
 Returns a `RecoveryReport` (what was found, for the logs and `spool stats`) and the `Index`
 the queue starts from. Read-only recovery changes nothing on disk.
 
+Torn tail or corruption: a crash in the middle of an append leaves a torn tail, and only in
+the segment being appended to, the newest (an append that fails is cut back at once, and a
+new segment starts only after the last one's records were all fsync'd). So a bad tail is cut
+silently in the newest segment only (that append was never acknowledged); in any other
+segment it is corruption, as is a bad record followed by good ones anywhere: the file is
+quarantined and repaired, and the records lost are counted (`corrupt_records`), with their
+events where a header still says how many (`corrupt_events`). A lost record whose offset is in
+the ack file was delivered before it went bad: not lost, not counted.
+
 Repair (a corrupt range in the middle, see format.py): the whole original file is hard-linked
 (or copied) into quarantine/ for forensics, then the segment is atomically replaced by a
 repaired copy: the same bytes with every corrupt range overwritten by filler records of exactly
@@ -43,6 +52,8 @@ class QuarantinedSegment:
     recovered_after: int = 0  # valid records after bad_offset, found by resynchronising
     skipped_bytes: int = 0  # bytes of the corrupt ranges in the middle (now filler records)
     skipped: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of each
+    lost_records: int = 0  # un-acked batch records in the damaged bytes
+    lost_events: int = 0  # their events, where a header still says how many
 
 
 @dataclass
@@ -57,6 +68,8 @@ class RecoveryReport:
     quarantined: list[QuarantinedSegment] = field(default_factory=list)
     removed_files: list[str] = field(default_factory=list)  # empty/orphan/temp/fully-acked
     ignored_ack_entries: int = 0
+    corrupt_records: int = 0  # un-acked records lost to corruption (sum over `quarantined`)
+    corrupt_events: int = 0  # their events, where known
 
     @property
     def truncated_bytes(self) -> int:
@@ -145,8 +158,9 @@ class Recovery:
             name = f"{seq:012d}.ack"
             changed |= self._remove(seg_dir / name)
             report.removed_files.append(name)
+        newest = max(segs, default=None)
         for seq in sorted(segs):
-            changed |= self._segment(seq, segs[seq])
+            changed |= self._segment(seq, segs[seq], newest=seq == newest)
         self.index.next_seq = max(segs, default=-1) + 1
         # Fully acked segments (nothing is being written yet): delete now.
         for seg in list(self.index.segments.values()):
@@ -166,6 +180,13 @@ class Recovery:
             report.events += sum(n for _length, n, _created in seg.recs.values())
             report.bytes += seg.size
         report.segments = len(self.index.segments)
+        report.corrupt_records = sum(q.lost_records for q in report.quarantined)
+        report.corrupt_events = sum(q.lost_events for q in report.quarantined)
+        self.counters.corrupt_records += report.corrupt_records
+        self.counters.corrupt_events += report.corrupt_events
+        # Input of this run, as found on disk: those now lost included (they are counted as
+        # dropped, so the accounting identity of this run needs them on the input side too).
+        self.counters.recovered_events += report.events + report.corrupt_events
         return report, self.index
 
     def _remove(self, path: Path) -> bool:
@@ -174,7 +195,7 @@ class Recovery:
         self.fs.unlink(path)
         return True
 
-    def _segment(self, seq: int, path: Path) -> bool:
+    def _segment(self, seq: int, path: Path, newest: bool) -> bool:
         """Load one segment into the index; True if the directory changed."""
         fs, report, name = self.fs, self.report, path.name
         data = fs.read_bytes(path)
@@ -188,31 +209,16 @@ class Recovery:
         scan = fmt.scan(data)
         changed = False
         cut = scan.size - scan.good_end
-        if cut and not scan.tail_corrupt:
+        # A bad tail is a torn write only where an append can have been cut short (see above).
+        torn = bool(cut) and newest and not scan.tail_corrupt
+        damaged = list(scan.holes)
+        if cut and not torn:
+            damaged.append((scan.good_end, scan.size))
+        if torn:
             report.truncated.append(TruncatedTail(name, scan.good_end, cut))
-        if scan.corrupt:
-            moved_to = (
-                quarantine_path(fs, self.qdir, path, data)
-                if self.readonly
-                else self._quarantine(path, data, scan)
-            )
-            skipped = sum(stop - start for start, stop in scan.holes)
-            report.quarantined.append(
-                QuarantinedSegment(
-                    name,
-                    str(moved_to),
-                    bad_offset=scan.bad_offset,
-                    good_records=scan.prefix,
-                    discarded_bytes=skipped + cut,
-                    recovered_after=len(scan.records) - scan.prefix,
-                    skipped_bytes=skipped,
-                    skipped=[(start, stop - start) for start, stop in scan.holes],
-                )
-            )
-            self.counters.quarantined_segments += 1
-            # Each corrupt range is (at least) one record lost; a torn tail is not counted:
-            # it is what a crash in the middle of an append leaves.
-            self.counters.corrupt_records += len(scan.holes) + scan.tail_corrupt
+        acked = self._acks(seq, ack_path)
+        if damaged:
+            self._damaged(path, data, scan, damaged, cut, set(acked))
             changed = True
         elif cut and not self.readonly:
             fd = fs.open(path, os.O_RDWR)
@@ -226,12 +232,12 @@ class Recovery:
                 fs.unlink(path)
                 fs.unlink(ack_path, missing_ok=True)
                 changed = True
-            if not scan.corrupt:
+            if not damaged:
                 report.removed_files.append(name)
             return changed
         seg = Segment(seq, path, size=scan.good_end, total=len(scan.records))
         seg.recs = {r.offset: (r.length, r.events, r.created) for r in scan.records}
-        for off in dict.fromkeys(self._acks(seg)):  # an offset acked twice counts once
+        for off in dict.fromkeys(acked):  # an offset acked twice counts once
             if seg.recs.pop(off, None) is not None:
                 report.acked_records += 1
             else:
@@ -239,15 +245,48 @@ class Recovery:
         self.index.segments[seq] = seg
         return changed
 
-    def _acks(self, seg: Segment) -> list[int]:
+    def _damaged(
+        self, path: Path, data: bytes, scan: fmt.Scan, damaged: list[tuple[int, int]],
+        cut: int, acked: set[int],
+    ) -> None:
+        """Quarantine and repair a segment with corrupt ranges; count what they held."""
+        sums = fmt.RangeCrc(data)
+        lost = [
+            r for start, stop in damaged for r in fmt.damaged_records(data, start, stop, sums)
+            if r.offset not in acked  # delivered before the damage: nothing lost
+        ]
+        moved_to = (
+            quarantine_path(self.fs, self.qdir, path, data)
+            if self.readonly
+            else self._quarantine(path, data, scan)
+        )
+        skipped = sum(stop - start for start, stop in scan.holes)
+        self.report.quarantined.append(
+            QuarantinedSegment(
+                path.name,
+                str(moved_to),
+                bad_offset=scan.bad_offset,
+                good_records=scan.prefix,
+                discarded_bytes=skipped + cut,
+                recovered_after=len(scan.records) - scan.prefix,
+                skipped_bytes=skipped,
+                skipped=[(start, stop - start) for start, stop in scan.holes],
+                lost_records=len(lost),
+                lost_events=sum(r.events or 0 for r in lost),
+            )
+        )
+        self.counters.quarantined_segments += 1
+
+    def _acks(self, seq: int, ack_path: Path) -> list[int]:
+        """The acked offsets of segment `seq`, in file order (a torn last entry cut off)."""
         try:
-            data = self.fs.read_bytes(seg.ack_path)
+            data = self.fs.read_bytes(ack_path)
         except FileNotFoundError:
             return []
-        acks = fmt.scan_acks(data, seg.seq)
+        acks = fmt.scan_acks(data, seq)
         self.report.ignored_ack_entries += acks.ignored
         if acks.whole != len(data) and not self.readonly:  # keep later entries aligned
-            self.fs.truncate(seg.ack_path, acks.whole)
+            self.fs.truncate(ack_path, acks.whole)
         return acks.offsets
 
     def _quarantine(self, path: Path, data: bytes, scan: fmt.Scan) -> Path:

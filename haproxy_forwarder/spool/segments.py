@@ -251,6 +251,15 @@ class SegmentFiles:
         self.fs.ftruncate(seg.fd, offset)
         self.fs.fsync(seg.fd)
 
+    def truncate(self, seg: Segment) -> None:
+        """Cut a sealed segment back to `seg.size`, durably (or OSError)."""
+        fd = self.fs.open(seg.path, os.O_WRONLY)
+        try:
+            self.fs.ftruncate(fd, seg.size)
+            self.fs.fsync(fd)
+        finally:
+            self.fs.close(fd)
+
     def seal(self, seg: Segment) -> None:
         """No more writes: close its read-write fd."""
         if seg.fd is not None:
