@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -249,6 +251,7 @@ def _spool_stats(settings: Settings) -> int:
         "bytes": dead.size(),
         "events": sum(sum(1 for _ in p.open("rb")) for p in files),
     }
+    out["requeue"] = _requeue_stats(folder / "requeue")
     quarantine = folder / "quarantine"
     out["quarantined_files"] = (
         sorted(str(p) for p in quarantine.iterdir()) if quarantine.is_dir() else []
@@ -257,8 +260,32 @@ def _spool_stats(settings: Settings) -> int:
     return EXIT_OK
 
 
+def _requeue_stats(folder: Path) -> dict[str, Any]:
+    """Files `replay-dead-letter` moved that the daemon has not put in the spool yet, and the
+    events still to go in them (after the offset the daemon reached in each)."""
+    from .delivery.requeue import list_files, read_progress
+    from .spool import Filesystem
+
+    fs = Filesystem()
+    files = list_files(fs, folder)
+    left = 0
+    for path in files:
+        try:
+            offset = read_progress(fs, path) or 0
+        except ValueError:
+            offset = 0
+        try:  # never through a symbolic link (the daemon refuses them too)
+            with os.fdopen(fs.open(path, os.O_RDONLY), "rb") as fh:
+                fh.seek(offset)
+                left += sum(1 for _ in fh)
+        except OSError:
+            continue
+    return {"files": [str(p) for p in files], "events": left}
+
+
 def _spool_requeue(settings: Settings) -> int:
     from .sinks.deadletter import DeadLetters
+    from .spool.segments import make_private_dirs
 
     dead = DeadLetters(settings.spool.dir)
     requeue = settings.spool.dir / "requeue"
@@ -266,7 +293,7 @@ def _spool_requeue(settings: Settings) -> int:
     if not files:
         print("no dead letters to re-queue")
         return EXIT_OK
-    requeue.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(requeue)  # 0700, as every folder of the spool (they hold log data)
     events = 0
     for path in files:
         events += sum(1 for _ in path.open("rb"))

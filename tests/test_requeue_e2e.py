@@ -32,6 +32,7 @@ from tests.test_spool_e2e import (
     PacedSender,
     assert_delivered_once,
     cli,
+    spool_stats,
     stream,
 )
 
@@ -69,10 +70,13 @@ def test_a_dead_letter_file_far_larger_than_the_spool_is_delivered_once(
     size = (d.tmp / "spool" / "dead-letter" / "dead-letter-20260101.jsonl").stat().st_size
     assert size > 1_800_000  # 7 times the spool
     replay(d)
+    # Created by the replay with the spool's own folders' mode: they hold log data.
+    assert (d.tmp / "spool" / "requeue").stat().st_mode & 0o777 == 0o700
     assert_delivered_once(intake, texts, timeout=60)
     done = d.wait_log("dead_letters_requeued", timeout=10)
     assert done["events"] == 6000 and done["dead_lettered_again"] == 0
     assert requeue_folder(d) == []  # the file and its progress are gone
+    assert spool_stats(d)["requeue"] == {"files": [], "events": 0}
     assert wait_until(lambda: unaccounted(terms(scrape(d.status_port))) == 0, 10)
     t = terms(scrape(d.status_port))
     assert t["requeued"] == 6000 and t["delivered"] == 6000 and t["spool"] == 0
@@ -118,6 +122,10 @@ def test_an_intake_taking_nothing_makes_the_file_wait_said_then_resume(
     held = terms(scrape(d.status_port))
     assert 0 < held["requeued"] < 3000 and held["requeued"] == held["spool"]
     assert [p.suffix for p in requeue_folder(d)] == [".jsonl", ".progress"]
+    # `spool stats` shows what is still to go: the rest of the file, after its progress.
+    waiting = spool_stats(d)["requeue"]
+    assert waiting["files"] == [str(requeue_folder(d)[0])]
+    assert waiting["events"] == 3000 - held["requeued"]
     intake.set_down(False)
     assert_delivered_once(intake, texts, timeout=60)
     d.wait_log("dead_letters_requeued", timeout=10)

@@ -209,15 +209,21 @@ def finish(fs: Filesystem, path: Path) -> None:
 
 
 def list_files(fs: Filesystem, folder: Path) -> list[Path]:
-    """The files to re-queue, oldest name first; progress files whose file is gone removed."""
+    """The files to re-queue, oldest name first (read only: `spool stats` lists them too)."""
     if not fs.is_dir(folder):
         return []
+    return [folder / n for n in sorted(fs.listdir(folder)) if n.endswith(".jsonl")]
+
+
+def remove_orphans(fs: Filesystem, folder: Path) -> None:
+    """Progress files whose file is done (a crash between the two deletions of finish())."""
+    if not fs.is_dir(folder):
+        return
     names = set(fs.listdir(folder))
     for name in names:
         base, sep, _ = name.partition(".jsonl" + PROGRESS_SUFFIX)
         if sep and base + ".jsonl" not in names:  # x.jsonl.progress(.tmp), x.jsonl done
             fs.unlink(folder / name, missing_ok=True)
-    return [folder / n for n in sorted(names) if n.endswith(".jsonl")]
 
 
 def has_room(stats: dict[str, Any], batch: Batch) -> bool:
@@ -330,6 +336,7 @@ class Requeuer:
 
     async def _pass(self) -> None:
         try:
+            await self._io(remove_orphans, self.fs, self.folder)
             files = await self._io(list_files, self.fs, self.folder)
         except OSError as exc:
             self._file_failed(self.folder, exc)
