@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import os
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -68,7 +70,8 @@ class Rig:
     """Requeuer -> Delivery -> real Spool (block, small) -> one worker -> scripted sink."""
 
     def __init__(self, tmp_path: Path, sink: FakeSink, *, spool_max: int = 64 * KIB,
-                 max_events: int = 100, stall_after: float = 30.0) -> None:
+                 max_events: int = 100, stall_after: float = 30.0,
+                 dead: type[DeadLetters] = DeadLetters) -> None:
         self.counters = Counters()
         self.log = Log()
         self.spool_dir = tmp_path / "spool"
@@ -76,7 +79,7 @@ class Rig:
         self.spool = Spool(self.spool_dir, max_size=spool_max, segment_size=16 * KIB,
                            counters=self.counters.spool)
         self.spool.open()
-        self.dead = DeadLetters(self.spool_dir, 4 << 20)
+        self.dead = dead(self.spool_dir, 4 << 20)
         self.delivery = Delivery(sink, self.spool, self.dead, self.counters, self.log,
                                  workers=1, backoff=NoWait(), max_in_flight=100,
                                  write_ahead=False, on_pressure=lambda on: None)
@@ -230,6 +233,69 @@ def test_stopped_between_batches_a_new_process_resumes_without_duplicates(
 
     run(second())
     assert not path.exists() and not progress_path(path).exists()
+
+
+class HeldDeadLetters(DeadLetters):
+    """A dead-letter write that opens today's file, then waits for `gate` before writing
+    through that descriptor: a write under way when `spool replay-dead-letter` renames it."""
+
+    def __init__(self, spool_dir: Path, max_size: int) -> None:
+        super().__init__(spool_dir, max_size)
+        self.gate: threading.Event | None = None
+        self.opened = threading.Event()
+
+    def _append(self, lines: bytes, when: time.struct_time) -> Path:
+        if self.gate is None:
+            return super()._append(lines, when)
+        path = self.dir / time.strftime("dead-letter-%Y%m%d.jsonl", when)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            self.opened.set()
+            self.gate.wait(10)
+            os.write(fd, lines)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+
+def test_a_file_renamed_while_a_dead_letter_write_has_it_open_waits_for_that_write(
+    tmp_path: Path,
+) -> None:
+    """The replay renamed today's dead-letter file while a write had it open: that write lands
+    in the renamed file. The requeuer reads it only once the write is done, so its events are
+    re-queued too, not deleted with the file unread."""
+    sink = FakeSink()
+    first, second = texts(5, tag="first"), texts(5, tag="second")
+
+    async def main() -> None:
+        rig = Rig(tmp_path, sink, dead=HeldDeadLetters)
+        dead = rig.dead
+        assert isinstance(dead, HeldDeadLetters)
+        reason = "intake answered 400"
+        assert dead.write(Batch.from_events(first, [TS] * 5), reason, 400) is not None
+        dead.gate = threading.Event()
+        writing = asyncio.get_running_loop().run_in_executor(
+            None, dead.write, Batch.from_events(second, [TS] * 5), reason, 400)
+        await asyncio.to_thread(dead.opened.wait, 10)
+        rig.folder.mkdir()
+        (path,) = dead.files()
+        moved = path.rename(rig.folder / f"{path.stem}-1.jsonl")  # the replay
+        task = asyncio.create_task(rig.requeuer().run())
+        # Given time to read the file (it would have, in a few ms), it must not have.
+        with contextlib.suppress(AssertionError):
+            await until(lambda: rig.log.named("dead_letters_requeued") != [], timeout=0.5)
+        assert rig.log.named("dead_letters_requeued") == [] and moved.exists()
+        dead.gate.set()
+        assert await writing is not None
+        await until(lambda: len(sink.accepted) == 10)
+        assert sink.accepted == first + second
+        await until(lambda: rig.log.named("dead_letters_requeued") != [])
+        assert not moved.exists()
+        task.cancel()
+        await rig.stop()
+
+    run(main())
 
 
 # -- a scripted host: refusals and crashes ------------------------------------------------------
