@@ -547,3 +547,38 @@ def test_a_read_error_is_said_once_and_retried(tmp_path: Path) -> None:
 
     run(main())
     assert host.events() == texts(20)
+
+
+def test_files_are_read_and_written_off_the_event_loop(tmp_path: Path) -> None:
+    """Every filesystem call of the requeuer (listing, reads, progress, deletion) runs in its
+    own thread: a slow disk never stalls the listeners (it used to read on the loop)."""
+
+    class Threads(Filesystem):
+        def __init__(self) -> None:
+            self.seen: set[str] = set()
+
+        def _note(self) -> None:
+            self.seen.add(threading.current_thread().name)
+
+        def listdir(self, path: Path) -> list[str]:
+            self._note()
+            return super().listdir(path)
+
+        def pread(self, fd: int, length: int, offset: int) -> bytes:
+            self._note()
+            return super().pread(fd, length, offset)
+
+        def fsync(self, fd: int) -> None:
+            self._note()
+            super().fsync(fd)
+
+        def unlink(self, path: Path, missing_ok: bool = False) -> None:
+            self._note()
+            super().unlink(path, missing_ok)
+
+    folder = tmp_path / "requeue"
+    write_file(folder, texts(120))
+    fs, host = Threads(), Host()
+    run(until_done(requeuer(folder, host, fs=fs), folder))
+    assert host.events() == texts(120)
+    assert fs.seen and all(name.startswith("requeue") for name in fs.seen), fs.seen
