@@ -516,20 +516,66 @@ def _bad_env_json(field: str) -> list[str]:
     ] or [f"environment: cannot parse the value for {field!r}"]
 
 
+# Past this size a "config file" is a wrong path (a log, an image): refused, not read whole.
+MAX_CONFIG_BYTES = 4 * MIB
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _read_config(path: Path) -> bytes | None:
+    """The bytes of the config file; None if it does not exist. ConfigError (one line) if it
+    cannot be used.
+
+    Only a regular file is read. It is opened with O_NONBLOCK and checked on the descriptor
+    (no window between a check and the open): opening a named pipe for reading would wait
+    for a writer forever, and a SIGHUP with a FIFO swapped in froze the daemon. A file with
+    nothing but whitespace is refused: it is a file cut while an editor or a deployment
+    rewrote it far more often than a wish for every default (then the intake URL falls back
+    to fra1 and the TLS and RELP listeners close). A file holding only a comment is the way
+    to say "defaults and the environment"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise ConfigError([f"{path}: permission denied"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot be opened: {exc.strerror or exc}"]) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError([f"{path}: is a directory, not a config file"])
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise ConfigError([f"{path}: is {kind}, not a regular file: the config is read "
+                               "only from a regular file"])
+        data = os.read(fd, MAX_CONFIG_BYTES + 1)
+        while len(data) <= MAX_CONFIG_BYTES and (more := os.read(fd, 1 << 16)):
+            data += more  # os.read may return less than asked before the end
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot be read: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES // MIB} MiB: not a config "
+                           "file"])
+    if not data.strip():
+        raise ConfigError([f"{path}: is empty (a file cut while being rewritten?); to run on "
+                           "the defaults and the environment, write at least a comment in it"])
+    return data
+
+
 def load(cli_value: str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Read the TOML file (optional when not named explicitly), apply env, validate."""
     path, explicit = config_path(cli_value)
     data: dict[str, Any] = {}
+    raw = _read_config(path)
+    if raw is None and explicit:
+        raise ConfigError([f"{path}: config file not found"])
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError([f"{path}: config file not found"]) from None
-    except PermissionError:
-        raise ConfigError([f"{path}: permission denied"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{path}: is a directory, not a config file"]) from None
+        if raw is not None:
+            data = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
     except UnicodeDecodeError:

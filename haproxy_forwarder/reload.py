@@ -10,7 +10,10 @@ force; then the swaps, which cannot fail and never touch an open connection or a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ssl
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -58,6 +61,12 @@ MASK = "********"
 TCP_DRAIN_GRACE = 2.0
 
 _S = TypeVar("_S", TcpSource, TlsSource, UdpSource, RelpSource)
+_T = TypeVar("_T")
+
+# The new config is read in a thread, never on the event loop: a slow or hung filesystem
+# must not freeze the daemon (health checks, SIGTERM). Past this it is refused; the thread,
+# a daemon thread, cannot keep the process from exiting should it never come back.
+LOAD_TIMEOUT = 10.0
 
 
 def flatten(settings: Settings) -> dict[str, Any]:
@@ -238,6 +247,38 @@ class _Prepared:
             await u.stop()
         if self.sink is not None:
             await self.sink.aclose()
+
+
+async def off_loop(fn: Callable[[], _T], timeout: float) -> _T:
+    """fn() in a daemon thread of its own; TimeoutError after `timeout` (the thread is left
+    to finish, or not, on its own; its result is then dropped)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not done.done():  # else timed out (cancelled) meanwhile
+            outcome()
+
+    def run() -> None:
+        outcome: Callable[[], None]
+        try:
+            outcome = functools.partial(done.set_result, fn())
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            outcome = functools.partial(done.set_exception, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="config-reload", daemon=True).start()
+    return await asyncio.wait_for(done, timeout)
+
+
+async def read_new(loader: Callable[[], Settings] | None,
+                   timeout: float = LOAD_TIMEOUT) -> Settings:
+    """load_new() off the event loop, within `timeout`; Refused as load_new."""
+    try:
+        return await off_loop(lambda: load_new(loader), timeout)
+    except TimeoutError:
+        raise Refused([f"config: not read within {timeout:g} s (a hung filesystem?)"]) from None
 
 
 def load_new(loader: Callable[[], Settings] | None) -> Settings:
@@ -424,9 +465,10 @@ async def apply(target: Target, new: Settings) -> Plan:
 
 
 async def reload(target: Target, loader: Callable[[], Settings] | None) -> bool:
-    """One reload, logged and counted; True if the new config is in force."""
+    """One reload, logged and counted; True if the new config is in force. The file is read
+    off the event loop (config.load reads only a regular file, and refuses an empty one)."""
     try:
-        await apply(target, load_new(loader))
+        await apply(target, await read_new(loader))
     except Refused as exc:
         for problem in exc.problems:
             target.log.error("reload_failed", problem=problem,
