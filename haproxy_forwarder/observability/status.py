@@ -68,10 +68,6 @@ class StatusServer:
         self.clients: dict[asyncio.StreamWriter, bool] = {}
         self.quiet = QuietLog(log)
 
-    @property
-    def active(self) -> int:
-        return len(self.clients)
-
     async def start(self) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._handle, self.host, self.port,
                                                  reuse_address=True, limit=MAX_REQUEST)
