@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from devtools import REPO
 from devtools.daemon import Daemon, base_config, write_toml
 from devtools.keys import INTAKE_KEY
 
@@ -75,6 +76,7 @@ class Soak:
         self._scraper_stop = threading.Event()
         self._scraping: tuple[int, Daemon] | None = None
         self.final: Scrape | None = None
+        self.code = ""
 
     # -- set-up ------------------------------------------------------------------------------
     def _mount(self) -> None:
@@ -441,6 +443,8 @@ def main_run(seed: int, minutes: float, work: Path, rates: dict[str, float], tmp
         log_file.flush()
 
     soak = Soak(seed, minutes, work, rates, tmpfs, say)
+    soak.code = code_version()
+    say(f"code: {soak.code}")
     report = soak.run()
     text = render(report, soak, time.monotonic() - t_start)
     print(text, flush=True)
@@ -457,3 +461,14 @@ def replay(path: Path) -> int:
     for k, v in sorted(vars(report).items()):
         print(f"{k}: {v}")
     return 1 if report.failed else 0
+
+
+def code_version() -> str:
+    """The commit the daemon runs from, and whether its package differs from it."""
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
+        return res.stdout.strip() if res.returncode == 0 else "?"
+    changed = git("status", "--porcelain", "--", "haproxy_forwarder")
+    return git("rev-parse", "--short", "HEAD") + (
+        f" with uncommitted changes in {len(changed.splitlines())} haproxy_forwarder files"
+        if changed and changed != "?" else "")
