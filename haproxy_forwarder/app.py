@@ -255,6 +255,10 @@ class Daemon:
             "events_held", "where",
             lambda: held_events(self.collector, self.delivery, self.spool))
         g("in_memory_batches", lambda: d.in_memory)
+        # Dead-letter files given back by `spool replay-dead-letter` still to go, and how long
+        # since one moved (the requeue stalls when the spool has no room for them).
+        g("requeue_files", lambda: d.requeue_files)
+        g("requeue_idle_seconds", d.requeue_idle_seconds)
         g("buffered_bytes", lambda: self.ctx.budget.total)
         # RELP messages received, not yet durable, hence not yet acknowledged to their sender.
         g("acks_pending", lambda: self.collector.acks_pending)
@@ -404,6 +408,10 @@ class Daemon:
         stalled = self.stall_reason()
         if stalled:
             reasons.append(stalled)
+        # Not in stall_reason (the systemd watchdog): a restart does not empty a full spool.
+        requeue = d.requeue_stall_reason()
+        if requeue:
+            reasons.append(requeue)
         if not self._stop.is_set():  # at shutdown they close on purpose
             reasons += [f"listener {s.name} is down (closed, not by us)"
                         for s in self._listeners() if s.down]

@@ -25,7 +25,7 @@ from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.sinks.deadletter import dead_letter_lines
 from tests.fake_intake import FakeIntake
 from tests.test_accounting import terms, unaccounted
-from tests.test_metrics import scrape
+from tests.test_metrics import http_get, scrape, value
 from tests.test_spool_e2e import (
     KIB,
     MakeDaemon,
@@ -118,6 +118,14 @@ def test_an_intake_taking_nothing_makes_the_file_wait_said_then_resume(
     stalled = d.wait_log("requeue_stalled", timeout=20)
     assert stalled["file"].startswith("dead-letter-20260101-")
     assert "spool" in stalled["waiting_for"]
+    # /healthz names it (a stalled re-queue is not only the intake's stall) and the gauges
+    # show it.
+    code, _, body = http_get(d.status_port, "/healthz")
+    assert code == 503
+    assert any("re-queued dead-letter file(s) not moving" in r
+               for r in orjson.loads(body)["reasons"])
+    m = scrape(d.status_port)
+    assert value(m, "requeue_files") == 1 and value(m, "requeue_idle_seconds") > 1.0
     # Part of the file is in the spool, counted once; it stays there, and so does the file.
     held = terms(scrape(d.status_port))
     assert 0 < held["requeued"] < 3000 and held["requeued"] == held["spool"]

@@ -79,6 +79,10 @@ HELP: dict[str, str] = {
     "spool_corrupt_events": "Events of spool records that failed their checksum, where the "
                             "record still said how many (also in dropped_events "
                             "reason=spool_corrupt).",
+    "requeue_files": "Dead-letter files given back by replay-dead-letter, not all in the "
+                     "spool yet.",
+    "requeue_idle_seconds": "Seconds since a re-queued dead-letter file last moved, while "
+                            "some wait (0 when none does).",
     "events_held": "Events neither delivered, dead-lettered nor dropped yet, by where: memory "
                    "or spool. accepted + spool_recovered + requeued = delivered + "
                    "dead_lettered + dropped + held, exact at rest.",
