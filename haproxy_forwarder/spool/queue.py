@@ -202,6 +202,10 @@ class Spool:
     def take_losses(self) -> Losses:
         """The losses not reported yet (see the module docstring), once: the next call only
         returns what happened after this one."""
+        # Asked from the event loop after every append: no lock when there is nothing (a loss
+        # noted meanwhile is returned by the next call).
+        if not self._losses:
+            return Losses()
         with self._lock:
             out, self._losses = self._losses, Losses()
             return out
