@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -187,7 +187,7 @@ class SpoolAppends:
             self.counters.dropped(events, "spool_full")
         self._full.add(batches=batches, events=events, in_flight_batches=in_flight)
 
-    def _evicted(self, evicted: Iterable[tuple[int, int]]) -> None:
+    def _evicted(self, evicted: Sequence[tuple[int, int]]) -> None:
         """Handed-out records drop_oldest deleted: memory-only from now on, or lost if the
         router stopped (its workers are gone, what was only in memory is written already)."""
         if not evicted:
