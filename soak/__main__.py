@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--udp-rate", type=float, default=100.0, help="events/s over UDP")
     p.add_argument("--no-tmpfs", action="store_true",
                    help="keep the spool on disk (else an 8 MiB tmpfs when root may mount)")
+    p.add_argument("--daemon-tree", type=Path, default=None,
+                   help="run the daemon from this copy of the sources (to try a fix)")
     p.add_argument("--replay", type=Path, default=None,
                    help="rebuild the ledger from a run's ledger-inputs.pickle, print it")
     a = p.parse_args(argv)
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1, 10**6)
     work = a.work or REPO / "build" / "soak" / f"{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     rates = {"tcp": a.tcp_rate, "relp": a.relp_rate, "udp": a.udp_rate}
-    return main_run(seed, a.minutes, work.resolve(), rates, not a.no_tmpfs)
+    return main_run(seed, a.minutes, work.resolve(), rates, not a.no_tmpfs,
+                    a.daemon_tree.resolve() if a.daemon_tree else None)
 
 
 if __name__ == "__main__":

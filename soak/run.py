@@ -77,6 +77,7 @@ class Soak:
         self._scraping: tuple[int, Daemon] | None = None
         self.final: Scrape | None = None
         self.code = ""
+        self.daemon_tree: Path | None = None
 
     # -- set-up ------------------------------------------------------------------------------
     def _mount(self) -> None:
@@ -124,7 +125,7 @@ class Soak:
         idx = len(self.runs)
         cfg = self.config()
         d = Daemon(self.work, cfg, file_prefix=f"run{idx:03d}",
-                   config_path=self.work / "config.toml", isolate_env=True)
+                   config_path=self.work / "config.toml", isolate_env=True, spawn=self._spawn)
         info = RunInfo(idx, cfg, t_spawn=time.monotonic())
         self.runs.append(info)
         try:
@@ -143,6 +144,13 @@ class Soak:
         self.say(f"run {idx} started: spool {sp['mode']}/{sp['when_full']} "
                  f"{sp['max_size'] // 1024} KiB, dead letters {sp['dead_letter_max_size'] // 1024}"
                  f" KiB; {self._live_text()}; spool at open: {self._opened_text(info)}")
+
+    def _spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        # `python -m` imports from its working folder first: --daemon-tree runs the daemon of
+        # another copy of the sources (a candidate fix) under the same soak.
+        if self.daemon_tree is not None:
+            kw["cwd"] = self.daemon_tree
+        return subprocess.Popen(argv, **kw)
 
     def _live_text(self) -> str:
         b, i = self.live["batch"], self.live["intake"]
@@ -429,8 +437,8 @@ def rsyslog_queued(stats: Path) -> int:
     return sum(latest.values()) if latest else -1
 
 
-def main_run(seed: int, minutes: float, work: Path, rates: dict[str, float], tmpfs: bool
-             ) -> int:
+def main_run(seed: int, minutes: float, work: Path, rates: dict[str, float], tmpfs: bool,
+             daemon_tree: Path | None = None) -> int:
     t_start = time.monotonic()
     log_path = work / "soak.log"
     work.mkdir(parents=True, exist_ok=True)
@@ -443,7 +451,8 @@ def main_run(seed: int, minutes: float, work: Path, rates: dict[str, float], tmp
         log_file.flush()
 
     soak = Soak(seed, minutes, work, rates, tmpfs, say)
-    soak.code = code_version()
+    soak.daemon_tree = daemon_tree
+    soak.code = code_version() + (f"; daemon from {daemon_tree}" if daemon_tree else "")
     say(f"code: {soak.code}")
     report = soak.run()
     text = render(report, soak, time.monotonic() - t_start)
