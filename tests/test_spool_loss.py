@@ -160,13 +160,6 @@ def delivery(tmp_path: Path, spool: Spool, sink: GatedSink, counters: Counters, 
                     **{"write_ahead": False, **kw})
 
 
-needs_counters_wired = pytest.mark.xfail(
-    strict=True,
-    reason="delivery/__init__.py must pass counters=counters to SpoolAppends (reported to the "
-           "lead); remove this mark once it does",
-)
-
-
 # -- 1. corruption in a sealed segment (recovery) ------------------------------------------------
 
 
@@ -286,7 +279,6 @@ def test_open_losses_reach_dropped_spool_corrupt_once(tmp_path: Path) -> None:
     sp.close()
 
 
-@needs_counters_wired
 def test_the_daemons_delivery_counts_open_losses_as_dropped(tmp_path: Path) -> None:
     d = tmp_path / "spool"
     v1_spool(d)
@@ -390,7 +382,6 @@ def test_delivery_says_runtime_corruption_while_it_delivers_the_rest(tmp_path: P
     run(main())
 
 
-@needs_counters_wired
 def test_delivery_counts_runtime_corruption_as_dropped(tmp_path: Path) -> None:
     async def main() -> None:
         sp = Spool(tmp_path / "spool")

@@ -21,7 +21,7 @@ from haproxy_forwarder.spool import format as fmt
 from tests.fake_intake import FakeIntake
 from tests.test_metrics import scrape, value
 from tests.test_spool_e2e import last_stats, stream, wait_until
-from tests.test_spool_loss import needs_counters_wired, seg_path, v1_spool
+from tests.test_spool_loss import seg_path, v1_spool
 
 MakeDaemon = Callable[..., Daemon]
 KIB = 1024
@@ -66,7 +66,6 @@ def test_daemon_quarantines_a_damaged_sealed_segment_and_counts_it(
     assert d.stop() == 0
 
 
-@needs_counters_wired
 def test_daemon_counts_a_damaged_sealed_segment_as_dropped(
     intake: FakeIntake, daemon: MakeDaemon, damaged_v1: tuple[list[dict[str, Any]], Path],
 ) -> None:

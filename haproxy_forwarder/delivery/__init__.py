@@ -83,7 +83,8 @@ class Delivery:
         self.wake_workers = asyncio.Event()
         self.wake_writer = asyncio.Event()
         self.body_limit_reported = False  # see Host in worker.py
-        self._appends = SpoolAppends(spool, self.router, log) if spool is not None else None
+        self._appends = (SpoolAppends(spool, self.router, log, counters=counters)
+                         if spool is not None else None)
         # Spool reads in threads of their own (two: a pread and a decode overlap, which
         # replay needs), acks in another: a few malloc arenas hold the records read back,
         # rather than one per default-executor thread that ever decoded one.
@@ -335,6 +336,10 @@ class Delivery:
         for e in held:
             lost(e)  # claimed batches still waiting for their dead letters: not tracked further
         self.counters.dropped(dropped, "shutdown")
+        if self._appends is not None:
+            # Records evicted while their worker was cancelled between reading and taking
+            # them, and loss lines still pending: counted and said before `stopped`.
+            self._appends.report_losses(flush=True)
         await self._dead.close(STOP_WAIT)
         await self.sink.aclose()
         for task, old in list(self._retiring.items()):
