@@ -5,19 +5,19 @@ Every sent event ends in one of:
 - delivered (once, or more: each extra copy needs a cause, below);
 - dead-lettered (a line in spool.dir/dead-letter/, with its reason); an event dead-lettered
   for a 400 must have been in a body the intake answered 400;
-- missing, and then explained by exactly one of:
+- missing, and then explained by one of these causes:
     udp_while_down     UDP sent while no daemon was reading (stopping, killed, starting);
     send_failed        part of a TCP write that failed (the connection reset by a kill);
     kill_in_flight     TCP/UDP sent to a run later killed (-9), past what that run had read
                        at the scrape just before the kill: in kernel buffers or read after it;
-    kill_in_memory     TCP/UDP read by a killed run before that scrape: bounded by the
-                       run's events_held{where="memory"} then (what a kill -9 may lose);
-    corrupt            in the un-acked spool record the soak damaged: bounded by the
-                       daemon's dropped_events{reason="spool_corrupt"};
-    udp_counted        UDP: bounded by udp_dropped + udp_kernel_dropped (beside the identity);
-    dropped            bounded by the daemon's dropped_events{reason} over all its runs;
-  what exceeds a bound is UNACCOUNTED (and so is a RELP event lost to a kill: rsyslog resends
-  whatever was not acknowledged, so RELP has no kill_* cause).
+    corrupt            in the un-acked spool record the soak damaged: within the daemon's
+                       dropped_events{reason="spool_corrupt"};
+  or else the daemon read it and must have counted its loss. Per run: UDP first against
+  that run's udp_dropped + udp_kernel_dropped (udp_counted); for a killed run, then against
+  what it held in memory at its last scrape (kill_in_memory: what a kill -9 may lose); what
+  is left (RELP always: rsyslog resends whatever was not acknowledged, so RELP has no kill
+  excuse) against the dropped_events{reason} of all runs together (dropped). What exceeds
+  the bounds is UNACCOUNTED.
 
 A copy beyond the first is explained when the earlier outcome was uncertain (no answer
 written, an answer after intake.timeout, or an answer in the last second of its process),
