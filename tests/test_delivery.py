@@ -378,6 +378,23 @@ def test_dead_letters_over_the_bound_are_dropped_and_counted(tmp_path: Path) -> 
     run(main())
 
 
+def test_dead_letters_full_is_one_warning_then_a_summary(tmp_path: Path) -> None:
+    """A full store refuses every batch that comes: each is counted, the journal gets the
+    first at once and the rest in one summary line (said at the latest when delivery stops)."""
+    async def main() -> None:
+        d, c, log, _ = make(tmp_path, FakeSink(), FakeSpool(), dead_max=10)
+        for i in range(20):
+            d.dead_letter(events(i, 2), "refused")
+        await d.stop()
+        assert c.drop_reasons["dead_letter_full"] == 40
+        lines = log.named("dead_letter_full")
+        assert len(lines) == 2, lines
+        assert lines[0]["events"] == 2 and "suppressed" not in lines[0]
+        assert lines[1]["suppressed"] == 19
+
+    run(main())
+
+
 def test_dead_letter_disk_error_is_dropped_and_counted(tmp_path: Path) -> None:
     (tmp_path / "dead-letter").write_text("a file where the directory should be")
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from ..batching import Batch
 from ..collector import OVERSIZED_REASON
 from ..observability.counters import Counters
+from ..observability.quiet import QuietLog
 from ..sinks.deadletter import DeadLetters
 from ..spool import AppendResult, Losses, RecordTooLarge, SpoolError, SpoolFull
 from .router import SPILL_AFTER, Entry, Location, Router, durable
@@ -374,6 +375,9 @@ class DeadLetterWriter:
         self.log = log
         self._pool: ThreadPoolExecutor | None = None  # its thread starts at the first write
         self._pending: set[asyncio.Future[bool]] = set()
+        # A full or failing store refuses every batch that comes: one line, then a summary
+        # per interval (the counters have every event).
+        self.quiet = QuietLog(log)
 
     def write(
         self, batch: Batch, reason: str, status: int | None = None, response: str = ""
@@ -407,14 +411,14 @@ class DeadLetterWriter:
         exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
         if exc is not None:
             self.counters.dropped(n, "dead_letter_failed")
-            self.log.error("dead_letter_write_failed", events=n, reason=reason,
-                           error=str(exc), action="events dropped")
+            self.quiet.warning("dead_letter_write_failed", events=n, reason=reason,
+                               error=str(exc), action="events dropped")
             return False
         path = f.result()
         if path is None:
             self.counters.dropped(n, "dead_letter_full")
-            self.log.error("dead_letter_full", events=n, reason=reason,
-                           max_size=self.dead.max_size, action="events dropped")
+            self.quiet.warning("dead_letter_full", events=n, reason=reason,
+                               max_size=self.dead.max_size, action="events dropped")
             return False
         self.counters.dead_lettered(n, dead_letter_label(reason, status))
         self.log.error(
@@ -427,6 +431,7 @@ class DeadLetterWriter:
         """Wait for queued writes (up to `timeout`), then let the thread go."""
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=timeout)
+        self.quiet.flush()  # what was suppressed is said before `stopped`
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None

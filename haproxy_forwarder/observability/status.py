@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
-from ..sources.guard import QuietLog
 from .counters import Registry
 from .prometheus import collector_registry, exposition
+from .quiet import QuietLog
 
 MAX_REQUEST = 8192
 # The whole request head must come within this, however it trickles.

@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 from ..ingest import ChunkReader, ChunkResult, ProgramFilter, new_reader
 from ..observability.counters import Counters
-from .guard import BufferBudget, QuietLog
+from ..observability.quiet import QuietLog
+from .guard import BufferBudget
 
 
 class IngestSink(Protocol):

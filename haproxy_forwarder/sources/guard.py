@@ -1,22 +1,19 @@
 """What keeps hostile peers from locking honest senders out or pinning memory.
 
-Three small pieces shared by the sources: the allow-list (`Allow`), the total budget of bytes
-held in partial frames across every TCP connection (`BufferBudget`), and log lines for events
-a flood repeats thousands of times (`QuietLog`: one line, then one summary per interval).
+Two small pieces shared by the sources: the allow-list (`Allow`) and the total budget of bytes
+held in partial frames across every TCP connection (`BufferBudget`). The log lines for events
+a flood repeats thousands of times are observability/quiet.py's `QuietLog`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 # One line per event name, then at most one summary per this many seconds saying how many
 # were suppressed: 5,000 refused connects must not write 5,000 log lines.
-QUIET_INTERVAL = 5.0
 # Shedding stops once the total is back under this share of the cap: every close then buys
 # room for many more bytes, instead of sorting all connections again at each byte over it.
 SHED_TO = 0.9
@@ -104,48 +101,3 @@ class BufferBudget:
                 holder.shed()
         finally:
             self._shedding = False
-
-
-@dataclass(eq=False)
-class _Pending:
-    suppressed: int = 0
-    fields: dict[str, Any] = field(default_factory=dict)
-    scheduled: bool = False
-
-
-class QuietLog:
-    """Warnings for repeated events: the first of a kind is logged at once; the next ones in
-    the following QUIET_INTERVAL seconds are counted and said in one line with `suppressed`."""
-
-    def __init__(self, log: Any, interval: float = QUIET_INTERVAL) -> None:
-        self.log = log
-        self.interval = interval
-        self._quiet_until: dict[str, float] = {}
-        self._pending: dict[str, _Pending] = {}
-
-    def warning(self, event: str, **fields: Any) -> None:
-        now = time.monotonic()
-        if now >= self._quiet_until.get(event, 0.0):
-            self._quiet_until[event] = now + self.interval
-            self.log.warning(event, **fields)
-            return
-        p = self._pending.setdefault(event, _Pending())
-        p.suppressed += 1
-        p.fields = fields  # the last one stands for them all
-        if not p.scheduled:
-            p.scheduled = True
-            delay = self._quiet_until[event] - now
-            asyncio.get_running_loop().call_later(delay, self._summary, event)
-
-    def flush(self) -> None:
-        """Say what is still suppressed (a listener stops: its summary must not be lost)."""
-        for event in list(self._pending):
-            self._summary(event)
-
-    def _summary(self, event: str) -> None:
-        p = self._pending.pop(event, None)
-        if p is None or not p.suppressed:
-            return
-        self._quiet_until[event] = time.monotonic() + self.interval
-        self.log.warning(event, **p.fields, suppressed=p.suppressed,
-                         suppressed_seconds=self.interval)

@@ -42,9 +42,9 @@ from typing import Any, cast
 
 from ..config import ListenConfig
 from ..observability.counters import ListenerCounters, TlsCounters
+from ..observability.quiet import QuietLog
 from ..tlscontext import HandshakeSlots, ServerTls, name_allowed, peer_names
 from .base import SourceContext
-from .guard import QuietLog
 from .stream import peer_of
 from .tcp import TcpConnection, TcpSource
 
