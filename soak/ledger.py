@@ -160,6 +160,7 @@ class Ledger:
         self.report = Report()
         runs = inp.runs
         self._spawns = [r.t_spawn for r in runs]
+        self._starts = [r.t_started for r in runs]
         self._stops = sorted(r.t_signal for r in runs if r.t_signal != float("inf"))
         self._kills = sorted(r.t_signal for r in runs if r.end == "kill")
 
@@ -280,7 +281,7 @@ class Ledger:
                     continue
                 cause = self._cause(src, seq, state, flipped)
                 if cause == "read":
-                    read[(log.runs[seq] if src != "R" else -1, src)] += 1
+                    read[(self._run_of(log.runs[seq], log.times[seq]), src)] += 1
                     rep.example(f"missing {SOURCE_NAMES[src]}, needing a counter",
                                 f"{src}{seq:09d} sent at t={log.times[seq]:.2f} to run "
                                 f"{log.runs[seq]}")
@@ -291,6 +292,11 @@ class Ledger:
         self._bounds(pending, read)
         for cause, counts in by_src.items():
             rep.example("missing by source", f"{cause}: {dict(counts)}")
+
+    def _run_of(self, run_i: int, t: float) -> int:
+        """The run an event went to: the one up when it was sent, else the next to be up
+        (RELP fed into rsyslog meanwhile waits for it)."""
+        return run_i if run_i >= 0 else bisect.bisect_right(self._starts, t)
 
     def _cause(self, src: str, seq: int, state: int, flipped: set[int]) -> str:
         """Why (src, seq) may be missing without a counter, or "read": the daemon took it in
@@ -320,25 +326,29 @@ class Ledger:
     def _bounds(self, pending: Counter[str], read: Counter[tuple[int, str]]) -> None:
         """Events the daemon read and lost, against its counters: per run, UDP's own drop
         counters first, then (killed runs) what the run held in memory at its last scrape;
-        what is left against the drop reasons summed over all runs."""
+        what is left against the drop reasons, where an event sent to run r can only have
+        been counted by run r or a later one (the spool carries it forward, never back)."""
         rep, runs = self.report, self.inp.runs
         for cause in ("udp_while_down", "send_failed", "kill_in_flight"):
             if pending[cause]:
                 rep.missing[cause] = pending[cause]
         drops: Counter[str] = Counter()
+        supply: list[int] = []
         for run in runs:
-            drops.update(run.drops())
+            run_drops = run.drops()
+            drops.update(run_drops)
+            supply.append(sum(run_drops.values()))
             for name in ("udp_dropped", "udp_kernel_dropped"):
                 rep.udp_counters[name] = rep.udp_counters.get(name, 0) + run.counter(name)
         rep.drops = dict(drops)
-        left = read[(-1, "R")]
+        demand: list[int] = []
         udp_used = udp_bound = mem_used = mem_bound = 0
         for run in runs:
             udp = read[(run.index, "U")]
             pool = run.counter("udp_dropped") + run.counter("udp_kernel_dropped")
             from_udp = min(udp, pool)
             udp_used, udp_bound = udp_used + from_udp, udp_bound + pool
-            rest = udp - from_udp + read[(run.index, "T")]
+            rest = udp - from_udp + read[(run.index, "T")] + read[(run.index, "R")]
             if run.end == "kill":
                 scrape = run.before_kill or run.last
                 held = int(scrape.by_label("events_held", "where").get("memory", 0)) if scrape \
@@ -346,11 +356,9 @@ class Ledger:
                 from_mem = min(rest, held)
                 mem_used, mem_bound = mem_used + from_mem, mem_bound + held
                 rest -= from_mem
-                if rest:
-                    rep.example("killed run that lost more than its memory and UDP counters",
-                                f"run {run.index}: {rest} events over (held {held}, udp "
-                                f"counters {pool})")
-            left += rest
+            demand.append(rest)
+        # RELP fed after the last run started and never read: no run to count it.
+        late = sum(n for (r, _), n in read.items() if r >= len(runs))
         if udp_used:
             rep.missing["udp_counted"] = udp_used
             rep.bounds["udp_counted"] = (udp_used, udp_bound)
@@ -364,9 +372,23 @@ class Ledger:
             if pending["corrupt"] > corrupt_pool:
                 rep.unaccounted["in the damaged spool record, not counted spool_corrupt"] += (
                     pending["corrupt"] - corrupt_pool)
-        pool = max(sum(drops.values()) - min(pending["corrupt"], corrupt_pool), 0)
+        # The corruption explained above used spool_corrupt drops: out of the supply, from
+        # the first runs that counted some.
+        used = min(pending["corrupt"], corrupt_pool)
+        for i, run in enumerate(runs):
+            take = min(used, run.drops()["spool_corrupt"])
+            supply[i] -= take
+            used -= take
+        left = sum(demand) + late
         if left:
             rep.missing["dropped"] = left
-            rep.bounds["dropped"] = (left, pool)
-            if left > pool:
-                rep.unaccounted["lost, counted by no drop reason"] += left - pool
+            rep.bounds["dropped"] = (left, sum(supply))
+            # Demand at run r may use the supply of runs >= r: the shortfall is the largest
+            # deficit over the suffixes (late demand has no run after it at all).
+            need, have = late, 0
+            worst = late
+            for d, s in zip(reversed(demand), reversed(supply), strict=True):
+                need, have = need + d, have + s
+                worst = max(worst, need - have)
+            if worst > 0:
+                rep.unaccounted["lost, counted by no drop reason of that run or later"] += worst
