@@ -19,7 +19,8 @@ Every sent event ends in one of:
   excuse) against the dropped_events{reason} of all runs together (dropped). What exceeds
   the bounds is UNACCOUNTED.
 
-A copy beyond the first is explained when the earlier outcome was uncertain (no answer
+A copy beyond the first is explained when the earlier outcome was a dead letter that
+`spool replay-dead-letter` re-queued, when it was uncertain (no answer
 written, an answer after intake.timeout, or an answer in the last second of its process),
 when a kill -9 came between the two, or, for RELP, when the daemon stopped between the
 event's sending and the later copy (omrelp resends what was not answered); else it is an
@@ -97,6 +98,7 @@ class DeadLetter:
     key: int
     reason: str
     status: int | None
+    replayed: bool = False  # moved away by `spool replay-dead-letter`: sent again after
 
 
 @dataclass
@@ -148,10 +150,11 @@ class Inputs:
 class _Outcome:
     """Where one copy of an event went: a request of the intake (2xx or 400)."""
 
-    __slots__ = ("answered", "t0", "t1")
+    __slots__ = ("answered", "replayed", "t0", "t1")
 
     def __init__(self, r: Request) -> None:
         self.t0, self.t1, self.answered = r.t0, r.t1, r.answered
+        self.replayed = False  # its dead letter was re-queued: a later copy is due
 
 
 class Ledger:
@@ -180,6 +183,8 @@ class Ledger:
         return i < len(times) and times[i] < b
 
     def _copy_cause(self, src: str, sent_t: float, prev: _Outcome, nxt: _Outcome) -> str:
+        if prev.replayed:
+            return "after a dead-letter replay"
         if self._between(self._kills, prev.t0, nxt.t0):
             return "after kill -9"
         if self._uncertain(prev):
@@ -230,7 +235,9 @@ class Ledger:
                             "{}{:09d}".format(*unkey(dl.key)))
                 continue
             if reqs:
-                note(dl.key, reqs.pop(0))
+                req = reqs.pop(0)
+                requests[req].replayed = requests[req].replayed or dl.replayed
+                note(dl.key, req)
             else:
                 # No request to time it by (e.g. over 250 KiB): counted once, never a copy.
                 src, seq = unkey(dl.key)

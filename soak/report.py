@@ -48,7 +48,8 @@ def render(rep: Report, soak: Soak, wall: float) -> str:
         f"{wall:.0f} s wall, {len(soak.runs)} daemon runs "
         f"({sum(1 for r in soak.runs if r.end == 'kill')} kill -9, "
         f"{sum(1 for r in soak.runs if r.end == 'term')} SIGTERM, "
-        f"{sum(r.reloads for r in soak.runs)} SIGHUP, {len(soak.flips)} flipped bytes), "
+        f"{sum(r.reloads for r in soak.runs)} SIGHUP, {len(soak.flips)} flipped bytes, "
+        f"{len(soak.replayed)} dead letters replayed), "
         f"tmpfs {'8 MiB' if soak.tmpfs_used else 'no (spool on disk)'}; code {soak.code}",
         f"sent: {sent} events ({', '.join(f'{k} {v}' for k, v in rep.sent.items())}); "
         f"part of a failed write: {sum(rep.maybe.values())}",

@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ class Soak:
         self.episodes = draw_schedule(seed, self.seconds)
         self.runs: list[RunInfo] = []
         self.flips: list[Flip] = []
+        self.replayed: list[DeadLetter] = []
         self.problems: list[str] = []
         self.current = -1  # the run senders send to; -1 while none is up
         self.daemon: Daemon | None = None
@@ -357,6 +359,8 @@ class Soak:
                     raise RuntimeError(f"sender {s.src} failed: {s.error!r}")
         if ep.action == "hup":
             self.hup()
+        elif ep.action == "replay":
+            self.replay_dead_letters()
         elif ep.action in ("term", "kill"):
             self.stop_run(ep.action, ep.flip)
             self.spool_cfg = draw_spool(self.rng)
@@ -381,9 +385,10 @@ class Soak:
                 why = "no /metrics"
                 continue
             held, pending = s.get("events_held"), s.get("acks_pending")
+            requeue = self.requeue_left()
             why = (f"held {held:.0f}, acks pending {pending:.0f}, rsyslog queues {queued}, "
-                   f"quiet {time.monotonic() - last_change:.1f}s")
-            if held == 0 and pending == 0 and queued == 0 and \
+                   f"requeue files {requeue}, quiet {time.monotonic() - last_change:.1f}s")
+            if held == 0 and pending == 0 and queued == 0 and requeue == 0 and \
                     time.monotonic() - last_change >= 3.0:
                 self.final = s
                 break
@@ -401,10 +406,17 @@ class Soak:
                 self.say("note: /metrics has no events_unaccounted gauge (checked by sum)")
 
     def _dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter: those still in the folder, and those a replay moved away."""
+        return self._read_dead_letters() + self.replayed
+
+    def _read_dead_letters(self, replayed: bool = False) -> list[DeadLetter]:
         out: list[DeadLetter] = []
         folder = self.spool_dir / "dead-letter"
         for path in sorted(folder.glob("dead-letter-*.jsonl")) if folder.is_dir() else []:
-            for line in path.read_bytes().splitlines():
+            data = path.read_bytes()
+            # A line being written (no newline yet) is not read: the file it goes into is
+            # moved whole, so that event's dead letter is simply not seen.
+            for line in data[: data.rfind(b"\n") + 1].splitlines():
                 try:
                     rec = orjson.loads(line)
                 except orjson.JSONDecodeError:
@@ -415,8 +427,32 @@ class Soak:
                     self.problems.append(f"dead letter without a soak id: {line[:200]!r}")
                     continue
                 k = (SOURCES.index(m[1].decode()) << 40) | int(m[2])
-                out.append(DeadLetter(k, str(rec.get("reason")), rec.get("status")))
+                out.append(DeadLetter(k, str(rec.get("reason")), rec.get("status"), replayed))
         return out
+
+    def replay_dead_letters(self) -> None:
+        """`haproxy-forwarder spool replay-dead-letter` while the daemon runs: the files go to
+        requeue/, the daemon puts their events back in the spool. What they held is noted
+        first: those dead letters count as outcomes, and each allows one more copy."""
+        snapshot = self._read_dead_letters(replayed=True)
+        argv = [sys.executable, "-m", "haproxy_forwarder", "--config",
+                str(self.work / "config.toml"), "spool", "replay-dead-letter"]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                             cwd=self.daemon_tree or REPO, env=self.daemon_env())
+        if res.returncode != 0:
+            self.problems.append(f"replay-dead-letter exited {res.returncode}: "
+                                 f"{(res.stdout + res.stderr)[-400:]}")
+            return
+        self.replayed += snapshot
+        self.say(f"replay-dead-letter: {len(snapshot)} dead letters re-queued "
+                 f"({res.stdout.strip()[-120:]})")
+
+    def daemon_env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("HAPROXY_FORWARDER_")}
+
+    def requeue_left(self) -> int:
+        folder = self.spool_dir / "requeue"
+        return len(list(folder.glob("*.jsonl"))) if folder.is_dir() else 0
 
 
 def rsyslog_queued(stats: Path) -> int:

@@ -24,9 +24,10 @@ MIB = 1024 * KIB
 INTAKE_MODES = ("ok", "5xx", "429", "400", "413", "slow", "hang", "down", "reset")
 _MODE_WEIGHTS = (28, 9, 7, 10, 7, 8, 6, 15, 10)
 
-#: What happens to the daemon at the end of an episode.
-ACTIONS = ("none", "hup", "term", "kill")
-_ACTION_WEIGHTS = (40, 20, 20, 20)
+#: What happens at the end of an episode: nothing, SIGHUP, SIGTERM or kill -9 and a restart,
+#: or `spool replay-dead-letter` (the running daemon re-queues the dead letters).
+ACTIONS = ("none", "hup", "term", "kill", "replay")
+_ACTION_WEIGHTS = (34, 18, 18, 18, 12)
 
 #: Fixed for the whole run: the soak tells an uncertain delivery by this timeout.
 INTAKE_TIMEOUT = 3.0

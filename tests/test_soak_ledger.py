@@ -176,3 +176,18 @@ def test_a_drop_counts_only_for_events_sent_before_it() -> None:
     rep = build(logs=sent, delivered=[request(0, 20.0, [key("T", 0)])],
                 runs=[clean_run(0), clean_run(1, dropped={"spool_full": 1})])
     assert not rep.failed, rep
+
+
+def test_a_replayed_dead_letter_allows_one_more_copy() -> None:
+    ids = [key("T", 0)]
+    refused = [request(0, 20.0, ids, status=400)]
+    again = [request(1, 30.0, ids)]
+    rep = build(logs=logs(tcp=1), refused_400=refused, delivered=again,
+                dead_letters=[DeadLetter(key("T", 0), "intake answered 400", 400,
+                                         replayed=True)])
+    assert rep.extra_copies["after a dead-letter replay"] == 1
+    assert not rep.failed, rep
+    # Not replayed: delivered after being dead-lettered is a copy without a cause.
+    rep = build(logs=logs(tcp=1), refused_400=refused, delivered=again,
+                dead_letters=[DeadLetter(key("T", 0), "intake answered 400", 400)])
+    assert rep.extra_copies["UNEXPLAINED"] == 1
