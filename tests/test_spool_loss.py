@@ -32,6 +32,7 @@ from haproxy_forwarder.sinks import Kind, Outcome
 from haproxy_forwarder.sinks.deadletter import DeadLetters
 from haproxy_forwarder.spool import HEADER_SIZE, Spool, SpoolWriteError
 from haproxy_forwarder.spool import format as fmt
+from tests.test_delivery import Log
 from tests.test_spool import FaultyFs
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "spool-v1"
@@ -89,19 +90,6 @@ def flip_middle(path: Path, offset: int = 0) -> None:
     assert parsed is not None
     raw[offset + HEADER_SIZE + (parsed.length - HEADER_SIZE) // 2] ^= 0x10
     path.write_bytes(bytes(raw))
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def _add(self, event: str, **fields: Any) -> None:
-        self.lines.append((event, fields))
-
-    info = warning = error = exception = _add
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [f for e, f in self.lines if e == event]
 
 
 class Clock:

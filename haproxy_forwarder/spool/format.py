@@ -333,16 +333,11 @@ def parse_at(
 
     `sums` (a RangeCrc of `data`) checks a long payload's checksum in constant time.
     """
-    end = len(data)
-    if end - pos < HEADER_SIZE:
+    parsed = _header(data, pos)
+    if parsed is None:
         return None
-    magic, version, flags, plen, n, created = _HEAD.unpack_from(data, pos)
-    if magic != MAGIC or version not in READ_VERSIONS or 8 * n > plen:
-        return None
-    if flags != 0 and (flags != FLAG_FILLER or n != 0):
-        return None
-    stop = pos + HEADER_SIZE + plen
-    if stop > end:
+    stop = pos + parsed.length
+    if stop > len(data):
         return None
     (crc,) = _CRC.unpack_from(data, pos + _HEAD.size)
     view = memoryview(data)
@@ -351,9 +346,7 @@ def parse_at(
         got = sums.crc32(pos + HEADER_SIZE, stop, head_crc)
     else:
         got = zlib.crc32(view[pos + HEADER_SIZE : stop], head_crc)
-    if got != crc:
-        return None
-    return Parsed(HEADER_SIZE + plen, n, created, flags, version)
+    return parsed if got == crc else None
 
 
 def decode_record(data: bytes | bytearray | memoryview, events: int) -> Batch:
@@ -436,7 +429,7 @@ class LostRecord(NamedTuple):
     events: int | None  # None: no readable header says how many
 
 
-def _header(data: bytes | bytearray, pos: int) -> Parsed | None:
+def _header(data: bytes | bytearray | memoryview, pos: int) -> Parsed | None:
     """The header at `pos` if it reads as a record's (its checksum is not checked: the damage
     may be anywhere in the record); its length may run past the end of `data`."""
     if len(data) - pos < HEADER_SIZE:
