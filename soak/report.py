@@ -26,10 +26,11 @@ def _runs(soak: Soak) -> list[str]:
             f"{sp['max_size'] // 1024}K" + (f"  then flip {r.flip.describe()}" if r.flip else ""))
     total = {name: sum(r.counter(name) for r in soak.runs) for name in (
         "accepted_events", "spool_recovered_events", "delivered_events", "dead_lettered_events",
-        "dropped_events", "uncertain_deliveries")}
+        "dropped_events", "uncertain_deliveries", "requeued_events")}
     lines.append(f"  sum        {total['accepted_events']:9d} {total['spool_recovered_events']:9d} "
                  f"{total['delivered_events']:9d} {total['dead_lettered_events']:9d} "
-                 f"{total['dropped_events']:7d}")
+                 f"{total['dropped_events']:7d}   (re-queued dead letters: "
+                 f"{total['requeued_events']})")
     at_intake = soak.intake.delivered_events()
     lines.append(f"  the intake took {at_intake} events in 2xx answers, the daemons counted "
                  f"{total['delivered_events']} delivered: {at_intake - total['delivered_events']}"
