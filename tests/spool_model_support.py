@@ -164,13 +164,15 @@ class MemFs(Filesystem):
         self.locks.clear()
         self.disarm()
 
-    def power_loss(self, seed: int) -> None:
-        """Only durable state survives, plus what the kernel wrote back before (from `seed`)."""
+    def power_loss(self, seed: int, writeback: bool = True) -> None:
+        """Only durable state survives, plus what the kernel wrote back before (from `seed`;
+        nothing if not `writeback`)."""
         self.crash()
         rng = random.Random(seed)
+        draw = rng.random if writeback else (lambda: 1.0)  # 1.0: nothing written back
         # Directory entries written back: a name's live state (present or gone) reaches disk.
         for k in sorted(set(self.live) | set(self.durable)):
-            if k != "/" and self.live.get(k) is not self.durable.get(k) and rng.random() < 0.3:
+            if k != "/" and self.live.get(k) is not self.durable.get(k) and draw() < 0.3:
                 if k in self.live:
                     self.durable[k] = self.live[k]
                 else:
@@ -183,12 +185,14 @@ class MemFs(Filesystem):
                 continue
             seen.add(id(node))
             live, old = bytes(node.data), node.durable
-            choice = rng.random()
+            # What was fsync'd stays: only bytes appended since can be cut or zero-filled.
+            appended = len(live) > len(old) and live.startswith(old)
+            choice = draw()
             if choice < 0.2:
                 node.durable = live
-            elif choice < 0.45:
-                node.durable = live[: rng.randint(0, len(live))]
-            elif choice < 0.6 and len(live) > len(old) and live.startswith(old):
+            elif appended and choice < 0.45:
+                node.durable = live[: rng.randint(len(old), len(live))]
+            elif appended and choice < 0.6:
                 keep = rng.randint(len(old), len(live))
                 node.durable = live[:keep] + bytes(len(live) - keep)
         # Reboot: the durable tree (a name whose folder is gone is gone), contents as pinned.
@@ -320,8 +324,10 @@ class MemFs(Filesystem):
         o = self._fd(fd)
         self._call("write", o.path, data, o.node, None)
         self._writable(o)
-        at = len(o.node.data) if o.flags & os.O_APPEND else 0
-        return self._put(o.node, bytes(data), at)
+        # The spool writes with write() only in O_APPEND mode (ack files); a file position is
+        # not modelled, so anything else must not pass silently.
+        assert o.flags & os.O_APPEND, "MemFs.write without O_APPEND"
+        return self._put(o.node, bytes(data), len(o.node.data))
 
     def pread(self, fd: int, length: int, offset: int) -> bytes:
         o = self._fd(fd)

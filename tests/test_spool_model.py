@@ -322,25 +322,41 @@ class SpoolModel(RuleBasedStateMachine):
 
     def tolerate_drop_delete_error(self, before: dict[str, int], dropped: list[int],
                                    evicted: list[int]) -> tuple[list[int], list[int]]:
-        """drop_delete_error: a failed append whose drop_oldest unlinked a victim and then
-        failed (its .ack unlink, the folder fsync) counted nothing. Its records are either
-        forgotten (lost, uncounted) or still indexed (ghosts: read as corrupt, or counted
-        when a later drop forgets the segment)."""
-        after = self.snapshot()
-        if (after["dropped_batches"] - before["dropped_batches"], after["evicted_inflight"]
-                - before["evicted_inflight"]) == (len(dropped), len(evicted)):
+        """drop_delete_error: drop_oldest deletes victims oldest first and stops at the first
+        failure; the victims before it were counted. The failing one, unlinked, counted
+        nothing: either still indexed (a ghost, if its .ack unlink failed: read as corrupt
+        later, or counted when a later drop forgets it) or forgotten (the folder fsync
+        failed: lost uncounted). Returns the drops the spool must have counted."""
+        run, after = self.up, self.snapshot()
+        moved = (after["dropped_batches"] - before["dropped_batches"],
+                 after["evicted_inflight"] - before["evicted_inflight"])
+
+        def counts(seqs: list[int]) -> tuple[int, int]:
+            return (sum(1 for r in dropped if r >> fmt.ID_SHIFT in seqs),
+                    sum(1 for r in evicted if r >> fmt.ID_SHIFT in seqs))
+
+        seqs = sorted({r >> fmt.ID_SHIFT for r in dropped + evicted})
+        ghosts = [q for q in seqs if q in run.spool._segments]
+        forgotten = [q for q in seqs if q not in ghosts]
+        if moved == counts(forgotten) and not ghosts:
             return dropped, evicted
-        run = self.up
-        for rid in dropped + evicted:
+        if moved == counts(forgotten):
+            bad = ghosts
+        elif moved == counts(forgotten[:-1]) and not ghosts:
+            bad = forgotten[-1:]
+        else:
+            return dropped, evicted  # something else: let the checks say what
+        for rid in [r for r in dropped + evicted if r >> fmt.ID_SHIFT in bad]:
             rec = self.rec_at(rid)
             rec.excused = rec.excused or "bug: drop_delete_error"
-            if rid >> fmt.ID_SHIFT in run.spool._segments:
+            if rid >> fmt.ID_SHIFT in ghosts:
                 run.ghost_seqs.add(rid >> fmt.ID_SHIFT)
             else:
                 run.bug_lost_events += rec.n
                 del run.index[rid]
         STATS["tolerated drop_delete_error"] += 1
-        return [], []
+        return ([r for r in dropped if r >> fmt.ID_SHIFT not in bad],
+                [r for r in evicted if r >> fmt.ID_SHIFT not in bad])
 
     def tolerated_ack_not_durable(self, rid: int) -> bool:
         """An ack that returned without error but that a known bug may lose."""
@@ -901,3 +917,141 @@ def test_model_short_ack_write_is_an_error() -> None:
     state.ack(fault=None, pick=0)
     state.fs.capacity = None
     state.teardown()
+
+
+# -- the filesystem the model runs on ------------------------------------------------------
+# A fake with the wrong semantics gives wrong verdicts: what MemFs keeps, loses and injects.
+
+
+def _write(fs: MemFs, name: str, data: bytes, sync: bool) -> int:
+    fd = fs.open(Path(name), os.O_RDWR | os.O_CREAT)
+    fs.pwrite(fd, memoryview(data), 0)
+    if sync:
+        fs.fsync(fd)
+    return fd
+
+
+def test_memfs_power_loss_keeps_only_what_was_fsynced() -> None:
+    fs = MemFs("/d")
+    _write(fs, "/d/a", b"synced", sync=True)
+    fsync_folder(fs, "/d")
+    fd = _write(fs, "/d/b", b"name never synced", sync=True)
+    fs.pwrite(fd, memoryview(b"SYNCED"), 0)  # a's twin below: data not fsync'd
+    fd = fs.open(Path("/d/a"), os.O_RDWR)
+    fs.pwrite(fd, memoryview(b"lost"), 6)
+    fs.power_loss(0, writeback=False)
+    assert fs.files("/d") == {"a": b"synced"}
+    assert not fs.fds and not fs.locks
+
+
+def test_memfs_kill_keeps_everything_written() -> None:
+    fs = MemFs("/d")
+    fd = _write(fs, "/d/a", b"never synced", sync=False)
+    fs.flock(fd)
+    fs.crash()
+    assert fs.files("/d") == {"a": b"never synced"}
+    fs.flock(fs.open(Path("/d/a"), os.O_RDONLY))  # the dead process's lock went with it
+
+
+def test_memfs_unlink_and_rename_are_durable_only_after_the_folder_fsync() -> None:
+    fs = MemFs("/d")
+    _write(fs, "/d/old", b"1", sync=True)
+    _write(fs, "/d/tmp", b"2", sync=True)
+    fsync_folder(fs, "/d")
+    fs.replace(Path("/d/tmp"), Path("/d/old"))
+    fs.power_loss(0, writeback=False)
+    assert fs.files("/d") == {"old": b"1", "tmp": b"2"}
+    fs.replace(Path("/d/tmp"), Path("/d/old"))
+    fs.unlink(Path("/d/old"), missing_ok=True)
+    fsync_folder(fs, "/d")
+    fs.power_loss(0, writeback=False)
+    assert fs.files("/d") == {}
+
+
+def test_memfs_power_loss_writeback_varies_with_the_seed() -> None:
+    seen = set()
+    for seed in range(40):
+        fs = MemFs("/d")
+        fd = _write(fs, "/d/a", b"old", sync=True)
+        fsync_folder(fs, "/d")
+        fs.pwrite(fd, memoryview(b"new tail"), 3)
+        fs.power_loss(seed)
+        seen.add(fs.files("/d")["a"])
+    # durable only, all of it, a cut, a zero-filled tail; never less than what was fsync'd
+    assert {b"old", b"oldnew tail", b"old" + bytes(8)} <= seen and len(seen) > 4
+    assert all(v.startswith(b"old") for v in seen)
+
+
+def test_memfs_faults_at_the_nth_call() -> None:
+    fs = MemFs("/d")
+    fd = _write(fs, "/d/a", b"", sync=False)
+    fs.arm(Fault(at=2, kind="error", err=errno.EIO, torn=3))
+    fs.fsync(fd)
+    with pytest.raises(OSError) as e:
+        fs.pwrite(fd, memoryview(b"abcdef"), 0)
+    assert e.value.errno == errno.EIO and fs.files("/d") == {"a": b"abc"}
+    fs.arm(Fault(at=1, kind="crash", times=1))
+    with pytest.raises(Crash):
+        fs.fsync(fd)
+    fs.disarm()
+    fs.fsync(fd)
+
+
+def test_memfs_full_disk_writes_what_fits() -> None:
+    fs = MemFs("/d", capacity=10)
+    _write(fs, "/d/a", b"12345", sync=False)
+    fd = fs.open(Path("/d/a"), os.O_WRONLY | os.O_APPEND)
+    assert fs.write(fd, b"abc") == 3
+    assert fs.pwrite(fd, memoryview(b"xyz"), 0) == 3  # no growth: always room
+    assert fs.write(fd, b"abcdef") == 2  # a short write, as a full disk does
+    with pytest.raises(OSError) as e:
+        fs.write(fd, b"!")
+    assert e.value.errno == errno.ENOSPC
+    assert fs.files("/d") == {"a": b"xyz45abcab"}
+
+
+def fsync_folder(fs: MemFs, folder: str) -> None:
+    fd = fs.open_dir(Path(folder))
+    fs.fsync(fd)
+    fs.close(fd)
+
+
+def test_memfs_spool_writes_the_same_bytes_as_on_a_real_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same calls on the real filesystem and on MemFs leave the same files: appends,
+    acks, a segment rolled over and deleted, a flipped byte repaired at the next open."""
+    monkeypatch.setattr("haproxy_forwarder.spool.queue.time.time_ns", lambda: 1 << 50)
+    mem = MemFs("/spool")
+
+    def run(sp: Spool) -> None:
+        sp.open()
+        ids = [sp.append(Batch.from_events([f"e{i}"] * (i % 3 + 1), [TIME] * (i % 3 + 1)))
+               .record_id for i in range(8)]
+        for rid in ids[:3] + ids[5:6]:
+            sp.next_batch()
+            sp.ack(rid)
+        sp.close()
+
+    def files(read: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
+        return {k: v for k, v in read().items() if k != "LOCK"}
+
+    real_dir = tmp_path / "spool"
+    run(Spool(real_dir, segment_size=300))
+    run(Spool(ROOT, segment_size=300, fs=mem))
+    real = lambda: {p.name: p.read_bytes() for p in (real_dir / "segments").iterdir()}  # noqa: E731
+    assert files(real) == files(lambda: mem.files(SEG_DIR)) and len(files(real)) >= 3
+    # A flipped byte in the middle of the oldest segment: both repair it the same way.
+    name = min(n for n in files(real) if n.endswith(".seg"))
+    raw = bytearray((real_dir / "segments" / name).read_bytes())
+    raw[30] ^= 0x10
+    (real_dir / "segments" / name).write_bytes(bytes(raw))
+    mem.flip(SEG_DIR / name, 30, 0x10)
+    reports = []
+    for sp in (Spool(real_dir, segment_size=300), Spool(ROOT, segment_size=300, fs=mem)):
+        reports.append(sp.open().corrupt_records)
+        sp.close()
+    assert reports == [1, 1]
+    assert files(real) == files(lambda: mem.files(SEG_DIR))
+    assert mem.files(ROOT / "quarantine") == {
+        p.name: p.read_bytes() for p in (real_dir / "quarantine").iterdir()}
