@@ -268,7 +268,9 @@ class Worker:
                         requests.observe(outcome.elapsed, outcome.status)
                 again: Retry | RetryPartial | None = None
                 splits: list[Batch] = []  # the halves of a 413, then the parts never sent
-                for action in judge(part, answers):
+                actions = judge(part, answers)
+                settled = any(isinstance(a, Delivered | DeadLetter) for a in actions)
+                for action in actions:
                     if isinstance(action, Delivered):
                         host.body_limit_reported = False
                         host.mark_progress()
@@ -288,6 +290,10 @@ class Worker:
                         again = action
                 todo[:0] = splits
                 if again is None:
+                    if entry.record is None and todo and settled:
+                        # Only in memory: what a stop spools (or the bug path dead-letters)
+                        # is what is left, not the events this batch already settled.
+                        entry.batch = Batch.join(todo)
                     break
                 if isinstance(again, RetryPartial):
                     part = again.remaining

@@ -13,7 +13,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -167,7 +167,9 @@ class IntakeClient:
             headers["Content-Encoding"] = "gzip"
         self._client = httpx.AsyncClient(
             headers=headers,
-            verify=_ssl_context(cfg),
+            # A transport of the caller's brings its own TLS (none for a mock): no context,
+            # whose loading of the system CAs costs milliseconds per client.
+            verify=_ssl_context(cfg) if transport is None else True,
             proxy=cfg.proxy,
             # trust_env keeps HTTPS_PROXY / NO_PROXY working when intake.proxy is unset
             # (not with a transport of the caller's: the environment must not divert it).
@@ -257,10 +259,11 @@ class IntakeSink:
     """Encodes a batch for the configured endpoint and POSTs it (the key is inserted here).
 
     `max_body`: bodies are halved until under it (the intake's request limit; tests lower it).
+    `encoder`: where bodies are encoded; by default a thread of the sink's own (tests: inline).
     """
 
     def __init__(self, client: IntakeClient, endpoint: str, use_gzip: bool, *,
-                 max_body: int = MAX_REQUEST_BYTES) -> None:
+                 max_body: int = MAX_REQUEST_BYTES, encoder: Executor | None = None) -> None:
         self.client = client
         self.endpoint = endpoint
         self.use_gzip = use_gzip
@@ -269,7 +272,7 @@ class IntakeSink:
         # allocates its own arena, which keeps the freed bodies of its busiest moment resident
         # (measured: ~2.5 MiB per thread through a burst). Assembly and gzip of a 5000-event
         # batch take ~2.5 ms, so one thread keeps up with several event loops' worth of input.
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        self._encoder = encoder or ThreadPoolExecutor(1, thread_name_prefix="encode")
 
     def _bodies(self, batch: Batch) -> list[tuple[Batch, bytes]]:
         return bodies_bounded(batch, self.endpoint, self.client.key, self.use_gzip,
@@ -281,7 +284,15 @@ class IntakeSink:
         parts = await loop.run_in_executor(self._encoder, self._bodies, batch)
         out: list[tuple[Batch, Outcome]] = []
         for b, body in parts:
-            outcome = await self.client.post(body)
+            try:
+                outcome = await self.client.post(body)
+            except Exception as exc:
+                if not out:
+                    raise  # nothing answered yet: the worker's bug path takes the whole batch
+                # The bodies before were answered: their verdicts must not be lost with this
+                # one's (a delivered body would be dead-lettered as an internal error too).
+                outcome = Outcome(Kind.RETRY, None,
+                                  f"internal error: {type(exc).__name__}: {exc}", uncertain=True)
             out.append((b, outcome))
             if outcome.kind is not Kind.DELIVERED:
                 # Don't push the other parts at an intake that just failed, nor ahead of the

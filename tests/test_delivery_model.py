@@ -1,0 +1,831 @@
+"""Delivery against a model: a Hypothesis state machine (issue 17, item 4b).
+
+The real `Delivery` (router, workers, spool writer, ager, dead-letter writer) and the real
+`IntakeSink`/`IntakeClient` (bodies, their split under a body limit, the answers' classes,
+the request deadline) run on a deterministic event loop with virtual time; the network is an
+`httpx.MockTransport` whose every request waits until the state machine answers it: 2xx, 400,
+422, 413, 429 (Retry-After), 5xx, 401, a connection error, a reset after the body (the intake
+may have taken it), no answer at all (the deadline cuts it), or an exception. Other rules
+submit batches, let time pass (spill after 1 s, backoff, Retry-After, the writer's retry),
+make the spool refuse writes (full, failing) and restart the delivery (drain, stop, replay).
+
+The model is what an operator is promised (docs/design.md, Guarantees):
+
+- every event ends delivered, dead-lettered with the answer of a request that carried it,
+  dropped and counted (a shutdown the spool refused), or is held (memory, spool, in flight);
+- an event gets a second outcome only where that is allowed: the intake took a request
+  without answering (a reset or a deadline after the body), or a restart replayed a record
+  still held by a worker (partly delivered, or waiting for its retry);
+- with one worker, events reach the intake in the order they were submitted;
+- the counters say the same (delivered, dead-lettered, dropped events).
+
+Learned from Vector's disk_v2 model tests (`lib/vector-buffers/.../disk_v2/tests/model`):
+the system runs step by step under the test's control (there, futures polled by hand; here,
+an event loop that only moves when told and whose clock is virtual), and each step is checked
+against a much simpler model of what must have happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import selectors
+import sys
+import traceback
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from haproxy_forwarder.batching import AckGauge, Batch, Waiter
+from haproxy_forwarder.config import IntakeConfig
+from haproxy_forwarder.delivery import Backoff, Delivery
+from haproxy_forwarder.observability.counters import Counters
+from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink
+from haproxy_forwarder.spool import AppendResult, SpoolFull, SpoolWriteError
+
+TS = b"2024-05-01T12:00:00.000Z"
+KEY = "K3y"
+TIMEOUT = 5.0  # intake.timeout: a request nobody answers is cut after this (virtual) time
+RETRY_MAX = 4.0
+AUTH_RETRY = 10.0
+# Bodies hold this many events at most (each event is ~75 bytes of /array body).
+BODY_LIMITS = {1: 100, 2: 180, 3: 260, 100: 1 << 20}
+INTERNAL = "internal error while delivering"
+
+
+# -- a loop that moves only when told, on a virtual clock -----------------------------------
+
+
+class InlineExecutor(Executor):
+    """Runs the call at once, on the loop's thread: no thread, so no race with the steps."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        f: Future[Any] = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to whoever awaits it, as a thread would
+            f.set_exception(exc)
+        return f
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        return None
+
+
+class _Selector(selectors.BaseSelector):
+    """The real selector (the loop's self-pipe), asked without waiting; when the loop would
+    wait, the virtual clock moves instead (or the loop stops: see VirtualLoop)."""
+
+    def __init__(self, on_idle: Callable[[float | None], None]) -> None:
+        self._inner = selectors.DefaultSelector()
+        self._on_idle = on_idle
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._inner.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._inner.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._inner.modify(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = self._inner.select(0)
+        if ready or timeout == 0:
+            return ready
+        self._on_idle(timeout)  # nothing is runnable now: the next timer is `timeout` away
+        return []
+
+    def get_map(self) -> Any:
+        return self._inner.get_map()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """`settle()` runs what is runnable now; `advance(dt)` also fires the timers of the next
+    `dt` seconds, moving the clock from one to the next; `run(coro)` lets time pass as the
+    coroutine needs. Nothing waits for real time, and every run is the same run."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._until: float | None = None  # None: stop when idle; else advance up to it
+        self._free = False  # run(): the clock moves as far as needed
+        super().__init__(_Selector(self._idle))
+
+    def time(self) -> float:
+        return self.now
+
+    def _idle(self, timeout: float | None) -> None:
+        if self._free:
+            if timeout is None:
+                raise RuntimeError("deadlock: nothing runnable and no timer")
+            self.now += timeout
+        elif self._until is not None and timeout is not None and self.now + timeout <= self._until:
+            self.now += timeout
+        else:
+            if self._until is not None:
+                self.now = max(self.now, self._until)
+            self.stop()
+
+    def settle(self) -> None:
+        self._until, self._free = None, False
+        self.run_forever()
+
+    def advance(self, dt: float) -> None:
+        self._until, self._free = self.now + dt, False
+        self.run_forever()
+        self._until = None
+        self.settle()
+
+    def run(self, coro: Coroutine[Any, Any, Any], limit: float = 3600.0) -> Any:
+        """Run `coro` to its end, the clock moving as needed, but not past `limit` seconds
+        (a coroutine that never ends fails the test instead of spinning for ever)."""
+        self._free = True
+        task = self.create_task(coro)
+        deadline = self.call_at(self.now + limit, task.cancel)
+        try:
+            return self.run_until_complete(task)
+        except asyncio.CancelledError:
+            raise AssertionError(f"{coro.__qualname__} still running after {limit} s") from None
+        finally:
+            deadline.cancel()
+            self._free = False
+
+
+# -- the spool, the dead letters and the logs, in memory --------------------------------------
+
+
+class ModelSpool:
+    """The spool API delivery uses (SpoolLike): records in append order, handed out oldest
+    first, once until a restart; `trouble` makes appends fail as a full or failing disk."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, tuple[Batch, bool]] = {}  # rid -> (batch, handed out)
+        self.ids = itertools.count(1)
+        self.trouble: str | None = None
+        self.violation: str | None = None
+
+    @property
+    def has_ready(self) -> bool:
+        return any(not out for _, out in self.records.values())
+
+    @property
+    def pending_batches(self) -> int:
+        return len(self.records)
+
+    def append(self, batch: Batch, claim: bool = False) -> AppendResult:
+        if self.trouble == "full":
+            raise SpoolFull("spool full")
+        if self.trouble == "failing":
+            raise SpoolWriteError("append failed", OSError(5, "Input/output error"))
+        rid = next(self.ids)
+        self.records[rid] = (Batch.join([batch]), claim)
+        return AppendResult(rid, 0, 0)
+
+    def next_batch(self) -> tuple[int, Batch] | None:
+        for rid, (batch, out) in self.records.items():
+            if not out:
+                self.records[rid] = (batch, True)
+                return rid, batch
+        return None
+
+    def ack(self, record_id: int) -> None:
+        _, out = self.records.pop(record_id)
+        if not out and self.violation is None:  # said by the machine, not to the caller
+            self.violation = f"record {record_id} acked but never handed out"
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": len(self.records), "events": sum(len(b) for b, _ in
+                                                            self.records.values()),
+                "bytes": 0, "oldest_age_seconds": 0.0}
+
+    def reopen(self) -> None:
+        """A restart: what was handed out and not acked is ready again, in the same order."""
+        self.records = {rid: (b, False) for rid, (b, _) in self.records.items()}
+
+    def events(self) -> dict[int, list[int]]:
+        return {rid: [seq(e) for e in b.events()] for rid, (b, _) in self.records.items()}
+
+
+class MemoryDeadLetters:
+    """DeadLetters' write(), in memory: (event, reason, status) per line."""
+
+    max_size = 1 << 40
+
+    def __init__(self, on_line: Callable[[int, str, int | None], None]) -> None:
+        self.lines: list[tuple[int, str, int | None]] = []
+        self.on_line = on_line
+
+    def write(self, batch: Batch, reason: str, status: int | None = None, response: str = "",
+              at: Any = None) -> Path:
+        for e in batch.events():
+            self.lines.append((seq(e), reason, status))
+            self.on_line(seq(e), reason, status)
+        return Path("dead-letter/memory.jsonl")
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    def _add(self, event: str, **fields: Any) -> None:
+        self.lines.append((event, fields))
+
+    info = warning = error = _add
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._add(event, traceback=traceback.format_exc(), **fields)
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [f for e, f in self.lines if e == event]
+
+
+def text(n: int) -> str:
+    return f"event {n:05d}"
+
+
+def seq(event: str) -> int:
+    return int(event.split()[1])
+
+
+# -- the intake's answers -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the intake does with one request: `status`, or `error` raised by the transport
+    (`hang`: no answer, the client's deadline cuts it); `taken`: the events reached the
+    intake although the client cannot know it (a reset or a deadline after the body)."""
+
+    status: int | None = None
+    error: str | None = None  # "connect", "reset", "hang", "boom"
+    taken: bool = False
+    retry_after: int | None = None
+
+    def __repr__(self) -> str:
+        if self.status is not None:
+            after = f", retry_after={self.retry_after}" if self.retry_after is not None else ""
+            return f"Answer(status={self.status}{after})"
+        return f"Answer(error={self.error!r}, taken={self.taken})"
+
+
+OK = Answer(200)
+ANSWERS = st.one_of(
+    st.sampled_from([OK, Answer(202), Answer(400), Answer(422), Answer(413), Answer(500),
+                     Answer(503), Answer(401), Answer(error="connect"), Answer(error="boom")]),
+    st.builds(Answer, status=st.just(429), retry_after=st.sampled_from([None, 0, 2])),
+    st.builds(Answer, error=st.sampled_from(["reset", "hang"]), taken=st.booleans()),
+)
+
+
+@dataclass(eq=False)
+class Request:
+    n: int
+    events: list[int]
+    answer: asyncio.Future[Answer]
+    given: Answer | None = None
+
+
+@dataclass
+class Fate:
+    """What the model knows of one event."""
+
+    sure: int = 0  # 2xx answers to requests that carried it
+    maybe: int = 0  # requests carrying it the intake took unanswered (reset, deadline, stop)
+    dead: list[tuple[str, int | None]] = field(default_factory=list)  # (reason, status)
+    dropped: bool = False  # counted as dropped (shutdown)
+    carried: list[Request] = field(default_factory=list)  # requests that carried it
+    # A second outcome is allowed: the intake took it unanswered, or a restart replayed it.
+    may_repeat: bool = False
+    replayed: set[int] = field(default_factory=set)  # the restarts that found it on the spool
+    # In a batch whose send raised (a bug): memory-only, it is dead-lettered as an internal
+    # error; spooled, its record stays handed out until the next start (design: held), so
+    # it arrives after newer events.
+    bug: bool = False
+    crashed: bool = False  # only in memory at a crash: lost, as the design says
+    # Submitted with a waiter (RELP): acked once durable; lost if the waiter was given up.
+    waiter: Waiter | None = None
+    relp: bool = False  # submitted with a waiter
+    acked: bool = False
+
+    @property
+    def outcomes(self) -> int:
+        return self.sure + self.maybe + len(self.dead) + self.dropped + self.crashed
+
+    @property
+    def settled(self) -> bool:
+        """Nothing will be done with it any more (a `maybe` is retried until sure)."""
+        return bool(self.sure or self.dead or self.dropped or self.crashed)
+
+
+# -- the machine ----------------------------------------------------------------------------
+
+
+class DeliveryMachine(RuleBasedStateMachine):
+    # Two known ways one worker delivers out of order (router.py; the tests marked xfail
+    # below): the order check exempts them, so that the rest of the state space stays
+    # searched. A batch claimed (first failure) or spooled at stop after newer ones were
+    # spilled is replayed after them at the next start:
+    EXEMPT_REPLAY_ORDER = True  # pairs of events both on the spool at the same restart
+    # A batch with a waiter (RELP) is written to the spool ahead of older batches still in
+    # memory; when those follow it to disk (failure, spill), they come after it:
+    EXEMPT_WAITER_AHEAD = True  # a RELP event arriving before an older non-RELP one
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = VirtualLoop()
+        self.spool = ModelSpool()
+        self.dead = MemoryDeadLetters(self._dead_lettered)
+        self.counters = Counters()
+        self.log = Log()
+        self.fates: dict[int, Fate] = {}
+        self.pending: list[Request] = []  # requests waiting for the machine's answer
+        self.open: list[Request] = []  # requests whose handler has not returned
+        self.requests = itertools.count(1)
+        # Events in the order they first reached the intake: taken (2xx, or unanswered), or
+        # refused for good (400, 422: dead-lettered, in its place in the order).
+        self.arrivals: list[int] = []
+        self.arrived: set[int] = set()
+        self.took_events = 0  # events in 2xx answers: what delivered_events may say at most
+        self.booms = 0
+        self.dropped = 0
+        self.restarts = 0  # restarts and crashes
+        self.acks = AckGauge()
+        self.auto_ok = False  # the final drain: every request answered 200 at once
+        self.d: Delivery | None = None
+        self.settings: dict[str, Any] = {}
+        # The first broken promise seen where raising would hit the code under test (the
+        # intake's handler, the dead-letter store): raised by the next invariant check.
+        self.violation: str | None = None
+
+    def _expect(self, ok: bool, message: Callable[[], str]) -> None:
+        if not ok and self.violation is None:
+            self.violation = message()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    @initialize(workers=st.integers(1, 3), write_ahead=st.booleans(),
+                max_in_flight=st.integers(1, 6), per_body=st.sampled_from(sorted(BODY_LIMITS)))
+    def start(self, workers: int, write_ahead: bool, max_in_flight: int, per_body: int) -> None:
+        self.settings = {"workers": workers, "write_ahead": write_ahead,
+                         "max_in_flight": max_in_flight, "per_body": per_body}
+        self._open()
+
+    def _open(self) -> None:
+        s = self.settings
+        cfg = IntakeConfig(url="https://127.0.0.1:9", key=KEY, gzip=False, timeout=TIMEOUT,
+                           concurrency=s["workers"], retry_max=RETRY_MAX, auth_retry=AUTH_RETRY)
+        client = IntakeClient(cfg, transport=httpx.MockTransport(self._handle))
+        sink = IntakeSink(client, cfg.endpoint, False, max_body=BODY_LIMITS[s["per_body"]],
+                          encoder=InlineExecutor())
+        d = Delivery(sink, self.spool, self.dead, self.counters, self.log,  # type: ignore[arg-type]
+                     workers=s["workers"], backoff=Backoff(RETRY_MAX, AUTH_RETRY,
+                                                           random.Random(0)),
+                     max_in_flight=s["max_in_flight"], write_ahead=s["write_ahead"],
+                     on_pressure=lambda on: None, clock=self.loop.time)
+        # Spool reads, appends, acks and dead letters run inline (Delivery has no executor
+        # parameter): deterministic steps. Checked, so that a rename fails here loudly.
+        assert isinstance(d._spool_reads, ThreadPoolExecutor)
+        assert isinstance(d._spool_acks, ThreadPoolExecutor)
+        assert d._appends is not None and isinstance(d._appends.pool, ThreadPoolExecutor)
+        assert d._dead._pool is None  # made at the first write unless set
+        inline = InlineExecutor()
+        d._spool_reads = d._spool_acks = d._appends.pool = inline  # type: ignore[assignment]
+        d._dead._pool = inline  # type: ignore[assignment]
+        self.d = d
+        self._call(d.start)
+
+    def _call(self, fn: Callable[[], Any]) -> None:
+        async def go() -> None:
+            fn()
+
+        self.loop.run(go())
+        self.loop.settle()
+
+    # -- the intake -------------------------------------------------------------------------
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        items = orjson.loads(request.content)
+        self._expect(all(x["intake_key"] == KEY for x in items), lambda: "key missing")
+        req = Request(next(self.requests), [seq(x["json"]) for x in items],
+                      asyncio.get_running_loop().create_future())
+        for e in req.events:
+            self.fates[e].carried.append(req)
+        self.open.append(req)
+        if self.auto_ok:
+            self._answer(req, OK)
+        else:
+            self.pending.append(req)
+        try:
+            answer = await req.answer
+        finally:
+            self.open.remove(req)
+            if req in self.pending:  # cut by the client's deadline or a stop
+                self.pending.remove(req)
+        if answer.error == "connect":
+            raise httpx.ConnectError("connection refused")
+        if answer.error == "reset":
+            raise httpx.ReadError("connection reset by peer")
+        if answer.error == "boom":
+            raise RuntimeError("a bug below the sink")
+        status = answer.status
+        assert status is not None
+        headers = {"Retry-After": str(answer.retry_after)} if answer.retry_after is not None \
+            else None
+
+        async def body() -> Any:
+            yield b"{}" if status < 300 else b'{"message": "no"}'
+
+        return httpx.Response(status, headers=headers, content=body())
+
+    def _answer(self, req: Request, answer: Answer) -> None:
+        req.given = answer
+        if answer.status is not None and answer.status < 300:
+            self.took_events += len(req.events)
+            for e in req.events:
+                self._took(e, sure=True)
+        elif answer.taken:
+            for e in req.events:
+                self._took(e, sure=False)
+        if (answer.status is not None and answer.status < 300) or answer.taken \
+                or answer.status in (400, 422):
+            for e in req.events:
+                self._arrived(e)
+        if answer.error == "boom":
+            self.booms += 1
+            assert self.d is not None
+            for entry in self.d.router.held.values():
+                events = {seq(x) for x in entry.batch.events()}
+                if set(req.events) <= events:
+                    for e in events:
+                        self.fates[e].bug = True
+        if answer.error != "hang":
+            req.answer.set_result(answer)
+        # hang: never answered; the client's deadline (TIMEOUT) cuts it
+
+    def _took(self, e: int, sure: bool) -> None:
+        fate = self.fates[e]
+        if sure:
+            fate.sure += 1
+        else:
+            fate.maybe += 1
+            fate.may_repeat = True
+
+    def _arrived(self, e: int) -> None:
+        if e not in self.arrived:
+            self._check_order(e)
+            self.arrived.add(e)
+            self.arrivals.append(e)
+
+    def _check_order(self, e: int) -> None:
+        if self.settings["workers"] != 1:
+            return  # several requests at once may be answered in any order
+        fate = self.fates[e]
+        if fate.bug:
+            return
+        later = [x for x in self.arrivals if x > e and not self.fates[x].bug and not (
+            self.EXEMPT_REPLAY_ORDER and fate.replayed & self.fates[x].replayed) and not (
+            self.EXEMPT_WAITER_AHEAD and self.fates[x].relp and not fate.relp)]
+        self._expect(not later, lambda: f"event {e} reached the intake after {later}")
+
+    def _dead_lettered(self, e: int, reason: str, status: int | None) -> None:
+        fate = self.fates[e]
+        fate.dead.append((reason, status))
+        if reason == INTERNAL:
+            self._expect(bool(self.booms), lambda: f"event {e} dead-lettered for an internal "
+                                                   "error, with no request raising")
+            return
+        answers = {r.given.status for r in fate.carried if r.given is not None}
+        self._expect(reason == f"intake answered {status}" and status in answers, lambda: (
+            f"event {e} dead-lettered as {reason!r}; its requests were answered "
+            f"{sorted(answers, key=str)}"))
+
+    # -- rules ------------------------------------------------------------------------------
+
+    @rule(n=st.integers(1, 4))
+    def submit(self, n: int) -> None:
+        first = len(self.fates)
+        for e in range(first, first + n):
+            self.fates[e] = Fate()
+        batch = Batch.from_events([text(e) for e in range(first, first + n)], [TS] * n)
+        d = self.d
+        assert d is not None
+        self._call(lambda: d.submit(batch))
+
+    @rule(n=st.integers(1, 4), open_batch=st.booleans())
+    def submit_acked(self, n: int, open_batch: bool) -> None:
+        """A RELP take: its waiter is on the open batch when it closes (`open_batch`), or
+        attached to the batch just closed (Collector.on_durable's two paths)."""
+        first = len(self.fates)
+        events = range(first, first + n)
+        batch = Batch.from_events([text(e) for e in events], [TS] * n)
+        w = Waiter(lambda: self._acked(events), self.acks, lambda: None)
+        for e in events:
+            self.fates[e] = Fate(waiter=w, relp=True)
+        d = self.d
+        assert d is not None
+
+        def take() -> None:
+            if open_batch:
+                w.hold()
+                batch.acks = [w]
+                d.submit(batch)
+            else:
+                d.submit(batch)
+                d.durable(1, w)
+            w.release()  # the creator's hold
+
+        self._call(take)
+
+    def _acked(self, events: range) -> None:
+        on_disk = {e for es in self.spool.events().values() for e in es}
+        for e in events:
+            fate = self.fates[e]
+            fate.acked = True
+            self._expect(e in on_disk or fate.settled,
+                         lambda e=e, f=fate: f"event {e} acknowledged before durable: {f}")
+
+    @precondition(lambda self: self.pending)
+    @rule(pick=st.integers(0, 7), answer=ANSWERS)
+    def answer(self, pick: int, answer: Answer) -> None:
+        req = self.pending.pop(pick % len(self.pending))
+        self._answer(req, answer)
+        self.loop.settle()
+
+    @precondition(lambda self: self.pending)
+    @rule(answer=ANSWERS)
+    def answer_all(self, answer: Answer) -> None:
+        """The same answer to every request waiting (an outage, a recovery)."""
+        for req in list(self.pending):
+            self.pending.remove(req)
+            self._answer(req, answer)
+        self.loop.settle()
+
+    @rule(dt=st.sampled_from([0.1, 0.6, 1.1, 2.5, TIMEOUT + 0.5, 15.0]))
+    def wait(self, dt: float) -> None:
+        self.loop.advance(dt)
+
+    @rule(trouble=st.sampled_from([None, "full", "failing"]))
+    def spool_trouble(self, trouble: str | None) -> None:
+        self.spool.trouble = trouble
+
+    @rule(grace=st.sampled_from([0.0, 0.5, 3.0]), taken=st.booleans())
+    def restart(self, grace: float, taken: bool) -> None:
+        """SIGTERM and start again: drain for `grace` s, stop (spool what is only in memory),
+        replay the spool. `taken`: the requests the stop cuts had reached the intake."""
+        d = self.d
+        assert d is not None
+        self.loop.run(d.drain(grace))
+        if taken:
+            for req in self.open:
+                if req.given is None:  # not answered yet (a hung one was decided already)
+                    for e in req.events:
+                        self._took(e, sure=False)
+                        self._arrived(e)
+        # What a worker holds may be partly settled: its record is replayed whole, and so is
+        # the batch of a request the stop cuts (spooled now).
+        held = {e.record for e in d.router.held.values() if e.record is not None}
+        cut = {seq(x) for e in d.router.held.values() if e.on_wire for x in e.batch.events()}
+        _, dropped = self.loop.run(d.stop())
+        self.loop.settle()
+        self._check_stop(held, cut, dropped)
+        self.spool.reopen()
+        self._open()
+
+    @rule()
+    def crash(self) -> None:
+        """kill -9 and start again: memory is gone, the spool (fsync'd) replays."""
+        d = self.d
+        assert d is not None
+        for t in d._tasks:
+            t.cancel()
+        self.loop.settle()
+        self.loop.run(d.sink.aclose())
+        self.restarts += 1
+        on_disk = self.spool.events()
+        kept = {e for events in on_disk.values() for e in events}
+        for e, fate in self.fates.items():
+            if e in kept:
+                if fate.outcomes:
+                    fate.may_repeat = True  # between the intake's 2xx and the ack
+                elif not fate.settled:
+                    fate.replayed.add(self.restarts)
+            elif not fate.settled:
+                fate.crashed = True
+                self._expect(not fate.acked, lambda e=e: f"acknowledged event {e} lost at a crash")
+            if fate.waiter is not None and fate.waiter.callback is not None:
+                fate.waiter = None  # nothing at all at a crash (see Collector.on_durable)
+        self.spool.reopen()
+        self._open()
+
+    def _check_stop(self, held: set[int], cut: set[int], dropped: int) -> None:
+        self.restarts += 1
+        on_disk = self.spool.events()
+        kept = {e for events in on_disk.values() for e in events}
+        for rid, events in on_disk.items():
+            for e in events:
+                fate = self.fates[e]
+                if not fate.settled:
+                    fate.replayed.add(self.restarts)
+                elif not fate.may_repeat:
+                    assert rid in held or e in cut or self.booms, (
+                        f"event {e} settled ({fate}) but its record {rid} was not acked")
+                    fate.may_repeat = True  # replayed whole
+        lost = [e for e, f in self.fates.items() if not f.settled and e not in kept]
+        # A send of several bodies cut by the stop: the batch is spooled (or, the spool
+        # refusing, counted dropped) whole, the bodies it had delivered included.
+        delivered_cut = len([e for e in cut if self.fates[e].settled and e not in kept])
+        assert len(lost) <= dropped <= len(lost) + delivered_cut, (
+            f"{dropped} events counted dropped at stop; neither settled nor spooled: {lost}")
+        for e in lost:
+            fate = self.fates[e]
+            fate.dropped = True
+            assert not fate.acked, f"acknowledged event {e} dropped at stop"
+        self.dropped += dropped
+
+    # -- invariants -------------------------------------------------------------------------
+
+    def _held(self) -> set[int]:
+        assert self.d is not None
+        held = {seq(x) for entry in self.d.router.memory_only() for x in entry.batch.events()}
+        return held | {e for events in self.spool.events().values() for e in events}
+
+    @invariant()
+    def no_promise_broken_in_a_callback(self) -> None:
+        assert self.violation is None, self.violation
+        assert self.spool.violation is None, self.spool.violation
+
+    @invariant()
+    def every_event_settled_once_or_held(self) -> None:
+        if self.d is None:
+            return
+        held = self._held()
+        for e, fate in self.fates.items():
+            assert fate.settled or e in held, f"event {e} is gone: {fate}"
+            assert fate.outcomes <= 1 or fate.may_repeat, f"event {e} settled twice: {fate}"
+
+    @invariant()
+    def counters_agree(self) -> None:
+        c = self.counters
+        # A multi-body send cut by a stop never counts its delivered bodies: at most.
+        assert c.delivered_events <= self.took_events
+        assert c.dead_lettered_events == len(self.dead.lines)
+        assert c.dropped_events == c.drop_reasons["shutdown"] == self.dropped
+        bugs = self.log.named("delivery_bug")
+        assert not bugs or self.booms, bugs[0]
+
+    # -- the end: everything leaves ---------------------------------------------------------
+
+    def teardown(self) -> None:
+        try:
+            if self.d is not None and sys.exc_info()[0] is None:
+                self._finish()
+        finally:
+            if self.d is not None and self.d._tasks:
+                # Only cleaning up after a failure already reported.
+                with contextlib.suppress(Exception):
+                    self.loop.run(self.d.stop())
+            self.loop.close()
+
+    def _finish(self) -> None:
+        """A healthy intake and disk from now on: every event must end delivered or
+        dead-lettered (or dropped, counted), and nothing stay on the spool."""
+        self.spool.trouble = None
+        self.auto_ok = True
+        for req in list(self.pending):
+            self.pending.remove(req)
+            self._answer(req, OK)
+        for _ in range(2):  # the second pass replays records a failed send left handed out
+            for _ in range(30):  # waits here are at most AUTH_RETRY (10 s)
+                self.loop.advance(5.0)
+                if self._done():
+                    break
+            self.restart(grace=0.0, taken=False)
+        self.loop.advance(10.0)
+        self.no_promise_broken_in_a_callback()
+        self.every_event_settled_once_or_held()
+        self.counters_agree()
+        waiting = [e for e, f in self.fates.items()
+                   if f.waiter is not None and f.waiter.callback is not None]
+        assert not waiting, f"their senders still wait for an answer: {waiting}"
+        unsettled = [e for e, f in self.fates.items() if not f.settled]
+        assert not unsettled, f"never delivered with a healthy intake: {unsettled}"
+        assert not self.spool.records, f"left on the spool: {self.spool.events()}"
+        c = self.counters
+        if self.restarts == 2 and not any(f.maybe for f in self.fates.values()):
+            assert c.delivered_events == self.took_events  # nothing cut: every 2xx counted
+
+    def _done(self) -> bool:
+        return all(f.settled for f in self.fates.values()) and not self.spool.records
+
+
+DeliveryMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_delivery_model = DeliveryMachine.TestCase
+
+
+# -- the examples it found, kept ------------------------------------------------------------
+
+
+def check(state: DeliveryMachine) -> None:
+    state.no_promise_broken_in_a_callback()
+    state.every_event_settled_once_or_held()
+    state.counters_agree()
+
+
+def steps(state: DeliveryMachine, *calls: Callable[[], None]) -> None:
+    """Run the calls as the machine would (invariants after each), then its teardown."""
+    try:
+        for call in calls:
+            call()
+            check(state)
+    finally:
+        state.teardown()
+
+
+def test_a_body_delivered_before_another_raised_is_not_dead_lettered() -> None:
+    # Found by the machine: body 1 answered 200, body 2's request raised (a bug below the
+    # sink): the whole batch was dead-lettered as an internal error, event 0 included.
+    s = DeliveryMachine()
+    steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
+          lambda: s.submit(n=2),
+          lambda: s.answer(answer=Answer(200), pick=0),
+          lambda: s.answer(answer=Answer(error="boom"), pick=0))
+
+
+def test_a_stop_spools_only_what_a_batch_has_left() -> None:
+    # Found by the machine: 400 on the first body (event 0 dead-lettered), the others sent
+    # next and cut by a stop: the whole batch was spooled, and event 0 sent again after
+    # its dead letter (and ahead of events 1-3 already taken).
+    s = DeliveryMachine()
+    steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
+          lambda: s.submit(n=4),
+          lambda: s.answer(answer=Answer(400), pick=0),
+          lambda: s.restart(grace=0.0, taken=True),
+          lambda: s.answer(answer=Answer(200), pick=0))
+
+
+class StrictOrder(DeliveryMachine):
+    EXEMPT_REPLAY_ORDER = EXEMPT_WAITER_AHEAD = False
+
+
+@pytest.mark.xfail(strict=True, reason="router.py: a batch claimed at its first failure (or "
+                   "spooled at stop) is appended after newer batches the ager spilled, and "
+                   "replayed after them at the next start")
+def test_one_worker_keeps_the_order_across_a_crash() -> None:
+    # Found by the machine. Event 0 is on the wire; event 1 waits in memory, is spilled to
+    # the spool after 1 s (record 1); event 0's request times out, it is claimed (record 2);
+    # a crash: the spool replays record 1 (event 1), then record 2 (event 0).
+    s = StrictOrder()
+    steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
+          lambda: s.submit(n=1),
+          lambda: s.submit(n=1),
+          lambda: s.wait(dt=TIMEOUT + 0.5),
+          lambda: s.crash())
+
+
+@pytest.mark.xfail(strict=True, reason="router.py: a batch on the wire at a stop is spooled "
+                   "after newer batches the ager spilled, and replayed after them")
+def test_one_worker_keeps_the_order_across_a_restart() -> None:
+    # Found by the machine (its first find). Event 0 on the wire; event 1 spilled during the
+    # drain; the stop spools event 0 behind it.
+    s = StrictOrder()
+    steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
+          lambda: s.submit(n=1),
+          lambda: s.submit(n=1),
+          lambda: s.restart(grace=3.0, taken=False))
+
+
+@pytest.mark.xfail(strict=True, reason="router.py: Router.attach (and submit of a batch with "
+                   "acks) queues a RELP batch for the spool while older batches stay in "
+                   "memory; at the next failure or spill those are written after it")
+def test_one_worker_keeps_the_order_of_a_relp_batch_and_older_ones() -> None:
+    # Found by the machine. Event 0 on the wire, event 1 in memory, event 2 (RELP, with a
+    # waiter) written ahead to the spool at once; a 429 for event 0: event 1 follows to the
+    # spool, behind event 2, which is then sent first.
+    s = StrictOrder()
+    steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
+          lambda: s.submit(n=1),
+          lambda: s.submit(n=1),
+          lambda: s.submit_acked(n=1, open_batch=False),
+          lambda: s.answer_all(answer=Answer(429)))
