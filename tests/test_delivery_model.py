@@ -302,6 +302,7 @@ class Request:
     events: list[int]
     answer: asyncio.Future[Answer]
     given: Answer | None = None
+    sink: int = 0  # which of the machine's sinks sent it
 
 
 @dataclass
@@ -369,6 +370,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.dropped = 0
         self.restarts = 0  # restarts and crashes
         self.acks = AckGauge()
+        # The current delivery's sinks, with the time a reload replaced it (None: current).
+        self.sinks: dict[int, tuple[IntakeSink, float | None]] = {}
+        self.sink_tags = itertools.count()
+        self.sink_idle: dict[int, float] = {}  # when the last request on it ended
+        self.ordered = True  # one worker only, ever: order is checked
         self.auto_ok = False  # the final drain: every request answered 200 at once
         self.d: Delivery | None = None
         self.settings: dict[str, Any] = {}
@@ -387,15 +393,25 @@ class DeliveryMachine(RuleBasedStateMachine):
     def start(self, workers: int, write_ahead: bool, max_in_flight: int, per_body: int) -> None:
         self.settings = {"workers": workers, "write_ahead": write_ahead,
                          "max_in_flight": max_in_flight, "per_body": per_body}
+        self.ordered = workers == 1
         self._open()
 
-    def _open(self) -> None:
+    def _sink(self) -> IntakeSink:
         s = self.settings
         cfg = IntakeConfig(url="https://127.0.0.1:9", key=KEY, gzip=False, timeout=TIMEOUT,
                            concurrency=s["workers"], retry_max=RETRY_MAX, auth_retry=AUTH_RETRY)
-        client = IntakeClient(cfg, transport=httpx.MockTransport(self._handle))
+        n = next(self.sink_tags)
+        client = IntakeClient(cfg, transport=httpx.MockTransport(
+            lambda request: self._handle(request, n)))
         sink = IntakeSink(client, cfg.endpoint, False, max_body=BODY_LIMITS[s["per_body"]],
                           encoder=InlineExecutor())
+        self.sinks[n] = (sink, None)
+        return sink
+
+    def _open(self) -> None:
+        s = self.settings
+        self.sinks.clear()  # those of the delivery before: stopped (closed) or crashed
+        sink = self._sink()
         d = Delivery(sink, self.spool, self.dead, self.counters, self.log,  # type: ignore[arg-type]
                      workers=s["workers"], backoff=Backoff(RETRY_MAX, AUTH_RETRY,
                                                            random.Random(0)),
@@ -422,11 +438,11 @@ class DeliveryMachine(RuleBasedStateMachine):
 
     # -- the intake -------------------------------------------------------------------------
 
-    async def _handle(self, request: httpx.Request) -> httpx.Response:
+    async def _handle(self, request: httpx.Request, sink: int) -> httpx.Response:
         items = orjson.loads(request.content)
         self._expect(all(x["intake_key"] == KEY for x in items), lambda: "key missing")
         req = Request(next(self.requests), [seq(x["json"]) for x in items],
-                      asyncio.get_running_loop().create_future())
+                      asyncio.get_running_loop().create_future(), sink=sink)
         for e in req.events:
             self.fates[e].carried.append(req)
         self.open.append(req)
@@ -438,6 +454,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             answer = await req.answer
         finally:
             self.open.remove(req)
+            self.sink_idle[sink] = self.loop.now
             if req in self.pending:  # cut by the client's deadline or a stop
                 self.pending.remove(req)
         if answer.error == "connect":
@@ -496,7 +513,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             self.arrivals.append(e)
 
     def _check_order(self, e: int) -> None:
-        if self.settings["workers"] != 1:
+        if not self.ordered:
             return  # several requests at once may be answered in any order
         fate = self.fates[e]
         if fate.bug:
@@ -582,6 +599,31 @@ class DeliveryMachine(RuleBasedStateMachine):
     @rule(dt=st.sampled_from([0.1, 0.6, 1.1, 2.5, TIMEOUT + 0.5, 15.0]))
     def wait(self, dt: float) -> None:
         self.loop.advance(dt)
+
+    @rule(workers=st.integers(1, 3))
+    def reload(self, workers: int) -> None:
+        """SIGHUP: a new sink for every request from now on; intake.concurrency changed."""
+        d = self.d
+        assert d is not None
+        self.settings["workers"] = workers
+        self.ordered = self.ordered and workers == 1
+        sink = self._sink()
+        self.sinks = {n: (old, self.loop.now if t is None and old is not sink else t)
+                      for n, (old, t) in self.sinks.items()}
+
+        def apply() -> None:
+            d.replace_sink(sink)
+            d.set_workers(workers)
+
+        self._call(apply)
+
+    @invariant()
+    def a_replaced_sink_is_closed_once_idle(self) -> None:
+        busy = {req.sink for req in self.open}
+        for n, (sink, replaced) in self.sinks.items():
+            since = max(replaced or 0.0, self.sink_idle.get(n, 0.0))
+            if replaced is not None and n not in busy and self.loop.now - since >= 0.1:
+                assert sink.client._client.is_closed, f"sink {n} replaced but not closed"
 
     @rule(trouble=st.sampled_from([None, "full", "failing"]))
     def spool_trouble(self, trouble: str | None) -> None:
@@ -783,6 +825,18 @@ def test_a_stop_spools_only_what_a_batch_has_left() -> None:
           lambda: s.answer(answer=Answer(400), pick=0),
           lambda: s.restart(grace=0.0, taken=True),
           lambda: s.answer(answer=Answer(200), pick=0))
+
+
+def test_a_sink_replaced_after_a_request_raised_is_closed() -> None:
+    # Issue 17: `sending_on` stayed set when send raised; the replaced sink stayed open
+    # until that worker sent again (the machine's invariant finds it too).
+    s = DeliveryMachine()
+    steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=100),
+          lambda: s.submit(n=1),
+          lambda: s.answer(answer=Answer(error="boom"), pick=0),
+          lambda: s.reload(workers=1),
+          lambda: s.wait(dt=0.6),
+          s.a_replaced_sink_is_closed_once_idle)
 
 
 class StrictOrder(DeliveryMachine):
