@@ -253,6 +253,14 @@ class MemFs(Filesystem):
             if _parent(k) == d and k != d and not n.is_dir
         }
 
+    def write_back(self, path: Path | str) -> None:
+        """The kernel wrote this name's change (created, replaced, removed) to disk."""
+        k = _key(path)
+        if k in self.live:
+            self.durable[k] = self.live[k]
+        else:
+            self.durable.pop(k, None)
+
     def exists_live(self, path: Path | str) -> bool:
         return _key(path) in self.live
 
