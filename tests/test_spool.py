@@ -96,9 +96,10 @@ class Fault:
     op: str
     errno: int
     times: int | None  # None: every call
-    partial: int  # pwrite: bytes really written before the error
+    partial: int  # pwrite/write: bytes really written before the error
     suffix: str | None  # only paths ending so
     crash: bool  # raise Crash (the process dies) instead of OSError
+    short: bool = False  # write: return `partial` (a short write, as a full disk) instead
 
 
 class Crash(BaseException):
@@ -121,8 +122,9 @@ class FaultyFs(Filesystem):
         partial: int = 0,
         suffix: str | None = None,
         crash: bool = False,
+        short: bool = False,
     ) -> None:
-        self.faults.append(Fault(op, err, times, partial, suffix, crash))
+        self.faults.append(Fault(op, err, times, partial, suffix, crash, short))
 
     def heal(self) -> None:
         self.faults.clear()
@@ -140,7 +142,8 @@ class FaultyFs(Filesystem):
         data: memoryview | None = None,
         fd: int = -1,
         offset: int = 0,
-    ) -> None:
+    ) -> int | None:
+        """Raise the fault armed for this call, if any; a short write returns its count."""
         for f in self.faults:
             if f.op != op or f.times == 0:
                 continue
@@ -149,10 +152,16 @@ class FaultyFs(Filesystem):
             if f.times is not None:
                 f.times -= 1
             if f.partial and data is not None:
-                super().pwrite(fd, data[: f.partial], offset)
+                if op == "write":  # O_APPEND: at the end, wherever `offset` says
+                    super().write(fd, bytes(data[: f.partial]))
+                else:
+                    super().pwrite(fd, data[: f.partial], offset)
+                if f.short:
+                    return f.partial
             if f.crash:
                 raise Crash
             raise OSError(f.errno, os.strerror(f.errno))
+        return None
 
     def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
         self._check("open", path)
@@ -163,14 +172,15 @@ class FaultyFs(Filesystem):
     def close(self, fd: int) -> None:
         self.fds.discard(fd)
         super().close(fd)
+        self._check("close")  # after: the fd is gone even when close reports an error
 
     def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
         self._check("pwrite", data=data, fd=fd, offset=offset)
         return super().pwrite(fd, data, offset)
 
     def write(self, fd: int, data: bytes) -> int:
-        self._check("write")
-        return super().write(fd, data)
+        short = self._check("write", data=memoryview(data), fd=fd)
+        return short if short is not None else super().write(fd, data)
 
     def fsync(self, fd: int) -> None:
         self._check("fsync")
@@ -375,6 +385,107 @@ def test_ack_that_cannot_be_written_is_replayed_not_lost(tmp_path: Path) -> None
     sp, _ = reopen(sp)
     assert [r for r, _ in drain(sp)] == [ids[0], ids[2]]  # a duplicate, never a loss
     sp.close()
+
+
+def _acked_on_disk_then_reopen(sp: Spool, ids: list[int]) -> list[int]:
+    """Close, check the .ack file holds whole entries only, reopen: the ids replayed."""
+    (ack_file,) = seg_files(sp.directory, "ack")
+    sp.close()
+    assert ack_file.stat().st_size % fmt.ACK_SIZE == 0
+    again = Spool(sp.directory)
+    report = again.open()
+    assert report.ignored_ack_entries == 0
+    got = [r for r, _ in drain(again)]
+    again.close()
+    assert set(got) <= set(ids)
+    return got
+
+
+def test_torn_ack_entry_is_cut_so_later_acks_are_kept(tmp_path: Path) -> None:
+    """An ack whose write fails part-way (1 byte written, then ENOSPC) is counted and cut back
+    to the last whole entry: the acks after it stay aligned, so they are not replayed."""
+    fs = FaultyFs()
+    sp = Spool(tmp_path, fs=fs)
+    sp.open()
+    ids = [put(sp, batch(f"r{i}")) for i in range(4)]
+    drain(sp)
+    sp.ack(ids[0])
+    fs.fail("write", errno.ENOSPC, partial=1)
+    sp.ack(ids[1])  # never raises: counted, replayed after a restart
+    assert sp.counters.ack_write_errors == 1
+    sp.ack(ids[2])  # returns without error: must never come back
+    assert sp.counters.ack_write_errors == 1
+    assert _acked_on_disk_then_reopen(sp, ids) == [ids[1], ids[3]]
+
+
+def test_torn_ack_entry_that_cannot_be_cut_at_once_is_cut_before_the_next(
+    tmp_path: Path,
+) -> None:
+    fs = FaultyFs()
+    sp = Spool(tmp_path, fs=fs)
+    sp.open()
+    ids = [put(sp, batch(f"r{i}")) for i in range(4)]
+    drain(sp)
+    fs.fail("write", errno.EIO, partial=7)
+    fs.fail("ftruncate", errno.EIO)
+    sp.ack(ids[0])
+    sp.ack(ids[1])
+    assert sp.counters.ack_write_errors == 1
+    assert _acked_on_disk_then_reopen(sp, ids) == [ids[0], ids[2], ids[3]]
+
+
+def test_torn_ack_entry_never_cut_writes_nothing_after_it(tmp_path: Path) -> None:
+    """The cut keeps failing: no entry is appended after the torn one (each ack is counted);
+    the next open cuts the torn entry."""
+    fs = FaultyFs()
+    sp = Spool(tmp_path, fs=fs)
+    sp.open()
+    ids = [put(sp, batch(f"r{i}")) for i in range(4)]
+    drain(sp)
+    sp.ack(ids[0])
+    fs.fail("write", errno.EIO, partial=7)
+    fs.fail("ftruncate", errno.EIO, times=None)
+    sp.ack(ids[1])
+    sp.ack(ids[2])
+    assert sp.counters.ack_write_errors == 2
+    (ack_file,) = seg_files(sp.directory, "ack")
+    assert ack_file.stat().st_size == fmt.ACK_SIZE + 7
+    fs.heal()
+    sp.close()
+    sp = Spool(tmp_path)
+    assert sp.open().ignored_ack_entries == 1  # the torn entry, cut
+    assert [r for r, _ in drain(sp)] == ids[1:]
+    sp.close()
+
+
+def test_short_ack_write_is_completed(tmp_path: Path) -> None:
+    """write() may write part of an entry and return its count: the rest is written."""
+    fs = FaultyFs()
+    sp = Spool(tmp_path, fs=fs)
+    sp.open()
+    ids = [put(sp, batch(f"r{i}")) for i in range(3)]
+    drain(sp)
+    fs.fail("write", 0, partial=5, short=True)
+    sp.ack(ids[0])
+    sp.ack(ids[1])
+    assert sp.counters.ack_write_errors == 0
+    assert _acked_on_disk_then_reopen(sp, ids) == [ids[2]]
+
+
+def test_short_ack_write_on_a_full_disk_is_an_error(tmp_path: Path) -> None:
+    """A full disk: 5 bytes of the entry, then ENOSPC. Not persisted: counted, cut back, the
+    record replayed (a duplicate, never a loss); the next ack is kept."""
+    fs = FaultyFs()
+    sp = Spool(tmp_path, fs=fs)
+    sp.open()
+    ids = [put(sp, batch(f"r{i}")) for i in range(3)]
+    drain(sp)
+    fs.fail("write", 0, partial=5, short=True)
+    fs.fail("write", errno.ENOSPC)
+    sp.ack(ids[0])
+    assert sp.counters.ack_write_errors == 1
+    sp.ack(ids[1])
+    assert _acked_on_disk_then_reopen(sp, ids) == [ids[0], ids[2]]
 
 
 # -- crash recovery --------------------------------------------------------------------------
@@ -872,6 +983,50 @@ def test_drop_oldest_does_not_count_handed_out_records(make: Callable[..., Spool
     assert sp.pending_batches == 3
 
 
+@pytest.mark.parametrize("fail", ["unlink .ack", "fsync", "close"])
+@pytest.mark.parametrize("held", [False, True])
+def test_drop_oldest_counts_a_victim_whose_clean_up_fails(
+    tmp_path: Path, fail: str, held: bool
+) -> None:
+    """drop_oldest unlinks the oldest segment, then its .ack unlink, the folder fsync or the
+    folder's close fails: the append fails, but the victim's records are gone with its file,
+    so they are counted (dropped, or evicted if held) and told through take_losses()."""
+    rl = reclen()
+    fs = FaultyFs()
+    sp = Spool(tmp_path, max_size=rl * 4, segment_size=rl * 2, when_full="drop_oldest", fs=fs)
+    sp.open()
+    r0 = put(sp, batch("b0"), claim=held)
+    sp.ack(put(sp, batch("b1")))  # the victim has an .ack file
+    put(sp, batch("b2"))
+    put(sp, batch("b3"))
+    victim = seg_files(tmp_path)[0]
+    assert seg_files(tmp_path, "ack") == [victim.with_suffix(".ack")]
+    op, _, suffix = fail.partition(" ")
+    fs.fail(op, errno.EIO, suffix=suffix or None)
+    with pytest.raises(SpoolWriteError):
+        sp.append(batch("b4"))
+    fs.heal()
+    assert not victim.exists()
+    c, losses = sp.counters, sp.take_losses()
+    if held:
+        assert (c.dropped_batches, c.evicted_inflight) == (0, 1)
+        assert losses.dropped_batches == 0 and [e.record_id for e in losses.evicted] == [r0]
+    else:
+        assert (c.dropped_batches, c.dropped_events, c.evicted_inflight) == (1, 3, 0)
+        assert (losses.dropped_batches, losses.dropped_events, losses.evicted) == (1, 3, [])
+    assert c.delete_errors == 1
+    # Exactly what is left: 4 appended = 1 acked + 1 dropped/evicted + 2 pending.
+    assert (sp.pending_batches, sp.pending_events) == (2, 6)
+    assert sp.stats()["segments"] == 1
+    put(sp, batch("b5"))
+    assert [first_event(b) for _, b in drain(sp)] == ["b2-0", "b3-0", "b5-0"]
+    sp.close()
+    sp = Spool(tmp_path)
+    sp.open()
+    assert [first_event(b) for _, b in drain(sp)] == ["b2-0", "b3-0", "b5-0"]
+    sp.close()
+
+
 # -- disk errors, through the Filesystem seam ---------------------------------------------------
 
 
@@ -1059,6 +1214,31 @@ def test_segment_whose_directory_entry_cannot_be_synced_is_removed(
     with pytest.raises(SpoolWriteError):
         sp.append(batch("x"))
     assert seg_files(sp.directory) == [] and sp.stats()["segments"] == 0
+
+
+def test_segment_create_whose_clean_up_fails_does_not_wedge_appends(
+    faulty: tuple[Spool, FaultyFs],
+) -> None:
+    """The folder fsync after creating a segment fails, then closing it and unlinking it fail
+    too: the empty file stays. Later appends go on in the next segment (not EEXIST for ever);
+    the next open removes the empty file."""
+    sp, fs = faulty
+    fs.fail("fsync", errno.EIO)
+    fs.fail("close", errno.EIO, times=2)  # the folder's fd, then the new segment's
+    fs.fail("unlink", errno.EIO)
+    with pytest.raises(SpoolWriteError) as info:
+        sp.append(batch("x"))
+    assert info.value.errno == errno.EIO
+    fs.heal()
+    (left,) = seg_files(sp.directory)
+    assert left.stat().st_size == 0
+    put(sp, batch("y"))
+    put(sp, batch("z"))
+    assert sp.counters.write_errors == 1
+    sp, report = reopen(sp)
+    assert left.name in report.removed_files and not left.exists()
+    assert [first_event(b) for _, b in drain(sp)] == ["y-0", "z-0"]
+    sp.close()
 
 
 RLIMIT_SCRIPT = """

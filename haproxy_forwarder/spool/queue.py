@@ -330,13 +330,21 @@ class Spool:
                 self._delete_segment(victim, fsync_dir=True)
             except OSError as err:
                 self.counters.delete_errors += 1
+                if victim.seq in self._segments:  # the file is still there: nothing dropped
+                    raise SpoolWriteError(f"cannot drop {victim.path}", err) from err
+                # Its records went with the file; only the clean-up after (the .ack
+                # unlink, the folder fsync) failed: dropped all the same, so counted.
+                self._count_drop(room, b, e, held)
                 raise SpoolWriteError(f"cannot drop {victim.path}", err) from err
-            room.batches += b
-            room.events += e
-            room.evicted += held
-            self.counters.evicted_inflight += len(held)
-            self.counters.dropped_batches += b
-            self.counters.dropped_events += e
+            self._count_drop(room, b, e, held)
+
+    def _count_drop(self, room: _Room, batches: int, events: int, held: list[Evicted]) -> None:
+        room.batches += batches
+        room.events += events
+        room.evicted += held
+        self.counters.evicted_inflight += len(held)
+        self.counters.dropped_batches += batches
+        self.counters.dropped_events += events
 
     def _reclaim_acked(self) -> bool:
         """Disk full: delete every fully acked segment, the one being written included.
@@ -366,12 +374,15 @@ class Spool:
             self._delete_or_count(w)
             w = None
         if w is None:
+            seq = self._next_seq
+            # Never tried twice: a create that failed half-way may leave the name behind (its
+            # clean-up failed too), and O_EXCL would then refuse every later append.
+            self._next_seq += 1
             try:
-                w = self._files.create(self._next_seq)
+                w = self._files.create(seq)
             except OSError as e:
                 self.counters.write_errors += 1
                 raise SpoolWriteError(f"cannot create a segment in {self.seg_dir}", e) from e
-            self._next_seq += 1
             self._segments[w.seq] = w
             self._writing = w
         return w
@@ -396,6 +407,7 @@ class Spool:
                 if not seg.total:
                     with contextlib.suppress(OSError):
                         self._delete_segment(seg, fsync_dir=True)
+                    if seg.seq not in self._segments:  # unlinked: no tail left to cut
                         return
                 self._dirty.add(seg.seq)
 
@@ -521,28 +533,37 @@ class Spool:
     # -- deletion ---------------------------------------------------------------------------
 
     def _delete_segment(self, seg: Segment, fsync_dir: bool) -> None:
-        """Unlink a segment and its ack file, forget it (raises OSError if unlink fails)."""
+        """Unlink a segment and its ack file, forget it.
+
+        OSError if the disk refuses: the segment is still indexed if its file is still there
+        (nothing changed), and forgotten as soon as the file is unlinked, whatever fails
+        after (an .ack left behind is removed by the next open).
+        """
         if seg is self._writing:
             self._seal_writing()
-        self._files.remove(seg)
+        self._files.unlink_segment(seg)
         del self._segments[seg.seq]
         self._size -= seg.size
         for off, (_length, n, _created) in seg.recs.items():
             self._pending_batches -= 1
             self._pending_events -= n
             self._inflight.discard(fmt.record_id(seg.seq, off))
+        self._files.unlink_acks(seg)
         if fsync_dir:
             self._files.sync_dir()
 
     def _delete_or_count(self, seg: Segment, fsync_dir: bool = True) -> bool:
-        """Delete `seg` if fully acked and not being written; failures are counted, retried."""
+        """Delete `seg` if fully acked and not being written; failures are counted, retried.
+
+        True if the segment file is gone (even if its clean-up then failed, counted).
+        """
         if seg.recs or seg is self._writing or seg.seq not in self._segments:
             return False
         try:
             self._delete_segment(seg, fsync_dir=fsync_dir)
         except OSError:
             self.counters.delete_errors += 1
-            return False
+            return seg.seq not in self._segments
         return True
 
     def purge(self) -> tuple[int, int]:

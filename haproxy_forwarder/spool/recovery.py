@@ -216,7 +216,7 @@ class Recovery:
             damaged.append((scan.good_end, scan.size))
         if torn:
             report.truncated.append(TruncatedTail(name, scan.good_end, cut))
-        acked = self._acks(seq, ack_path)
+        acked, ack_size = self._acks(seq, ack_path)
         if damaged:
             self._damaged(path, data, scan, damaged, cut, set(acked))
             changed = True
@@ -235,7 +235,7 @@ class Recovery:
             if not damaged:
                 report.removed_files.append(name)
             return changed
-        seg = Segment(seq, path, size=scan.good_end, total=len(scan.records))
+        seg = Segment(seq, path, size=scan.good_end, total=len(scan.records), ack_size=ack_size)
         seg.recs = {r.offset: (r.length, r.events, r.created) for r in scan.records}
         for off in dict.fromkeys(acked):  # an offset acked twice counts once
             if seg.recs.pop(off, None) is not None:
@@ -277,17 +277,18 @@ class Recovery:
         )
         self.counters.quarantined_segments += 1
 
-    def _acks(self, seq: int, ack_path: Path) -> list[int]:
-        """The acked offsets of segment `seq`, in file order (a torn last entry cut off)."""
+    def _acks(self, seq: int, ack_path: Path) -> tuple[list[int], int]:
+        """The acked offsets of segment `seq`, in file order (a torn last entry cut off), and
+        the bytes of whole entries (where the next entry is appended)."""
         try:
             data = self.fs.read_bytes(ack_path)
         except FileNotFoundError:
-            return []
+            return [], 0
         acks = fmt.scan_acks(data, seq)
         self.report.ignored_ack_entries += acks.ignored
         if acks.whole != len(data) and not self.readonly:  # keep later entries aligned
             self.fs.truncate(ack_path, acks.whole)
-        return acks.offsets
+        return acks.offsets, acks.whole
 
     def _quarantine(self, path: Path, data: bytes, scan: fmt.Scan) -> Path:
         """Keep the whole file in quarantine/, repair it in place (same offsets).

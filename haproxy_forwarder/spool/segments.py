@@ -185,6 +185,16 @@ def pwrite_all(fs: Filesystem, fd: int, data: bytes | bytearray, offset: int) ->
         offset += written
 
 
+def write_all(fs: Filesystem, fd: int, data: bytes) -> None:
+    """write (O_APPEND) until everything is written: a full disk writes a part first."""
+    view = memoryview(data)
+    while view:
+        written = fs.write(fd, bytes(view))
+        if written <= 0:  # pragma: no cover - write raises instead on Linux
+            raise OSError(errno.EIO, "short write")
+        view = view[written:]
+
+
 def segment_name(seq: int) -> str:
     return f"{seq:012d}.seg"
 
@@ -206,6 +216,14 @@ class Segment:
     # Un-acked records, in offset order: offset -> (record length, events, created ms).
     recs: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     fd: int | None = None  # read-write fd while this is the segment being written
+    # Its .ack file: bytes of whole entries (a failed write is cut back to this, so that no
+    # entry is ever appended after a torn one: the reader takes the file in 12-byte steps).
+    ack_size: int = 0
+    ack_torn: bool = False  # a failed write could not be cut back: cut before the next one
+    # The .ack file's name was made durable (its folder fsync'd) by this process. Not
+    # trusted from a listing at open: a process killed before that fsync leaves a name
+    # that a power loss can still take away.
+    ack_named: bool = False
 
     @property
     def ack_path(self) -> Path:
@@ -233,7 +251,11 @@ class SegmentFiles:
         try:
             self.sync_dir()
         except OSError:
-            self.fs.close(fd)
+            # The clean-up must not hide the error nor skip the unlink. (The caller never
+            # reuses `seq` either: if the name stays, it is an empty file the next open
+            # removes.)
+            with contextlib.suppress(OSError):
+                self.fs.close(fd)
             with contextlib.suppress(OSError):
                 self.fs.unlink(path)
             raise
@@ -286,16 +308,41 @@ class SegmentFiles:
             self._rfd = None
 
     def append_acks(self, seg: Segment, entries: bytes) -> None:
+        """Append whole ack entries to the segment's .ack file: durable on return (the file's
+        data and its name), or OSError and the file cut back to its whole entries."""
         fd = self.fs.open(seg.ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
-            self.fs.write(fd, entries)
-            self.fs.fsync(fd)
+            if seg.ack_torn:  # never write after a torn entry: it would misalign this one
+                self.fs.ftruncate(fd, seg.ack_size)
+                seg.ack_torn = False
+            try:
+                write_all(self.fs, fd, entries)
+                self.fs.fsync(fd)
+            except OSError:
+                # Part of the entries may be in the file (a short or failed write): cut them,
+                # or the next entries would be read 12 bytes at a time from the wrong place.
+                seg.ack_torn = True
+                with contextlib.suppress(OSError):
+                    self.fs.ftruncate(fd, seg.ack_size)
+                    seg.ack_torn = False
+                raise
+            seg.ack_size += len(entries)
         finally:
             self.fs.close(fd)
+        if not seg.ack_named:  # once per segment: a new name is durable once its folder is
+            self.sync_dir()
+            seg.ack_named = True
 
-    def remove(self, seg: Segment) -> None:
-        """Unlink the segment and its ack file (OSError if the disk refuses)."""
+    def unlink_segment(self, seg: Segment) -> None:
+        """Unlink the segment file (OSError if the disk refuses: then nothing changed)."""
         self.close_reader(seg.seq)
         self.seal(seg)
         self.fs.unlink(seg.path, missing_ok=True)
+
+    def unlink_acks(self, seg: Segment) -> None:
         self.fs.unlink(seg.ack_path, missing_ok=True)
+
+    def remove(self, seg: Segment) -> None:
+        """Unlink the segment and its ack file (OSError if the disk refuses)."""
+        self.unlink_segment(seg)
+        self.unlink_acks(seg)
