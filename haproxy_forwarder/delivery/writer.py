@@ -15,7 +15,6 @@ them any more: lost).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -334,11 +333,7 @@ class SpoolWriter:
                     self.router.spool_blocked = False
                     self.appends.log.info("spool_unblocked", reason="nothing waits for the disk",
                                           **self.appends.fields())
-                self.wake.clear()
-                # Awake every LOSS_POLL as well: the spool's readers run in threads, so the
-                # corrupt records they skip are counted and said from here.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), LOSS_POLL)
+                await self._idle()
                 self.appends.report_losses()
                 continue
             await asyncio.wait({self.appends.write(entry)})
@@ -347,6 +342,23 @@ class SpoolWriter:
                 # Refused: a fixed pause, not "until the next batch": retrying on every
                 # submit would spin on a full or failing disk.
                 await self._sleep(SPOOL_RETRY)
+
+
+    async def _idle(self) -> None:
+        """Until woken, or LOSS_POLL at most: the spool's readers run in threads, so the
+        corrupt records they skip are counted and said from here.
+
+        Not `asyncio.wait_for(wake.wait(), LOSS_POLL)`: on Python 3.11 it swallows a
+        cancellation that comes once the wait is over (CPython gh-86296), and the writer
+        would run on for ever after Delivery.stop() cancelled it. A timer that sets the
+        event leaves the cancellation to Event.wait(), which always raises it.
+        """
+        self.wake.clear()
+        timer = asyncio.get_running_loop().call_later(LOSS_POLL, self.wake.set)
+        try:
+            await self.wake.wait()
+        finally:
+            timer.cancel()
 
 
 async def age(router: Router, wake_writer: asyncio.Event, sleep: Sleep = asyncio.sleep) -> None:
