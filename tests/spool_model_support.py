@@ -261,13 +261,6 @@ class MemFs(Filesystem):
         else:
             self.durable.pop(k, None)
 
-    def exists_live(self, path: Path | str) -> bool:
-        return _key(path) in self.live
-
-    def exists_durable(self, path: Path | str) -> bool:
-        """The name survives a power loss (its folder was fsync'd since it appeared)."""
-        return _key(path) in self.durable
-
     def flip(self, path: Path | str, pos: int, mask: int) -> None:
         """Bit rot: xor one byte of a file, on disk (live, and durable where it reaches)."""
         node = self._node(_key(path))

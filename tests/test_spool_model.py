@@ -1,35 +1,40 @@
 """The disk spool against a model, by a Hypothesis state machine (issue 17, item 4a).
 
 Rules: append (with or without claim), next_batch, ack (and a second ack of the same id),
-clean close, a crash between calls or at any filesystem call (the process dies, or the power
-goes), an OSError (ENOSPC, EIO) at any call, torn writes, a disk that fills up, a flipped byte
-in any segment or ack file (while running, or between a stop and the next open), and reopen,
-with both when_full modes and a small max_size. Everything runs in `MemFs`
-(tests/spool_model_support.py): files in memory with what a crash and a power loss keep.
+clean close, kill -9 or a power loss between calls, a crash or an OSError (ENOSPC, EIO) at any
+filesystem call (torn writes included), a disk that fills up, a flipped byte in any segment or
+ack file (while running, or between a stop and the next open), restart (`spool stats`, a
+read-only open, before it at times), `spool purge`; both when_full modes, small max_size and
+segment_size. Everything runs in `MemFs` (tests/spool_model_support.py): files in memory with
+what a crash and a power loss keep (strict POSIX), and an independent reader of segments.
 
-What the model holds against the spool, after every step:
+What the model holds against the spool:
 
 - next_batch hands out the oldest record of its index not handed out in this run, with the
   exact events appended, never a record twice in a run, never one whose ack was durable; a
-  record it skips is one a flipped byte or a read error hit, and each one is counted
-  (corrupt_records, corrupt_events);
-- in a run, the spool's counters move exactly as the calls say (appended, acked, dropped,
-  evicted in flight, corrupt), and its pending gauges equal the model's index: nothing leaves
-  the spool without a counter;
-- drop_oldest drops exactly the records of the segments it deletes: counted as dropped, or as
-  evicted in flight if the caller holds them;
-- before each open, the disk holds every record appended and not durably acked (unless a drop,
-  a flip or a crash in the middle of a drop excuses it), and no record whose ack was durable;
-  the open recovers exactly the intact records not acked on disk (read by an independent
-  reader), and counts the records it loses to corruption (a damaged tail of the newest
-  segment excepted: a crash in an append leaves the same bytes);
-- at the end (close, reopen, drain, ack all), every appended record was delivered or excused.
+  record it skips is one a flipped byte or a read error hit, counted (corrupt_records and
+  corrupt_events);
+- after every call, the counters moved exactly as predicted (appended, acked, dropped,
+  evicted in flight, corrupt, rejected, purged), the pending and in-flight gauges equal the
+  model's, the run's identity holds (recovered + appended = acked + dropped + corrupt + purged
+  + pending + evicted in flight), and take_losses() returns exactly what no call reported;
+- drop_oldest drops exactly the records of the segments it deletes, as AppendResult says
+  (dropped, or `evicted` if the caller holds them), through take_losses() if the append fails;
+- before each open, the disk holds every record appended and not acked (unless a drop, a
+  flip, a purge or a crash in the middle of a drop excuses it) and no record whose ack was
+  durable; the open recovers exactly the intact records not acked on disk, and counts every
+  record it loses to corruption whose place it can know (a damaged tail of the newest segment
+  excepted: a crash in an append leaves the same bytes), with its events if its header is
+  intact; a read-only open changes nothing and sees the same;
+- at the end (close, reopen, drain, ack all, until nothing comes back), every appended record
+  was delivered or excused.
 
-A record whose append raised may come back after a reopen (at most once a run), and one whose
-ack was not durable (a crash, or an error counted in ack_write_errors/delete_errors) may be
-handed out again after a reopen: the allowed duplicates.
+Allowed duplicates: a record whose append raised may come back after a reopen, and one whose
+ack was not durable (a crash during it, or an error counted in ack_write_errors or
+delete_errors) may be handed out again after a reopen; never twice in a run.
 
-SPOOL_MODEL_EXAMPLES raises the number of examples (default 300, about 7 s here);
+KNOWN_BUGS (below): what the machine tolerates until it is fixed; each has a strict-xfail
+replay. SPOOL_MODEL_EXAMPLES sets the number of examples (default 300, about 7 s here);
 SPOOL_MODEL_STATS=1 prints what the runs did.
 """
 
@@ -136,11 +141,6 @@ class Run:
     acked: set[int] = field(default_factory=set)  # rids acked in this run
     handed: set[int] = field(default_factory=set)  # tags handed out in this run
     evicted_events: int = 0  # of records drop_oldest deleted while the caller held them
-    # Known bugs, tolerated (see KNOWN_BUGS): events drop_oldest lost uncounted, segments it
-    # unlinked that the spool still indexes, segments whose .ack file has a torn entry.
-    bug_lost_events: int = 0
-    ghost_seqs: set[int] = field(default_factory=set)
-    torn_ack_seqs: set[int] = field(default_factory=set)
 
 
 def faults(last: int = 14) -> st.SearchStrategy[Fault | None]:
@@ -176,7 +176,6 @@ class SpoolModel(RuleBasedStateMachine):
         self.recs: dict[int, Rec] = {}
         self.damage: dict[tuple[int, int], Damage] = {}
         self.stray: set[int] = set()  # segments flipped outside the model's records
-        self.instances: list[SpoolCounters] = []
         self.last_end = "kill"  # how the last process ended: "kill" or "power"
         self.failed = False  # a check failed: the teardown must not pile more on it
 
@@ -238,10 +237,6 @@ class SpoolModel(RuleBasedStateMachine):
     def vanished(self, before: set[str]) -> tuple[list[int], list[int]]:
         """Index records whose segment file went away: (dropped rids, evicted rids)."""
         gone = {seq_of_name(n) for n in before - self.seg_names()}
-        # drop_delete_error: a segment unlinked earlier goes when the spool forgets it.
-        forgotten = {q for q in self.up.ghost_seqs if q not in self.up.spool._segments}
-        self.up.ghost_seqs -= forgotten
-        gone |= forgotten
         dropped, evicted = [], []
         for rid in sorted(self.up.index):
             if rid >> fmt.ID_SHIFT in gone:
@@ -292,7 +287,7 @@ class SpoolModel(RuleBasedStateMachine):
         c = self.up.counters
         came = c.recovered_events + c.appended_events
         went = (c.acked_events + c.dropped_events + c.corrupt_events + c.purged_events
-                + sp.pending_events + run.evicted_events + run.bug_lost_events)
+                + sp.pending_events + run.evicted_events)
         self.check(f"{op}.identity", came == went,
                    f"{op}: recovered {c.recovered_events} + appended {c.appended_events} != "
                    f"acked {c.acked_events} + dropped {c.dropped_events} + corrupt "
@@ -324,44 +319,6 @@ class SpoolModel(RuleBasedStateMachine):
 
     # -- known bugs, tolerated (KNOWN_BUGS) -------------------------------------------------
 
-    def tolerate_drop_delete_error(self, before: dict[str, int], dropped: list[int],
-                                   evicted: list[int]) -> tuple[list[int], list[int]]:
-        """drop_delete_error: drop_oldest deletes victims oldest first and stops at the first
-        failure; the victims before it were counted. The failing one, unlinked, counted
-        nothing: either still indexed (a ghost, if its .ack unlink failed: read as corrupt
-        later, or counted when a later drop forgets it) or forgotten (the folder fsync
-        failed: lost uncounted). Returns the drops the spool must have counted."""
-        run, after = self.up, self.snapshot()
-        moved = (after["dropped_batches"] - before["dropped_batches"],
-                 after["evicted_inflight"] - before["evicted_inflight"])
-
-        def counts(seqs: list[int]) -> tuple[int, int]:
-            return (sum(1 for r in dropped if r >> fmt.ID_SHIFT in seqs),
-                    sum(1 for r in evicted if r >> fmt.ID_SHIFT in seqs))
-
-        seqs = sorted({r >> fmt.ID_SHIFT for r in dropped + evicted})
-        ghosts = [q for q in seqs if q in run.spool._segments]
-        forgotten = [q for q in seqs if q not in ghosts]
-        if moved == counts(forgotten) and not ghosts:
-            return dropped, evicted
-        if moved == counts(forgotten):
-            bad = ghosts
-        elif moved == counts(forgotten[:-1]) and not ghosts:
-            bad = forgotten[-1:]
-        else:
-            return dropped, evicted  # something else: let the checks say what
-        for rid in [r for r in dropped + evicted if r >> fmt.ID_SHIFT in bad]:
-            rec = self.rec_at(rid)
-            rec.excused = rec.excused or "bug: drop_delete_error"
-            if rid >> fmt.ID_SHIFT in ghosts:
-                run.ghost_seqs.add(rid >> fmt.ID_SHIFT)
-            else:
-                run.bug_lost_events += rec.n
-                del run.index[rid]
-        STATS["tolerated drop_delete_error"] += 1
-        return ([r for r in dropped if r >> fmt.ID_SHIFT not in bad],
-                [r for r in evicted if r >> fmt.ID_SHIFT not in bad])
-
     def seqs_durable(self) -> list[int]:
         """Segments whose name is on disk (survives a power loss as it is now)."""
         return [seq_of_name(PurePosixPath(k).name) for k in self.fs.durable
@@ -378,23 +335,6 @@ class SpoolModel(RuleBasedStateMachine):
                     if self.recs[c.tag].acked_durable:
                         self.recs[c.tag].acked_durable = False
                         STATS["tolerated ack_unlinked_first"] += 1
-
-    def tolerated_ack_not_durable(self, rid: int) -> bool:
-        """An ack that returned without error but that a known bug may lose."""
-        seq = rid >> fmt.ID_SHIFT
-        ack = SEG_DIR / f"{seq:012d}.ack"
-        if "torn_ack_file" in self.tolerate:
-            # A torn entry (a failed or short write) misaligns every later one in the file.
-            if len(self.fs.files(SEG_DIR).get(ack.name, b"")) % 12:
-                self.up.torn_ack_seqs.add(seq)
-            if seq in self.up.torn_ack_seqs:
-                STATS["tolerated torn_ack_file"] += 1
-                return True
-        if "ack_name_not_durable" in self.tolerate and self.fs.exists_live(ack) and not (
-                self.fs.exists_durable(ack)):
-            STATS["tolerated ack_name_not_durable"] += 1
-            return True
-        return False
 
     # -- rules: running ----------------------------------------------------------------------
 
@@ -416,8 +356,6 @@ class SpoolModel(RuleBasedStateMachine):
             self.die(fault)
             return
         exp: Counter[str] = Counter()
-        if status == "error" and "drop_delete_error" in self.tolerate:
-            dropped, evicted = self.tolerate_drop_delete_error(before, dropped, evicted)
         told = [Evicted(rid, self.rec_at(rid).n) for rid in evicted]
         self.apply_drops(dropped, evicted, exp)
         losses = Losses()
@@ -452,9 +390,8 @@ class SpoolModel(RuleBasedStateMachine):
             self.check("append.too_large", rec.length > self.cfg["max_size"],
                        f"RecordTooLarge for {rec.length} bytes, max_size {self.cfg['max_size']}")
         elif isinstance(res, SpoolWriteError):
-            wedged = "wedged_create" in self.tolerate and res.errno == errno.EEXIST
             self.check("append.write_error", self.fs.fired is not None or self.fs.capacity
-                       is not None or wedged, f"SpoolWriteError without a fault: {res}")
+                       is not None, f"SpoolWriteError without a fault: {res}")
             STATS["append write errors"] += 1
         else:
             raise AssertionError(f"append raised {res!r}") from res
@@ -488,8 +425,7 @@ class SpoolModel(RuleBasedStateMachine):
             if rid == got:
                 break
             rec = self.rec_at(rid)
-            hit = (rid >> fmt.ID_SHIFT, rid & fmt.OFFSET_MASK) in self.damage or (
-                rid >> fmt.ID_SHIFT in run.ghost_seqs)
+            hit = (rid >> fmt.ID_SHIFT, rid & fmt.OFFSET_MASK) in self.damage
             self.check("next_batch.skip", hit or self.fs.fired is not None,
                        f"next_batch skipped record {rid:#x} (r{rec.tag}): no flip, no fault")
             exp["corrupt_records"] += 1
@@ -542,9 +478,9 @@ class SpoolModel(RuleBasedStateMachine):
             exp["acked_events"] += rec.n
             after = self.snapshot()
             errors = sum(after[k] - before[k] for k in ("ack_write_errors", "delete_errors"))
-            if errors == 0 and not self.tolerated_ack_not_durable(rid):
+            if errors == 0:
                 rec.acked_durable = True
-            elif errors:
+            else:
                 STATS["acks not durable (counted)"] += 1
         self.verify("ack", before, exp)
 
@@ -754,7 +690,6 @@ class SpoolModel(RuleBasedStateMachine):
         counters = SpoolCounters()
         spool = Spool(ROOT, counters=counters, fs=self.fs, **self.cfg)
         status, res = self.call(fault, spool.open)
-        self.instances.append(counters)
         for k in lost:
             rec = self.recs[self.damage[k].tag]
             rec.excused = rec.excused or "damaged"
@@ -831,10 +766,6 @@ class SpoolModel(RuleBasedStateMachine):
 # below that replays its shrunk example with nothing tolerated. Remove a name when its fix is
 # in (its xfail then fails: remove that too).
 KNOWN_BUGS: frozenset[str] = frozenset({
-    "wedged_create",  # a segment create that fails half-way leaves its name: EEXIST for ever
-    "ack_name_not_durable",  # .ack created without an fsync of its folder (power loss)
-    "drop_delete_error",  # drop_oldest: the victim unlinked, then an error: nothing counted
-    "torn_ack_file",  # an ack entry written part-way misaligns every later one
     "ack_unlinked_first",  # a deleted segment's .ack removal may reach the disk before its own
 })
 
@@ -874,34 +805,35 @@ def machine(**cfg: Any) -> SpoolModel:
     return state
 
 
-@pytest.mark.xfail(strict=True, reason="found by the model, not fixed: a segment whose create "
-                   "failed half-way (close or unlink failing in the clean-up) keeps its name "
-                   "and _next_seq is not advanced: every later append fails with EEXIST")
 def test_model_failed_create_does_not_wedge_appends() -> None:
     state = machine()
     # The segment's directory fsync fails, then so does closing its fd: the file stays.
+    mark = len(state.fs.trace)
     state.append(claim=False, fault=Fault(at=2, kind="error", err=errno.ENOSPC, times=2),
                  n=1, pad=0)
+    assert state.fs.trace[mark : mark + 5] == [
+        f"open {SEG_DIR}/000000000000.seg", f"open_dir {SEG_DIR}", "  !! error ENOSPC",
+        f"close {SEG_DIR}/000000000000.seg", "  !! error ENOSPC"]
     state.append(claim=False, fault=None, n=1, pad=0)  # no fault: must succeed
     state.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="found by the model, not fixed: the .ack file is "
-                   "created (O_CREAT) without an fsync of its folder: after a power loss "
-                   "the name, and the durable acks in it, may be gone (strict POSIX)")
+def power_off(state: SpoolModel) -> None:
+    """The power goes now, and the kernel had written nothing back: only what was fsync'd."""
+    state.run = None
+    state.fs.power_loss(0, writeback=False)
+    state.last_end = "power"
+
+
 def test_model_ack_file_name_survives_power_loss() -> None:
     state = machine()
     state.append(claim=True, fault=None, n=1, pad=0)
     state.ack(fault=None, pick=0)
-    state.stop(how="power", fault=None, seed=0)
+    power_off(state)
     state.restart(fault=None)  # r0's ack returned without error: it must not come back
     state.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="found by the model, not fixed: drop_oldest unlinks "
-                   "the victim segment, then its .ack unlink or the folder fsync fails: the "
-                   "victim's records are gone from disk but counted nowhere (dropped, evicted, "
-                   "take_losses)")
 @pytest.mark.parametrize("at", [2, 3, 4, 5])  # the .ack unlink, open_dir, fsync, close
 @pytest.mark.parametrize("held", [False, True])
 def test_model_drop_oldest_failing_delete_still_counts(at: int, held: bool) -> None:
@@ -913,10 +845,6 @@ def test_model_drop_oldest_failing_delete_still_counts(at: int, held: bool) -> N
     state.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="found by the model, not fixed: append_acks appends "
-                   "after a torn entry (a write that failed part-way), so every later entry "
-                   "of that .ack file is misaligned and ignored at the next open: acks that "
-                   "returned without error come back")
 def test_model_torn_ack_entry_does_not_lose_later_acks() -> None:
     state = machine(segment_size=300)
     state.append(claim=False, fault=None, n=1, pad=0)
@@ -944,15 +872,11 @@ def test_model_acked_segment_deleted_before_its_acks() -> None:
     state.append(claim=False, fault=Fault(at=4, kind="crash"), n=1, pad=0)
     assert "000000000000.seg" not in state.fs.files(SEG_DIR)
     state.fs.write_back(SEG_DIR / "000000000000.ack")
-    state.fs.power_loss(0, writeback=False)
-    state.last_end = "power"
+    power_off(state)
     state.restart(fault=None)  # r0 and r1 were durably acked: they must not come back
     state.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="found by the model, not fixed: append_acks ignores "
-                   "what write() returns: on a full disk a short write leaves a torn entry "
-                   "and the ack is taken as persisted (no ack_write_errors)")
 def test_model_short_ack_write_is_an_error() -> None:
     state = machine(segment_size=300)
     state.append(claim=True, fault=None, n=1, pad=0)
