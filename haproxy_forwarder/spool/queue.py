@@ -138,6 +138,8 @@ class Spool:
         # Sealed segments a failed append left longer than their good records (the cut back
         # failed too): cut again later, or the next open would take the tail for corruption.
         self._dirty: set[int] = set()
+        # Segments unlinked whose .ack file waits for the folder fsync (see _sync_deleted).
+        self._unlinked: list[Segment] = []
 
     # -- properties -------------------------------------------------------------------------
 
@@ -364,7 +366,7 @@ class Spool:
                 freed += size
         if freed:
             with contextlib.suppress(OSError):
-                self._files.sync_dir()
+                self._sync_deleted()
         return freed > 0
 
     def _writing_segment(self, reclen: int) -> Segment:
@@ -533,7 +535,8 @@ class Spool:
     # -- deletion ---------------------------------------------------------------------------
 
     def _delete_segment(self, seg: Segment, fsync_dir: bool) -> None:
-        """Unlink a segment and its ack file, forget it.
+        """Unlink a segment, forget it; its .ack file goes after the folder fsync (now if
+        `fsync_dir`, else at the caller's `_sync_deleted`).
 
         OSError if the disk refuses: the segment is still indexed if its file is still there
         (nothing changed), and forgotten as soon as the file is unlinked, whatever fails
@@ -548,9 +551,25 @@ class Spool:
             self._pending_batches -= 1
             self._pending_events -= n
             self._inflight.discard(fmt.record_id(seg.seq, off))
-        self._files.unlink_acks(seg)
+        self._unlinked.append(seg)
         if fsync_dir:
-            self._files.sync_dir()
+            self._sync_deleted()
+
+    def _sync_deleted(self) -> None:
+        """Make the segment unlinks durable (fsync the folder), then unlink their .ack files.
+
+        Never the other way round: a power loss could keep an .ack's removal and not its
+        segment's (strict POSIX orders neither), and the segment would come back without its
+        acks, replaying what was delivered. A .ack left behind is harmless (the next open
+        removes it): its failure is counted, not raised.
+        """
+        self._files.sync_dir()
+        done, self._unlinked = self._unlinked, []
+        for seg in done:
+            try:
+                self._files.unlink_acks(seg)
+            except OSError:
+                self.counters.delete_errors += 1
 
     def _delete_or_count(self, seg: Segment, fsync_dir: bool = True) -> bool:
         """Delete `seg` if fully acked and not being written; failures are counted, retried.
@@ -577,7 +596,7 @@ class Spool:
                     self._delete_segment(seg, fsync_dir=False)
                 except OSError as err:
                     raise SpoolWriteError(f"cannot delete {seg.path}", err) from err
-            self._files.sync_dir()
+            self._sync_deleted()
             self._ready.clear()
             self._inflight.clear()
             self.counters.purged_batches += b
@@ -597,6 +616,9 @@ class Spool:
                 self._delete_or_count(w)
             if self._dirty:
                 self._cut_dirty()
+            if self._unlinked:  # a folder fsync failed after some unlinks: once more
+                with contextlib.suppress(OSError):
+                    self._sync_deleted()
             self._files.close_reader()
             self._release_lock()
             self._state = "closed"

@@ -162,17 +162,27 @@ class Recovery:
         for seq in sorted(segs):
             changed |= self._segment(seq, segs[seq], newest=seq == newest)
         self.index.next_seq = max(segs, default=-1) + 1
-        # Fully acked segments (nothing is being written yet): delete now.
+        # Fully acked segments (nothing is being written yet): delete now. Their .ack files
+        # only once the segments' removal is durable (see Spool._sync_deleted).
+        gone: list[Segment] = []
         for seg in list(self.index.segments.values()):
             if not seg.recs and not self.readonly:
                 try:
-                    self.files.remove(seg)
+                    self.files.unlink_segment(seg)
                 except OSError:
                     self.counters.delete_errors += 1
                     continue
                 del self.index.segments[seg.seq]
                 report.removed_files.append(seg.path.name)
+                gone.append(seg)
                 changed = True
+        if gone:
+            self.files.sync_dir()
+            for seg in gone:
+                try:
+                    self.files.unlink_acks(seg)
+                except OSError:
+                    self.counters.delete_errors += 1  # removed by the next open
         if changed and not self.readonly:
             self.files.sync_dir()
         for seg in self.index.segments.values():

@@ -340,9 +340,6 @@ class SegmentFiles:
         self.fs.unlink(seg.path, missing_ok=True)
 
     def unlink_acks(self, seg: Segment) -> None:
+        """Unlink the segment's .ack file: only once the segment's unlink is durable (a
+        segment back after a power loss without its acks would replay them)."""
         self.fs.unlink(seg.ack_path, missing_ok=True)
-
-    def remove(self, seg: Segment) -> None:
-        """Unlink the segment and its ack file (OSError if the disk refuses)."""
-        self.unlink_segment(seg)
-        self.unlink_acks(seg)
