@@ -56,9 +56,9 @@ from hypothesis.stateful import (
 from haproxy_forwarder.batching import AckGauge, Batch, Waiter
 from haproxy_forwarder.config import IntakeConfig
 from haproxy_forwarder.delivery import Backoff, Delivery
-from haproxy_forwarder.observability.counters import Counters
+from haproxy_forwarder.observability.counters import DROP_REASONS, Counters
 from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink
-from haproxy_forwarder.spool import AppendResult, SpoolFull, SpoolWriteError
+from haproxy_forwarder.spool import AppendResult, RecordTooLarge, SpoolFull, SpoolWriteError
 
 TS = b"2024-05-01T12:00:00.000Z"
 KEY = "K3y"
@@ -182,6 +182,7 @@ class ModelSpool:
         self.ids = itertools.count(1)
         self.trouble: str | None = None
         self.violation: str | None = None
+        self.too_large: set[int] = set()  # events of batches refused as RecordTooLarge
 
     @property
     def has_ready(self) -> bool:
@@ -196,6 +197,9 @@ class ModelSpool:
             raise SpoolFull("spool full")
         if self.trouble == "failing":
             raise SpoolWriteError("append failed", OSError(5, "Input/output error"))
+        if self.trouble == "tiny" and len(batch) > 2:
+            self.too_large.update(seq(e) for e in batch.events())
+            raise RecordTooLarge("larger than the whole spool")
         rid = next(self.ids)
         self.records[rid] = (Batch.join([batch]), claim)
         return AppendResult(rid, 0, 0)
@@ -226,20 +230,25 @@ class ModelSpool:
 
 
 class MemoryDeadLetters:
-    """DeadLetters' write(), in memory: (event, reason, status) per line."""
+    """DeadLetters' write(), in memory: (event, reason, status) per line; `trouble` makes it
+    full (None: dropped as dead_letter_full) or failing (OSError: dead_letter_failed)."""
 
     max_size = 1 << 40
 
-    def __init__(self, on_line: Callable[[int, str, int | None], None]) -> None:
+    def __init__(self, on_line: Callable[[int, str, int | None, str | None], None]) -> None:
         self.lines: list[tuple[int, str, int | None]] = []
         self.on_line = on_line
+        self.trouble: str | None = None
 
     def write(self, batch: Batch, reason: str, status: int | None = None, response: str = "",
-              at: Any = None) -> Path:
+              at: Any = None) -> Path | None:
         for e in batch.events():
-            self.lines.append((seq(e), reason, status))
-            self.on_line(seq(e), reason, status)
-        return Path("dead-letter/memory.jsonl")
+            if self.trouble is None:
+                self.lines.append((seq(e), reason, status))
+            self.on_line(seq(e), reason, status, self.trouble)
+        if self.trouble == "failing":
+            raise OSError(28, "No space left on device")
+        return None if self.trouble == "full" else Path("dead-letter/memory.jsonl")
 
 
 class Log:
@@ -349,6 +358,9 @@ class DeliveryMachine(RuleBasedStateMachine):
     # A batch with a waiter (RELP) is written to the spool ahead of older batches still in
     # memory; when those follow it to disk (failure, spill), they come after it:
     EXEMPT_WAITER_AHEAD = True  # a RELP event arriving before an older non-RELP one
+    # A batch larger than the whole spool (RecordTooLarge) waits in memory, and workers take
+    # memory before the spool: it overtakes older spooled batches.
+    EXEMPT_TOO_LARGE = True  # an event of such a batch arriving before older ones
 
     def __init__(self) -> None:
         super().__init__()
@@ -367,7 +379,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.arrived: set[int] = set()
         self.took_events = 0  # events in 2xx answers: what delivered_events may say at most
         self.booms = 0
-        self.dropped = 0
+        self.dropped = {reason: 0 for reason in DROP_REASONS}  # what the model counts
         self.restarts = 0  # restarts and crashes
         self.acks = AckGauge()
         # The current delivery's sinks, with the time a reload replaced it (None: current).
@@ -520,12 +532,18 @@ class DeliveryMachine(RuleBasedStateMachine):
             return
         later = [x for x in self.arrivals if x > e and not self.fates[x].bug and not (
             self.EXEMPT_REPLAY_ORDER and fate.replayed & self.fates[x].replayed) and not (
-            self.EXEMPT_WAITER_AHEAD and self.fates[x].relp and not fate.relp)]
+            self.EXEMPT_WAITER_AHEAD and self.fates[x].relp and not fate.relp) and not (
+            self.EXEMPT_TOO_LARGE and x in self.spool.too_large)]
         self._expect(not later, lambda: f"event {e} reached the intake after {later}")
 
-    def _dead_lettered(self, e: int, reason: str, status: int | None) -> None:
+    def _dead_lettered(self, e: int, reason: str, status: int | None,
+                       trouble: str | None) -> None:
         fate = self.fates[e]
-        fate.dead.append((reason, status))
+        if trouble is None:
+            fate.dead.append((reason, status))
+        else:  # dropped, counted: dead_letter_full / dead_letter_failed
+            fate.dropped = True
+            self.dropped["dead_letter_full" if trouble == "full" else "dead_letter_failed"] += 1
         if reason == INTERNAL:
             self._expect(bool(self.booms), lambda: f"event {e} dead-lettered for an internal "
                                                    "error, with no request raising")
@@ -625,9 +643,14 @@ class DeliveryMachine(RuleBasedStateMachine):
             if replaced is not None and n not in busy and self.loop.now - since >= 0.1:
                 assert sink.client._client.is_closed, f"sink {n} replaced but not closed"
 
-    @rule(trouble=st.sampled_from([None, "full", "failing"]))
+    @rule(trouble=st.sampled_from([None, "full", "failing", "tiny"]))
     def spool_trouble(self, trouble: str | None) -> None:
+        """tiny: a spool too small for batches of over 2 events (RecordTooLarge)."""
         self.spool.trouble = trouble
+
+    @rule(trouble=st.sampled_from([None, "full", "failing"]))
+    def dead_letter_trouble(self, trouble: str | None) -> None:
+        self.dead.trouble = trouble
 
     @rule(grace=st.sampled_from([0.0, 0.5, 3.0]), taken=st.booleans())
     def restart(self, grace: float, taken: bool) -> None:
@@ -657,10 +680,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         """kill -9 and start again: memory is gone, the spool (fsync'd) replays."""
         d = self.d
         assert d is not None
-        for t in d._tasks:
+        for t in [*d._tasks, *d._retiring]:
             t.cancel()
         self.loop.settle()
-        self.loop.run(d.sink.aclose())
+        for sink, _ in self.sinks.values():
+            self.loop.run(sink.aclose())
         self.restarts += 1
         on_disk = self.spool.events()
         kept = {e for events in on_disk.values() for e in events}
@@ -701,7 +725,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             fate = self.fates[e]
             fate.dropped = True
             assert not fate.acked, f"acknowledged event {e} dropped at stop"
-        self.dropped += dropped
+        self.dropped["shutdown"] += dropped
 
     # -- invariants -------------------------------------------------------------------------
 
@@ -730,7 +754,8 @@ class DeliveryMachine(RuleBasedStateMachine):
         # A multi-body send cut by a stop never counts its delivered bodies: at most.
         assert c.delivered_events <= self.took_events
         assert c.dead_lettered_events == len(self.dead.lines)
-        assert c.dropped_events == c.drop_reasons["shutdown"] == self.dropped
+        assert c.drop_reasons == self.dropped
+        assert c.dropped_events == sum(self.dropped.values())
         bugs = self.log.named("delivery_bug")
         assert not bugs or self.booms, bugs[0]
 
@@ -750,7 +775,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     def _finish(self) -> None:
         """A healthy intake and disk from now on: every event must end delivered or
         dead-lettered (or dropped, counted), and nothing stay on the spool."""
-        self.spool.trouble = None
+        self.spool.trouble = self.dead.trouble = None
         self.auto_ok = True
         for req in list(self.pending):
             self.pending.remove(req)
@@ -840,7 +865,7 @@ def test_a_sink_replaced_after_a_request_raised_is_closed() -> None:
 
 
 class StrictOrder(DeliveryMachine):
-    EXEMPT_REPLAY_ORDER = EXEMPT_WAITER_AHEAD = False
+    EXEMPT_REPLAY_ORDER = EXEMPT_WAITER_AHEAD = EXEMPT_TOO_LARGE = False
 
 
 @pytest.mark.xfail(strict=True, reason="router.py: a batch claimed at its first failure (or "
@@ -885,14 +910,12 @@ def test_one_worker_keeps_the_order_of_a_relp_batch_and_older_ones() -> None:
           lambda: s.answer_all(answer=Answer(429)))
 
 
-@pytest.mark.xfail(strict=True, reason="writer.py: SpoolWriter._run waits with asyncio.wait_for("
-                   "wake.wait(), LOSS_POLL); on Python 3.11 wait_for swallows a cancellation "
-                   "that comes once the wait is over (CPython gh-86296): the writer runs on "
-                   "and Delivery.stop() waits for it for ever")
 def test_a_stop_right_after_the_writer_is_woken_returns() -> None:
     # Seen as a 1-in-10 hang of test_delivery.py's
     # test_a_retrying_batch_already_claimed_is_not_spooled_again_at_stop (a worker retrying
-    # every millisecond wakes the writer each time); here made deterministic.
+    # every millisecond wakes the writer each time); here made deterministic. The writer
+    # waited with asyncio.wait_for, which on Python 3.11 swallows a cancellation that comes
+    # once the wait is over (CPython gh-86296): it ran on, and Delivery.stop() for ever.
     s = DeliveryMachine()
     s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1)
     d = s.d
@@ -908,3 +931,18 @@ def test_a_stop_right_after_the_writer_is_woken_returns() -> None:
     finally:
         s.d = None
         s.loop.close()
+
+
+@pytest.mark.xfail(strict=True, reason="router.py: a batch the spool refuses as larger than "
+                   "itself (RecordTooLarge) goes to memory, and take() gives memory before the "
+                   "spool's older records")
+def test_one_worker_keeps_the_order_of_a_batch_too_large_for_the_spool() -> None:
+    # Found by the machine. Events 0 and 1 spooled at a stop; after the restart, a batch of
+    # 3 events too large for the (tiny) spool is sent from memory ahead of them.
+    s = StrictOrder()
+    steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
+          lambda: s.submit(n=1),
+          lambda: s.spool_trouble(trouble="tiny"),
+          lambda: s.submit(n=1),
+          lambda: s.restart(grace=0.0, taken=False),
+          lambda: s.submit(n=3))
