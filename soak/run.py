@@ -29,7 +29,7 @@ from devtools import REPO
 from devtools.daemon import Daemon, base_config, write_toml
 from devtools.keys import INTAKE_KEY
 
-from .events import ID_RE, SOURCES
+from .events import ID_RE, SOURCES, SentLog
 from .intake import SoakIntake
 from .ledger import DeadLetter, Inputs, Ledger, Report, RunInfo
 from .metrics import Scrape, scrape
@@ -291,6 +291,8 @@ class Soak:
                     self.problems.append(f"sender {s.src} failed: {s.error!r}")
             self._drain(stats)
             self.stop_run("final")
+        except Exception as exc:  # the ledger of what happened so far is still printed
+            self.problems.append(f"soak aborted: {exc!r}")
         finally:
             for s in senders:
                 s.stop_flag.set()
@@ -303,7 +305,8 @@ class Soak:
             dead = self._dead_letters()
             self._unmount()
         inputs = Inputs(
-            logs={s.src: s.log for s in senders}, delivered=self.intake.delivered,
+            logs={**{src: SentLog(src) for src in SOURCES}, **{s.src: s.log for s in senders}},
+            delivered=self.intake.delivered,
             refused_400=self.intake.refused_400, dead_letters=dead, runs=self.runs,
             flips=self.flips, intake_timeout=INTAKE_TIMEOUT,
             altered=len(self.intake.altered), foreign=len(self.intake.foreign))
