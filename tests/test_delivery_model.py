@@ -359,8 +359,9 @@ class DeliveryMachine(RuleBasedStateMachine):
     # memory; when those follow it to disk (failure, spill), they come after it:
     EXEMPT_WAITER_AHEAD = True  # a RELP event arriving before an older non-RELP one
     # A batch larger than the whole spool (RecordTooLarge) waits in memory, and workers take
-    # memory before the spool: it overtakes older spooled batches.
-    EXEMPT_TOO_LARGE = True  # an event of such a batch arriving before older ones
+    # memory before the spool: it overtakes older spooled batches (and, sent to the spool
+    # again at a failure or spill and refused again, it goes behind newer memory batches).
+    EXEMPT_TOO_LARGE = True  # pairs with an event of such a batch
 
     def __init__(self) -> None:
         super().__init__()
@@ -533,7 +534,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         later = [x for x in self.arrivals if x > e and not self.fates[x].bug and not (
             self.EXEMPT_REPLAY_ORDER and fate.replayed & self.fates[x].replayed) and not (
             self.EXEMPT_WAITER_AHEAD and self.fates[x].relp and not fate.relp) and not (
-            self.EXEMPT_TOO_LARGE and x in self.spool.too_large)]
+            self.EXEMPT_TOO_LARGE and {e, x} & self.spool.too_large)]
         self._expect(not later, lambda: f"event {e} reached the intake after {later}")
 
     def _dead_lettered(self, e: int, reason: str, status: int | None,
