@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from haproxy_forwarder.batching import Batch
+from haproxy_forwarder.batching import AckGauge, Batch, Waiter
 from haproxy_forwarder.delivery.router import (
     FROM_SPOOL,
     SPILL_AFTER,
@@ -222,6 +222,105 @@ def test_while_failing_only_the_retrying_workers_probe() -> None:
     assert ident(take_entry(router, 1).batch) == 2
 
 
+# -- appends in submission order: a restart replays in order ------------------------------------
+
+
+def test_a_spill_claims_the_batch_being_sent_before_the_spilled_ones() -> None:
+    q = Queue()
+    router, clock, _ = make(spool=q)
+    a = router.submit(batch(0))
+    assert take_entry(router, 0) is a  # on the wire, only in memory
+    b, c = router.submit(batch(1)), router.submit(batch(2))
+    clock.t += SPILL_AFTER + 0.1
+    assert router.spill()
+    first = router.next_write()
+    assert first is a and a.location is Location.SENDING  # to claim: its worker keeps it
+    assert router.spooling is None and router.next_write() is a  # until its claim lands
+    assert not router.claimed(a, q.append(a.batch, claim=True))
+    assert router.next_write() is b
+    q.append(b.batch)
+    router.written(b)
+    assert router.next_write() is c
+    q.append(c.batch)
+    router.written(c)
+    # A crash now replays 0, 1, 2; its failure needs no claim: it is on disk already.
+    assert [ident(x) for x, _ in q.records.values()] == [0, 1, 2]
+    assert router.failed(0, a.batch) is None
+    assert router.settled()  # a stop now has nothing to write
+
+
+@pytest.mark.parametrize("how", ["submit", "attach"])
+def test_older_memory_batches_are_written_before_a_relp_batch(how: str) -> None:
+    q = Queue()
+    router, _, _ = make(spool=q)
+    gauge = AckGauge()
+    a = router.submit(batch(0))
+    take_entry(router, 0)
+    b = router.submit(batch(1))
+    if how == "submit":
+        relp = batch(2)
+        relp.acks = [Waiter(lambda: None, gauge)]
+        c = router.submit(relp)
+    else:
+        c = router.submit(batch(2))
+        assert router.attach(1, Waiter(lambda: None, gauge))
+    assert list(router.memory) == [b] and list(router.to_spool) == [c]
+    order = []
+    while (e := router.next_write()) is not None:
+        order.append(ident(e.batch))
+        if e is a:
+            router.claimed(a, q.append(a.batch, claim=True))
+        else:
+            q.append(e.batch)
+            router.written(e)
+    assert order == [0, 1, 2]
+    assert [ident(x) for x, _ in q.records.values()] == [0, 1, 2]
+
+
+def test_nothing_older_in_memory_nothing_claimed() -> None:
+    q = Queue()
+    router, _, _ = make(spool=q, write_ahead=True)
+    a = router.submit(batch(0))
+    assert router.next_write() is a
+    q.append(a.batch)
+    router.written(a)
+    assert router.take(0) is FROM_SPOOL
+    held = router.took_record(0, *(q.next_batch() or (0, Batch())))
+    b = router.submit(batch(1))
+    assert router.next_write() is b  # the batch being sent is on disk: written straight
+    assert held.record is not None
+
+
+def test_a_claim_landing_after_its_batch_was_delivered_asks_for_its_ack() -> None:
+    q = Queue()
+    router, clock, _ = make(spool=q)
+    a = router.submit(batch(0))
+    take_entry(router, 0)
+    router.submit(batch(1))
+    clock.t += SPILL_AFTER + 0.1
+    router.spill()
+    assert router.next_write() is a
+    router.finished(0)  # the intake took it while its claim was being written
+    rid = q.append(a.batch, claim=True)
+    assert router.claimed(a, rid)  # ack it now, or the next start sends it again
+    assert a.record is None and a.location is Location.DONE
+
+
+def test_an_evicted_batch_is_not_claimed_again_by_the_writer() -> None:
+    """drop_oldest deleted the record of a batch being sent: claiming it again to keep order
+    would make drop_oldest delete other batches for one that is in memory anyway."""
+    q = Queue()
+    q.append(batch(0))
+    router, _, _ = make(spool=q, write_ahead=True)
+    assert router.take(0) is FROM_SPOOL
+    held = router.took_record(0, *(q.next_batch() or (0, Batch())))
+    router.evicted([(held.record or 0, 1)])
+    b = router.submit(batch(1))
+    assert held.evicted and router.next_write() is b
+    # Its failure still claims it again, and a stop writes it again (as before).
+    assert router.failed(0, held.batch) is held.batch
+
+
 # -- no double send -----------------------------------------------------------------------------
 
 
@@ -263,6 +362,10 @@ def test_refused_writes_go_back_to_the_head_and_may_be_sent_from_memory() -> Non
     assert router.spool_blocked and list(router.to_spool) == [a, b]
     assert take_entry(router, 0) is a  # the disk refuses, a healthy intake may take it
     c = router.submit(batch(3))
+    # Sent from memory, so it is claimed before anything newer is written (order at a
+    # restart); the disk refuses that too, and the intake takes it meanwhile.
+    assert router.next_write() is a and a.location is Location.SENDING
+    router.finished(0)
     assert router.next_write() is b  # the writer tries again with the oldest
     assert router.take(1) is None  # c waits: sent before b lands on disk, order would break
     router.write_refused(b)
@@ -299,11 +402,13 @@ def test_stop_returns_every_batch_only_in_memory_oldest_first() -> None:
     recorded = router.took_record(1, *(q.next_batch() or (0, Batch())))
     clock.t += 2
     assert router.spill()  # 1..3 queued ahead of 4
-    writing = router.next_write()
-    assert writing is entries[1]
+    assert router.next_write() is sending  # older and only in memory: claimed first
+    assert [ident(e.batch) for e in router.memory_only()] == [0, 1, 2, 3, 4]
+    router.claimed(sending, q.append(sending.batch, claim=True))
+    assert router.next_write() is entries[1]
     left = router.stop()
-    assert [ident(e.batch) for e in left] == [0, 1, 2, 3, 4]
-    assert recorded not in left  # on disk already: replayed at the next start
+    assert [ident(e.batch) for e in left] == [1, 2, 3, 4]  # the one being written included
+    assert sending not in left and recorded not in left  # on disk: replayed at the next start
     assert all(e.location is Location.DONE for e in left)
     assert router.in_memory == 0 and router.closed
 
@@ -407,23 +512,33 @@ def test_max_in_flight_one_turns_off_when_nothing_waits() -> None:
 
 
 def walk(seed: int, steps: int = 400) -> None:
-    """One worker, a writer and the ager interleaved at random, with failures and refusals.
+    """One worker, a writer and the ager interleaved at random, with failures, refusals and
+    batches with RELP waiters (written ahead).
 
-    Whatever happens, the batches reach the intake once each, in the order submitted.
+    Whatever happens, the batches reach the intake once each, in the order submitted; and at
+    every step the spool holds them in that order too, so that a crash or a stop (which
+    appends what is only in memory after them) replays them in order.
     """
     rng = random.Random(seed)
     q = Queue()
     router, clock, _ = make(spool=q, write_ahead=rng.random() < 0.2)
+    gauge = AckGauge()
     submitted = 0
     delivered: list[int] = []
     writing: Entry | None = None
+    claiming = False  # `writing` is a held batch the writer claims
     held: Entry | None = None
 
     def step(healthy: bool) -> None:
-        nonlocal submitted, writing, held
+        nonlocal submitted, writing, claiming, held
         r = rng.random()
         if r < 0.25 and healthy is False:
-            router.submit(batch(submitted))
+            b = batch(submitted)
+            if rng.random() < 0.15:
+                b.acks = [Waiter(lambda: None, gauge)]  # RELP: written ahead
+            router.submit(b)
+            if rng.random() < 0.1:
+                router.attach(1, Waiter(lambda: None, gauge))
             submitted += 1
         elif r < 0.35:
             clock.t += rng.uniform(0, 0.8)
@@ -431,6 +546,16 @@ def walk(seed: int, steps: int = 400) -> None:
         elif r < 0.6:
             if writing is None:
                 writing = router.next_write()
+                claiming = writing is not None and writing.location is Location.SENDING
+            elif claiming:
+                if healthy or rng.random() < 0.7:
+                    rid = q.append(writing.batch, claim=True)
+                    if router.claimed(writing, rid):
+                        q.ack(rid)  # delivered while the claim was written
+                    router.spool_writable()
+                else:
+                    router.spool_blocked = True  # SpoolAppends.refused
+                writing = None
             elif healthy or rng.random() < 0.7:
                 q.append(writing.batch)
                 router.written(writing)
@@ -456,13 +581,21 @@ def walk(seed: int, steps: int = 400) -> None:
             held = None
         else:
             claim = router.failed(0, held.batch)
-            if claim is not None and rng.random() < 0.8:
+            # (While the writer claims it, the worker waits for that claim: SpoolAppends.)
+            if claim is not None and not (claiming and writing is held) and rng.random() < 0.8:
                 router.claimed(held, q.append(claim, claim=True))
+
+    def replayed() -> list[int]:
+        """What a crash would replay, then what a stop would append after it."""
+        on_disk = [ident(b) for b, _ in q.records.values()]
+        return on_disk + [ident(e.batch) for e in router.memory_only()]
 
     for _ in range(steps):
         step(healthy=False)
+        assert replayed() == sorted(replayed()), (seed, replayed())
     for _ in range(20 * steps):  # the intake and the disk recover: everything drains
         step(healthy=True)
+        assert replayed() == sorted(replayed()), (seed, replayed())
         if not router.memory_only() and not q.records and held is None and writing is None:
             break
     assert delivered == list(range(submitted)), seed

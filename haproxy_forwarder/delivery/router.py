@@ -45,10 +45,16 @@ class Entry:
     # a request cut off at shutdown may have been taken (an uncertain delivery).
     on_wire: bool = False
     spoolable: bool = True  # False once the spool said the record can never fit
+    # drop_oldest deleted its record while a worker held it: the writer does not claim it
+    # again to keep order (drop_oldest would delete other batches to make room for one that
+    # is being sent); a failure or a stop writes it again, as before.
+    evicted: bool = False
     # on_durable waiters of this batch (RELP): released once it is fsync'd on the spool, or
     # delivered (every part, its dead letters on disk) when it cannot be; then None.
     acks: list[Waiter] | None = None
-    seq: int = 0  # submission number (attach finds the newest batches by it)
+    # Submission number: attach finds the newest batches by it, and the writer appends in
+    # its order. 0 for a record the spool handed out: older than anything not on disk.
+    seq: int = 0
 
 
 def durable(entry: Entry) -> None:
@@ -134,13 +140,14 @@ class Router:
         """Entries neither delivered nor on disk, oldest first (what a crash would lose)."""
         held = [e for e in self.held.values() if e.record is None]
         spooling = [self.spooling] if self.spooling is not None else []
-        # Held batches were taken from the front of the queues, so they are the oldest; memory
-        # only holds batches older than anything queued for the spool (see submit).
-        return [*held, *self.memory, *spooling, *self.to_spool]
+        # In submission order (a stop appends them so): the queues are, but a held batch may
+        # be older or newer than what waits (several workers, a batch too large for the spool).
+        return sorted([*held, *self.memory, *spooling, *self.to_spool], key=lambda e: e.seq)
 
     @property
     def in_memory(self) -> int:
-        return len(self.memory_only())
+        held = sum(1 for e in self.held.values() if e.record is None)
+        return held + len(self.memory) + (self.spooling is not None) + len(self.to_spool)
 
     def settled(self) -> bool:
         """Nothing exists only in memory and no request is on the wire: stopping loses nothing."""
@@ -183,10 +190,10 @@ class Router:
         """`waiter` waits for the last `n` batches submitted too (a take() that closed them).
 
         They are at the newest end of the queues (nothing ran since). Memory batches among
-        them go to the spool queue, behind the older memory ones and ahead of their newer
-        siblings: acknowledged after their fsync, order kept. True when the writer must be
-        woken. Any of them not found (a bug) loses the waiter: never acknowledged rather
-        than acknowledged wrongly.
+        them go to the spool queue, ahead of their newer siblings: acknowledged after their
+        fsync; the older memory batches are written before them (next_write), so order is
+        kept. True when the writer must be woken. Any of them not found (a bug) loses the
+        waiter: never acknowledged rather than acknowledged wrongly.
         """
         first = self.submitted - n + 1
         spooled = self._newest(self.to_spool, first)
@@ -242,14 +249,42 @@ class Router:
     # -- the spool writer ---------------------------------------------------------------------
 
     def next_write(self) -> Entry | None:
-        """The batch the writer should append now (the oldest queued for disk), if any."""
+        """The batch the writer should append now, if anything must go to disk.
+
+        Appends keep submission order, as the spool replays in append order (after a crash
+        or a restart too): before the oldest batch queued for disk, every older batch still
+        only in memory goes first. Memory batches join the queue ahead of it; a batch a
+        worker holds (SENDING, no record) is returned as it is: the writer claims it (on disk,
+        not handed out again), and the worker goes on sending it. Without this, a batch on
+        the wire when newer ones are spilled, or written ahead for RELP, would be replayed
+        after them (claimed at its first failure, or spooled at a stop).
+        """
         if self.spooling is not None:
             raise RouterError("the writer appends one batch at a time")
         if not self.to_spool:
             return None
+        self._older_memory_ahead()
+        head = self.to_spool[0].seq
+        older = [e for e in self.held.values()
+                 if e.record is None and e.spoolable and not e.evicted and e.seq < head]
+        if older:
+            return min(older, key=lambda e: e.seq)
         entry = self.spooling = self.to_spool.popleft()
         entry.location = Location.SPOOLING
         return entry
+
+    def _older_memory_ahead(self) -> None:
+        # Older than the head of the spool queue: there only after a RELP batch was queued
+        # for disk (submit, attach) while older ones waited in memory. Not those too large
+        # for the spool (they stay, or the writer would try them again and again).
+        head = self.to_spool[0].seq
+        if not self.memory or self.memory[0].seq > head:
+            return  # nothing in memory is older than the queue
+        older = [e for e in self.memory if e.spoolable and e.seq < head]
+        self.memory = deque(e for e in self.memory if not (e.spoolable and e.seq < head))
+        for e in reversed(older):
+            e.location = Location.TO_SPOOL
+            self.to_spool.appendleft(e)
 
     def _end_write(self, entry: Entry) -> None:
         if entry is not self.spooling:
@@ -319,7 +354,8 @@ class Router:
             raise RouterError(f"spool record {record} handed out twice")
         # Deleted from disk meanwhile (drop_oldest): the worker holds it in memory only.
         on_disk = self.gone.pop(record, None) is None
-        entry = Entry(batch, Location.SENDING, self._now(), record=record if on_disk else None)
+        entry = Entry(batch, Location.SENDING, self._now(), record=record if on_disk else None,
+                      evicted=not on_disk)
         return self._hold(worker, entry)
 
     def entry(self, worker: int) -> Entry:
@@ -349,12 +385,22 @@ class Router:
             return None
         return outstanding
 
-    def claimed(self, entry: Entry, record: int) -> None:
-        """The failing batch is on disk, claimed (the spool will not hand it out)."""
+    def claimed(self, entry: Entry, record: int) -> bool:
+        """A batch a worker holds is on disk, claimed (the spool will not hand it out): its
+        first failure, or the writer keeping order (next_write).
+
+        True when its worker finished it meanwhile (delivered while the claim was written):
+        the record must be acked now, or a restart would send it again.
+        """
+        if self.gone.pop(record, None) is not None:
+            entry.evicted = True  # deleted by drop_oldest already: memory-only, as before
+            return False
+        if entry.location is Location.DONE:
+            return True
         if entry.location is not Location.SENDING or entry.record is not None:
             raise RouterError(f"claim for a {entry.location.value} batch")
-        if self.gone.pop(record, None) is None:  # else deleted by drop_oldest already
-            entry.record = record
+        entry.record = record
+        return False
 
     def evicted(self, records: Iterable[tuple[int, int]]) -> None:
         """drop_oldest deleted these handed-out records, (record id, events), from disk.
@@ -369,6 +415,7 @@ class Router:
             entry = holders.get(record)
             if entry is not None:
                 entry.record = None
+                entry.evicted = True
             else:
                 self.gone[record] = events
 

@@ -123,6 +123,7 @@ class SpoolAppends:
         self.pool = pool or ThreadPoolExecutor(1, thread_name_prefix="spool-append")
         # task -> the router entry it writes (None for a requeued dead-letter batch)
         self.pending: dict[AppendTask, Entry | None] = {}
+        self.claims: dict[Entry, AppendTask] = {}  # the running claim of each held batch
         self._full = LossLine(
             log.error, "spool_full_dropped_oldest", clock=clock,
             hint="spool.when_full = drop_oldest; raise spool.max_size to keep more")
@@ -276,14 +277,25 @@ class SpoolAppends:
         return self.start(entry.batch, False, entry, done)
 
     async def claim(self, entry: Entry, batch: Batch) -> None:
-        """The failing batch, on disk and already handed out (the spool will not replay it)."""
+        """A batch a worker holds, on disk and already handed out (the spool will not replay
+        it before a restart): at its first failure (the worker), or before anything newer is
+        written (the writer, see Router.next_write). One claim of a batch at a time: a second
+        caller waits for the running one rather than writing the batch twice."""
+        task = self.claims.get(entry)
+        if task is None:
+            task = self.claims[entry] = self._claim(entry, batch)
+        await asyncio.wait({task})
 
+    def _claim(self, entry: Entry, batch: Batch) -> AppendTask:
         def done(task: AppendTask) -> None:
+            self.claims.pop(entry, None)
             if self.router.closed or task.cancelled():
                 return
             exc = task.exception()
             if exc is None:
-                self.router.claimed(entry, task.result().record_id)
+                record = task.result().record_id
+                if self.router.claimed(entry, record):
+                    self._ack(record)  # delivered while its claim was being written
                 self.appended(task.result())
             elif isinstance(exc, RecordTooLarge):
                 entry.spoolable = False
@@ -291,7 +303,18 @@ class SpoolAppends:
                 # Kept in memory and retried (the claim too); input is held back meanwhile.
                 self.refused(exc)
 
-        await asyncio.wait({self.start(batch, True, entry, done)})
+        return self.start(batch, True, entry, done)
+
+    def _ack(self, record: int) -> None:
+        """Ack in the append thread, after the append that made the record."""
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, self.spool.ack, record)
+
+        def done(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                # Not acked: sent again after a restart (a duplicate, never a loss).
+                self.log.error("spool_ack_failed", record=record, error=str(f.exception()))
+
+        fut.add_done_callback(done)
 
     async def requeue(self, batch: Batch) -> int:
         """A batch that bypasses the router (requeued dead letters); errors go to the caller."""
@@ -336,6 +359,9 @@ class SpoolWriter:
                 await self._idle()
                 self.appends.report_losses()
                 continue
+            if entry.location is Location.SENDING:
+                await self._claim(entry)
+                continue
             await asyncio.wait({self.appends.write(entry)})
             self.wake_workers.set()  # a ready record, or a refused batch a worker may send
             if entry.location is Location.TO_SPOOL:
@@ -343,6 +369,17 @@ class SpoolWriter:
                 # submit would spin on a full or failing disk.
                 await self._sleep(SPOOL_RETRY)
 
+
+    async def _claim(self, entry: Entry) -> None:
+        """A batch a worker sends, older than what must be written next: claimed first, so
+        that a restart replays it first (or the worker's own claim, already running)."""
+        await self.appends.claim(entry, entry.batch)
+        self.wake_workers.set()  # a refusal: a worker may send the queued batches meanwhile
+        if (entry.location is Location.SENDING and entry.record is None
+                and entry.spoolable and not entry.evicted):
+            # Refused: a pause before trying again, as for a refused write; nothing newer
+            # is written meanwhile.
+            await self._sleep(SPOOL_RETRY)
 
     async def _idle(self) -> None:
         """Until woken, or LOSS_POLL at most: the spool's readers run in threads, so the
