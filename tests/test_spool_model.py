@@ -45,7 +45,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -311,30 +311,7 @@ class SpoolModel(RuleBasedStateMachine):
             self.fs.crash()
             return
         assert fault is not None
-        files = self.fs.files(SEG_DIR)
-        racing = [q for q in self.seqs_durable() if f"{q:012d}.seg" not in files]
         self.fs.power_loss(fault.seed)
-        if "ack_unlinked_first" in self.tolerate:
-            self.tolerate_ack_unlinked_first(racing)
-
-    # -- known bugs, tolerated (KNOWN_BUGS) -------------------------------------------------
-
-    def seqs_durable(self) -> list[int]:
-        """Segments whose name is on disk (survives a power loss as it is now)."""
-        return [seq_of_name(PurePosixPath(k).name) for k in self.fs.durable
-                if k.startswith(f"{SEG_DIR}/") and k.endswith(".seg")]
-
-    def tolerate_ack_unlinked_first(self, racing: list[int]) -> None:
-        """ack_unlinked_first: a fully acked segment is deleted as unlink .seg, unlink .ack,
-        fsync the folder; a power loss before that fsync may keep the second unlink and not
-        the first (strict POSIX; a journal commits both): its acked records come back."""
-        files = self.fs.files(SEG_DIR)
-        for seq in racing:
-            if f"{seq:012d}.seg" in files and f"{seq:012d}.ack" not in files:
-                for c in find_copies(files[f"{seq:012d}.seg"], seq, self.payloads()):
-                    if self.recs[c.tag].acked_durable:
-                        self.recs[c.tag].acked_durable = False
-                        STATS["tolerated ack_unlinked_first"] += 1
 
     # -- rules: running ----------------------------------------------------------------------
 
@@ -761,13 +738,11 @@ class SpoolModel(RuleBasedStateMachine):
                 STATS[f"end: {rec.excused or 'delivered'}"] += 1
 
 
-# Bugs the machine found that are not fixed yet. The machine in CI tolerates exactly what each
-# does (see the tolerate_* methods) and searches on; each has a strict-xfail regression test
-# below that replays its shrunk example with nothing tolerated. Remove a name when its fix is
-# in (its xfail then fails: remove that too).
-KNOWN_BUGS: frozenset[str] = frozenset({
-    "ack_unlinked_first",  # a deleted segment's .ack removal may reach the disk before its own
-})
+# Bugs the machine found that are not fixed yet: the machine in CI tolerates exactly what each
+# does (code checking `self.tolerate`) and searches on; each gets a strict-xfail test below
+# that replays its shrunk example with nothing tolerated. Remove the name and its tolerance
+# when the fix is in (the xfail then fails: remove that too).
+KNOWN_BUGS: frozenset[str] = frozenset()  # none: the five it found are fixed
 
 
 class SpoolModelCI(SpoolModel):
@@ -856,11 +831,6 @@ def test_model_torn_ack_entry_does_not_lose_later_acks() -> None:
     state.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="found by the model, not fixed: a fully acked segment "
-                   "is deleted as unlink .seg, unlink .ack, fsync the folder: a power loss "
-                   "before the fsync may keep the .ack removal and not the .seg's (strict "
-                   "POSIX; ext4 and XFS commit both together), and its acked records come "
-                   "back. Fsync the folder between the two unlinks")
 def test_model_acked_segment_deleted_before_its_acks() -> None:
     state = machine()
     for _ in range(2):  # segment 0: two records, both acked (it is kept: being written)
