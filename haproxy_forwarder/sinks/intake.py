@@ -291,8 +291,8 @@ class IntakeSink:
                     raise  # nothing answered yet: the worker's bug path takes the whole batch
                 # The bodies before were answered: their verdicts must not be lost with this
                 # one's (a delivered body would be dead-lettered as an internal error too).
-                outcome = Outcome(Kind.RETRY, None,
-                                  f"internal error: {type(exc).__name__}: {exc}", uncertain=True)
+                error = scrub(f"internal error: {type(exc).__name__}: {exc}", self.client.key)
+                outcome = Outcome(Kind.RETRY, None, error, uncertain=True)
             out.append((b, outcome))
             if outcome.kind is not Kind.DELIVERED:
                 # Don't push the other parts at an intake that just failed, nor ahead of the
