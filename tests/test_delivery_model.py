@@ -325,7 +325,6 @@ class Fate:
     carried: list[Request] = field(default_factory=list)  # requests that carried it
     # A second outcome is allowed: the intake took it unanswered, or a restart replayed it.
     may_repeat: bool = False
-    replayed: set[int] = field(default_factory=set)  # the restarts that found it on the spool
     # In a batch whose send raised (a bug): memory-only, it is dead-lettered as an internal
     # error; spooled, its record stays handed out until the next start (design: held), so
     # it arrives after newer events.
@@ -333,7 +332,6 @@ class Fate:
     crashed: bool = False  # only in memory at a crash: lost, as the design says
     # Submitted with a waiter (RELP): acked once durable; lost if the waiter was given up.
     waiter: Waiter | None = None
-    relp: bool = False  # submitted with a waiter
     acked: bool = False
 
     @property
@@ -350,15 +348,9 @@ class Fate:
 
 
 class DeliveryMachine(RuleBasedStateMachine):
-    # Two known ways one worker delivers out of order (router.py; the tests marked xfail
-    # below): the order check exempts them, so that the rest of the state space stays
-    # searched. A batch claimed (first failure) or spooled at stop after newer ones were
-    # spilled is replayed after them at the next start:
-    EXEMPT_REPLAY_ORDER = True  # pairs of events both on the spool at the same restart
-    # A batch with a waiter (RELP) is written to the spool ahead of older batches still in
-    # memory; when those follow it to disk (failure, spill), they come after it:
-    EXEMPT_WAITER_AHEAD = True  # a RELP event arriving before an older non-RELP one
-    # A batch larger than the whole spool (RecordTooLarge) waits in memory, and workers take
+    # A known way one worker delivers out of order (router.py; the test marked xfail below),
+    # exempted from the order check so that the rest of the state space stays searched: a
+    # batch larger than the whole spool (RecordTooLarge) waits in memory, and workers take
     # memory before the spool: it overtakes older spooled batches (and, sent to the spool
     # again at a failure or spill and refused again, it goes behind newer memory batches).
     EXEMPT_TOO_LARGE = True  # pairs with an event of such a batch
@@ -532,8 +524,6 @@ class DeliveryMachine(RuleBasedStateMachine):
         if fate.bug:
             return
         later = [x for x in self.arrivals if x > e and not self.fates[x].bug and not (
-            self.EXEMPT_REPLAY_ORDER and fate.replayed & self.fates[x].replayed) and not (
-            self.EXEMPT_WAITER_AHEAD and self.fates[x].relp and not fate.relp) and not (
             self.EXEMPT_TOO_LARGE and {e, x} & self.spool.too_large)]
         self._expect(not later, lambda: f"event {e} reached the intake after {later}")
 
@@ -575,7 +565,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         batch = Batch.from_events([text(e) for e in events], [TS] * n)
         w = Waiter(lambda: self._acked(events), self.acks, lambda: None)
         for e in events:
-            self.fates[e] = Fate(waiter=w, relp=True)
+            self.fates[e] = Fate(waiter=w)
         d = self.d
         assert d is not None
 
@@ -693,8 +683,6 @@ class DeliveryMachine(RuleBasedStateMachine):
             if e in kept:
                 if fate.outcomes:
                     fate.may_repeat = True  # between the intake's 2xx and the ack
-                elif not fate.settled:
-                    fate.replayed.add(self.restarts)
             elif not fate.settled:
                 fate.crashed = True
                 self._expect(not fate.acked, lambda e=e: f"acknowledged event {e} lost at a crash")
@@ -710,9 +698,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         for rid, events in on_disk.items():
             for e in events:
                 fate = self.fates[e]
-                if not fate.settled:
-                    fate.replayed.add(self.restarts)
-                elif not fate.may_repeat:
+                if fate.settled and not fate.may_repeat:
                     assert rid in held or e in cut or self.booms, (
                         f"event {e} settled ({fate}) but its record {rid} was not acked")
                     fate.may_repeat = True  # replayed whole
@@ -866,16 +852,17 @@ def test_a_sink_replaced_after_a_request_raised_is_closed() -> None:
 
 
 class StrictOrder(DeliveryMachine):
-    EXEMPT_REPLAY_ORDER = EXEMPT_WAITER_AHEAD = EXEMPT_TOO_LARGE = False
+    EXEMPT_TOO_LARGE = False
 
 
-@pytest.mark.xfail(strict=True, reason="router.py: a batch claimed at its first failure (or "
-                   "spooled at stop) is appended after newer batches the ager spilled, and "
-                   "replayed after them at the next start")
+# Three order bugs the machine found, fixed in be969b6 (router.py): the spool replays in
+# append order, and appends did not always follow submission order.
+
+
 def test_one_worker_keeps_the_order_across_a_crash() -> None:
-    # Found by the machine. Event 0 is on the wire; event 1 waits in memory, is spilled to
-    # the spool after 1 s (record 1); event 0's request times out, it is claimed (record 2);
-    # a crash: the spool replays record 1 (event 1), then record 2 (event 0).
+    # Event 0 is on the wire; event 1 waits in memory, is spilled to the spool after 1 s
+    # (record 1); event 0's request times out, it was claimed then (record 2); a crash: the
+    # spool replayed record 1 (event 1), then record 2 (event 0).
     s = StrictOrder()
     steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
           lambda: s.submit(n=1),
@@ -884,11 +871,9 @@ def test_one_worker_keeps_the_order_across_a_crash() -> None:
           lambda: s.crash())
 
 
-@pytest.mark.xfail(strict=True, reason="router.py: a batch on the wire at a stop is spooled "
-                   "after newer batches the ager spilled, and replayed after them")
 def test_one_worker_keeps_the_order_across_a_restart() -> None:
-    # Found by the machine (its first find). Event 0 on the wire; event 1 spilled during the
-    # drain; the stop spools event 0 behind it.
+    # The machine's first find. Event 0 on the wire; event 1 spilled during the drain; the
+    # stop spooled event 0 behind it.
     s = StrictOrder()
     steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
           lambda: s.submit(n=1),
@@ -896,13 +881,10 @@ def test_one_worker_keeps_the_order_across_a_restart() -> None:
           lambda: s.restart(grace=3.0, taken=False))
 
 
-@pytest.mark.xfail(strict=True, reason="router.py: Router.attach (and submit of a batch with "
-                   "acks) queues a RELP batch for the spool while older batches stay in "
-                   "memory; at the next failure or spill those are written after it")
 def test_one_worker_keeps_the_order_of_a_relp_batch_and_older_ones() -> None:
-    # Found by the machine. Event 0 on the wire, event 1 in memory, event 2 (RELP, with a
-    # waiter) written ahead to the spool at once; a 429 for event 0: event 1 follows to the
-    # spool, behind event 2, which is then sent first.
+    # Event 0 on the wire, event 1 in memory, event 2 (RELP, with a waiter) written ahead to
+    # the spool at once; a 429 for event 0: event 1 followed to the spool, behind event 2,
+    # which was then sent first.
     s = StrictOrder()
     steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
           lambda: s.submit(n=1),
