@@ -20,10 +20,11 @@ Every sent event ends in one of:
   the bounds is UNACCOUNTED.
 
 A copy beyond the first is explained when the earlier outcome was a dead letter that
-`spool replay-dead-letter` re-queued, when it was uncertain (no answer
-written, an answer after intake.timeout, or an answer in the last second of its process),
-when a kill -9 came between the two, or, for RELP, when the daemon stopped between the
-event's sending and the later copy (omrelp resends what was not answered); else it is an
+`spool replay-dead-letter` re-queued; when it was taken from a run later killed (-9) and the
+next one from a later run (the record's ack was not on disk yet, or parts of its batch were
+still to send); when it was uncertain (no answer written, an answer after intake.timeout, or
+an answer in the last second of its process); or, for RELP, when the daemon stopped between
+the event's sending and the later copy (omrelp resends what was not answered). Else it is an
 unexplained duplicate.
 """
 
@@ -185,7 +186,10 @@ class Ledger:
     def _copy_cause(self, src: str, sent_t: float, prev: _Outcome, nxt: _Outcome) -> str:
         if prev.replayed:
             return "after a dead-letter replay"
-        if self._between(self._kills, prev.t0, nxt.t0):
+        first_run, next_run = self.run_at(prev.t0), self.run_at(nxt.t0)
+        if first_run is not None and first_run.end == "kill" and next_run is not first_run:
+            # Taken by the intake from a run later killed, before that run's ack was on disk
+            # (or with parts of its batch still to send): the record is replayed.
             return "after kill -9"
         if self._uncertain(prev):
             return "after an uncertain delivery"

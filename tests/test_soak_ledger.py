@@ -191,3 +191,13 @@ def test_a_replayed_dead_letter_allows_one_more_copy() -> None:
     rep = build(logs=logs(tcp=1), refused_400=refused, delivered=again,
                 dead_letters=[DeadLetter(key("T", 0), "intake answered 400", 400)])
     assert rep.extra_copies["UNEXPLAINED"] == 1
+
+
+def test_a_kill_excuses_only_copies_taken_from_the_killed_run() -> None:
+    # First copy in run 0 (stopped cleanly, so acked), run 1 killed, second copy in run 2.
+    killed = clean_run(1)
+    killed.end, killed.stopped = "kill", None
+    ids = [key("T", 0)]
+    rep = build(logs=logs(tcp=1), runs=[clean_run(0), killed, clean_run(2)],
+                delivered=[request(0, 20.0, ids), request(1, 220.0, ids)])
+    assert rep.extra_copies["UNEXPLAINED"] == 1
