@@ -201,3 +201,14 @@ def test_a_kill_excuses_only_copies_taken_from_the_killed_run() -> None:
     rep = build(logs=logs(tcp=1), runs=[clean_run(0), killed, clean_run(2)],
                 delivered=[request(0, 20.0, ids), request(1, 220.0, ids)])
     assert rep.extra_copies["UNEXPLAINED"] == 1
+
+
+def test_relp_fed_while_the_daemon_starts_belongs_to_that_run() -> None:
+    # Run 1 was spawned at 100 and up at 101; an event fed into rsyslog at 100.5 (no daemon
+    # up) goes to run 1, whose drop may count it.
+    sent = logs(relp=1)
+    sent["R"].runs[0] = -1
+    sent["R"].times[0] = 100.5
+    rep = build(logs=sent, runs=[clean_run(0), clean_run(1, dropped={"spool_full": 1}),
+                                 clean_run(2)])
+    assert not rep.failed, rep
