@@ -5,8 +5,9 @@
 
 `asan`: gcc with AddressSanitizer + UndefinedBehaviorSanitizer (`make asan` runs the ingest
 suites with it). `fuzz`: clang with libFuzzer's coverage (-fsanitize=fuzzer-no-link) plus
-ASan/UBSan, for atheris (`make fuzz`). The copy lives in DIR/tree (tests/ brings the conformance corpus with it); the
-installed package (editable, unsanitized) is shadowed because the tree is the working directory.
+ASan/UBSan, for atheris (`make fuzz`). The copy lives in DIR/tree (tests/ brings the
+conformance corpus with it); the installed package (editable, unsanitized) is shadowed because
+the tree is the working directory.
 `run` refuses to start unless the sanitized module is the one Python imports.
 """
 

@@ -38,6 +38,9 @@ SECRET_KEY = "Zq7LeakCanaryIntakeKey4242xyzW"
 FRA2_URL = "https://intake.fra2.sekoia.io/api/v1/intake-http"
 
 
+# A config file that leaves every setting to the environment (an empty file is refused).
+ENV_ONLY = "# settings from the environment\n"
+
 def _config(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
@@ -211,14 +214,14 @@ def test_directory_as_config_file(tmp_path: Path) -> None:
     ],
 )
 def test_bad_environment_value(tmp_path: Path, variable: str, value: str, needle: str) -> None:
-    cfg = _config(tmp_path, "# settings from the environment\n")
+    cfg = _config(tmp_path, ENV_ONLY)
     res = run_cli("--config", str(cfg), "check-config", env={variable: value})
     lines = _assert_config_errors(res, needle)
     assert len(lines) == 1, lines
 
 
 def test_bad_environment_list_names_the_variable(tmp_path: Path) -> None:
-    res = run_cli("--config", str(_config(tmp_path, "# settings from the environment\n")), "check-config",
+    res = run_cli("--config", str(_config(tmp_path, ENV_ONLY)), "check-config",
                   env={"HAPROXY_FORWARDER_LISTEN__TCP": "notjson"})
     lines = _assert_config_errors(res)
     assert len(lines) == 1
@@ -228,7 +231,7 @@ def test_bad_environment_list_names_the_variable(tmp_path: Path) -> None:
 @pytest.mark.parametrize("variable", ["HAPROXY_FORWARDER_BATCH_MAX_EVENTS",
                                       "HAPROXY_FORWARDER_INTAK__KEY"])
 def test_misspelt_environment_variable_is_an_error(tmp_path: Path, variable: str) -> None:
-    res = run_cli("--config", str(_config(tmp_path, "# settings from the environment\n")), "check-config", env={variable: "3"})
+    res = run_cli("--config", str(_config(tmp_path, ENV_ONLY)), "check-config", env={variable: "3"})
     _assert_config_errors(res, variable)
 
 
@@ -288,7 +291,7 @@ def test_region_fra2_gives_documented_url(tmp_path: Path) -> None:
 
 
 def test_region_from_env(tmp_path: Path) -> None:
-    res = run_cli("--config", str(_config(tmp_path, "# settings from the environment\n")), "check-config",
+    res = run_cli("--config", str(_config(tmp_path, ENV_ONLY)), "check-config",
                   env={"HAPROXY_FORWARDER_INTAKE__REGION": "fra2"})
     assert _check_config_json(res)["intake"]["url"] == FRA2_URL
 
@@ -319,7 +322,7 @@ def test_invalid_key_is_not_echoed_in_config_errors(tmp_path: Path, bad_key: str
     if where == "file":
         cfg = _config(tmp_path, f"[intake]\nkey = {json.dumps(bad_key)}\n")
     else:
-        cfg = _config(tmp_path, "# settings from the environment\n")
+        cfg = _config(tmp_path, ENV_ONLY)
         env["HAPROXY_FORWARDER_INTAKE__KEY"] = bad_key
     for command in ("check-config", "send-test"):
         res = run_cli("--config", str(cfg), command, env=env)
@@ -335,7 +338,7 @@ def test_invalid_key_is_not_echoed_in_config_errors(tmp_path: Path, bad_key: str
     '{"key": ["Zq7LeakCanary4242"]}',  # wrong type
 ])
 def test_key_in_bad_environment_json_is_not_echoed(tmp_path: Path, value: str) -> None:
-    res = run_cli("--config", str(_config(tmp_path, "# settings from the environment\n")), "check-config",
+    res = run_cli("--config", str(_config(tmp_path, ENV_ONLY)), "check-config",
                   env={"HAPROXY_FORWARDER_INTAKE": value})
     _assert_config_errors(res)
     assert "Zq7" not in res.stdout + res.stderr
