@@ -16,7 +16,7 @@ from pathlib import Path
 from haproxy_forwarder.batching import AckGauge, Batch, Waiter
 from haproxy_forwarder.delivery import SPILL_AFTER, Delivery
 from haproxy_forwarder.observability.counters import Counters
-from haproxy_forwarder.spool import AppendResult
+from haproxy_forwarder.spool import AppendResult, RecordTooLarge
 from tests.test_delivery import (
     OK,
     UNAVAILABLE,
@@ -170,3 +170,42 @@ def test_a_failure_during_the_writer_s_claim_does_not_write_the_batch_twice(
         await d.stop()
 
     with_delivery(tmp_path, sink, spool, body, clock=clock)
+
+
+class SmallSpool(FakeSpool):
+    """A spool smaller than any batch of over two events (RecordTooLarge)."""
+
+    def append(self, batch: Batch, claim: bool = False) -> AppendResult:
+        if len(batch) > 2:
+            raise RecordTooLarge("larger than the whole spool")
+        return super().append(batch, claim)
+
+
+def test_a_batch_too_large_for_the_spool_goes_in_halves_behind_the_older_records(
+        tmp_path: Path) -> None:
+    """The machine's example: records 0 and 1 on the spool, a batch of 3 events too large for
+    it was kept in memory, and workers take memory first: it overtook them."""
+    sink, spool, gauge = FakeSink(), SmallSpool(), AckGauge()
+    spool.append(events(0, 1))
+    spool.append(events(1, 1))
+    acked_with: list[list[str]] = []
+
+    async def body(d: Delivery, c: Counters, log: Log, _: list[bool]) -> None:
+        gate = sink.gate = asyncio.Event()
+        await until(lambda: sink.attempts == [["event 0"]])  # record 0 on the wire
+        big = events(2, 3)
+        w = Waiter(lambda: acked_with.append(spool.events()), gauge)
+        w.hold()
+        big.acks = [w]  # (RELP: answered once every event of it is fsync'd)
+        d.submit(big)
+        w.release()
+        await until(lambda: bool(acked_with))
+        assert acked_with == [[f"event {i}" for i in range(5)]]
+        assert [b for _, b in spool.ops[2:]] == [["event 2"], ["event 3", "event 4"]]
+        gate.set()
+        await until(lambda: len(sink.accepted) == 5 and not spool.records)
+        assert sink.accepted == [f"event {i}" for i in range(5)]
+        assert gauge.pending == 0 and not log.named("delivery_bug")
+        await d.stop()
+
+    with_delivery(tmp_path, sink, spool, body)

@@ -7,6 +7,7 @@ seeded random walk), and the locations are checked after each one.
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
@@ -19,6 +20,7 @@ from haproxy_forwarder.delivery.router import (
     Location,
     Router,
     RouterError,
+    durable,
 )
 
 
@@ -319,6 +321,34 @@ def test_an_evicted_batch_is_not_claimed_again_by_the_writer() -> None:
     assert held.evicted and router.next_write() is b
     # Its failure still claims it again, and a stop writes it again (as before).
     assert router.failed(0, held.batch) is held.batch
+
+
+def test_a_batch_too_large_for_the_spool_is_written_in_halves_in_its_place() -> None:
+    q = Queue()
+    q.append(batch(0))  # older, on the spool
+    router, _, _ = make(spool=q)
+    gauge = AckGauge()
+    fired: list[int] = []
+    big = Batch.from_events(["event 1", "event 2", "event 3"], [b"t"] * 3)
+    w = Waiter(lambda: fired.append(len(q.records)), gauge)
+    w.hold()
+    big.acks = [w]
+    x = router.submit(big)
+    w.release()
+    assert router.next_write() is x
+    router.unspoolable(x)  # RecordTooLarge: not sent from memory ahead of record 0
+    assert router.memory == deque() and x.location is Location.DONE
+    halves = list(router.to_spool)
+    assert [h.batch.events() for h in halves] == [["event 1"], ["event 2", "event 3"]]
+    assert {h.seq for h in halves} == {x.seq} and router.in_memory == 2
+    for h in halves:
+        assert router.next_write() is h
+        q.append(h.batch)
+        router.written(h)
+        durable(h)
+    assert fired == [3] and gauge.pending == 0  # answered once, when both are on disk
+    assert [b.events() for b, _ in q.records.values()] == [
+        ["event 0"], ["event 1"], ["event 2", "event 3"]]
 
 
 # -- no double send -----------------------------------------------------------------------------

@@ -204,7 +204,7 @@ class Router:
                 entry.acks = [waiter]
             else:
                 entry.acks.append(waiter)
-        if len(spooled) + len(kept) != n:
+        if len({e.seq for e in (*spooled, *kept)}) != n:  # (halves share their batch's seq)
             waiter.lose()
             return False
         if not kept or not self.has_spool:
@@ -232,19 +232,25 @@ class Router:
         All of them, not just the stale ones: newer batches must stay behind older ones, or
         per-connection order breaks. True when something moved (wake the writer).
         """
-        if not self.has_spool or not self.memory:
+        if not self.has_spool:
             return False
-        if self._now() - self.memory[0].queued_at <= SPILL_AFTER:
+        oldest = next((e for e in self.memory if e.spoolable), None)
+        if oldest is None or self._now() - oldest.queued_at <= SPILL_AFTER:
             return False
         self._memory_to_spool()
         return True
 
     def _memory_to_spool(self) -> None:
-        # Ahead of what is queued already: memory batches are the older ones.
-        for e in reversed(self.memory):
+        # Ahead of what is queued already: memory batches are the older ones. Not an event
+        # too large for the whole spool: it never fits, it stays (in its place) for a worker.
+        moved = [e for e in self.memory if e.spoolable]
+        if len(moved) < len(self.memory):
+            self.memory = deque(e for e in self.memory if not e.spoolable)
+        else:
+            self.memory.clear()
+        for e in reversed(moved):
             e.location = Location.TO_SPOOL
             self.to_spool.appendleft(e)
-        self.memory.clear()
 
     # -- the spool writer ---------------------------------------------------------------------
 
@@ -305,8 +311,24 @@ class Router:
         self.spool_blocked = True
 
     def unspoolable(self, entry: Entry) -> None:
-        """Larger than the whole spool (a tiny max_size): it can only go from memory."""
+        """Larger than the whole spool (a tiny max_size). Several events: replaced by its two
+        halves at the head of the queue, written next (in order, so a restart replays them
+        in their place; sent from memory, it would overtake older records on the spool).
+        One event: it can only go from memory."""
         self._end_write(entry)
+        if len(entry.batch) > 1:
+            entry.location = Location.DONE  # its halves stand for it from now on
+            first, second = entry.batch.split()
+            acks, entry.acks = entry.acks, None
+            parts = [Entry(first, Location.TO_SPOOL, entry.queued_at, seq=entry.seq, acks=acks),
+                     Entry(second, Location.TO_SPOOL, entry.queued_at, seq=entry.seq)]
+            if acks is not None:
+                for w in acks:
+                    w.hold()  # the second half holds its waiters too (the first, the original's)
+                parts[1].acks = list(acks)
+            self.to_spool.extendleft(reversed(parts))
+            self._check_pressure()
+            return
         entry.spoolable = False
         entry.location = Location.MEMORY
         self.memory.append(entry)
