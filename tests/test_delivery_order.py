@@ -13,6 +13,8 @@ import asyncio
 import threading
 from pathlib import Path
 
+import pytest
+
 from haproxy_forwarder.batching import AckGauge, Batch, Waiter
 from haproxy_forwarder.delivery import SPILL_AFTER, Delivery
 from haproxy_forwarder.observability.counters import Counters
@@ -206,6 +208,42 @@ def test_a_batch_too_large_for_the_spool_goes_in_halves_behind_the_older_records
         await until(lambda: len(sink.accepted) == 5 and not spool.records)
         assert sink.accepted == [f"event {i}" for i in range(5)]
         assert gauge.pending == 0 and not log.named("delivery_bug")
+        await d.stop()
+
+    with_delivery(tmp_path, sink, spool, body)
+
+
+@pytest.mark.xfail(strict=True, reason="worker.py: Worker._before_retry answers RELP waiters only "
+                   "right after its own claim; a batch the writer claimed first (to keep order) "
+                   "is answered only once delivered (fix: acknowledge whenever it has a record)")
+def test_a_relp_batch_the_writer_claimed_is_answered_at_its_next_failure(tmp_path: Path) -> None:
+    """A RELP batch the full disk refused is sent from memory; the disk takes writes again and
+    the writer claims it (it is older than the next RELP batch): it is on disk, so its sender
+    may be answered when its request fails, as after a worker's own claim."""
+    sink, spool, gauge = FakeSink(respond=lambda b: UNAVAILABLE), FakeSpool(), AckGauge()
+    answered: list[str] = []
+
+    def relp(first: int) -> Batch:
+        b = events(first, 1)
+        w = Waiter(lambda: answered.append(f"event {first}"), gauge)
+        w.hold()
+        b.acks = [w]
+        w.release()  # (the creator's hold; the batch's own is handed to the router)
+        return b
+
+    async def body(d: Delivery, c: Counters, log: Log, _: list[bool]) -> None:
+        gate = sink.gate = asyncio.Event()
+        spool.full = True
+        d.submit(relp(0))
+        await until(lambda: sink.attempts == [["event 0"]])  # refused by the disk: from memory
+        spool.full = False
+        d.submit(relp(1))  # queued for the disk: the writer claims 0 first, then writes 1
+        await until(lambda: "event 1" in spool.events())
+        assert [op for op, _ in spool.ops] == ["claim", "append"]
+        assert answered == ["event 1"]
+        gate.set()  # 0 fails: already on disk
+        await until(lambda: len(sink.attempts) >= 3)
+        assert answered == ["event 1", "event 0"]
         await d.stop()
 
     with_delivery(tmp_path, sink, spool, body)
