@@ -1,5 +1,5 @@
 """What delivery writes to disk, off the event loop: spool appends (the writer task, the claims
-of failing batches, requeued dead letters), the ager that spills memory, and dead letters.
+of batches being sent, requeued dead letters), the ager that spills memory, and dead letters.
 
 Each append runs in a thread and reports its outcome to the router from a done-callback, so
 the router stays right even if the task that awaited it is cancelled (shutdown).
@@ -368,7 +368,6 @@ class SpoolWriter:
                 # Refused: a fixed pause, not "until the next batch": retrying on every
                 # submit would spin on a full or failing disk.
                 await self._sleep(SPOOL_RETRY)
-
 
     async def _claim(self, entry: Entry) -> None:
         """A batch a worker sends, older than what must be written next: claimed first, so
