@@ -13,8 +13,6 @@ import asyncio
 import threading
 from pathlib import Path
 
-import pytest
-
 from haproxy_forwarder.batching import AckGauge, Batch, Waiter
 from haproxy_forwarder.delivery import SPILL_AFTER, Delivery
 from haproxy_forwarder.observability.counters import Counters
@@ -213,9 +211,6 @@ def test_a_batch_too_large_for_the_spool_goes_in_halves_behind_the_older_records
     with_delivery(tmp_path, sink, spool, body)
 
 
-@pytest.mark.xfail(strict=True, reason="worker.py: Worker._before_retry answers RELP waiters only "
-                   "right after its own claim; a batch the writer claimed first (to keep order) "
-                   "is answered only once delivered (fix: acknowledge whenever it has a record)")
 def test_a_relp_batch_the_writer_claimed_is_answered_at_its_next_failure(tmp_path: Path) -> None:
     """A RELP batch the full disk refused is sent from memory; the disk takes writes again and
     the writer claims it (it is older than the next RELP batch): it is on disk, so its sender

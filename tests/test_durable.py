@@ -549,7 +549,7 @@ class _Stamped(list[str]):
             self.times.append(self.loop.time())
 
 
-def test_router_moves_the_take_s_memory_batches_behind_older_ones_to_the_spool() -> None:
+def test_router_moves_the_take_s_memory_batches_to_the_spool_behind_older_ones() -> None:
     pressure: list[bool] = []
     router = Router(now=lambda: 0.0, spool_ready=lambda: False, write_ahead=False,
                     max_in_flight=100, on_pressure=pressure.append)
@@ -563,6 +563,10 @@ def test_router_moves_the_take_s_memory_batches_behind_older_ones_to_the_spool()
     assert [e.batch for e in router.memory] == [a]
     assert [e.batch for e in router.to_spool] == [b, c]
     w.release()  # its creator's hold
+    # Disk order is submission order: the older batch still in memory is written first.
+    older = router.next_write()
+    assert older is not None and older.batch is a and older.acks is None
+    router.written(older)
     for _ in range(2):
         entry = router.next_write()
         assert entry is not None and entry.acks == [w]

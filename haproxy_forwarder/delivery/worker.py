@@ -336,10 +336,11 @@ class Worker:
         if claim is not None:
             # On disk before the wait, so a crash during a long outage cannot lose it.
             await host.claim(entry, claim)
-            if entry.acks is not None and entry.record is not None:
-                # What is left is fsync'd, the rest delivered: its senders need not wait out
-                # the outage (once its dead letters, if any, are on disk too).
-                await self._acknowledge(entry, dead)
+        if entry.acks is not None and entry.record is not None:
+            # What is left is fsync'd (by this claim, or by the writer's, which keeps disk
+            # order), the rest delivered: its senders need not wait out the outage (once its
+            # dead letters, if any, are on disk too).
+            await self._acknowledge(entry, dead)
         wait = self.backoff.delay(attempt, outcome)
         host.counters.retries += 1
         self._log_retry(outcome, round(wait, 2), attempt)
