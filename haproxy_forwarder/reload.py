@@ -269,7 +269,13 @@ async def off_loop(fn: Callable[[], _T], timeout: float) -> _T:
             loop.call_soon_threadsafe(settle, outcome)
 
     threading.Thread(target=run, name="config-reload", daemon=True).start()
-    return await asyncio.wait_for(done, timeout)
+    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that comes once the
+    # result is there (CPython gh-86296), and a reload cancelled at shutdown would be applied.
+    finished, _ = await asyncio.wait({done}, timeout=timeout)
+    if not finished:
+        done.cancel()
+        raise TimeoutError
+    return done.result()
 
 
 async def read_new(loader: Callable[[], Settings] | None,
