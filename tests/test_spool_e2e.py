@@ -202,6 +202,7 @@ def spool_stats(d: Daemon) -> dict[str, Any]:
 # -- 1. intake down for a while under steady load -----------------------------------------------
 
 RATE = 1000  # per connection; three connections
+BATCH_MAX_EVENTS = 5000  # batch.max_events' default: the most one uncertain request can repeat
 
 
 @pytest.mark.parametrize(
@@ -241,9 +242,30 @@ def test_outage_under_load_every_event_once(
     sent = {s.conn: s.sent for s in senders}
     expected = [tagged(c, i)[1] for c, n in sent.items() for i in range(n)]
     assert len(expected) > 3 * RATE * outage  # several thousand a second, all along
-    assert_delivered_once(intake, expected)
+    assert intake.wait_for(len(expected), 60), (
+        f"only {len(intake.events)} of {len(expected)} events arrived"
+    )
+    assert d.stop() == 0
+    stopped = d.events("stopped")[-1]
+    # Taking the intake down drops its connections: one whose request it had already taken
+    # when the connection went is a request whose answer the daemon never read, retried and
+    # counted (uncertain_deliveries). Its batch may arrive twice; nothing else may.
+    uncertain = stopped["uncertain_deliveries"]
+    got = collections.Counter(intake.event_texts())
+    want = collections.Counter(expected)
+    missing, extra = want - got, got - want
+    assert not missing, f"{sum(missing.values())} missing (e.g. {list(missing)[:2]})"
+    assert sum(extra.values()) <= uncertain * BATCH_MAX_EVENTS, (
+        f"{sum(extra.values())} extra with {uncertain} uncertain deliveries"
+    )
 
-    events = intake.events
+    # First arrivals only: a retried uncertain batch comes again later.
+    seen: set[str] = set()
+    events = []
+    for e in intake.events:
+        if e.event not in seen:
+            seen.add(e.event)
+            events.append(e)
     # Each event keeps its own timestamp, whatever batches it travelled in.
     for e in events:
         c, i = origin(e.event)
@@ -256,9 +278,9 @@ def test_outage_under_load_every_event_once(
             per_conn[c].append(i)
         for c, seqs in per_conn.items():
             assert seqs == list(range(sent[c])), f"connection {c} out of order"
-    assert d.stop() == 0
-    stopped = d.events("stopped")[-1]
     assert stopped["dropped_events"] == 0 and stopped["spool_events"] == 0
+    # The daemon counts each event delivered once (a retried uncertain batch is delivered
+    # once as far as it knows: the first answer never came).
     assert stopped["delivered_events"] == len(expected)
 
 
