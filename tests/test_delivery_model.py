@@ -59,6 +59,7 @@ from haproxy_forwarder.delivery import Backoff, Delivery
 from haproxy_forwarder.observability.counters import DROP_REASONS, Counters
 from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink
 from haproxy_forwarder.spool import AppendResult, RecordTooLarge, SpoolFull, SpoolWriteError
+from haproxy_forwarder.spool.queue import Evicted
 
 TS = b"2024-05-01T12:00:00.000Z"
 KEY = "K3y"
@@ -173,16 +174,24 @@ class VirtualLoop(asyncio.SelectorEventLoop):
 # -- the spool, the dead letters and the logs, in memory --------------------------------------
 
 
+# spool.when_full = "drop_oldest" on a spool of this many events (the "drop_oldest" trouble).
+DROP_OLDEST_ROOM = 6
+
+
 class ModelSpool:
     """The spool API delivery uses (SpoolLike): records in append order, handed out oldest
-    first, once until a restart; `trouble` makes appends fail as a full or failing disk."""
+    first, once until a restart; `trouble` makes appends fail as a full or failing disk,
+    refuses batches of over 2 events (tiny), or deletes the oldest records to make room
+    (drop_oldest: `on_drop(rid, events, handed_out)` tells the machine)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_drop: Callable[[int, list[int], bool], None]) -> None:
         self.records: dict[int, tuple[Batch, bool]] = {}  # rid -> (batch, handed out)
         self.ids = itertools.count(1)
         self.trouble: str | None = None
         self.violation: str | None = None
         self.too_large: set[int] = set()  # events of batches refused as RecordTooLarge
+        self.on_drop = on_drop
+        self.deleted: set[int] = set()  # records drop_oldest deleted
 
     @property
     def has_ready(self) -> bool:
@@ -200,9 +209,24 @@ class ModelSpool:
         if self.trouble == "tiny" and len(batch) > 2:
             self.too_large.update(seq(e) for e in batch.events())
             raise RecordTooLarge("larger than the whole spool")
+        dropped: list[int] = []
+        evicted: list[Evicted] = []
+        if self.trouble == "drop_oldest":
+            if len(batch) > DROP_OLDEST_ROOM:
+                self.too_large.update(seq(e) for e in batch.events())
+                raise RecordTooLarge("larger than the whole spool")
+            while sum(len(b) for b, _ in self.records.values()) + len(batch) > DROP_OLDEST_ROOM:
+                old = min(self.records)
+                gone, out = self.records.pop(old)
+                self.deleted.add(old)
+                if out:
+                    evicted.append(Evicted(old, len(gone)))
+                else:
+                    dropped.append(len(gone))
+                self.on_drop(old, [seq(e) for e in gone.events()], out)
         rid = next(self.ids)
         self.records[rid] = (Batch.join([batch]), claim)
-        return AppendResult(rid, 0, 0)
+        return AppendResult(rid, len(dropped), sum(dropped), tuple(evicted))
 
     def next_batch(self) -> tuple[int, Batch] | None:
         for rid, (batch, out) in self.records.items():
@@ -212,6 +236,8 @@ class ModelSpool:
         return None
 
     def ack(self, record_id: int) -> None:
+        if record_id in self.deleted:
+            return  # deleted by drop_oldest while handed out (the real spool ignores it too)
         _, out = self.records.pop(record_id)
         if not out and self.violation is None:  # said by the machine, not to the caller
             self.violation = f"record {record_id} acked but never handed out"
@@ -330,6 +356,13 @@ class Fate:
     # it arrives after newer events.
     bug: bool = False
     crashed: bool = False  # only in memory at a crash: lost, as the design says
+    # In a handed-out record drop_oldest deleted: in its worker's memory, or lost (and
+    # counted) at the next stop if nobody held it.
+    evicted: bool = False
+    # drop_oldest deleted its record while a worker held it: written again at the tail (a
+    # failure, a stop), it comes after newer batches. drop_oldest trades data for room; the
+    # order of what survives it is not promised either.
+    unordered: bool = False
     # Submitted with a waiter (RELP): acked once durable; lost if the waiter was given up.
     waiter: Waiter | None = None
     acked: bool = False
@@ -358,7 +391,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = VirtualLoop()
-        self.spool = ModelSpool()
+        self.spool = ModelSpool(self._spool_dropped)
         self.dead = MemoryDeadLetters(self._dead_lettered)
         self.counters = Counters()
         self.log = Log()
@@ -503,6 +536,23 @@ class DeliveryMachine(RuleBasedStateMachine):
             req.answer.set_result(answer)
         # hang: never answered; the client's deadline (TIMEOUT) cuts it
 
+    def _spool_dropped(self, rid: int, events: list[int], handed_out: bool) -> None:
+        """drop_oldest deleted a record. Not handed out: its events are lost, counted
+        (spool_full) by the append that deleted it. Handed out: its worker keeps it in memory
+        (written again at a failure or a stop), or, its holder gone (a stop, the bug path),
+        it is lost and counted at the stop."""
+        for e in events:
+            fate = self.fates[e]
+            # Acknowledged (RELP) and deleted: a loss the design owns (check-config warns
+            # against drop_oldest with RELP); its sender will not send it again.
+            fate.acked = False
+            if handed_out:
+                fate.evicted = fate.unordered = True
+            elif not fate.settled:
+                fate.dropped = True
+        if not handed_out:
+            self.dropped["spool_full"] += len(events)
+
     def _took(self, e: int, sure: bool) -> None:
         fate = self.fates[e]
         if sure:
@@ -521,7 +571,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         if not self.ordered:
             return  # several requests at once may be answered in any order
         fate = self.fates[e]
-        if fate.bug:
+        if fate.bug or fate.unordered:
             return
         later = [x for x in self.arrivals if x > e and not self.fates[x].bug and not (
             self.EXEMPT_TOO_LARGE and {e, x} & self.spool.too_large)]
@@ -634,9 +684,10 @@ class DeliveryMachine(RuleBasedStateMachine):
             if replaced is not None and n not in busy and self.loop.now - since >= 0.1:
                 assert sink.client._client.is_closed, f"sink {n} replaced but not closed"
 
-    @rule(trouble=st.sampled_from([None, "full", "failing", "tiny"]))
+    @rule(trouble=st.sampled_from([None, "full", "failing", "tiny", "drop_oldest"]))
     def spool_trouble(self, trouble: str | None) -> None:
-        """tiny: a spool too small for batches of over 2 events (RecordTooLarge)."""
+        """tiny: a spool too small for batches of over 2 events (RecordTooLarge);
+        drop_oldest: full at DROP_OLDEST_ROOM events, the oldest records deleted for room."""
         self.spool.trouble = trouble
 
     @rule(trouble=st.sampled_from([None, "full", "failing"]))
@@ -660,9 +711,18 @@ class DeliveryMachine(RuleBasedStateMachine):
         # the batch of a request the stop cuts (spooled now).
         held = {e.record for e in d.router.held.values() if e.record is not None}
         cut = {seq(x) for e in d.router.held.values() if e.on_wire for x in e.batch.events()}
+        # Whole batches are written or counted lost at a stop, their settled parts included.
+        on_disk = self.spool.events()
+        memory = {seq(x) for e in [*d.router.memory_only(), *d.router.held.values()]
+                  for x in e.batch.events()} | {x for r in held for x in on_disk.get(r, ())}
+        # drop_oldest's deletions of records not handed out are counted as they happen (and
+        # by the model, _spool_dropped); the rest of spool_full at a stop is in flight.
+        full_before = self.counters.drop_reasons["spool_full"] - self.dropped["spool_full"]
         _, dropped = self.loop.run(d.stop())
         self.loop.settle()
-        self._check_stop(held, cut, dropped)
+        in_flight = self.counters.drop_reasons["spool_full"] - self.dropped["spool_full"] \
+            - full_before
+        self._check_stop(held, cut, memory, dropped, in_flight)
         self.spool.reopen()
         self._open()
 
@@ -688,10 +748,16 @@ class DeliveryMachine(RuleBasedStateMachine):
                 self._expect(not fate.acked, lambda e=e: f"acknowledged event {e} lost at a crash")
             if fate.waiter is not None and fate.waiter.callback is not None:
                 fate.waiter = None  # nothing at all at a crash (see Collector.on_durable)
+            fate.evicted = False
         self.spool.reopen()
         self._open()
 
-    def _check_stop(self, held: set[int], cut: set[int], dropped: int) -> None:
+    def _check_stop(self, held: set[int], cut: set[int], memory: set[int], dropped: int,
+                    in_flight: int) -> None:
+        """After a stop: what a worker held, or a request the stop cut, may come back from
+        the spool although settled; what is neither settled nor on the spool is counted:
+        `dropped` at shutdown (memory-only, the spool refusing), `in_flight` as spool_full
+        (deleted by drop_oldest while handed out, its holder gone)."""
         self.restarts += 1
         on_disk = self.spool.events()
         kept = {e for events in on_disk.values() for e in events}
@@ -703,16 +769,21 @@ class DeliveryMachine(RuleBasedStateMachine):
                         f"event {e} settled ({fate}) but its record {rid} was not acked")
                     fate.may_repeat = True  # replayed whole
         lost = [e for e, f in self.fates.items() if not f.settled and e not in kept]
-        # A send of several bodies cut by the stop: the batch is spooled (or, the spool
-        # refusing, counted dropped) whole, the bodies it had delivered included.
-        delivered_cut = len([e for e in cut if self.fates[e].settled and e not in kept])
-        assert len(lost) <= dropped <= len(lost) + delivered_cut, (
-            f"{dropped} events counted dropped at stop; neither settled nor spooled: {lost}")
+        # What the stop writes or counts is whole batches: their parts already settled (the
+        # bodies of a send it cut, a record partly delivered, a replayed record settled before
+        # a crash) count too.
+        also = len([e for e in memory | cut if self.fates[e].settled and e not in kept])
+        assert len(lost) <= dropped + in_flight <= len(lost) + also, (
+            f"{dropped} + {in_flight} events counted dropped at stop; neither settled nor "
+            f"spooled: {lost}")
         for e in lost:
             fate = self.fates[e]
             fate.dropped = True
             assert not fate.acked, f"acknowledged event {e} dropped at stop"
+        for fate in self.fates.values():
+            fate.evicted = False
         self.dropped["shutdown"] += dropped
+        self.dropped["spool_full"] += in_flight
 
     # -- invariants -------------------------------------------------------------------------
 
@@ -732,7 +803,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             return
         held = self._held()
         for e, fate in self.fates.items():
-            assert fate.settled or e in held, f"event {e} is gone: {fate}"
+            assert fate.settled or e in held or fate.evicted, f"event {e} is gone: {fate}"
             assert fate.outcomes <= 1 or fate.may_repeat, f"event {e} settled twice: {fate}"
 
     @invariant()
