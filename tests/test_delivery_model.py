@@ -6,18 +6,26 @@ the request deadline) run on a deterministic event loop with virtual time; the n
 `httpx.MockTransport` whose every request waits until the state machine answers it: 2xx, 400,
 422, 413, 429 (Retry-After), 5xx, 401, a connection error, a reset after the body (the intake
 may have taken it), no answer at all (the deadline cuts it), or an exception. Other rules
-submit batches, let time pass (spill after 1 s, backoff, Retry-After, the writer's retry),
-make the spool refuse writes (full, failing) and restart the delivery (drain, stop, replay).
+submit batches (with a RELP waiter or not), let time pass (spill after 1 s, backoff,
+Retry-After, the writer's retry), trouble the spool (full, failing, too small for a batch,
+drop_oldest) and the dead letters (full, failing), reload (a new sink, another concurrency),
+restart (drain, stop, replay) and crash (kill -9: memory gone, the spool replays).
 
 The model is what an operator is promised (docs/design.md, Guarantees):
 
 - every event ends delivered, dead-lettered with the answer of a request that carried it,
-  dropped and counted (a shutdown the spool refused), or is held (memory, spool, in flight);
+  dropped and counted by reason (shutdown, spool_full, dead_letter_full/failed), lost in a
+  crash while only in memory, or is held (memory, spool, in flight); at the end, with a
+  healthy intake, nothing is held any more;
 - an event gets a second outcome only where that is allowed: the intake took a request
-  without answering (a reset or a deadline after the body), or a restart replayed a record
-  still held by a worker (partly delivered, or waiting for its retry);
-- with one worker, events reach the intake in the order they were submitted;
-- the counters say the same (delivered, dead-lettered, dropped events).
+  without answering (a reset or a deadline after the body, a stop cutting it), or a restart
+  or crash replayed a record still held by a worker (partly delivered, or retrying);
+- a RELP waiter is answered only once its events are on the spool or settled, and such an
+  event is never lost (drop_oldest aside, as documented); every waiter is answered or given up;
+- with one worker, events reach the intake in the order they were submitted, across restarts
+  and crashes (the exceptions are named where the check is made);
+- the counters say the same (delivered, dead-lettered, dropped by reason), and a sink a reload
+  replaced is closed once no request of it is in flight.
 
 Learned from Vector's disk_v2 model tests (`lib/vector-buffers/.../disk_v2/tests/model`):
 the system runs step by step under the test's control (there, futures polled by hand; here,
