@@ -50,7 +50,6 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -197,7 +196,6 @@ class ModelSpool:
         self.ids = itertools.count(1)
         self.trouble: str | None = None
         self.violation: str | None = None
-        self.too_large: set[int] = set()  # events of batches refused as RecordTooLarge
         self.on_drop = on_drop
         self.deleted: set[int] = set()  # records drop_oldest deleted
 
@@ -215,13 +213,11 @@ class ModelSpool:
         if self.trouble == "failing":
             raise SpoolWriteError("append failed", OSError(5, "Input/output error"))
         if self.trouble == "tiny" and len(batch) > 2:
-            self.too_large.update(seq(e) for e in batch.events())
             raise RecordTooLarge("larger than the whole spool")
         dropped: list[int] = []
         evicted: list[Evicted] = []
         if self.trouble == "drop_oldest":
             if len(batch) > DROP_OLDEST_ROOM:
-                self.too_large.update(seq(e) for e in batch.events())
                 raise RecordTooLarge("larger than the whole spool")
             while sum(len(b) for b, _ in self.records.values()) + len(batch) > DROP_OLDEST_ROOM:
                 old = min(self.records)
@@ -389,12 +385,6 @@ class Fate:
 
 
 class DeliveryMachine(RuleBasedStateMachine):
-    # A known way one worker delivers out of order (router.py; the test marked xfail below),
-    # exempted from the order check so that the rest of the state space stays searched: a
-    # batch larger than the whole spool (RecordTooLarge) waits in memory, and workers take
-    # memory before the spool: it overtakes older spooled batches (and, sent to the spool
-    # again at a failure or spill and refused again, it goes behind newer memory batches).
-    EXEMPT_TOO_LARGE = True  # pairs with an event of such a batch
 
     def __init__(self) -> None:
         super().__init__()
@@ -581,8 +571,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         fate = self.fates[e]
         if fate.bug or fate.unordered:
             return
-        later = [x for x in self.arrivals if x > e and not self.fates[x].bug and not (
-            self.EXEMPT_TOO_LARGE and {e, x} & self.spool.too_large)]
+        later = [x for x in self.arrivals if x > e and not self.fates[x].bug]
         self._expect(not later, lambda: f"event {e} reached the intake after {later}")
 
     def _dead_lettered(self, e: int, reason: str, status: int | None,
@@ -930,19 +919,15 @@ def test_a_sink_replaced_after_a_request_raised_is_closed() -> None:
           s.a_replaced_sink_is_closed_once_idle)
 
 
-class StrictOrder(DeliveryMachine):
-    EXEMPT_TOO_LARGE = False
-
-
-# Three order bugs the machine found, fixed in be969b6 (router.py): the spool replays in
-# append order, and appends did not always follow submission order.
+# Four order bugs the machine found, fixed in be969b6 and 248c56b (router.py): the spool
+# replays in append order, and appends did not always follow submission order.
 
 
 def test_one_worker_keeps_the_order_across_a_crash() -> None:
     # Event 0 is on the wire; event 1 waits in memory, is spilled to the spool after 1 s
     # (record 1); event 0's request times out, it was claimed then (record 2); a crash: the
     # spool replayed record 1 (event 1), then record 2 (event 0).
-    s = StrictOrder()
+    s = DeliveryMachine()
     steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
           lambda: s.submit(n=1),
           lambda: s.submit(n=1),
@@ -953,7 +938,7 @@ def test_one_worker_keeps_the_order_across_a_crash() -> None:
 def test_one_worker_keeps_the_order_across_a_restart() -> None:
     # The machine's first find. Event 0 on the wire; event 1 spilled during the drain; the
     # stop spooled event 0 behind it.
-    s = StrictOrder()
+    s = DeliveryMachine()
     steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
           lambda: s.submit(n=1),
           lambda: s.submit(n=1),
@@ -964,7 +949,7 @@ def test_one_worker_keeps_the_order_of_a_relp_batch_and_older_ones() -> None:
     # Event 0 on the wire, event 1 in memory, event 2 (RELP, with a waiter) written ahead to
     # the spool at once; a 429 for event 0: event 1 followed to the spool, behind event 2,
     # which was then sent first.
-    s = StrictOrder()
+    s = DeliveryMachine()
     steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
           lambda: s.submit(n=1),
           lambda: s.submit(n=1),
@@ -995,13 +980,10 @@ def test_a_stop_right_after_the_writer_is_woken_returns() -> None:
         s.loop.close()
 
 
-@pytest.mark.xfail(strict=True, reason="router.py: a batch the spool refuses as larger than "
-                   "itself (RecordTooLarge) goes to memory, and take() gives memory before the "
-                   "spool's older records")
 def test_one_worker_keeps_the_order_of_a_batch_too_large_for_the_spool() -> None:
-    # Found by the machine. Events 0 and 1 spooled at a stop; after the restart, a batch of
-    # 3 events too large for the (tiny) spool is sent from memory ahead of them.
-    s = StrictOrder()
+    # Events 0 and 1 spooled at a stop; after the restart, a batch of 3 events too large for
+    # the (tiny) spool was sent from memory ahead of them.
+    s = DeliveryMachine()
     steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
           lambda: s.submit(n=1),
           lambda: s.spool_trouble(trouble="tiny"),
