@@ -64,7 +64,7 @@ from haproxy_forwarder.batching import AckGauge, Batch, Waiter
 from haproxy_forwarder.config import IntakeConfig
 from haproxy_forwarder.delivery import Backoff, Delivery
 from haproxy_forwarder.observability.counters import DROP_REASONS, Counters
-from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink
+from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink, Outcome
 from haproxy_forwarder.spool import AppendResult, RecordTooLarge, SpoolFull, SpoolWriteError
 from haproxy_forwarder.spool.queue import Evicted
 
@@ -410,6 +410,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.sinks: dict[int, tuple[IntakeSink, float | None]] = {}
         self.sink_tags = itertools.count()
         self.sink_idle: dict[int, float] = {}  # when the last request on it ended
+        self.sending: list[list[int]] = []  # the events of each sink.send in progress
         self.ordered = True  # one worker only, ever: order is checked
         self.auto_ok = False  # the final drain: every request answered 200 at once
         self.d: Delivery | None = None
@@ -442,6 +443,17 @@ class DeliveryMachine(RuleBasedStateMachine):
         sink = IntakeSink(client, cfg.endpoint, False, max_body=BODY_LIMITS[s["per_body"]],
                           encoder=InlineExecutor())
         self.sinks[n] = (sink, None)
+        send = sink.send
+
+        async def watched(batch: Batch) -> list[tuple[Batch, Outcome]]:
+            events = [seq(x) for x in batch.events()]
+            self.sending.append(events)  # the attempt a stop may cut: what it may repeat
+            try:
+                return await send(batch)
+            finally:
+                self.sending.remove(events)
+
+        sink.send = watched  # type: ignore[method-assign]
         return sink
 
     def _open(self) -> None:
@@ -707,11 +719,10 @@ class DeliveryMachine(RuleBasedStateMachine):
         # What a worker holds may be partly settled: its record is replayed whole, and so is
         # the batch of a request the stop cuts (spooled now).
         held = {e.record for e in d.router.held.values() if e.record is not None}
-        cut = {seq(x) for e in d.router.held.values() if e.on_wire for x in e.batch.events()}
-        # Whole batches are written or counted lost at a stop, their settled parts included.
+        cut = {e for events in self.sending for e in events}
+        # Records are replayed (or, deleted in flight, counted) whole, settled parts included.
         on_disk = self.spool.events()
-        memory = {seq(x) for e in [*d.router.memory_only(), *d.router.held.values()]
-                  for x in e.batch.events()} | {x for r in held for x in on_disk.get(r, ())}
+        records = {x for r in held for x in on_disk.get(r, ())}
         # drop_oldest's deletions of records not handed out are counted as they happen (and
         # by the model, _spool_dropped); the rest of spool_full at a stop is in flight.
         full_before = self.counters.drop_reasons["spool_full"] - self.dropped["spool_full"]
@@ -719,7 +730,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.loop.settle()
         in_flight = self.counters.drop_reasons["spool_full"] - self.dropped["spool_full"] \
             - full_before
-        self._check_stop(held, cut, memory, dropped, in_flight)
+        self._check_stop(held, cut, records, dropped, in_flight)
         self.spool.reopen()
         self._open()
 
@@ -749,7 +760,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.spool.reopen()
         self._open()
 
-    def _check_stop(self, held: set[int], cut: set[int], memory: set[int], dropped: int,
+    def _check_stop(self, held: set[int], cut: set[int], records: set[int], dropped: int,
                     in_flight: int) -> None:
         """After a stop: what a worker held, or a request the stop cut, may come back from
         the spool although settled; what is neither settled nor on the spool is counted:
@@ -766,10 +777,10 @@ class DeliveryMachine(RuleBasedStateMachine):
                         f"event {e} settled ({fate}) but its record {rid} was not acked")
                     fate.may_repeat = True  # replayed whole
         lost = [e for e, f in self.fates.items() if not f.settled and e not in kept]
-        # What the stop writes or counts is whole batches: their parts already settled (the
-        # bodies of a send it cut, a record partly delivered, a replayed record settled before
-        # a crash) count too.
-        also = len([e for e in memory | cut if self.fates[e].settled and e not in kept])
+        # What the stop writes or counts may hold settled events: the bodies of a send it cut
+        # (its batch is written whole), a record partly delivered, a replay.
+        also = len([e for e, f in self.fates.items() if f.settled and e not in kept and (
+            e in records or e in cut or f.may_repeat)])
         assert len(lost) <= dropped + in_flight <= len(lost) + also, (
             f"{dropped} + {in_flight} events counted dropped at stop; neither settled nor "
             f"spooled: {lost}")
