@@ -385,6 +385,12 @@ class Fate:
 
 
 class DeliveryMachine(RuleBasedStateMachine):
+    """One delivery (then the next, after a restart or crash) on one spool, and the model.
+
+    Rules act (submit, answer, wait, trouble, reload, restart, crash); the intake's handler,
+    the spool and the dead-letter store tell the model what happened as it happens; the
+    invariants compare. `teardown` heals everything and requires that all of it leaves.
+    """
 
     def __init__(self) -> None:
         super().__init__()
