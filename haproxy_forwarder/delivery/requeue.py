@@ -468,11 +468,19 @@ class Requeuer:
         return await loop.run_in_executor(self._pool, fn, *args)
 
     async def _pause(self, seconds: float, raise_on_stop: bool = False) -> None:
+        # A timer setting a flag, not asyncio.wait_for: on Python 3.11 wait_for swallows a
+        # cancellation that comes once the wait is over (CPython gh-86296), and stop() would
+        # wait for a re-queuer that runs on.
+        woken = asyncio.Event()
+        timer = asyncio.get_running_loop().call_later(seconds, woken.set)
+        stop = asyncio.ensure_future(self._stop.wait())
+        stop.add_done_callback(lambda _: woken.set())
         try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            return
-        if raise_on_stop:
+            await woken.wait()
+        finally:
+            timer.cancel()
+            stop.cancel()
+        if self._stop.is_set() and raise_on_stop:
             raise Stopping
 
 
