@@ -157,9 +157,6 @@ class Delivery:
         logged either way). The collector, the workers and the requeuer all come here."""
         return self._dead.write(batch, reason, status, response)
 
-    # worker.Host's name for the same thing (the workers' call sites are not ours to rename).
-    dead_letter_later = dead_letter
-
     async def spool_append(self, batch: Batch) -> int:
         """Append re-queued dead letters straight to the spool (fsync'd), bypassing the router.
 

@@ -165,7 +165,7 @@ class Host(Protocol):
 
     def mark_progress(self) -> None: ...
 
-    def dead_letter_later(
+    def dead_letter(
         self, batch: Batch, reason: str, status: int | None, response: str
     ) -> asyncio.Future[bool]: ...
 
@@ -209,7 +209,7 @@ class Worker:
                 if entry.record is None:
                     # Only in memory: kept with its reason rather than lost. With a record it
                     # stays on disk (handed out) and is sent again at the next start.
-                    host.dead_letter_later(entry.batch, "internal error while delivering",
+                    host.dead_letter(entry.batch, "internal error while delivering",
                                            None, "")
             host.router.finished(self.n)
             host.wake_workers.set()
@@ -284,7 +284,7 @@ class Worker:
                     elif isinstance(action, Resend):
                         splits.append(action.batch)
                     elif isinstance(action, DeadLetter):
-                        dead.append(host.dead_letter_later(
+                        dead.append(host.dead_letter(
                             action.batch, action.reason, action.status, action.detail))
                     else:
                         again = action

@@ -316,15 +316,6 @@ class SpoolAppends:
 
         fut.add_done_callback(done)
 
-    async def requeue(self, batch: Batch) -> int:
-        """A batch that bypasses the router (requeued dead letters); errors go to the caller."""
-
-        def done(task: AppendTask) -> None:
-            if not task.cancelled() and task.exception() is None:
-                self.appended(task.result())
-
-        return (await asyncio.shield(self.start(batch, False, None, done))).record_id
-
 
 class SpoolWriter:
     """One task moving the batches the router queued for disk to the spool, oldest first."""
