@@ -389,7 +389,7 @@ class Daemon:
         snap: dict[str, Any] = self.registry.snapshot()
         # The identity's terms on every stats line: in = out + held, `events_unaccounted` 0
         # at rest (observability/accounting.py).
-        snap.update(balance(snap, held_events(self.collector, self.delivery, self.spool)))
+        snap.update(balance(snap))
         for flag in ("paused", "intake_failing", "spool_blocked"):
             if flag in snap:
                 snap[flag] = bool(snap[flag])

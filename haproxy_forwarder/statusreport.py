@@ -211,9 +211,9 @@ def _accounting(v: Mapping[str, float]) -> dict[str, int] | None:
     held = v.get(PREFIX + "events_held")
     if held is None:
         return None
-    totals = {name: v.get(f"{PREFIX}{name}_total", 0.0) for name in (*IN, *OUT)}
-    # The gauge is summed over `where` by the parser: all of it is the memory + spool total.
-    return balance(totals, {"memory": held})
+    # Counters under their flat names; the gauge is summed over `where` by the parser.
+    flat = {name: v.get(f"{PREFIX}{name}_total", 0.0) for name in (*IN, *OUT)}
+    return balance({**flat, "events_held": held})
 
 
 # -- the human table -----------------------------------------------------------------------------

@@ -25,14 +25,14 @@ from collections.abc import Mapping
 
 IN = ("accepted_events", "spool_recovered_events", "requeued_events")
 OUT = ("delivered_events", "dead_lettered_events", "dropped_events")
-HELD = ("memory", "spool")
 
 
-def balance(snapshot: Mapping[str, float], held: Mapping[str, float]) -> dict[str, int]:
-    """The identity's terms from a flat counter snapshot (`Counters.snapshot()`, the stats
-    line) and the held gauge: in, out, held and `unaccounted` (in - out - held, 0 at rest)."""
+def balance(snapshot: Mapping[str, float]) -> dict[str, int]:
+    """The identity's terms from a flat snapshot (the stats line's, or /metrics summed over
+    labels) holding the counters and `events_held` summed over `where`: in, out, held and
+    `unaccounted` (in - out - held, 0 at rest)."""
     came = sum(int(snapshot.get(k, 0)) for k in IN)
     went = sum(int(snapshot.get(k, 0)) for k in OUT)
-    kept = sum(int(held.get(k, 0)) for k in HELD)
+    kept = int(snapshot.get("events_held", 0))
     return {"events_in": came, "events_out": went, "events_held": kept,
             "events_unaccounted": came - went - kept}
