@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from .acks import Ack
 from .batching import AckGauge, Batch, Batcher, Waiter
 from .config import MAX_EVENT_BYTES
 from .ingest import ChunkResult
@@ -88,7 +89,12 @@ class Collector:
     def received_at(self) -> bytes:
         return self.clock.now()
 
-    def take(self, result: ChunkResult) -> None:
+    def take(self, result: ChunkResult, ack: Ack | None = None) -> None:
+        self._take(result)
+        if ack is not None:
+            self.on_durable(ack.durable, ack.lost)
+
+    def _take(self, result: ChunkResult) -> None:
         self._took = result
         c = self.counters
         c.accepted_events += result.accepted

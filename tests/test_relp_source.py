@@ -21,6 +21,7 @@ import pytest
 
 from devtools.daemon import Daemon, write_toml
 from devtools.probe import metric
+from haproxy_forwarder.acks import Ack
 from haproxy_forwarder.config import ListenConfig, RelpConfig
 from haproxy_forwarder.ingest import AUTO, ChunkResult, ProgramFilter, new_reader
 from haproxy_forwarder.observability.counters import Counters
@@ -120,7 +121,7 @@ class RelpClient:
 
 
 class ScriptedSink:
-    """take() keeps the events; on_durable() callbacks wait for `release()` (or run at once
+    """take() keeps the events; the callbacks of its Ack wait for `release()` (or run at once
     for a take that added no event, as the Collector does)."""
 
     def __init__(self) -> None:
@@ -129,7 +130,7 @@ class ScriptedSink:
         self.waiting: list[Callable[[], None]] = []
         self.losers: dict[Callable[[], None], Callable[[], None] | None] = {}
         self.flushes = 0
-        self._last: ChunkResult | None = None
+        self.immediate = False  # every take durable at once (a sink that never holds back)
 
     def flush(self) -> None:
         self.flushes += 1
@@ -137,19 +138,16 @@ class ScriptedSink:
     def received_at(self) -> bytes:
         return TS
 
-    def take(self, result: ChunkResult) -> None:
-        self._last = result
+    def take(self, result: ChunkResult, ack: Ack | None = None) -> None:
         self.data.append(result.data)
         self.events += len(result.ends)
-
-    def on_durable(self, callback: Callable[[], None],
-                   on_lost: Callable[[], None] | None = None) -> None:
-        last = self._last
-        if last is None or (not last.ends and not last.too_large):
-            callback()
+        if ack is None:
+            return
+        if self.immediate or (not result.ends and not result.too_large):
+            ack.durable()
         else:
-            self.waiting.append(callback)
-            self.losers[callback] = on_lost
+            self.waiting.append(ack.durable)
+            self.losers[ack.durable] = ack.lost
 
     def release(self) -> None:
         waiting, self.waiting = self.waiting, []
@@ -269,7 +267,7 @@ def test_window_pauses_reading_until_answers_go() -> None:
 def test_a_sender_that_reads_no_answers_is_not_read_either() -> None:
     async def main() -> None:
         sink = ScriptedSink()
-        sink.on_durable = lambda callback, on_lost=None: callback()  # type: ignore[method-assign]
+        sink.immediate = True
         src, _ = make_source(sink)
         _, port = await src.start()
         raw = socket.socket()

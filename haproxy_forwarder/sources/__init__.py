@@ -4,7 +4,7 @@ TCP, TLS (the TCP source behind a TLS layer any stream protocol can use) and UDP
 beside them with the same `SourceContext`.
 """
 
-from .base import Backpressure, IngestSink, SourceContext, split_hostport
+from .base import Backpressure, CollectorInput, SourceContext, split_hostport
 from .relp import RelpSource
 from .tcp import TcpSource
 from .tls import TlsGate, TlsLayer, TlsSource
@@ -12,7 +12,7 @@ from .udp import UdpSource
 
 __all__ = [
     "Backpressure",
-    "IngestSink",
+    "CollectorInput",
     "RelpSource",
     "SourceContext",
     "TcpSource",

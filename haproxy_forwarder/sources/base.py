@@ -1,7 +1,7 @@
 """What every source is given: where results go, the counters, the log, the reader settings.
 
-The `Source → ingest` protocol is `IngestSink.take(ChunkResult)`; backpressure comes back the
-other way through `Backpressure`.
+The `Source → collector` protocol is `CollectorInput.take(ChunkResult, Ack)`; backpressure
+comes back the other way through `Backpressure`.
 """
 
 from __future__ import annotations
@@ -10,31 +10,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..acks import Ack
 from ..ingest import ChunkReader, ChunkResult, ProgramFilter, new_reader
 from ..observability.counters import Counters
 from ..observability.quiet import QuietLog
 from .guard import BufferBudget
 
 
-class IngestSink(Protocol):
-    """The collector: takes what a reader produced (events, counts)."""
+class CollectorInput(Protocol):
+    """The collector, as a source sees it: where reader results go."""
 
-    def take(self, result: ChunkResult) -> None: ...
-
-    def on_durable(self, callback: Callable[[], None],
-                   on_lost: Callable[[], None] | None = None) -> None:
-        """Call `callback` once every event of the last take() is durable (RELP acks).
-
-        Durable: fsync'd on the spool, accepted by the intake (no spool), or (too large) in
-        the dead-letter store, or dropped and counted because it could not be written there
-        (dead letters full or failing: resending would not help). Exactly once, from the
-        event loop. If some of them were lost instead (a delivery bug, the spool refusing
-        them while the intake does too, shutdown without a spool), `on_lost` is called once
-        (maybe synchronously, from this call) and `callback` never: the source stops waiting
-        for that answer and the sender resends. Neither at a crash. No event in the last
-        take() (all filtered): `callback` at once, synchronously. Call it right after take(),
-        with no await in between. Sources that never call it pay nothing.
-        """
+    def take(self, result: ChunkResult, ack: Ack | None = None) -> None:
+        """Count and batch what a reader produced. With `ack`, its `durable` (or `lost`) is
+        called once every event of this result is durable (RELP answers): see acks.Ack.
+        Sources that pass none pay nothing."""
         ...
 
     def flush(self) -> None:
@@ -71,7 +60,7 @@ class Backpressure:
 
 @dataclass(eq=False)
 class SourceContext:
-    sink: IngestSink
+    sink: CollectorInput
     counters: Counters
     log: Any  # a structlog BoundLogger
     filter: ProgramFilter

@@ -2,8 +2,8 @@
 
 The protocol is in relp/ (sans-IO); here bytes move, and each chunk's syslog messages go
 through the same ingest as TCP: one reader per connection, fed the messages as octet-counted
-frames (so a message is exactly one frame, whatever bytes it holds), `ctx.sink.take()`, then
-at once `ctx.sink.on_durable()`, whose callback answers them. Answers leave in txnr order.
+frames (so a message is exactly one frame, whatever bytes it holds), `ctx.sink.take()` with an
+`Ack` whose callback answers them. Answers leave in txnr order.
 
 Flow control: a session with `relp.max_window` unanswered messages is not read from until
 answers go out (its sender's own window then fills and it waits); under backpressure no
@@ -34,6 +34,7 @@ import asyncio
 import time
 from typing import cast
 
+from ..acks import Ack
 from ..config import ListenConfig, RelpConfig
 from ..ingest import OCTET
 from ..observability.counters import RelpCounters
@@ -173,11 +174,9 @@ class RelpConnection(asyncio.Protocol):
             return
         sink = self.ctx.sink
         result = self.reader.feed(b"".join(parts), sink.received_at())
-        sink.take(result)
+        sink.take(result, Ack(lambda: self._durable(txnrs, started), self._lost))
         if result.oversized:
             self._oversized(result.oversized)
-        # No await between take() and here: on_durable is about that take.
-        sink.on_durable(lambda: self._durable(txnrs, started), self._lost)
 
     def _durable(self, txnrs: list[int], started: float) -> None:
         if self.transport is None:
