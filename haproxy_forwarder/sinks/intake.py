@@ -24,6 +24,7 @@ from .. import __version__
 from ..batching import Batch
 from ..config import MAX_REQUEST_BYTES, IntakeConfig
 from ..observability import logs
+from ..observability.logs import MASK
 from .encoding import bodies_bounded
 
 # Cap what a Retry-After may impose, so a bogus header cannot park delivery for days.
@@ -38,7 +39,6 @@ ANSWER_CAP = 64 * 1024
 # The intake's limit on one event (250 KiB): a 413 on a single event under it comes from
 # something in between (a proxy's body limit), not from the event.
 INTAKE_EVENT_LIMIT = 250 * 1024
-MASK = "********"
 
 
 class Kind(enum.Enum):
@@ -71,7 +71,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isdigit() alone is true of '²' (a latin-1 byte from a proxy), which float() refuses.
+    if value.isascii() and value.isdigit():
         return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
