@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import REPO
+from .probe import wait_until
 from .toml import write_toml
 
 __all__ = ["ENV_PREFIX", "REPO", "Daemon", "Spawn", "base_config", "run_cli", "write_toml"]
@@ -101,23 +102,31 @@ class Daemon:
                 "run", *self.args]
 
     def start(self, timeout: float = 20.0, poll: float = 0.05) -> Daemon:
+        """Spawn the daemon and wait for its "started" line; RuntimeError if it exits first
+        or does not get there within `timeout` seconds (with its stderr)."""
         err = self.stderr_path.open("wb")
         out = self.stdout_path.open("wb")
         self._files = [err, out]
         self.t_spawn = time.monotonic()
-        self.proc = self.spawn(self.command(), stdout=out, stderr=err, env=self.env, cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        proc = self.proc = self.spawn(self.command(), stdout=out, stderr=err, env=self.env,
+                                      cwd=REPO)
+
+        def started() -> bool:
             for rec in self.logs():
                 if rec.get("event") == "listening":
                     self._note_port(rec)
                 if rec.get("event") == "started":
-                    self.t_started = time.monotonic()
-                    return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.stderr_text()}")
-            time.sleep(poll)
-        raise RuntimeError(f"daemon did not start: {self.stderr_text()}")
+                    return True
+            if proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {proc.returncode}: {self.stderr_text()}")
+            return False
+
+        try:
+            wait_until(started, timeout, "the daemon's 'started' log line", step=poll)
+        except AssertionError as exc:
+            raise RuntimeError(f"{exc}: {self.stderr_text()}") from None
+        self.t_started = time.monotonic()
+        return self
 
     def _note_port(self, rec: dict[str, Any]) -> None:
         # The first listener of each kind is the one tests and the bench send to.
@@ -147,13 +156,10 @@ class Daemon:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def wait_log(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.events(name)
-            if found:
-                return found[-1]
-            time.sleep(0.05)
-        raise AssertionError(f"no {name!r} log line within {timeout}s: {self.stderr_text()}")
+        """The last `name` log line, waited for."""
+        found = wait_until(lambda: self.events(name), timeout, f"a {name!r} log line",
+                           step=0.05, detail=self.stderr_text)
+        return found[-1]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None

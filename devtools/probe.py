@@ -1,21 +1,89 @@
-"""Looking at a running daemon from a test: wait for a condition, read one metric, peak RSS."""
+"""Looking at a running daemon from a test: wait for a condition, read its metrics, peak RSS.
+
+`wait_until` (and its async twin `until`) is the one way the tests wait: for a condition, with
+a deadline, and a failure that names what was waited for. No test sleeps to synchronise.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+PREFIX = "haproxy_forwarder_"
 
 
-def wait_until(cond: Callable[[], object], timeout: float = 15.0, step: float = 0.02) -> bool:
-    """Poll `cond` until it is true or `timeout` passes; its last answer, as a bool."""
+def _describe(cond: Callable[[], object]) -> str:
+    """What `cond` checks, for a failure message when the caller did not say: its source."""
+    target: object = cond
+    while isinstance(target, functools.partial):
+        target = target.func
+    try:
+        text = " ".join(inspect.getsource(target).split())  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return getattr(target, "__qualname__", repr(target))
+    if "lambda" in text:
+        text = text[text.index("lambda"):]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _timed_out(cond: Callable[[], object], timeout: float, what: str | None, last: object,
+               detail: Callable[[], object] | None) -> AssertionError:
+    msg = f"waited {timeout:g} s for {what or _describe(cond)}; last answer {last!r:.300}"
+    if detail is not None:
+        msg += f"\n{detail()}"
+    return AssertionError(msg)
+
+
+def wait_until(cond: Callable[[], T | None], timeout: float = 15.0, what: str | None = None, *,
+               step: float = 0.02, detail: Callable[[], object] | None = None) -> T:
+    """Poll `cond` until its answer is true and return that answer.
+
+    Past `timeout` seconds, AssertionError naming `what` was waited for (the condition's
+    source when not given), its last answer and `detail()` (e.g. the daemon's log) if given.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise _timed_out(cond, timeout, what, got, detail)
         time.sleep(step)
-    return bool(cond())
+
+
+async def until(cond: Callable[[], T | None], timeout: float = 15.0, what: str | None = None, *,
+                step: float = 0.005, detail: Callable[[], object] | None = None) -> T:
+    """`wait_until` inside an event loop: the loop runs while `cond` is not true yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise _timed_out(cond, timeout, what, got, detail)
+        await asyncio.sleep(step)
+
+
+def samples(port: int) -> dict[str, float]:
+    """Every sample of the status endpoint on `port` by name without the prefix, its labelled
+    series summed (`events_held` is memory + spool)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(PREFIX):
+            continue
+        name = line[len(PREFIX):].split("{", 1)[0].split(" ", 1)[0]
+        out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def metric(port: int, name: str) -> float:
@@ -23,9 +91,38 @@ def metric(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     for line in text.splitlines():
-        if line.startswith(f"haproxy_forwarder_{name} "):
+        if line.startswith(f"{PREFIX}{name} "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not on /metrics")
+
+
+def at_rest(port: int, frames: int = 0, closed: bool = True) -> dict[str, float] | None:
+    """The daemon's samples once it has nothing left to send, else None.
+
+    At rest: it has read at least `frames` messages, no event is held (memory or spool), every
+    event it took is delivered, dead-lettered or dropped and, if `closed`, no TCP connection is
+    open. From there nothing more can reach the intake: waiting for it is how a test makes
+    sure no duplicate (or filtered message) is still on its way, instead of sleeping.
+    """
+    m = samples(port)
+    came = m.get("accepted_events_total", 0) + m.get("spool_recovered_events_total", 0) \
+        + m.get("requeued_events_total", 0)
+    went = m.get("delivered_events_total", 0) + m.get("dead_lettered_events_total", 0) \
+        + m.get("dropped_events_total", 0)
+    ok = (m.get("received_frames_total", 0) >= frames
+          and (not closed or m.get("connections_open", 0) == 0)
+          and m.get("events_held", 0) == 0 and m.get("in_memory_batches", 0) == 0
+          and came == went)
+    return m if ok else None
+
+
+def wait_at_rest(port: int, frames: int = 0, timeout: float = 30.0, closed: bool = True,
+                 detail: Callable[[], object] | None = None) -> dict[str, float]:
+    """`at_rest` waited for; its samples."""
+    return wait_until(lambda: at_rest(port, frames, closed), timeout,
+                      f"the daemon at rest (read {frames}+ frames, nothing held or "
+                      f"unaccounted{', no connection open' if closed else ''})",
+                      step=0.05, detail=detail)
 
 
 def peak_rss(pid: int) -> int:
