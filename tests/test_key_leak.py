@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import base64
 import signal
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from devtools.daemon import Daemon, base_config, run_cli, write_toml
+from devtools.probe import wait_until
 from devtools.traffic import octet_counted, send_tcp, traditional
 from tests.conftest import intake_section
 from tests.fake_intake import VALID_KEY, FakeIntake
@@ -28,15 +27,6 @@ FORMS = {
     "base64 basic auth": base64.b64encode(f":{VALID_KEY}".encode()),
     "reversed": VALID_KEY[::-1].encode(),  # nobody writes it so; a cheap sanity check
 }
-
-
-def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def get(d: Daemon, path: str) -> bytes:
@@ -86,7 +76,8 @@ def test_the_key_appears_nowhere(intake: FakeIntake, tmp_path: Path) -> None:
     # spooling: the intake down, batches on disk
     intake.set_down(True)
     send(d, *(f"spooled {i}" for i in range(50)))
-    wait_until(lambda: metric(get(d, "/metrics"), "spool_appended_batches_total") > 0)
+    wait_until(lambda: metric(get(d, "/metrics"), "spool_appended_batches_total") > 0, 10,
+               "a batch on the spool while the intake is down")
     out["/metrics while down"] = get(d, "/metrics")
     out["/healthz while down"] = get(d, "/healthz")
     out["status command"] = run_cli("--config", str(config), "status", "--once",
@@ -120,7 +111,7 @@ def test_the_key_appears_nowhere(intake: FakeIntake, tmp_path: Path) -> None:
     dry = Daemon(tmp_path, {**cfg, "spool": {"dir": str(tmp_path / "dry-spool")}},
                  args=["--dry-run"], config_path=dry_cfg, file_prefix="dry").start()
     send(dry, "dry one")
-    wait_until(lambda: dry.stdout_lines())
+    wait_until(dry.stdout_lines, 10, "the dry-run event on stdout")
     assert dry.stop() == 0
 
     # the scenario really went through what it claims
