@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from devtools.daemon import Daemon
+from devtools.probe import samples, wait_at_rest, wait_until
 from devtools.traffic import (
     haproxy_line,
     lf_framed,
@@ -41,19 +42,36 @@ def _tag() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def _wait_events(intake: FakeIntake, want: Iterable[str], timeout: float = 20.0) -> None:
+def _wait_events(d: Daemon, intake: FakeIntake, want: Iterable[str],
+                 timeout: float = 20.0) -> None:
     """Each wanted event arrives exactly once (and nothing else carrying the same tags)."""
     want_c = collections.Counter(want)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = collections.Counter(e for e in intake.event_texts() if e in want_c)
-        if got >= want_c:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # a duplicate would show up now
-    got = collections.Counter(e for e in intake.event_texts() if e in want_c)
-    missing, extra = list((want_c - got).elements()), list((got - want_c).elements())
-    assert got == want_c, f"missing {missing[:3]} ({len(missing)}), extra {extra[:3]}"
+
+    def got() -> collections.Counter[str]:
+        return collections.Counter(e for e in intake.event_texts() if e in want_c)
+
+    def diff() -> str:
+        have = got()
+        missing, extra = list((want_c - have).elements()), list((have - want_c).elements())
+        return f"missing {missing[:3]} ({len(missing)}), extra {extra[:3]}"
+
+    wait_until(lambda: got() >= want_c, timeout, f"{len(want_c)} distinct events at the intake",
+               step=0.05, detail=diff)
+    # Nothing held, all accounted for: a duplicate would be at the intake now.
+    wait_at_rest(d.status_port, closed=False, detail=d.stderr_text)
+    assert got() == want_c, diff()
+
+
+def read(d: Daemon, name: str) -> float:
+    """A counter of the daemon, summed over its labels (listeners)."""
+    return samples(d.status_port)[name]
+
+
+def wait_read(d: Daemon, name: str, at_least: float) -> None:
+    """Wait until the daemon has read what was sent: `name` (received_frames_total,
+    received_bytes_total, connections_open...) at `at_least`."""
+    wait_until(lambda: read(d, name) >= at_least, 10, f"{name} >= {at_least}",
+               detail=lambda: read(d, name))
 
 
 def _good_lines(tag: str, n: int) -> list[str]:
@@ -65,7 +83,7 @@ def assert_healthy(d: Daemon, intake: FakeIntake, n: int = 30) -> list[str]:
     assert d.proc is not None and d.proc.poll() is None, d.stderr_text()[-2000:]
     lines = _good_lines(_tag(), n)
     send_tcp(d.tcp_port, octet_counted(traditional("haproxy", x) for x in lines))
-    _wait_events(intake, lines)
+    _wait_events(d, intake, lines)
     assert d.proc.poll() is None
     return lines
 
@@ -157,12 +175,12 @@ def test_vector_4852_lf_message_starting_with_digit_stays_lf(intake: FakeIntake,
         hp(f"{t} last"),
     ]
     with _connect(d.tcp_port) as s:
-        for f in frames:  # one write per frame, so reads begin with the digit lines
+        for n, f in enumerate(frames, 1):  # one read per frame: reads begin with digit lines
             s.sendall(f + b"\n")
-            time.sleep(0.05)
+            wait_read(d, "received_frames_total", n)
         s.shutdown(socket.SHUT_WR)
         assert closed_by_peer(s)
-    _wait_events(intake, [
+    _wait_events(d, intake, [
         f"{t} first, decides LF",
         f"42 {t} starts with a digit",
         f"5 {t} MSG starts with a count-like digit",
@@ -180,9 +198,10 @@ def test_vector_4895_1_23_4_twice_does_not_loop(intake: FakeIntake, daemon: Make
     with _connect(d.tcp_port) as s:
         s.sendall(b"1 <23>4\n1 <23>4\n")
         assert closed_by_peer(s)
+    before = read(d, "received_bytes_total")
     with _connect(d.tcp_port) as s:
         s.sendall(b"1 <23>4")
-        time.sleep(0.05)
+        wait_read(d, "received_bytes_total", before + 7)  # the second write, a read of its own
         with contextlib.suppress(OSError):
             s.sendall(b"1 <23>4")
         assert closed_by_peer(s)
@@ -212,10 +231,10 @@ def test_vector_pr_25657_oversized_octet_frame_split_across_reads(intake: FakeIn
         for n, piece in enumerate(pieces):
             s.sendall(piece)
             if n % 20 == 0:
-                time.sleep(0.002)
+                time.sleep(0.002)  # pacing, so the daemon reads small pieces: the scenario
         s.shutdown(socket.SHUT_WR)
         assert closed_by_peer(s, 20)
-    _wait_events(intake, before + after + tail)
+    _wait_events(d, intake, before + after + tail)
     assert_healthy(d, intake)
     assert len(d.events("frame_too_large")) == 1  # logged once per connection...
     c = stop_counters(d)
@@ -248,7 +267,7 @@ def test_invalid_length_prefixes_close_that_connection_only(intake: FakeIntake,
         with _connect(d.tcp_port) as s:
             s.sendall(octet_counted([hp(f"{t} {name} ok")]))  # octet-counted from byte 1
             expected.append(f"{t} {name} ok")
-            time.sleep(0.02)
+            wait_read(d, "received_frames_total", len(expected))  # read before the bad bytes
             with contextlib.suppress(OSError):
                 s.sendall(bad)
             assert closed_by_peer(s), f"{name}: connection left open"
@@ -259,7 +278,7 @@ def test_invalid_length_prefixes_close_that_connection_only(intake: FakeIntake,
     good.sendall(octet_counted([hp(f"{t} steady after")]))
     good.close()
     expected.append(f"{t} steady after")
-    _wait_events(intake, expected)
+    _wait_events(d, intake, expected)
     assert_healthy(d, intake)
     n_bad = len(BAD_PREFIXES) + 1
     c = stop_counters(d)
@@ -285,7 +304,7 @@ def test_lf_line_over_max_message_size_resyncs(intake: FakeIntake, daemon: MakeD
             s.sendall(stream[i : i + 1000])
         s.shutdown(socket.SHUT_WR)
         assert closed_by_peer(s)
-    _wait_events(intake, good1 + good2 + good3)
+    _wait_events(d, intake, good1 + good2 + good3)
     assert_healthy(d, intake)
     assert len(d.events("frame_too_large")) == 1
     c = stop_counters(d)
@@ -311,13 +330,13 @@ def test_random_bytes_on_several_connections_at_once(intake: FakeIntake,
         with _connect(d.tcp_port) as s:
             for i in range(0, len(steady), 10):
                 s.sendall(octet_counted(hp(x) for x in steady[i : i + 10]))
-                time.sleep(0.005)
+                time.sleep(0.005)  # pacing: steady traffic all through the blasts
             s.shutdown(socket.SHUT_WR)
             assert closed_by_peer(s, 20)
 
     senders = [lambda p=p: blast(d.tcp_port, p) for p in payloads]
     run_threads([*senders, steady_sender])
-    _wait_events(intake, steady)
+    _wait_events(d, intake, steady)
     healthy = assert_healthy(d, intake)
     assert_only(intake, steady + healthy)  # no garbage came out as an event
     c = stop_counters(d)
@@ -334,7 +353,7 @@ def test_nul_bytes(intake: FakeIntake, daemon: MakeDaemon) -> None:
     oc_after = [f"{t} octet after nul {i}" for i in range(10)]
     send_tcp(d.tcp_port, b"5 \0\0\0\0\0" + b"3000 " + b"\0" * 3000
              + octet_counted(hp(x) for x in oc_after))
-    _wait_events(intake, lf_after + oc_after)
+    _wait_events(d, intake, lf_after + oc_after)
     healthy = assert_healthy(d, intake)
     assert_only(intake, lf_after + oc_after + healthy)
     c = stop_counters(d)
@@ -349,12 +368,13 @@ def test_udp_garbage_flood_oversized_and_empty_datagrams(intake: FakeIntake,
     garbage = [rng.randbytes(rng.randrange(1, 1400)) for _ in range(5000)]
     send_udp(d.udp_port, garbage)
     send_udp(d.udp_port, [b""] * 200 + [b"\n"] * 200 + [b"\0" * 100] * 100)
-    time.sleep(0.5)
+    # All read before more comes (the socket's receive queue is no part of the test).
+    wait_read(d, "received_bytes_total", sum(map(len, garbage)) + 200 + 100 * 100)
     oversized = [b"o" * (SMALL + 1), hp("p" * 10_000), b"q" * 60_000]
     send_udp(d.udp_port, oversized, per_ms=1)
     udp_good = [f"{t} udp {i}" for i in range(200)]
     send_udp(d.udp_port, (hp(x) + b"\n" for x in udp_good))
-    _wait_events(intake, udp_good)
+    _wait_events(d, intake, udp_good)
     healthy = assert_healthy(d, intake)
     assert_only(intake, udp_good + healthy)
     c = stop_counters(d)
@@ -392,16 +412,16 @@ def test_slowloris_one_byte_at_a_time_is_delivered(intake: FakeIntake,
         with _connect(d.tcp_port) as s:
             for b in payload:
                 s.sendall(bytes([b]))
-                time.sleep(0.004)
+                time.sleep(0.004)  # the slow sender's pace: the attack itself
             s.shutdown(socket.SHUT_WR)
             assert closed_by_peer(s)
 
     def others() -> None:
-        time.sleep(0.1)
+        wait_read(d, "connections_open", 2)  # the slow senders are connected
         assert_healthy(d, intake)  # not held up by the slow senders
 
     run_threads([lambda: drip(slow_oc), lambda: drip(slow_lf), others])
-    _wait_events(intake, [f"{t} slow octet-counted", f"{t} slow lf"])
+    _wait_events(d, intake, [f"{t} slow octet-counted", f"{t} slow lf"])
     assert_healthy(d, intake)
 
 
@@ -413,7 +433,7 @@ def test_max_connections_per_address_refuses_extra_ones(intake: FakeIntake,
     d = daemon(intake, listen={"max_connections_per_address": 5}, log={"stats_interval": 0.1})
     t = _tag()
     first = [_connect(d.tcp_port) for _ in range(5)]
-    time.sleep(0.3)  # let the daemon accept these five before the rest arrive
+    wait_read(d, "connections_open", 5)  # the daemon took these five before the rest arrive
     extra = [socket.create_connection(("127.0.0.1", d.tcp_port), timeout=10) for _ in range(15)]
     try:
         refused = sum(closed_by_peer(s, 5) for s in extra)
@@ -427,23 +447,16 @@ def test_max_connections_per_address_refuses_extra_ones(intake: FakeIntake,
     finally:
         for s in first + extra:
             s.close()
-    _wait_events(intake, lines)
+    _wait_events(d, intake, lines)
     # Rate-limited: the first refusal at once, the 14 others in one line that counts them.
     summary = d.wait_log("connection_refused", timeout=1)
     assert summary["reason"] == "listen.max_connections_per_address reached"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(d.events("connection_refused")) < 2:
-        time.sleep(0.05)
+    wait_until(lambda: len(d.events("connection_refused")) >= 2, 10,
+               "the refusals' summary line")
     refusals = d.events("connection_refused")
     assert len(refusals) == 2 and refusals[1]["suppressed"] == 14
     # The slots come back once those connections are gone.
-    n0 = len(d.events("stats"))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = d.events("stats")
-        if len(stats) > n0 and stats[-1]["connections_open"] == 0:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: read(d, "connections_open") == 0, 10, "no connection open")
     assert_healthy(d, intake)
     c = stop_counters(d)
     assert c["connections_refused"] == 15 and c["connections_accepted"] == 6
@@ -455,7 +468,7 @@ def test_silent_connections_at_the_limit_are_evicted_for_new_senders(
     d = daemon(intake, listen={"max_connections": 3})
     t = _tag()
     squatters = [_connect(d.tcp_port) for _ in range(3)]
-    time.sleep(0.3)
+    wait_read(d, "connections_open", 3)
     try:
         newcomer = _connect(d.tcp_port)
         newcomer.sendall(octet_counted([hp(f"{t} newcomer")]))
@@ -467,7 +480,7 @@ def test_silent_connections_at_the_limit_are_evicted_for_new_senders(
     finally:
         for s in [*squatters, newcomer]:
             s.close()
-    _wait_events(intake, [f"{t} newcomer"])
+    _wait_events(d, intake, [f"{t} newcomer"])
     assert d.events("connection_evicted_idle")[0]["complete_frames"] is False
     assert d.events("connection_refused") == []
     c = stop_counters(d)
@@ -480,14 +493,15 @@ def test_at_the_limit_connections_that_sent_frames_outlive_frameless_ones(
     d = daemon(intake, listen={"max_connections": 2})
     t = _tag()
     trickler = _connect(d.tcp_port)  # the oldest connection, and bytes keep coming
-    time.sleep(0.1)
+    wait_read(d, "connections_open", 1)
     sender = _connect(d.tcp_port)
-    sender.sendall(octet_counted([hp(f"{t} first")]))
+    first = octet_counted([hp(f"{t} first")])
+    sender.sendall(first)
     try:
-        for _ in range(3):
+        for n in range(1, 4):
             trickler.sendall(b"9")  # the start of a frame that never ends
-            time.sleep(0.1)
-        _wait_events(intake, [f"{t} first"])
+            wait_read(d, "received_bytes_total", len(first) + n)  # each read after the frame
+        _wait_events(d, intake, [f"{t} first"])
         extra = _connect(d.tcp_port)
         assert closed_by_peer(trickler, 5)  # evicted, though its last byte is the newest
         extra2 = _connect(d.tcp_port)
@@ -500,7 +514,7 @@ def test_at_the_limit_connections_that_sent_frames_outlive_frameless_ones(
     finally:
         trickler.close()
         sender.close()
-    _wait_events(intake, [f"{t} first", f"{t} second"])
+    _wait_events(d, intake, [f"{t} first", f"{t} second"])
     c = stop_counters(d)
     assert c["connections_evicted"] == 2 and c["connections_refused"] == 0
 
@@ -524,7 +538,7 @@ def test_flood_many_connections_thousands_of_frames_exact(intake: FakeIntake,
         # Half the connections octet-counted, half LF-framed.
         payloads.append(octet_counted(frames) if c % 2 else lf_framed(frames))
     run_threads([lambda p=p: send_tcp(d.tcp_port, p, chunk=8192) for p in payloads])
-    _wait_events(intake, expected, timeout=60)
+    _wait_events(d, intake, expected, timeout=60)
     assert_only(intake, expected)
     assert_healthy(d, intake)
     c = stop_counters(d)
@@ -547,9 +561,9 @@ def test_frame_boundary_at_every_byte(intake: FakeIntake, daemon: MakeDaemon,
         s = _connect(d.tcp_port)
         s.sendall(stream[:cut])
         conns.append((s, cut))
-    time.sleep(0.05)
+    wait_read(d, "received_bytes_total", sum(cut for _, cut in conns))  # first parts read
     for s, cut in conns:
         s.sendall(stream[cut:])
         s.close()
-    _wait_events(intake, lines * len(conns))
+    _wait_events(d, intake, lines * len(conns))
     assert_healthy(d, intake)
