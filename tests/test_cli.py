@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from devtools.daemon import REPO, Daemon, base_config, run_cli, write_toml
+from devtools.probe import samples, wait_at_rest, wait_until
 from devtools.traffic import octet_counted, send_tcp, traditional
 from haproxy_forwarder import __version__
 from tests.fake_intake import VALID_KEY, FakeIntake
@@ -369,10 +370,8 @@ def test_key_never_in_daemon_logs_through_401_and_retries(
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "first")]))
     d.wait_log("dead_lettered")
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "second")]))
-    deadline = time.monotonic() + 10
-    while len(d.events("intake_refused_check_config")) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(d.events("intake_refused_check_config")) >= 4
+    wait_until(lambda: len(d.events("intake_refused_check_config")) >= 4, 10,
+               "four 'intake_refused_check_config' lines (the 401 retried)")
     served = ""
     if d.status_port:  # the status endpoint is output too
         for path in ("/metrics", "/healthz"):
@@ -466,10 +465,10 @@ def test_dry_run_prints_events_as_json_lines(daemon: MakeDaemon) -> None:
             "-t", "haproxy", f"rfc3164 octet {tag}")
     _logger("-d", "-n", "127.0.0.1", "-P", str(d.udp_port), "-t", "haproxy", f"udp {tag}")
     want = {f"rfc5424 octet {tag}", f"rfc3164 octet {tag}", f"udp {tag}"}
-    deadline = time.monotonic() + 10
-    while len(d.stdout_lines()) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
+    wait_until(lambda: len(d.stdout_lines()) >= 3, 10, "three events on stdout",
+               detail=d.stdout_lines)
+    # All four messages read, nothing held: an extra event would be on stdout now.
+    wait_at_rest(d.status_port, frames=4, detail=d.stderr_text)
     assert d.stop() == 0
     raw = d.stdout_path.read_text().splitlines()
     lines = [json.loads(x) for x in raw]
@@ -490,7 +489,8 @@ def test_signal_stops_cleanly_with_exit_0(intake: FakeIntake, daemon: MakeDaemon
                                           sig: signal.Signals) -> None:
     d = daemon(intake, batch={"max_delay": 30.0, "idle_flush": 30.0})
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", f"flushed on {sig.name}")]))
-    time.sleep(0.2)
+    wait_until(lambda: samples(d.status_port)["accepted_events_total"] == 1, 10,
+               "the event in the open batch")
     assert d.stop(sig) == 0
     assert [e.event for e in intake.events] == [f"flushed on {sig.name}"]
     assert d.events("stopping")[-1]["signal"] == sig.name
@@ -526,13 +526,9 @@ def test_logs_are_json_lines_with_started_and_periodic_stats(intake: FakeIntake,
                                                              daemon: MakeDaemon) -> None:
     d = daemon(intake, log={"format": "json", "stats_interval": 0.2})
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "counted")]))
-    assert intake.wait_for(1, 10)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = d.events("stats")
-        if len(stats) >= 3 and stats[-1]["delivered_events"] == 1:
-            break
-        time.sleep(0.05)
+    assert intake.wait_for(1, 10), "the event at the intake"
+    wait_until(lambda: len(stats := d.events("stats")) >= 3 and stats[-1]["delivered_events"] == 1,
+               10, "three stats lines, the last counting the delivery")
     assert d.stop() == 0
     lines = d.stderr_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line is JSON
@@ -564,26 +560,28 @@ def test_too_few_file_descriptors_for_max_connections_is_said_at_start(tmp_path:
     cfg = tmp_path / "c.toml"
     write_toml(cfg, base_config(tmp_path))
     env = {k: v for k, v in os.environ.items() if k != "HAPROXY_FORWARDER_CONFIG"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "haproxy_forwarder", "--config", str(cfg), "run", "--dry-run"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-        # A hard limit below max_connections (1024) + margin: the soft one cannot be raised.
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)),
-    )
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "haproxy_forwarder", "--config", str(cfg), "run",
+             "--dry-run"],
+            stdout=subprocess.DEVNULL, stderr=out, env=env, cwd=REPO,
+            # A hard limit below max_connections (1024) + margin: the soft one cannot be raised.
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)),
+        )
+
+    def logged() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in err.read_text().splitlines() if x.endswith("}")]
+
+    def started() -> bool:
+        return any(r["event"] == "started" for r in logged()) or proc.poll() is not None
+
     try:
-        deadline = time.monotonic() + 20
-        lines: list[dict[str, Any]] = []
-        assert proc.stderr is not None
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(json.loads(line))
-            if lines[-1]["event"] == "started":
-                break
+        wait_until(started, 20, "the 'started' line (or the exit)", detail=err.read_text)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert proc.wait(20) == 0, err.read_text()
+    lines = logged()
     warn = [r for r in lines if r["event"] == "fd_limit_low"]
     assert warn and warn[0]["nofile"] == 100 and warn[0]["max_connections"] == 1024
 
@@ -636,9 +634,7 @@ class _DaemonConfigAfter(Daemon):
 def test_run_with_config_after_the_command(tmp_path: Path) -> None:
     with _DaemonConfigAfter(tmp_path, base_config(tmp_path), args=("--dry-run",)) as d:
         send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "config after run")]))
-        deadline = time.monotonic() + 10
-        while not d.stdout_lines() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(d.stdout_lines, 10, "the event on stdout")
         assert d.stop() == 0
     assert [x["event"] for x in d.stdout_lines()] == ["config after run"]
     # The config after `run` is the one read, also when another one comes before it.
@@ -675,10 +671,8 @@ def _metric(port: int, name: str) -> float:
 
 
 def _wait_metric(port: int, name: str, value: float, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _metric(port, name) != value:
-        assert time.monotonic() < deadline, f"{name} never reached {value}"
-        time.sleep(0.05)
+    wait_until(lambda: _metric(port, name) == value, timeout, f"{name} at {value}", step=0.05,
+               detail=lambda: _metric(port, name))
 
 
 def _rows(stdout: str) -> tuple[dict[str, str], list[str]]:
@@ -782,7 +776,7 @@ def test_status_rates_from_two_scrapes(tmp_path: Path, daemon: MakeDaemon) -> No
         send_tcp(d.tcp_port, octet_counted([traditional("haproxy", f"r{sent}"),
                                             traditional("sshd", "filtered")]))
         sent += 1
-        time.sleep(0.02)
+        time.sleep(0.02)  # the stream's pace: traffic to measure, no wait for the daemon
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     report = json.loads(out)
@@ -844,10 +838,7 @@ def test_status_of_a_failing_daemon_exits_1_with_the_reason(intake: FakeIntake,
                status={"stall_after": 0.5})
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", f"held {i}") for i in range(5)]))
     healthz = f"http://127.0.0.1:{d.status_port}/healthz"
-    deadline = time.monotonic() + 15
-    while _get(healthz)[0] != 503:
-        assert time.monotonic() < deadline, "/healthz never turned 503"
-        time.sleep(0.05)
+    wait_until(lambda: _get(healthz)[0] == 503, 15, "/healthz at 503", step=0.05)
     _wait_metric(d.status_port, "haproxy_forwarder_spool_events", 5)
     reasons = json.loads(_get(healthz)[1])["reasons"]
     assert reasons
