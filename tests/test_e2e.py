@@ -6,12 +6,12 @@ import collections
 import re
 import signal
 import socket
-import time
 from collections.abc import Callable
 
 import pytest
 
 from devtools.daemon import Daemon
+from devtools.probe import samples, wait_at_rest, wait_until
 from devtools.traffic import (
     haproxy_line,
     lf_framed,
@@ -28,11 +28,14 @@ MakeDaemon = Callable[..., Daemon]
 RECEIVED_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
-def assert_exactly(intake: FakeIntake, expected: list[str], timeout: float = 60.0) -> None:
+def assert_exactly(intake: FakeIntake, d: Daemon, expected: list[str], frames: int = 0,
+                   timeout: float = 60.0) -> None:
+    """The intake got `expected`, each once, once the daemon has read `frames` messages and
+    has nothing left to send (so anything extra, a duplicate or a filtered message, is there)."""
     assert intake.wait_for(len(expected), timeout), (
         f"only {len(intake.events)} of {len(expected)} events arrived"
     )
-    time.sleep(0.5)  # anything extra (a duplicate, a filtered message) would show up now
+    wait_at_rest(d.status_port, frames, detail=d.stderr_text)
     got = collections.Counter(e.event for e in intake.events)
     want = collections.Counter(expected)
     assert got == want, (
@@ -44,7 +47,7 @@ def test_100k_octet_counted_frames_one_connection(intake: FakeIntake, daemon: Ma
     d = daemon(intake)
     frames, expected = mixed_stream(100_000)
     send_tcp(d.tcp_port, octet_counted(frames))
-    assert_exactly(intake, expected)
+    assert_exactly(intake, d, expected, len(frames))
     # No header time zone in the traditional format: the reception time, UTC, milliseconds.
     assert all(RECEIVED_TS.match(e.timestamp or "") for e in intake.events)
     assert {e.endpoint for e in intake.events} == {"/array"}
@@ -57,7 +60,7 @@ def test_rfc5424_keeps_header_time(intake: FakeIntake, daemon: MakeDaemon) -> No
     d = daemon(intake)
     frames, expected = mixed_stream(20_000, fmt="rfc5424")
     send_tcp(d.tcp_port, octet_counted(frames))
-    assert_exactly(intake, expected)
+    assert_exactly(intake, d, expected, len(frames))
     assert {e.timestamp for e in intake.events} == {"2026-11-26T21:58:51.123456+01:00"}
 
 
@@ -65,7 +68,7 @@ def test_lf_framing(intake: FakeIntake, daemon: MakeDaemon) -> None:
     d = daemon(intake)
     frames, expected = mixed_stream(20_000)
     send_tcp(d.tcp_port, lf_framed(frames))
-    assert_exactly(intake, expected)
+    assert_exactly(intake, d, expected, len(frames))
 
 
 def test_lf_final_frame_without_trailer_is_delivered(intake: FakeIntake,
@@ -73,14 +76,14 @@ def test_lf_final_frame_without_trailer_is_delivered(intake: FakeIntake,
     d = daemon(intake)
     send_tcp(d.tcp_port, traditional("haproxy", "first").__add__(b"\n")
              + traditional("haproxy", "last, no LF"))
-    assert_exactly(intake, ["first", "last, no LF"])
+    assert_exactly(intake, d, ["first", "last, no LF"], 2)
 
 
 def test_udp(intake: FakeIntake, daemon: MakeDaemon) -> None:
     d = daemon(intake)
     frames, expected = mixed_stream(5_000)
     send_udp(d.udp_port, (f + b"\n" for f in frames))
-    assert_exactly(intake, expected)
+    assert_exactly(intake, d, expected, len(frames))
 
 
 def test_transient_errors_then_retry_after_nothing_lost_nothing_doubled(
@@ -90,15 +93,14 @@ def test_transient_errors_then_retry_after_nothing_lost_nothing_doubled(
     intake.inject(429, headers={"Retry-After": "1"})
     d = daemon(intake, batch={"max_events": 1000})
     frames, expected = mixed_stream(3_000)
-    started = time.monotonic()
     send_tcp(d.tcp_port, octet_counted(frames))
-    assert_exactly(intake, expected)
+    assert_exactly(intake, d, expected, len(frames))
     # A keep-alive connection the server closed can add a status-less retry: not counted here.
     statuses = [r["status"] for r in intake.requests if r["status"] is not None]
     assert statuses[:4] == [503, 503, 503, 429]
-    assert time.monotonic() - started >= 1.0  # the Retry-After was honoured
-    retries = [r["status"] for r in d.events("intake_retry") if r["status"] is not None]
-    assert retries[:4] == [503, 503, 503, 429]
+    retries = [r for r in d.events("intake_retry") if r["status"] is not None]
+    assert [r["status"] for r in retries[:4]] == [503, 503, 503, 429]
+    assert retries[3]["retry_in"] >= 1.0  # the Retry-After was honoured
 
 
 def test_hapee_tag_kept_and_text_normalised(intake: FakeIntake, daemon: MakeDaemon) -> None:
@@ -113,14 +115,14 @@ def test_hapee_tag_kept_and_text_normalised(intake: FakeIntake, daemon: MakeDaem
         b"<134>Nov 26 21:58:51 lb1 nginx[1]: not haproxy",
     ]
     send_tcp(d.tcp_port, octet_counted(frames))
-    assert_exactly(intake, [
+    assert_exactly(intake, d, [
         'hapee-lb[16320]: [ACCESS] 2022 {"ctn":"html"}',
         "leading spaces",
         "bom dropped",
         "bad \ufffd utf-8",
         "line one\nline two",
         "prefix match counts",
-    ])
+    ], len(frames))
 
 
 def test_event_over_250k_goes_to_dead_letter(intake: FakeIntake, daemon: MakeDaemon) -> None:
@@ -128,7 +130,7 @@ def test_event_over_250k_goes_to_dead_letter(intake: FakeIntake, daemon: MakeDae
     big = "x" * (250 * 1024 + 1)
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", big),
                                         traditional("haproxy", "small one")]))
-    assert_exactly(intake, ["small one"])
+    assert_exactly(intake, d, ["small one"], 2)
     files = list((d.tmp / "spool" / "dead-letter").glob("*.jsonl"))
     assert len(files) == 1
     text = files[0].read_text()
@@ -152,7 +154,7 @@ def test_413_splits_the_batch(intake: FakeIntake, daemon: MakeDaemon) -> None:
     d = daemon(intake, batch={"max_delay": 0.5})
     lines = [haproxy_line(i) for i in range(10)]
     send_tcp(d.tcp_port, octet_counted(traditional("haproxy", x) for x in lines))
-    assert_exactly(intake, lines)
+    assert_exactly(intake, d, lines, len(lines))
     assert [r["n_events"] for r in intake.requests if r["status"] == 200] == [5, 5]
 
 
@@ -161,7 +163,7 @@ def test_wrong_key_is_retried_loudly_and_flows_once_fixed(intake: FakeIntake,
     intake.inject(401, times=2)
     d = daemon(intake, intake={"auth_retry": 0.2})
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "kept through 401")]))
-    assert_exactly(intake, ["kept through 401"])
+    assert_exactly(intake, d, ["kept through 401"], 1)
     errors = d.events("intake_refused_check_config")
     assert len(errors) == 2 and errors[0]["level"] == "error"
 
@@ -170,7 +172,7 @@ def test_other_programs_do_not_arrive(intake: FakeIntake, daemon: MakeDaemon) ->
     d = daemon(intake)
     send_tcp(d.tcp_port, octet_counted([traditional("sshd", "no"), traditional("haproxy", "yes"),
                                         rfc5424("cron", "no"), rfc5424("haproxy", "yes too")]))
-    assert_exactly(intake, ["yes", "yes too"])
+    assert_exactly(intake, d, ["yes", "yes too"], 4)
     assert d.stop() == 0
     stopped = d.events("stopped")[-1]
     assert stopped["filtered_out"] == 2 and stopped["accepted_events"] == 2
@@ -179,7 +181,8 @@ def test_other_programs_do_not_arrive(intake: FakeIntake, daemon: MakeDaemon) ->
 def test_sigterm_flushes_open_batch_and_exits_0(intake: FakeIntake, daemon: MakeDaemon) -> None:
     d = daemon(intake, batch={"max_delay": 60.0, "idle_flush": 60.0})
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "in the open batch")]))
-    time.sleep(0.3)
+    wait_until(lambda: samples(d.status_port)["accepted_events_total"] == 1, 10,
+               "the event in the open batch")
     assert intake.events == []
     assert d.stop(signal.SIGTERM) == 0
     assert [e.event for e in intake.events] == ["in the open batch"]
@@ -192,15 +195,16 @@ def test_sigterm_with_unreachable_intake_spools_then_next_start_delivers(
     d = daemon(intake, shutdown_timeout=1.0)
     lines = [f"e{i}" for i in range(7)]
     send_tcp(d.tcp_port, octet_counted(traditional("haproxy", x) for x in lines))
-    time.sleep(0.5)
-    started = time.monotonic()
-    assert d.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 1.0 + 2.0
+    wait_until(lambda: samples(d.status_port)["accepted_events_total"] == 7, 10,
+               "the 7 events taken in")
+    # Not retrying on past shutdown_timeout (1 s): out well within stop's deadline (else
+    # killed, and the exit code says so).
+    assert d.stop(signal.SIGTERM, timeout=10.0) == 0
     assert d.events("shutdown_dropped") == []
     assert d.events("stopped")[-1]["spool_events"] == 7
     intake.set_down(False)
-    daemon(intake)  # same spool directory
-    assert_exactly(intake, lines)
+    d2 = daemon(intake)  # same spool directory
+    assert_exactly(intake, d2, lines)
 
 
 def test_invalid_length_prefix_closes_only_that_connection(intake: FakeIntake,
@@ -211,14 +215,14 @@ def test_invalid_length_prefix_closes_only_that_connection(intake: FakeIntake,
     send_tcp(d.tcp_port, b"12 <134>bad fr" + b"amex\n" + b"garbage here\n")
     good.sendall(octet_counted([traditional("haproxy", "after")]))
     good.close()
-    assert_exactly(intake, ["before", "after"])
+    assert_exactly(intake, d, ["before", "after"], 2)
     assert d.wait_log("framing_error")["action"] == "connection closed"
 
 
 def test_gzip_body_is_really_gzip(intake: FakeIntake, daemon: MakeDaemon) -> None:
     d = daemon(intake)
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "compressed")]))
-    assert_exactly(intake, ["compressed"])
+    assert_exactly(intake, d, ["compressed"], 1)
     # The fake intake gunzips the body (400 if it is not gzip) before accepting the event.
     assert intake.requests[0]["content_encoding"] == "gzip"
     assert intake.requests[0]["status"] == 200
@@ -229,7 +233,7 @@ def test_other_endpoints(intake: FakeIntake, daemon: MakeDaemon, endpoint: str) 
     d = daemon(intake, intake={"endpoint": endpoint})
     lines = [haproxy_line(i) for i in range(50)]
     send_tcp(d.tcp_port, octet_counted(traditional("haproxy", x) for x in lines))
-    assert_exactly(intake, lines)
+    assert_exactly(intake, d, lines, len(lines))
     path = {"batch": "/batch", "jsons": "/jsons", "plain-batch": "/plain/batch"}[endpoint]
     assert {e.endpoint for e in intake.events} == {path}
 
@@ -244,10 +248,15 @@ def _http_get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
+def _healthz_if(port: int, status: int) -> tuple[int, bytes] | None:
+    got = _http_get(port, "/healthz")
+    return got if got[0] == status else None
+
+
 def test_metrics_and_health(intake: FakeIntake, daemon: MakeDaemon) -> None:
     d = daemon(intake, status={"stall_after": 1.0})
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "m1"), traditional("x", "no")]))
-    assert_exactly(intake, ["m1"])
+    assert_exactly(intake, d, ["m1"], 2)
     status, body = _http_get(d.status_port, "/metrics")
     assert status == 200
     # prometheus-client writes every sample value as a float.
@@ -258,16 +267,9 @@ def test_metrics_and_health(intake: FakeIntake, daemon: MakeDaemon) -> None:
     # A backlog with no progress for stall_after seconds is unhealthy, though the process lives.
     intake.set_down(True)
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "stuck")]))
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        status, body = _http_get(d.status_port, "/healthz")
-        if status == 503:
-            break
-        time.sleep(0.2)
-    assert status == 503 and b"nothing delivered" in body
+    _, body = wait_until(lambda: _healthz_if(d.status_port, 503), 15,
+                         "/healthz at 503 (stalled backlog)", step=0.1)
+    assert b"nothing delivered" in body
     intake.set_down(False)
-    assert_exactly(intake, ["m1", "stuck"], timeout=90)
-    deadline = time.monotonic() + 5
-    while _http_get(d.status_port, "/healthz")[0] != 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _http_get(d.status_port, "/healthz")[0] == 200
+    assert_exactly(intake, d, ["m1", "stuck"], 3, timeout=90)
+    wait_until(lambda: _healthz_if(d.status_port, 200), 5, "/healthz back at 200", step=0.1)
