@@ -72,6 +72,25 @@ async def until(cond: Callable[[], T | None], timeout: float = 15.0, what: str |
         await asyncio.sleep(step)
 
 
+def steady(value: Callable[[], object], quiet: float) -> Callable[[], bool]:
+    """A condition for `wait_until`: true once `value()` has not changed for `quiet` seconds.
+
+    For what has no end to wait for (a peer that may still send, or has discarded for
+    good): the absence of change over a window, under wait_until's own deadline.
+    """
+    seen: object = object()
+    since = 0.0
+
+    def cond() -> bool:
+        nonlocal seen, since
+        now, v = time.monotonic(), value()
+        if v != seen:
+            seen, since = v, now
+        return now - since >= quiet
+
+    return cond
+
+
 def samples(port: int) -> dict[str, float]:
     """Every sample of the status endpoint on `port` by name without the prefix, its labelled
     series summed (`events_held` is memory + spool)."""
