@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,13 @@ from typing import Any
 import pytest
 
 from devtools.daemon import Daemon
+from devtools.probe import wait_at_rest, wait_until
 from devtools.traffic import send_tcp
 from haproxy_forwarder.spool import HEADER_SIZE
 from haproxy_forwarder.spool import format as fmt
 from tests.fake_intake import FakeIntake
 from tests.test_metrics import scrape, value
-from tests.test_spool_e2e import last_stats, stream, wait_until
+from tests.test_spool_e2e import last_stats, stream
 from tests.test_spool_loss import seg_path, v1_spool
 
 MakeDaemon = Callable[..., Daemon]
@@ -56,7 +56,7 @@ def test_daemon_quarantines_a_damaged_sealed_segment_and_counts_it(
     assert (rec["corrupt_records"], rec["corrupt_events"]) == (1, 4)
     want = [e for i, h in enumerate(held) if i != 4 for e in h["events"]]
     assert intake.wait_for(len(want), 20), f"{len(intake.events)} of {len(want)} delivered"
-    time.sleep(0.3)  # a duplicate would show up now
+    wait_at_rest(d.status_port, detail=d.stderr_text)  # a duplicate would be there now
     assert collections.Counter(intake.event_texts()) == collections.Counter(want)
     m = scrape(d.status_port)
     assert value(m, "spool_corrupt_records_total") == 1
@@ -92,15 +92,15 @@ def test_sigterm_after_drop_oldest_deleted_the_batch_being_sent_loses_nothing_si
                batch={"max_events": 100, "max_delay": 0.05},
                spool={"mode": "always", "max_size": 256 * KIB, "when_full": "drop_oldest"})
     threading.Thread(target=send_tcp, args=(d.tcp_port, payload), daemon=True).start()
-    assert wait_until(
-        lambda: last_stats(d).get("accepted_events") == n
-        and last_stats(d).get("spool_evicted_inflight", 0) >= 1, timeout=30,
-    ), f"the batch being sent was never deleted by drop_oldest: {last_stats(d)}"
+    wait_until(lambda: last_stats(d).get("accepted_events") == n
+               and last_stats(d).get("spool_evicted_inflight", 0) >= 1, 30,
+               "all accepted and the batch being sent deleted by drop_oldest",
+               detail=lambda: last_stats(d))
     held = len(intake.requests)
     assert held == 1, "one request on the wire, the one that hangs"
     # Deleted from disk, held in memory: the backlog gauges say so.
-    assert wait_until(lambda: last_stats(d).get("in_memory_batches") == 1, timeout=5), (
-        last_stats(d))
+    wait_until(lambda: last_stats(d).get("in_memory_batches") == 1, 5,
+               "a stats line with the one batch held in memory", detail=lambda: last_stats(d))
     assert d.stop() == 0
     intake.set_down(True)  # the hanging request is dropped: it delivered nothing
     first = d.events("stopped")[-1]
@@ -110,9 +110,10 @@ def test_sigterm_after_drop_oldest_deleted_the_batch_being_sent_loses_nothing_si
     intake.set_down(False)
     intake.set_delay(0)
     d2 = daemon(intake, spool={"when_full": "drop_oldest", "max_size": 256 * KIB})
-    assert wait_until(lambda: last_stats(d2).get("spool_events") == 0
-                      and last_stats(d2).get("in_memory_batches") == 0, timeout=30)
-    time.sleep(0.3)
+    wait_until(lambda: last_stats(d2).get("spool_events") == 0
+               and last_stats(d2).get("in_memory_batches") == 0, 30,
+               "the second run's spool drained", detail=lambda: last_stats(d2))
+    wait_at_rest(d2.status_port, detail=d2.stderr_text)  # a duplicate would be there now
     assert d2.stop() == 0
     second = d2.events("stopped")[-1]
     got = collections.Counter(intake.event_texts())
