@@ -26,6 +26,7 @@ import pytest
 import trustme
 
 from devtools.daemon import Daemon
+from devtools.probe import steady, wait_at_rest, wait_until
 from tests.fake_intake import FakeIntake, Received
 from tests.realpeers import (
     RSYSLOG_RULE,
@@ -38,7 +39,6 @@ from tests.realpeers import (
     http_get,
     needs,
     send_logger,
-    wait_until,
 )
 
 MakeDaemon = Callable[..., Daemon]
@@ -77,8 +77,8 @@ WINDOW = 6
 def rsyslog_caught_up(rs: RsyslogProcess, lines: int) -> None:
     """Wait until rsyslog has taken at least ``lines`` lines (its local copy has them)."""
     if rs.local_lines() < lines:
-        ok = wait_until(lambda: rs.local_lines() >= lines, 10)
-        assert ok, f"rsyslog stuck at {rs.local_lines()} of {lines} lines"
+        wait_until(lambda: rs.local_lines() >= lines, 10,
+                   f"rsyslog's local copy at {lines} lines", detail=rs.local_lines)
 
 
 def get_paths(
@@ -92,12 +92,13 @@ def get_paths(
         assert http_get(port, path).endswith(b"\r\n\r\nok"), path
 
 
-def settle(intake: FakeIntake, expected: int, timeout: float = 30.0) -> list[Received]:
-    """Wait for ``expected`` events, then a little more: a duplicate or an extra would show."""
+def settle(intake: FakeIntake, d: Daemon, expected: int, timeout: float = 30.0) -> list[Received]:
+    """Wait for ``expected`` events, then for the forwarder to hold nothing more: a duplicate
+    or an extra it took would be at the intake."""
     assert intake.wait_for(expected, timeout), (
         f"only {len(intake.events)} of {expected} events arrived: {intake.event_texts()[:3]}"
     )
-    time.sleep(0.6)  # > batch.max_delay (0.2 s) of the test daemon
+    wait_at_rest(d.status_port, closed=False, detail=d.stderr_text)
     return intake.events
 
 
@@ -151,10 +152,12 @@ def test_haproxy_via_rsyslog_shipped_rule_1000_requests(
             get_paths(port, paths[:500], rs)
             send_logger(rs.socket_path, "otherprog", other)
             get_paths(port, paths[500:], rs)
-            events = settle(intake, len(paths))
+            events = settle(intake, d, len(paths))
         # rsyslog did receive the other program's message: the rule is what kept it back
-        assert wait_until(lambda: other.encode() in rs.all_log_path.read_bytes(), 5)
-    time.sleep(0.3)
+        wait_until(lambda: other.encode() in rs.all_log_path.read_bytes(), 5,
+                   "the other program's message in rsyslog's own log")
+    # rsyslog gone, its connection closed: whatever it sent last is at the intake now.
+    wait_at_rest(d.status_port, detail=d.stderr_text)
     events = intake.events
     assert not any(other in e.event for e in events)
     assert_bare_http_lines(events, paths)
@@ -206,7 +209,7 @@ def test_rsyslog_templates_and_lf_framing(
         HaproxyProcess(tmp_path / "haproxy", haproxy_cfg(port, f"log {rs.socket_path} local0")),
     ):
         get_paths(port, paths, rs)
-        events = settle(intake, len(paths))
+        events = settle(intake, d, len(paths))
     assert_bare_http_lines(events, paths)
     if template is None:
         assert all(RECEIVED_TS.fullmatch(e.timestamp or "") for e in events)
@@ -245,7 +248,7 @@ def test_haproxy_straight_to_forwarder(
     paths = [f"/{variant}-{n}" for n in range(200)]
     with HaproxyProcess(tmp_path / "haproxy", cfg):
         get_paths(port, paths)
-        events = settle(intake, len(paths))
+        events = settle(intake, d, len(paths))
     # The shipped example's proxies are frontend `www` and backend `app`.
     assert_bare_http_lines(events, paths, httplog_re("www", "app"))
     if fmt == "rfc5424":
@@ -336,7 +339,7 @@ frontend tlsfe
             rsyslog_caught_up(rs, 40)
             for _ in range(5):
                 assert plaintext_to_tls(tls_port) == b""
-            events = settle(intake, 20 + 20 + 5)
+            events = settle(intake, d, 20 + 20 + 5)
     web = [e for e in events if " web web/<NOSRV> " in e.event]
     tcp = [e for e in events if " tcpfe " in e.event]
     tls = [e for e in events if " tlsfe/" in e.event]
@@ -374,7 +377,7 @@ def paced_requests(
             return
         delay = due - time.monotonic()
         if delay > 0:
-            time.sleep(delay)
+            time.sleep(delay)  # the sender's pace (`rate`): the load, no wait for anything
         rsyslog_caught_up(rs, n + 1 - WINDOW)
         path = f"/{prefix}-{n}"
         http_get(port, path)
@@ -420,7 +423,6 @@ def test_sigterm_keeps_every_frame_the_sender_handed_over(
     """The race behind the rare loss of (e) with the reliable rule, made (nearly) certain:
     a sender writing flat out, SIGTERM mid-stream. Measured: frames lost in 13 rounds of
     14 (from 1 to 42,000 of 17,000-83,000), so up to 3 rounds are run."""
-    already = 0
     for round_no in range(3):
         tag = f"round{round_no}"
         d = forwarder(daemon, intake)
@@ -428,10 +430,9 @@ def test_sigterm_keeps_every_frame_the_sender_handed_over(
         assert handed > 1000
         # a restart delivers whatever the first one put in its spool at shutdown
         again = forwarder(daemon, intake)
-        intake.wait_for(already + handed, 5)
-        time.sleep(0.5)
+        # Its spool delivered, nothing held: every frame it will ever send is at the intake.
+        wait_at_rest(again.status_port, detail=again.stderr_text)
         assert again.stop() == 0
-        already = len(intake.events)
         got = {int(e.event.rsplit("-", 1)[1]) for e in intake.events if f" {tag}-" in e.event}
         lost = sorted(set(range(handed)) - got)
         assert not lost, (
@@ -489,11 +490,16 @@ def test_forwarder_restart_under_steady_load(
         t0 = time.monotonic()
         sender.start()
         try:
-            time.sleep(3.0)
+            # The schedule goes by the load: stopped after 600 requests (3 s at 200/s), away
+            # for the next 400 (2 s).
+            wait_until(lambda: len(sent) >= 600, 30, "600 requests sent",
+                       detail=lambda: len(sent))
             first = d
             assert first.stop() == 0
             stopped_at = time.monotonic() - t0
-            time.sleep(2.0)
+            n_stopped = len(sent)
+            wait_until(lambda: len(sent) >= n_stopped + 400, 30,
+                       "400 requests sent while the forwarder is away", detail=lambda: len(sent))
             d = forwarder(daemon, intake, fwd_port)
             back_at = time.monotonic() - t0
             sender.join(30)
@@ -502,20 +508,16 @@ def test_forwarder_restart_under_steady_load(
             sender.join(5)
         duration = time.monotonic() - t0
         # every line reached rsyslog: what is missing below was lost after it
-        assert wait_until(
-            lambda: rs.local_log_path.read_bytes().count(b'"GET /') >= len(sent), 10
-        )
+        wait_until(lambda: rs.local_log_path.read_bytes().count(b'"GET /') >= len(sent), 10,
+                   f"all {len(sent)} requests in rsyslog's local copy")
         if rule == "reliable":
             # resumeInterval="10" as shipped: the backlog goes out ~10 s after the failure
             intake.wait_for(len(sent), 40)
         else:
-            # nothing to wait for: stop once no event arrived for 3 s
-            last, quiet_since = -1, time.monotonic()
-            while time.monotonic() - quiet_since < 3.0:
-                if len(intake.events) != last:
-                    last, quiet_since = len(intake.events), time.monotonic()
-                time.sleep(0.2)
-        time.sleep(0.6)
+            # What rsyslog discarded never comes: wait until no event arrived for 3 s.
+            wait_until(steady(lambda: len(intake.events), 3.0), 40,
+                       "no new event at the intake for 3 s", step=0.2)
+        wait_at_rest(d.status_port, closed=False, detail=d.stderr_text)
     events = intake.events
     paths = Counter(HTTPLOG.fullmatch(e.event)["path"] for e in events)  # type: ignore[index]
     lost = [p for p in sent if p not in paths]
