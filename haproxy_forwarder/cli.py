@@ -106,7 +106,7 @@ def _load(args: argparse.Namespace, dry_run: bool = False) -> Settings:
 
 def _run(settings: Settings, loader: Callable[[], Settings] | None = None) -> int:
     """`loader` reads the config again exactly as this run did (SIGHUP)."""
-    from .app import build
+    from .wiring import build
 
     settings.require_key()
     logs.configure(settings.log.level, settings.log.format)
@@ -117,7 +117,7 @@ def _run(settings: Settings, loader: Callable[[], Settings] | None = None) -> in
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency, but stay runnable
         runner = asyncio.run
-    from .app import ListenError
+    from .sources import ListenError
     from .spool import SpoolError
 
     if not _implementation_ok(log):

@@ -31,6 +31,9 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .observability.logs import MASK
+from .tlscontext import tls_problem
+
 DEFAULT_CONFIG_PATH = "/etc/haproxy-forwarder/config.toml"
 CONFIG_ENV = "HAPROXY_FORWARDER_CONFIG"
 ENV_PREFIX = "HAPROXY_FORWARDER_"
@@ -442,12 +445,15 @@ class Settings(BaseSettings):
     def _tls_files(self) -> Settings:
         # Loaded now as the listeners will load them: a bad certificate is a config error
         # (exit 2, or reload_failed on SIGHUP), not a failed start.
-        from .tlscontext import tls_problem
-
-        problem = tls_problem(self)
+        problem = tls_problem(self.tls, self.tls_needed)
         if problem:
             raise ValueError(problem)
         return self
+
+    @property
+    def tls_needed(self) -> bool:
+        """Some listener will do TLS handshakes: listen.tls, or RELP with relp.tls."""
+        return bool(self.listen.tls) or (self.relp.tls and bool(self.listen.relp))
 
     def require_key(self) -> None:
         """A real run (not dry-run) cannot start without an intake key."""
@@ -463,7 +469,7 @@ class Settings(BaseSettings):
         """The effective config as plain data, with the key masked."""
         data = self.model_dump(mode="json")
         if self.intake.key is not None:
-            data["intake"]["key"] = "********"
+            data["intake"]["key"] = MASK
         return data
 
 

@@ -21,10 +21,7 @@ import ssl
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
-if TYPE_CHECKING:
-    from .config import Settings, TlsConfig
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -33,9 +30,24 @@ class TlsFileError(ValueError):
     """One line naming the setting and the file: what is wrong with it."""
 
 
-def tls_needed(settings: Settings) -> bool:
-    """Some listener will do TLS handshakes: listen.tls, or RELP with relp.tls."""
-    return bool(settings.listen.tls) or (settings.relp.tls and bool(settings.listen.relp))
+class TlsConfig(Protocol):
+    """The [tls] settings, as this module reads them (config.TlsConfig is one): a protocol,
+    so that the config can validate its files here without this module importing it."""
+
+    @property
+    def cert_file(self) -> Path | None: ...
+    @property
+    def key_file(self) -> Path | None: ...
+    @property
+    def min_version(self) -> Literal["1.2", "1.3"]: ...
+    @property
+    def client_ca_file(self) -> Path | None: ...
+    @property
+    def allowed_names(self) -> list[str]: ...
+    @property
+    def handshake_timeout(self) -> float: ...
+    @property
+    def max_handshakes(self) -> int: ...
 
 
 def _no_passphrase() -> bytes:
@@ -95,10 +107,9 @@ def build_context(cfg: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def tls_problem(settings: Settings) -> str | None:
+def tls_problem(cfg: TlsConfig, needed: bool) -> str | None:
     """The one line that makes [tls] unusable, or None. Files are loaded only when set or
-    needed: a config without TLS pays nothing."""
-    cfg = settings.tls
+    `needed` (some listener does TLS): a config without TLS pays nothing."""
     if cfg.allowed_names and cfg.client_ca_file is None:
         return ("tls.allowed_names: needs tls.client_ca_file (names are those of client "
                 "certificates signed by that CA)")
@@ -110,7 +121,7 @@ def tls_problem(settings: Settings) -> str | None:
             return (f"tls.allowed_names: {pattern!r} is not an ASCII name: certificates "
                     "carry internationalized names as IDNA A-labels (xn--...), and names are "
                     "compared as ASCII, as rsyslog does: write the A-label")
-    if not tls_needed(settings) and cfg.cert_file is None and cfg.key_file is None:
+    if not needed and cfg.cert_file is None and cfg.key_file is None:
         return None
     try:
         build_context(cfg)

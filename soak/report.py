@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from .ledger import Report
+from .ledger import DeadLetter, Report, RunInfo
+from .metrics import Scrape
+from .spoolfault import Flip
 
-if TYPE_CHECKING:
-    from .run import Soak
+
+class Soak(Protocol):
+    """What the report reads of a finished soak (run.Soak): a protocol, so this module does
+    not import the one that calls it."""
+
+    seed: int
+    seconds: float
+    runs: list[RunInfo]
+    flips: list[Flip]
+    replayed: list[DeadLetter]
+    tmpfs_used: bool
+    code: str
+    final: Scrape | None
+    intake: Any  # a SoakIntake: answers, delivered_events()
 
 
 def _runs(soak: Soak) -> list[str]:

@@ -27,7 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.daemon import Daemon, run_cli
 from devtools.probe import wait_until
 from devtools.traffic import lf_framed, octet_counted, send_tcp, send_udp, traditional
-from haproxy_forwarder.app import build
 from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.config import Settings
 from haproxy_forwarder.observability import logs
@@ -37,7 +36,9 @@ from haproxy_forwarder.observability.counters import (
     SCALAR_FIELDS,
     SpoolCounters,
 )
+from haproxy_forwarder.sources import TcpSource, UdpSource
 from haproxy_forwarder.spool import HEADER_SIZE, Spool
+from haproxy_forwarder.wiring import build
 from tests.fake_intake import FakeIntake
 
 MakeDaemon = Callable[..., Daemon]
@@ -283,6 +284,14 @@ async def _aget(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
+async def _until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.005)
+
+
 def test_healthz_fails_when_a_listener_closes_under_the_daemon(tmp_path: Path) -> None:
     """In-process (nothing outside can close a daemon's socket): a real Daemon from build()
     on real loopback sockets, whose UDP socket and TCP server are then closed the way a fatal
@@ -299,24 +308,25 @@ def test_healthz_fails_when_a_listener_closes_under_the_daemon(tmp_path: Path) -
         port = d.status.server.sockets[0].getsockname()[1]
         assert (await _aget(port, "/healthz"))[0] == 200
         assert (await _aget(port, "/readyz"))[0] == 200
-        udp_name = d.udp[0].name
-        transport = d.udp[0]._transport
+        [tcp] = [src for src in d.listeners if isinstance(src, TcpSource)]
+        [udp] = [src for src in d.listeners if isinstance(src, UdpSource)]
+        transport = udp._transport
         assert transport is not None
         transport.close()
-        await asyncio.sleep(0.05)
+        await _until(lambda: udp.down, "the UDP listener seen closed")
         status, body = await _aget(port, "/healthz")
         assert status == 503
-        assert json.loads(body)["reasons"] == [f"listener {udp_name} is down (closed, not by us)"]
+        assert json.loads(body)["reasons"] == [f"listener {udp.name} is down (closed, not by us)"]
         assert (await _aget(port, "/readyz"))[0] == 503
         m = parse((await _aget(port, "/metrics"))[1].decode())
-        assert value(m, "listener_up", listener=udp_name) == 0
-        assert value(m, "listener_up", listener=d.tcp[0].name) == 1
-        server = d.tcp[0]._server
+        assert value(m, "listener_up", listener=udp.name) == 0
+        assert value(m, "listener_up", listener=tcp.name) == 1
+        server = tcp._server
         assert server is not None
         server.close()
-        await asyncio.sleep(0.05)
+        await _until(lambda: tcp.down, "the TCP listener seen closed")
         reasons = json.loads((await _aget(port, "/healthz"))[1])["reasons"]
-        assert f"listener {d.tcp[0].name} is down (closed, not by us)" in reasons
+        assert f"listener {tcp.name} is down (closed, not by us)" in reasons
         d.request_stop("SIGTERM")
         await d.shutdown()
 

@@ -176,7 +176,7 @@ def make_source(sink: ScriptedSink, max_window: int = 128,
                 **listen: Any) -> tuple[RelpSource, SourceContext]:
     ctx = SourceContext(sink, Counters(), Log(), ProgramFilter(["haproxy", "hapee"], ["hapee"]),
                         Backpressure(), 4096)
-    src = RelpSource(ctx, "127.0.0.1", 0, ListenConfig(**listen),
+    src = RelpSource(ctx, "127.0.0.1:0", ListenConfig(**listen),
                      RelpConfig(max_window=max_window))
     return src, ctx
 

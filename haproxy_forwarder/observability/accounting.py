@@ -16,7 +16,7 @@ the kernel (`udp_dropped`, `udp_kernel_dropped`), connections refused.
 The identity is exact at rest. While traffic flows, a scrape can land between a thread's
 append, ack or dead-letter write and the moment the event loop hears of it: the sum is then off
 by the events of those few batches (one per spool/dead-letter thread), never more, and it
-settles as soon as they are reported. Pure arithmetic here; the daemon measures `held`.
+settles as soon as they are reported. Pure arithmetic here; wiring.held_events measures `held`.
 """
 
 from __future__ import annotations
@@ -36,3 +36,17 @@ def balance(snapshot: Mapping[str, float]) -> dict[str, int]:
     kept = int(snapshot.get("events_held", 0))
     return {"events_in": came, "events_out": went, "events_held": kept,
             "events_unaccounted": came - went - kept}
+
+
+# Gauges that are yes/no: shown as booleans on the stats line.
+FLAGS = ("paused", "intake_failing", "spool_blocked")
+
+
+def stats_fields(snapshot: Mapping[str, float]) -> dict[str, object]:
+    """The fields of the periodic `stats` line (and the last, `stopped`): the snapshot with
+    the identity's terms (`events_unaccounted` 0 at rest) and the flags as booleans."""
+    fields: dict[str, object] = {**snapshot, **balance(snapshot)}
+    for flag in FLAGS:
+        if flag in fields:
+            fields[flag] = bool(fields[flag])
+    return fields

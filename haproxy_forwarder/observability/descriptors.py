@@ -13,13 +13,16 @@ daemon passes it to `exhausted()`.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import os
 import resource
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .counters import Counters
 
-# Descriptors kept free for everything but syslog connections (FD_MARGIN in app.py is 64).
+# Descriptors kept free for everything but syslog connections (wiring.FD_MARGIN is 64).
 RESERVE = 32
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
@@ -52,3 +55,22 @@ class Descriptors:
                            accept_errors=self.counters.accept_errors,
                            hint="raise LimitNOFILE (systemd) / ulimit -n, or lower "
                                 "listen.max_connections")
+
+
+def loop_error_handler(counters: Counters, quiet: Warner,
+                       log: Any) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The event loop's exception handler: errors asyncio would print as bare text become
+    log lines like every other, so they are seen and grepped for."""
+    descriptors = Descriptors(counters, quiet)
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_DESCRIPTORS:
+            # accept() out of descriptors (the asyncio loop retries each second): counted,
+            # one line per few seconds.
+            descriptors.exhausted(reason=os.strerror(exc.errno), action="accept retried in 1 s")
+            return
+        log.error("event_loop_error", message=context.get("message", ""),
+                  error=repr(exc) if exc else None)
+
+    return handle

@@ -12,6 +12,9 @@ from typing import Any
 
 import structlog
 
+# What a secret (the intake key) is replaced with, wherever it would be shown.
+MASK = "********"
+
 _secrets: list[str] = []
 
 
@@ -30,7 +33,7 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         for secret in _secrets:
             if secret in value:
-                value = value.replace(secret, "********")
+                value = value.replace(secret, MASK)
         return value
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}

@@ -6,6 +6,7 @@ comes back the other way through `Backpressure`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ from ..acks import Ack
 from ..ingest import ChunkReader, ChunkResult, ProgramFilter, new_reader
 from ..observability.counters import Counters
 from ..observability.quiet import QuietLog
+from ..tlscontext import ServerTls
 from .guard import BufferBudget
 
 
@@ -68,6 +70,9 @@ class SourceContext:
     max_message_size: int
     # Shared by every TCP listener: listen.max_buffered_bytes is a total over all of them.
     budget: BufferBudget = field(default_factory=BufferBudget)
+    # The TLS settings in force for every listener that speaks TLS (listen.tls, RELP with
+    # relp.tls): one certificate and one handshake cap per process, swapped whole on SIGHUP.
+    server_tls: ServerTls = field(default_factory=ServerTls)
     # Warnings a flood repeats (refused, evicted, denied...): rate-limited, with a count.
     quiet: QuietLog = field(init=False)
 
@@ -76,6 +81,14 @@ class SourceContext:
 
     def reader(self, framing: str) -> ChunkReader:
         return new_reader(self.filter, self.max_message_size, framing)
+
+
+def peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """("host:port", "host") of the peer, as log lines and the per-address limits use them."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    return str(peer), str(peer)
 
 
 def split_hostport(value: str) -> tuple[str, int]:

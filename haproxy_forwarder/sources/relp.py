@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import cast
+from typing import Any, cast
 
 from ..acks import Ack
-from ..config import ListenConfig, RelpConfig
+from ..config import ListenConfig, RelpConfig, Settings
 from ..ingest import OCTET
 from ..observability.counters import RelpCounters
 from ..relp import CLOSE_TIMEOUT, NOT_DURABLE, ServerSession
 from ..tlscontext import ServerTls
-from .base import SourceContext
-from .stream import StreamSource, peer_of
-from .tls import TlsGate, TlsLayer
+from .base import SourceContext, peer_of
+from .stream import StreamSource
 
 # The parser holds at most this much above listen.max_message_size: what is longer than
 # max_message_size is the reader's to count as oversized (as on TCP), what is far longer is
@@ -95,7 +94,7 @@ class RelpConnection(asyncio.Protocol):
         self.transport = transport
         src.add(self)
         self.stats.connections_accepted += 1
-        self._update_reading()
+        self.update_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
@@ -134,15 +133,15 @@ class RelpConnection(asyncio.Protocol):
         self._flush()
         if self.transport is not None:
             self.ctx.budget.update(self, session.buffered)
-            self._update_reading()
+            self.update_reading()
 
     def pause_writing(self) -> None:
         self.write_blocked = True
-        self._update_reading()
+        self.update_reading()
 
     def resume_writing(self) -> None:
         self.write_blocked = False
-        self._update_reading()
+        self.update_reading()
 
     def eof_received(self) -> bool | None:
         # A sender gone without `close`: what it has not seen answered, it sends again.
@@ -185,7 +184,7 @@ class RelpConnection(asyncio.Protocol):
         self.relp.acked(0, time.monotonic() - started)  # counted in relp_acks once sent
         self._flush()
         if self.transport is not None:
-            self._update_reading()
+            self.update_reading()
         if self.source.stopping:
             self.source.settled.set()
 
@@ -206,11 +205,12 @@ class RelpConnection(asyncio.Protocol):
                                unanswered=self.session.unacked,
                                action="session aborted: the sender resends what was not "
                                       "answered")
-        self._abort()
+        self.discard()
         if self.source.stopping:
             self.source.settled.set()
 
-    def _abort(self) -> None:
+    def discard(self) -> None:
+        """Close it now, nothing more written or read; what it held is freed."""
         t = self.transport or self.draining
         if t is not None:
             t.abort()
@@ -249,7 +249,7 @@ class RelpConnection(asyncio.Protocol):
         if self.write_blocked:
             # It reads nothing already: its last answers would never drain.
             self.draining = t
-            self._abort()
+            self.discard()
             return
         t.close()
         # connection_lost comes once the buffer is written (next loop turn if it is empty)
@@ -266,7 +266,7 @@ class RelpConnection(asyncio.Protocol):
                                error=f"its last answers not read {CLOSE_GRACE:g} s after "
                                      "the session was closed",
                                action="connection aborted")
-        self._abort()
+        self.discard()
 
     # -- flow control -------------------------------------------------------------------------
 
@@ -274,7 +274,7 @@ class RelpConnection(asyncio.Protocol):
     def window_full(self) -> bool:
         return self.session.unacked >= self.source.max_window
 
-    def _update_reading(self) -> None:
+    def update_reading(self) -> None:
         """Read only when there is room in the window, no backpressure, and not stopping."""
         t = self.transport
         if t is None:
@@ -295,7 +295,7 @@ class RelpConnection(asyncio.Protocol):
                 self.ctx.sink.flush()
 
     def pressure_changed(self) -> None:
-        self._update_reading()
+        self.update_reading()
 
     # -- closing for the source's reasons -----------------------------------------------------
 
@@ -312,44 +312,39 @@ class RelpConnection(asyncio.Protocol):
         self.ctx.quiet.warning("connection_shed", listener=self.stats.name, peer=self.peer,
                                buffered=self.buffered,
                                reason="listen.max_buffered_bytes reached")
-        self._abort()
+        self.discard()
 
 
 class RelpSource(StreamSource[RelpConnection]):
-    proto = "relp"
+    """listen.relp; with relp.tls, given the daemon's ServerTls (the [tls] of listen.tls)."""
 
-    def __init__(self, ctx: SourceContext, host: str, port: int, listen: ListenConfig,
-                 relp: RelpConfig, server_tls: ServerTls | None = None) -> None:
+    plain_kind = tls_kind = "relp"
+
+    def __init__(self, ctx: SourceContext, address: str, listen: ListenConfig,
+                 relp: RelpConfig, tls: ServerTls | None = None) -> None:
         self.max_data = listen.max_message_size + DATA_HEADROOM
         self.max_window = relp.max_window
         self.settled = asyncio.Event()  # set by an answer during stop(): look again
-        super().__init__(ctx, host, port, listen)
+        super().__init__(ctx, address, listen, tls)
         self.relp = self.stats.relp = RelpCounters()
-        # relp.tls: the daemon's one ServerTls (shared with listen.tls, swapped at SIGHUP).
-        if server_tls is not None:
-            self.gate = TlsGate(server_tls, self.stats, ctx.quiet, ctx.log, screen=self.screen)
 
-    @property
-    def tls(self) -> bool:
-        return self.gate is not None
+    def configure(self, settings: Settings) -> None:
+        """SIGHUP: relp.max_window (a narrower one pauses open sessions sooner), then the
+        listen.* limits and TLS names, as every stream listener."""
+        self.max_window = settings.relp.max_window
+        for conn in self.connections:
+            conn.update_reading()
+        super().configure(settings)
 
-    def configure(self, listen: ListenConfig, relp: RelpConfig | None = None) -> None:
-        """The listen.* limits and relp.max_window, at start and on SIGHUP."""
-        if relp is not None:
-            self.max_window = relp.max_window
-            for conn in self.connections:
-                conn._update_reading()
-        super().configure(listen)
+    def describe(self, settings: Settings) -> dict[str, Any]:
+        return {"max_window": self.max_window, "tls": self.tls, **super().describe(settings)}
 
     # -- admission ----------------------------------------------------------------------------
 
     def admit(self, transport: asyncio.BaseTransport, peer: str, address: str) -> bool:
         return not self.stopping and super().admit(transport, peer, address)
 
-    def protocol(self) -> asyncio.Protocol:
-        """One accepted connection's protocol: behind the TLS layer with relp.tls."""
-        if self.gate is not None:
-            return TlsLayer(self.gate, lambda: RelpConnection(self))
+    def connection(self) -> asyncio.Protocol:
         return RelpConnection(self)
 
     def closing(self, conn: RelpConnection) -> None:
@@ -370,7 +365,7 @@ class RelpSource(StreamSource[RelpConnection]):
         A session closed by us still draining its last answers goes first (aborted)."""
         for c in self.connections:
             if c.draining is not None:
-                c._abort()
+                c.discard()
                 return True
         candidates = [c for c in self.frameless if c.transport is not None]
         if not candidates:
@@ -423,7 +418,7 @@ class RelpSource(StreamSource[RelpConnection]):
         (duplicates at worst: they may be in the spool already)."""
         self._stop_accepting()  # handshakes under way: no RELP session yet, nothing to answer
         for conn in list(self.connections):
-            conn._update_reading()
+            conn.update_reading()
         if self.unacked:
             self.ctx.sink.flush()  # nothing more will come in: answers after one fsync
         loop = asyncio.get_running_loop()

@@ -1,25 +1,26 @@
-"""What every stream listener (TCP, TLS, RELP) keeps for its limits, in one place.
+"""The stream listener: what TCP syslog and RELP share, TLS included as an option.
 
 The connections, per peer address and in connect order while they never completed a frame;
 the checks at accept (descriptors, listen.allow, listen.max_connections_per_address, then
-listen.max_connections); the server socket; the idle sweep's timer. What differs by protocol
-(which connection to evict, what idleness means, how to stop) stays in the subclasses.
+listen.max_connections); the server socket; the idle sweep's timer; and, given the daemon's
+ServerTls, a TLS layer (sources/tls.py) in front of every connection, so TLS is a setting of
+a listener and not a kind of its own. What differs by protocol (the connection's protocol
+object, which connection to evict, what idleness means, how to stop) is the subclasses'.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from ..config import ListenConfig
+from ..config import ListenConfig, Settings
 from ..observability.counters import ListenerCounters
 from ..observability.descriptors import Descriptors
-from .base import SourceContext, listener_name
+from ..tlscontext import ServerTls
+from .base import SourceContext, listener_name, split_hostport
 from .guard import Allow, Holder
-
-if TYPE_CHECKING:
-    from .tls import TlsGate
+from .tls import TlsGate, TlsLayer
 
 
 class StreamConnection(Holder, Protocol):
@@ -39,22 +40,18 @@ class StreamConnection(Holder, Protocol):
 C = TypeVar("C", bound=StreamConnection)
 
 
-def peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
-    """("host:port", "host") of the peer, as log lines and the per-address limits use them."""
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple):
-        return f"{peer[0]}:{peer[1]}", str(peer[0])
-    return str(peer), str(peer)
-
-
 class StreamSource(Generic[C]):
-    # The scheme of its `listener` label.
-    proto = "tcp"
+    # Its kind (the listen.<kind> setting it comes from, the scheme of its `listener`
+    # label): without TLS, and with it.
+    plain_kind = "tcp"
+    tls_kind = "tls"
 
-    def __init__(self, ctx: SourceContext, host: str, port: int, listen: ListenConfig) -> None:
+    def __init__(self, ctx: SourceContext, address: str, listen: ListenConfig,
+                 tls: ServerTls | None = None) -> None:
         self.ctx = ctx
-        self.host = host
-        self.port = port
+        self.kind = self.tls_kind if tls is not None else self.plain_kind
+        self.address = address  # as the config lists it: the ListenerSet's key
+        self.host, self.port = split_hostport(address)
         self.connections: set[C] = set()
         self.per_address: dict[str, int] = {}
         # Connections that never completed a frame, oldest first: the first to be evicted,
@@ -63,16 +60,39 @@ class StreamSource(Generic[C]):
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.stopping = False
-        # Set by a TLS listener (and RELP with relp.tls): its handshakes in progress count.
-        self.gate: TlsGate | None = None
         # Its `listener` label gets the bound port at start() (port 0 in tests), and it is
         # shown from then on: a listener that failed to bind has no series.
-        self.stats = ListenerCounters(listener_name(self.proto, host, port))
+        self.stats = ListenerCounters(listener_name(self.kind, self.host, self.port))
+        # With TLS: the screen runs before the handshake, which counts against the caps.
+        self.gate = (TlsGate(tls, self.stats, ctx.quiet, ctx.log, screen=self.screen)
+                     if tls is not None else None)
         self.descriptors = Descriptors(ctx.counters, ctx.quiet)
-        self.configure(listen)
+        self.limit(listen)
         ctx.pressure.subscribe(self._on_pressure)
 
-    def configure(self, listen: ListenConfig) -> None:
+    @property
+    def tls(self) -> bool:
+        return self.gate is not None
+
+    def configure(self, settings: Settings) -> None:
+        """SIGHUP: the listen.* limits, and a narrowed tls.client_ca_file or
+        tls.allowed_names applied to the peers already connected, as a narrowed
+        listen.allow is (the new TLS settings are in force in the ServerTls already)."""
+        self.limit(settings.listen)
+        if self.gate is not None:
+            self.gate.recheck(self.connections)
+
+    def describe(self, settings: Settings) -> dict[str, Any]:
+        """The fields of its `listening` line."""
+        if self.gate is None:
+            return {}
+        return {"client_certificates": settings.tls.client_ca_file is not None}
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
+
+    def limit(self, listen: ListenConfig) -> None:
         """The listen.* limits, at start and on SIGHUP."""
         self.max_connections = listen.max_connections
         self.max_connections_per_address = listen.max_connections_per_address
@@ -171,8 +191,18 @@ class StreamSource(Generic[C]):
 
     # -- lifecycle --------------------------------------------------------------------------------
 
+    def connection(self) -> asyncio.Protocol:
+        """One accepted connection's protocol object, plain or behind the TLS layer."""
+        raise NotImplementedError
+
     def protocol(self) -> asyncio.Protocol:
-        """One accepted connection's protocol (TLS wraps it in its layer)."""
+        """The factory given to create_server: with TLS, the layer first; the connection's
+        own protocol only once the handshake and the name check passed."""
+        if self.gate is not None:
+            return TlsLayer(self.gate, self.connection)
+        return self.connection()
+
+    async def stop(self, grace: float) -> None:
         raise NotImplementedError
 
     async def start(self) -> tuple[str, int]:
@@ -181,7 +211,7 @@ class StreamSource(Generic[C]):
             self.protocol, self.host, self.port, reuse_address=True, backlog=1024
         )
         addr = self._server.sockets[0].getsockname()
-        self.stats.name = listener_name(self.proto, addr[0], addr[1])
+        self.stats.name = listener_name(self.kind, addr[0], addr[1])
         self.ctx.counters.add_listener(self.stats)
         self._schedule_sweep()
         return addr[0], addr[1]

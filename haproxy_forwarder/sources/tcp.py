@@ -3,8 +3,9 @@
 Thin by design: framing and header reading live in ingest/; here we only move bytes, enforce
 the connection limit, apply backpressure (pause_reading) and half-close at shutdown.
 
-The TLS source (tls.py) is this one with `protocol()` wrapping each connection in a TLS
-layer: TcpConnection only sees a transport, plain or decrypted, and never knows which.
+listen.tls is this listener given the daemon's ServerTls: each connection behind the TLS
+layer of tls.py. TcpConnection only sees a transport, plain or decrypted, and never knows
+which.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import cast
 
 from ..ingest import AUTO, ChunkResult
 from ..observability.counters import LF, OCTET, FramingCounters
-from .stream import StreamSource, peer_of
+from .base import peer_of
+from .stream import StreamSource
 
 
 class TcpConnection(asyncio.Protocol):
@@ -141,9 +143,12 @@ class TcpConnection(asyncio.Protocol):
 
 
 class TcpSource(StreamSource[TcpConnection]):
-    proto = "tcp"
+    """listen.tcp, and listen.tls (given a ServerTls)."""
 
-    def protocol(self) -> asyncio.Protocol:
+    plain_kind = "tcp"
+    tls_kind = "tls"
+
+    def connection(self) -> asyncio.Protocol:
         return TcpConnection(self)
 
     def evict_one(self) -> bool:

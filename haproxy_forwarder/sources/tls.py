@@ -1,4 +1,5 @@
-"""Syslog over TLS (RFC 5425), and the TLS layer any stream protocol can run over.
+"""The TLS layer any stream listener can run its protocol over (listen.tls: syslog over TLS,
+RFC 5425; RELP with relp.tls).
 
 The layer is ours, on ssl.MemoryBIO, rather than `create_server(ssl=...)`: with asyncio's and
 uvloop's built-in TLS a failed or timed-out handshake never reaches the protocol
@@ -13,12 +14,12 @@ only then creates the inner protocol and hands it a `TlsTransport`: a Transport 
 encrypts what is written and passes decrypted bytes to `data_received`. A refused peer is
 closed before any byte of it reaches the inner protocol.
 
-Running another protocol over it (RELP with relp.tls) takes the same few lines as TlsSource:
+A stream listener (sources/stream.py) given a ServerTls runs every connection over it:
 
-    # at construction; server_tls is the daemon's one ServerTls (Daemon.server_tls)
+    # at construction; server_tls is the daemon's one ServerTls (SourceContext.server_tls)
     self.gate = TlsGate(server_tls, self.stats, ctx.quiet, ctx.log, screen=self.screen)
     # the protocol factory given to loop.create_server
-    def protocol(self): return TlsLayer(self.gate, lambda: RelpConnection(self))
+    def protocol(self): return TlsLayer(self.gate, self.connection)
     # in stop(), with the server closed: handshakes still under way are aborted
     self.gate.close_pending()
 
@@ -40,13 +41,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from ..config import ListenConfig
 from ..observability.counters import ListenerCounters, TlsCounters
 from ..observability.quiet import QuietLog
 from ..tlscontext import HandshakeSlots, ServerTls, name_allowed, peer_names
-from .base import SourceContext
-from .stream import peer_of
-from .tcp import TcpConnection, TcpSource
+from .base import peer_of
 
 # Plaintext taken from the TLS object per call; a record is at most 16 KiB, so a few records.
 READ_SIZE = 256 * 1024
@@ -527,18 +525,3 @@ class TlsLayer(asyncio.Protocol):
             self.sslobj = None  # closed by us: not a peer gone in its handshake
         if self.raw is not None:
             self.raw.abort()
-
-
-class TlsSource(TcpSource):
-    """listen.tls: the TCP source with every connection behind a TlsLayer."""
-
-    proto = "tls"
-
-    def __init__(self, ctx: SourceContext, host: str, port: int, listen: ListenConfig,
-                 server_tls: ServerTls) -> None:
-        super().__init__(ctx, host, port, listen)
-        self.gate = TlsGate(server_tls, self.stats, ctx.quiet, ctx.log, screen=self.screen)
-
-    def protocol(self) -> asyncio.Protocol:
-        assert self.gate is not None  # set in __init__, before any accept
-        return TlsLayer(self.gate, lambda: TcpConnection(self))

@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterable
 from typing import Any
 
+from ..config import ListenConfig, Settings
 from ..ingest import DATAGRAM
 from ..observability import counters
 from ..observability.counters import ListenerCounters
-from .base import SourceContext, listener_name
+from .base import SourceContext, listener_name, split_hostport
 from .guard import Allow
 from .udp_drops import kernel_drops, socket_inode
 
-# A large receive buffer absorbs bursts while a batch is being encoded (listen.udp_rcvbuf).
-RCVBUF = 8 * 1024 * 1024
 RMEM_MAX = "/proc/sys/net/core/rmem_max"
 
 
@@ -52,21 +50,33 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class UdpSource:
-    def __init__(self, ctx: SourceContext, host: str, port: int,
-                 allow: Iterable[str] = (), rcvbuf: int = RCVBUF) -> None:
+    """listen.udp."""
+
+    kind = "udp"
+    # A datagram is no connection: the connections_open gauge leaves UDP out.
+    open_connections = None
+
+    def __init__(self, ctx: SourceContext, address: str, listen: ListenConfig) -> None:
         self.ctx = ctx
-        self.rcvbuf = rcvbuf
+        self.rcvbuf = listen.udp_rcvbuf
         self._inode = 0
         self._family = 0
         self._drops_base = 0  # what earlier sockets of these counters dropped
-        self.host = host
-        self.port = port
-        self.allow = Allow(allow)  # listen.allow, replaced on SIGHUP
+        self.address = address  # as the config lists it: the ListenerSet's key
+        self.host, self.port = split_hostport(address)
+        self.allow = Allow(listen.allow)
         self._transport: asyncio.DatagramTransport | None = None
         self._stopping = False
         # Its `listener` label gets the bound port at start() (port 0 in tests), and it is
         # shown from then on: a listener that failed to bind has no series.
-        self.stats = ListenerCounters(listener_name("udp", host, port))
+        self.stats = ListenerCounters(listener_name("udp", self.host, self.port))
+
+    def configure(self, settings: Settings) -> None:
+        """SIGHUP: listen.allow (the receive buffer is set once, at bind)."""
+        self.allow = Allow(settings.listen.allow)
+
+    def describe(self, settings: Settings) -> dict[str, Any]:
+        return {}
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -120,7 +130,9 @@ class UdpSource:
         t = self._transport
         return t is not None and not self._stopping and t.is_closing()
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Closed at once: a datagram socket has nothing in flight to wait for (`grace` is
+        the stream listeners')."""
         self._stopping = True
         self.ctx.quiet.flush()
         if self._transport is not None:
