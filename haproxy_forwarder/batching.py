@@ -1,6 +1,8 @@
 """Encoded batches: events as JSON string literals in one buffer, closed on count, size or age.
 
-Pure data structures; the timer that closes a batch on age lives in the app (`Daemon`).
+Pure data structures, no asyncio, no clock: the timers that close the open batch on age or
+when input pauses are the collector's (`Collector`, collector.py); the acknowledgements some
+batches carry are acks.py's.
 
 An event is carried from ingest to the intake as the exact bytes orjson writes for its text
 (`orjson.dumps(text)`: a quoted, escaped UTF-8 JSON string), so request bodies are built by
@@ -10,85 +12,15 @@ message. The text is decoded only on demand (dead letters, dry-run, /plain/batch
 
 from __future__ import annotations
 
-import asyncio
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import orjson
 
-
-class AckGauge:
-    """How many `Waiter`s wait (the acks_pending gauge): one object shared by all of them."""
-
-    __slots__ = ("pending",)
-
-    def __init__(self) -> None:
-        self.pending = 0
-
-
-class Waiter:
-    """One `Collector.on_durable` call: its callback runs once every holder has released it.
-
-    A countdown, not a flag: the events of one take() may sit in several batches (and dead
-    letters); each place holding some of them holds the waiter once. It starts held by its
-    creator, so nothing can fire it before every place is attached. `lose()` (a place whose
-    events were lost) drops the callback for good and calls `on_lost` instead: the source
-    must not wait for that answer (a RELP session whose answers leave in order would be
-    stuck behind it); an unacknowledged message is resent by its sender, an acknowledged
-    lost one is gone.
-    """
-
-    __slots__ = ("callback", "gauge", "left", "on_lost")
-
-    def __init__(self, callback: Callable[[], None], gauge: AckGauge,
-                 on_lost: Callable[[], None] | None = None) -> None:
-        self.callback: Callable[[], None] | None = callback
-        self.on_lost = on_lost
-        self.left = 1
-        self.gauge = gauge
-        gauge.pending += 1
-
-    def hold(self) -> None:
-        self.left += 1
-
-    def release(self) -> None:
-        cb = self.callback
-        if cb is None:
-            return
-        self.left -= 1
-        if self.left > 0:
-            return
-        self.callback = self.on_lost = None
-        self.gauge.pending -= 1
-        _call(cb, "on_durable callback failed")
-
-    def lose(self) -> None:
-        if self.callback is None:
-            return
-        on_lost = self.on_lost
-        self.callback = self.on_lost = None
-        self.gauge.pending -= 1
-        if on_lost is not None:
-            _call(on_lost, "on_durable on_lost callback failed")
-
-
-def _call(cb: Callable[[], None], message: str) -> None:
-    try:
-        cb()
-    except Exception as exc:  # a source's bug must not break delivery's bookkeeping
-        asyncio.get_running_loop().call_exception_handler(
-            {"message": message, "exception": exc})
-
-
-def release_all(acks: list[Waiter] | None) -> None:
-    for w in acks or ():
-        w.release()
-
-
-def lose_all(acks: list[Waiter] | None) -> None:
-    for w in acks or ():
-        w.lose()
+if TYPE_CHECKING:
+    from .acks import Waiter
 
 
 class Batch:
@@ -97,9 +29,10 @@ class Batch:
     `times[i]` is the event's timestamp (RFC 3339, ASCII, JSON-safe: it is written between
     quotes as is). Parallel sequences, not an object per event: cheaper to build and split.
 
-    `acks`: the waiters (Collector.on_durable) of the open batch, handed to delivery with it;
-    delivery keeps them on its router entry from then on. Never copied by slice/split/join
-    (delivery counts a batch's parts itself) nor written to the spool.
+    `acks`: the waiters (acks.Waiter) of the takes whose events it holds, each held once by
+    it; the collector gives them before handing the batch to delivery, which keeps them on
+    its router entry from then on. Never copied by slice/split/join (delivery counts a
+    batch's parts itself) nor written to the spool.
     """
 
     __slots__ = ("acks", "data", "ends", "times")

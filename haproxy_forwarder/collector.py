@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
 from typing import Protocol
 
-from .acks import Ack
-from .batching import AckGauge, Batch, Batcher, Waiter
-from .config import MAX_EVENT_BYTES
+from .acks import Ack, AckGauge, Waiter
+from .batching import Batch, Batcher
+from .config import MAX_EVENT_BYTES, BatchConfig
 from .ingest import ChunkResult
 from .observability.counters import Counters
 
@@ -25,17 +24,15 @@ OVERSIZED_REASON = f"event over 250 KiB ({MAX_EVENT_BYTES} bytes), the intake li
 IDLE_FLUSH = 0.05
 
 
-class BatchSink(Protocol):
+class DeliveryInput(Protocol):
     """Delivery, as the collector sees it."""
 
-    def submit(self, batch: Batch) -> None: ...
+    def submit(self, batch: Batch) -> None:
+        """A closed batch; its waiters (`Batch.acks`) are delivery's from now on."""
+        ...
 
     def dead_letter(self, batch: Batch, reason: str) -> asyncio.Future[bool] | None:
         """Queue the write; the future (if any) says True once it is on disk (fsync'd)."""
-        ...
-
-    def durable(self, batches: int, waiter: Waiter) -> None:
-        """`waiter` also waits for the last `batches` submitted (see on_durable)."""
         ...
 
 
@@ -60,111 +57,94 @@ class Clock:
 
 
 class Collector:
-    def __init__(self, batcher: Batcher, delivery: BatchSink, counters: Counters,
+    """Reader results into batches, closed by count or size (`Batcher`), by age (`max_delay`)
+    or when input pauses (`idle_flush`), and handed to delivery with the acknowledgements
+    of the takes whose events they hold."""
+
+    def __init__(self, batcher: Batcher, delivery: DeliveryInput, counters: Counters,
                  max_delay: float, idle_flush: float = IDLE_FLUSH) -> None:
         self.batcher = batcher
         self.delivery = delivery
         self.counters = counters
-        self.max_delay = max_delay
-        self.idle_flush = min(idle_flush, max_delay)
+        self._set_delays(max_delay, idle_flush)
         self.clock = Clock()
         self._timer: asyncio.TimerHandle | None = None
         self._opened = 0.0  # loop time of the open batch's first event
         self._last = 0.0  # loop time of the last chunk that added events
-        # What on_durable needs of the last take(): the result, how many batches it closed
-        # (valid while result.ends; a count, not the batches: an idle daemon must not keep
-        # its last batch alive) and its dead-letter writes (valid while result.too_large).
-        # Plain stores per take; sources that never call on_durable pay nothing more.
-        self._took: ChunkResult | None = None
-        self._closed = 0
-        self._dead: list[asyncio.Future[bool] | None] = []
-        self._acked_at = 0.0  # loop time of the last on_durable on the open batch
+        self._acked_at = 0.0  # loop time of the last take with an Ack that reached the open batch
         self.acks = AckGauge()
+
+    def _set_delays(self, max_delay: float, idle_flush: float) -> None:
+        # The one rule for both (constructor and reload): an idle_flush at or above max_delay
+        # changes nothing, max_delay closes the batch first.
+        self.max_delay = max_delay
+        self.idle_flush = min(idle_flush, max_delay)
+
+    def reconfigure(self, batch: BatchConfig) -> None:
+        """New [batch] limits (a reload). The open batch closes under the limits it was opened
+        with (a lower max_events must not meet a batch already over it)."""
+        self.flush()
+        self.batcher.max_events = batch.max_events
+        self.batcher.max_bytes = batch.max_bytes
+        self._set_delays(batch.max_delay, batch.idle_flush)
 
     @property
     def acks_pending(self) -> int:
-        """on_durable callbacks not called yet (the acks_pending gauge)."""
+        """Acknowledgements not given yet (the acks_pending gauge)."""
         return self.acks.pending
 
     def received_at(self) -> bytes:
         return self.clock.now()
 
     def take(self, result: ChunkResult, ack: Ack | None = None) -> None:
-        self._take(result)
-        if ack is not None:
-            self.on_durable(ack.durable, ack.lost)
+        """Count a reader's result, batch its events and dead-letter those too large.
 
-    def _take(self, result: ChunkResult) -> None:
-        self._took = result
+        `ack`: told once every event of this take is settled, or lost (see acks.Ack). It
+        travels as one `Waiter` held by each batch holding some of the take's events, given
+        before the batch goes to delivery (the open batch holds it too, if the take left
+        events in it), and by each dead-letter write of its too-large events. A take with no
+        event calls `ack.durable()` at once, synchronously.
+        """
         c = self.counters
         c.accepted_events += result.accepted
         c.filtered_out += result.filtered
         c.invalid_timestamps += result.bad_times
+        if ack is not None and not result.ends and not result.too_large:
+            ack.durable()
+            return
+        w = Waiter.of(ack, self.acks) if ack is not None else None
         if result.ends:
             closed = self.batcher.add(result.data, result.ends, result.times)
-            self._closed = len(closed)
+            # Every batch the take closed holds some of its events (add() closes a batch only
+            # right after filling it), and if the open one has any, it holds the take's last.
             for batch in closed:
+                if w is not None:
+                    _give(batch, w)
                 self.delivery.submit(batch)
-            if self.batcher.current.ends:
+            cur = self.batcher.current
+            if cur.ends:
                 loop = asyncio.get_running_loop()
                 self._last = now = loop.time()
+                if w is not None:
+                    _give(cur, w)
+                    self._acked_at = now
                 if closed or self._timer is None:
                     self._opened = now  # a new open batch: its age starts now
                 if self._timer is None:
                     # One timer for the open batch, not one per chunk: it re-arms itself.
-                    self._timer = loop.call_at(now + self.idle_flush,
-                                               self._on_timer)
-        if result.too_large:
-            self._dead = [
-                self.delivery.dead_letter(Batch(fragment, [len(fragment)], [ts]),
-                                          OVERSIZED_REASON)
-                for fragment, ts in result.too_large
-            ]
-
-    def on_durable(self, callback: Callable[[], None],
-                   on_lost: Callable[[], None] | None = None) -> None:
-        """Call `callback` once every event of the last take() is settled.
-
-        Settled: its batch appended to the spool and fsync'd, or accepted by the intake (no
-        spool); an event too large for the intake once its dead letter is written and
-        fsync'd, or dropped because it could not be (dead letters full, write failed: a drop
-        counted in dropped_events and logged, which no resend can undo: the sender waiting
-        for it would only send it again and again). Called once, from the event loop.
-        If some event is lost instead (a delivery bug, the spool refusing it while the intake
-        does too, shutdown without a spool) `on_lost` is called (once) and `callback` never;
-        nothing at all at a crash. With no event in the last take() `callback` runs at once,
-        synchronously. Must follow take() with no await in between: the batches are found by
-        position.
-        """
-        result = self._took
-        if result is None or (not result.ends and not result.too_large):
-            callback()
-            return
-        w = Waiter(callback, self.acks, on_lost)
-        n = len(result.ends)
-        if n:
-            cur = self.batcher.current
-            if cur.ends:
-                # The open batch holds the take's last min(len, n) events: if the take closed
-                # batches, the open one holds only events of this take.
-                w.hold()
-                if cur.acks is None:
-                    cur.acks = [w]
-                else:
-                    cur.acks.append(w)
-                self._acked_at = asyncio.get_running_loop().time()
-            if len(cur.ends) < n:
-                # Every batch the take closed holds some of its events (add() closes a batch
-                # only right after filling it); they were the last ones submitted.
-                self.delivery.durable(self._closed, w)
-        if result.too_large:
-            for fut in self._dead:
-                if fut is None:
-                    w.lose()  # a delivery that cannot tell when it is on disk
-                    break
+                    self._timer = loop.call_at(now + self.idle_flush, self._on_timer)
+        for fragment, ts in result.too_large:
+            fut = self.delivery.dead_letter(Batch(fragment, [len(fragment)], [ts]),
+                                            OVERSIZED_REASON)
+            if w is None:
+                continue
+            if fut is None:
+                w.lose()  # a delivery that cannot tell when it is on disk
+            else:
                 w.hold()
                 fut.add_done_callback(functools.partial(_dead_letter_done, w))
-        w.release()
+        if w is not None:
+            w.release()  # the creator's hold: every place that holds the take has it now
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -183,13 +163,22 @@ class Collector:
             self._timer = loop.call_at(due, self._on_timer)
 
     def flush(self) -> None:
-        """Close the open batch now (age limit, shutdown)."""
+        """Close the open batch now (age limit, reload, shutdown)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         full = self.batcher.take()
         if full is not None:
             self.delivery.submit(full)
+
+
+def _give(batch: Batch, w: Waiter) -> None:
+    """`batch` holds events of `w`'s take: it holds `w` once, until delivery settles it."""
+    w.hold()
+    if batch.acks is None:
+        batch.acks = [w]
+    else:
+        batch.acks.append(w)
 
 
 def _dead_letter_done(w: Waiter, f: asyncio.Future[bool]) -> None:

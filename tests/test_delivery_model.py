@@ -39,10 +39,9 @@ import asyncio
 import contextlib
 import itertools
 import random
-import selectors
 import sys
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,13 +59,15 @@ from hypothesis.stateful import (
     rule,
 )
 
-from haproxy_forwarder.batching import AckGauge, Batch, Waiter
+from haproxy_forwarder.acks import AckGauge, Waiter
+from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.config import IntakeConfig
 from haproxy_forwarder.delivery import Backoff, Delivery
 from haproxy_forwarder.observability.counters import DROP_REASONS, Counters
 from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink, Outcome
 from haproxy_forwarder.spool import AppendResult, RecordTooLarge, SpoolFull, SpoolWriteError
 from haproxy_forwarder.spool.queue import Evicted
+from tests.vclock import VirtualLoop
 
 TS = b"2024-05-01T12:00:00.000Z"
 KEY = "K3y"
@@ -78,7 +79,7 @@ BODY_LIMITS = {1: 100, 2: 180, 3: 260, 100: 1 << 20}
 INTERNAL = "internal error while delivering"
 
 
-# -- a loop that moves only when told, on a virtual clock -----------------------------------
+# -- a loop that moves only when told (tests/vclock.py), with no thread -----------------------
 
 
 class InlineExecutor(Executor):
@@ -94,88 +95,6 @@ class InlineExecutor(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         return None
-
-
-class _Selector(selectors.BaseSelector):
-    """The real selector (the loop's self-pipe), asked without waiting; when the loop would
-    wait, the virtual clock moves instead (or the loop stops: see VirtualLoop)."""
-
-    def __init__(self, on_idle: Callable[[float | None], None]) -> None:
-        self._inner = selectors.DefaultSelector()
-        self._on_idle = on_idle
-
-    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self._inner.register(fileobj, events, data)
-
-    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._inner.unregister(fileobj)
-
-    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self._inner.modify(fileobj, events, data)
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = self._inner.select(0)
-        if ready or timeout == 0:
-            return ready
-        self._on_idle(timeout)  # nothing is runnable now: the next timer is `timeout` away
-        return []
-
-    def get_map(self) -> Any:
-        return self._inner.get_map()
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class VirtualLoop(asyncio.SelectorEventLoop):
-    """`settle()` runs what is runnable now; `advance(dt)` also fires the timers of the next
-    `dt` seconds, moving the clock from one to the next; `run(coro)` lets time pass as the
-    coroutine needs. Nothing waits for real time, and every run is the same run."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self._until: float | None = None  # None: stop when idle; else advance up to it
-        self._free = False  # run(): the clock moves as far as needed
-        super().__init__(_Selector(self._idle))
-
-    def time(self) -> float:
-        return self.now
-
-    def _idle(self, timeout: float | None) -> None:
-        if self._free:
-            if timeout is None:
-                raise RuntimeError("deadlock: nothing runnable and no timer")
-            self.now += timeout
-        elif self._until is not None and timeout is not None and self.now + timeout <= self._until:
-            self.now += timeout
-        else:
-            if self._until is not None:
-                self.now = max(self.now, self._until)
-            self.stop()
-
-    def settle(self) -> None:
-        self._until, self._free = None, False
-        self.run_forever()
-
-    def advance(self, dt: float) -> None:
-        self._until, self._free = self.now + dt, False
-        self.run_forever()
-        self._until = None
-        self.settle()
-
-    def run(self, coro: Coroutine[Any, Any, Any], limit: float = 3600.0) -> Any:
-        """Run `coro` to its end, the clock moving as needed, but not past `limit` seconds
-        (a coroutine that never ends fails the test instead of spinning for ever)."""
-        self._free = True
-        task = self.create_task(coro)
-        deadline = self.call_at(self.now + limit, task.cancel)
-        try:
-            return self.run_until_complete(task)
-        except asyncio.CancelledError:
-            raise AssertionError(f"{coro.__qualname__} still running after {limit} s") from None
-        finally:
-            deadline.cancel()
-            self._free = False
 
 
 # -- the spool, the dead letters and the logs, in memory --------------------------------------
@@ -621,28 +540,47 @@ class DeliveryMachine(RuleBasedStateMachine):
         assert d is not None
         self._call(lambda: d.submit(batch))
 
-    @rule(n=st.integers(1, 4), open_batch=st.booleans())
-    def submit_acked(self, n: int, open_batch: bool) -> None:
-        """A RELP take: its waiter is on the open batch when it closes (`open_batch`), or
-        attached to the batch just closed (Collector.on_durable's two paths)."""
+    @rule(n=st.integers(1, 4), parts=st.integers(1, 2), shared=st.booleans())
+    def submit_acked(self, n: int, parts: int, shared: bool) -> None:
+        """RELP takes, handed over as Collector.take does: the take's waiter is given to
+        every batch holding some of its n events before that batch is submitted; `parts`: in
+        two batches (the take closed the open batch and left the rest in the next one), or
+        one; `shared`: the last batch also holds one event of a second take, with a waiter
+        of its own (several messages in one batch). The last batch is the open one: its
+        take's hold is released first, and it is submitted later (closed by a timer)."""
         first = len(self.fates)
         events = range(first, first + n)
-        batch = Batch.from_events([text(e) for e in events], [TS] * n)
         w = Waiter(lambda: self._acked(events), self.acks, lambda: None)
         for e in events:
             self.fates[e] = Fate(waiter=w)
+        cut = first + n // 2 if parts == 2 and n > 1 else first
+        groups = [range(first, cut), range(cut, first + n)] if cut > first else [events]
+        batches = [Batch.from_events([text(e) for e in g], [TS] * len(g)) for g in groups]
+        takes = [w]
+        if shared:
+            e2 = first + n
+            w2 = Waiter(lambda: self._acked(range(e2, e2 + 1)), self.acks, lambda: None)
+            self.fates[e2] = Fate(waiter=w2)
+            last = batches[-1]
+            batches[-1] = Batch.join([last, Batch.from_events([text(e2)], [TS])])
+            takes.append(w2)
         d = self.d
         assert d is not None
 
+        def give(batch: Batch, waiter: Waiter) -> None:
+            waiter.hold()
+            batch.acks = [*(batch.acks or ()), waiter]
+
         def take() -> None:
-            if open_batch:
-                w.hold()
-                batch.acks = [w]
-                d.submit(batch)
-            else:
-                d.submit(batch)
-                d.durable(1, w)
-            w.release()  # the creator's hold
+            for batch in batches:
+                give(batch, w)
+            if shared:
+                give(batches[-1], takes[1])
+            for batch in batches[:-1]:
+                d.submit(batch)  # closed by the take
+            for waiter in takes:
+                waiter.release()  # the end of each take: its creator's hold
+            d.submit(batches[-1])  # the open batch, closed later
 
         self._call(take)
 
@@ -761,7 +699,7 @@ class DeliveryMachine(RuleBasedStateMachine):
                 fate.crashed = True
                 self._expect(not fate.acked, lambda e=e: f"acknowledged event {e} lost at a crash")
             if fate.waiter is not None and fate.waiter.callback is not None:
-                fate.waiter = None  # nothing at all at a crash (see Collector.on_durable)
+                fate.waiter = None  # nothing at all at a crash (see acks.Ack)
             fate.evicted = False
         self.spool.reopen()
         self._open()
@@ -970,7 +908,7 @@ def test_one_worker_keeps_the_order_of_a_relp_batch_and_older_ones() -> None:
     steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
           lambda: s.submit(n=1),
           lambda: s.submit(n=1),
-          lambda: s.submit_acked(n=1, open_batch=False),
+          lambda: s.submit_acked(n=1, parts=1, shared=False),
           lambda: s.answer_all(answer=Answer(429)))
 
 

@@ -13,7 +13,8 @@ import asyncio
 import threading
 from pathlib import Path
 
-from haproxy_forwarder.batching import AckGauge, Batch, Waiter
+from haproxy_forwarder.acks import AckGauge, Waiter
+from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.delivery import SPILL_AFTER, Delivery
 from haproxy_forwarder.observability.counters import Counters
 from haproxy_forwarder.spool import AppendResult, RecordTooLarge

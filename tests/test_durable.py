@@ -1,8 +1,13 @@
-"""Collector.on_durable: the acknowledgements RELP gives only once its messages are durable.
+"""Collector.take(result, Ack): the acknowledgements RELP gives only once its messages are
+durable.
 
 A real Spool in tmp_path (behind a Filesystem that records, or holds, its writes and fsyncs),
 the real Delivery and Collector, a scripted sink. What is checked is when each callback runs,
 and what is on disk (spool segments, dead letters) or at the sink at that moment.
+
+On a virtual clock (tests/vclock.py): the collector's timers and delivery's pauses take no
+real time; the spool's and the dead letters' threads run as they do (the clock follows real
+time while they work).
 """
 
 from __future__ import annotations
@@ -10,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from haproxy_forwarder.batching import AckGauge, Batch, Batcher, Waiter
+from haproxy_forwarder.acks import Ack, AckGauge, Waiter
+from haproxy_forwarder.batching import Batch, Batcher
 from haproxy_forwarder.collector import Collector
 from haproxy_forwarder.delivery import Delivery
 from haproxy_forwarder.delivery.router import Router, durable
@@ -24,6 +29,7 @@ from haproxy_forwarder.observability.counters import Counters
 from haproxy_forwarder.sinks.deadletter import DeadLetters, read_dead_letters
 from haproxy_forwarder.spool import Spool
 from haproxy_forwarder.spool.segments import Filesystem
+from tests import vclock
 from tests.test_delivery import (
     BAD_REQUEST,
     OK,
@@ -99,7 +105,7 @@ class Rig:
 
     def send(self, *texts: str, program: str = "haproxy",
              check: Callable[[str], None] = lambda name: None) -> str:
-        """One take() of these messages and its on_durable; returns the callback's name."""
+        """One take() of these messages with its Ack; returns the callback's name."""
         name = texts[0] if texts else "nothing"
         result = self.reader.feed(b"".join(frame(t, program) for t in texts), TS)
         self.take(result, name, check)
@@ -111,8 +117,7 @@ class Rig:
             check(name)
             self.calls.append(name)
 
-        self.collector.take(result)
-        self.collector.on_durable(callback, lambda: self.lost.append(name))
+        self.collector.take(result, Ack(callback, lambda: self.lost.append(name)))
 
     def on_disk(self) -> list[str]:
         """The events a new process would find in the spool now (read-only open)."""
@@ -135,13 +140,14 @@ class Rig:
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 20))
+    vclock.run(coro, limit=20)
 
 
 async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
 
 
@@ -202,7 +208,7 @@ def test_only_batches_with_waiters_are_written_ahead(tmp_path: Path) -> None:
 
     async def main() -> None:
         rig = Rig(tmp_path, sink)
-        rig.collector.take(rig.reader.feed(frame("tcp 1"), TS))  # a TCP source: no on_durable
+        rig.collector.take(rig.reader.feed(frame("tcp 1"), TS))  # a TCP source: no Ack
         await until(lambda: sink.accepted == ["tcp 1"])
         assert rig.counters.spool.appended_batches == 0
         rig.send("relp 1")
@@ -549,17 +555,22 @@ class _Stamped(list[str]):
             self.times.append(self.loop.time())
 
 
-def test_router_moves_the_take_s_memory_batches_to_the_spool_behind_older_ones() -> None:
+def test_router_queues_the_take_s_batches_for_the_spool_behind_older_ones() -> None:
+    """What the collector hands over for a take that closed b and c (each given the take's
+    waiter before it is submitted) goes to the spool queue at once, behind the older memory
+    batch, which is written first; the waiter is released once both are on disk."""
     pressure: list[bool] = []
     router = Router(now=lambda: 0.0, spool_ready=lambda: False, write_ahead=False,
                     max_in_flight=100, on_pressure=pressure.append)
     gauge = AckGauge()
     a, b, c = (Batch.from_events([t], [TS]) for t in "abc")
-    for batch in (a, b, c):
-        router.submit(batch)  # a healthy intake: all three in memory
+    router.submit(a)  # a healthy intake: in memory
     fired: list[str] = []
     w = Waiter(lambda: fired.append("w"), gauge)
-    assert router.attach(2, w)  # b and c: wake the writer
+    for batch in (b, c):
+        w.hold()
+        batch.acks = [w]
+        router.submit(batch)
     assert [e.batch for e in router.memory] == [a]
     assert [e.batch for e in router.to_spool] == [b, c]
     w.release()  # its creator's hold
@@ -574,12 +585,21 @@ def test_router_moves_the_take_s_memory_batches_to_the_spool_behind_older_ones()
         assert fired == []
         durable(entry)
     assert fired == ["w"] and gauge.pending == 0
+
+
+def test_a_lost_waiter_calls_on_lost_at_once_and_once() -> None:
+    """A place whose events were lost gives up the waiter: never acknowledged rather than
+    acknowledged wrongly; what its other holders do later changes nothing."""
+    gauge = AckGauge()
+    fired: list[str] = []
     lost_one = Waiter(lambda: fired.append("called"), gauge, lambda: fired.append("lost"))
-    assert not router.attach(5, lost_one)  # more than were submitted: a bug, never called
-    assert fired == ["w", "lost"] and gauge.pending == 0  # on_lost at once, exactly once
+    lost_one.hold()  # a second place holds it
+    lost_one.lose()
+    assert fired == ["lost"] and gauge.pending == 0  # on_lost at once, exactly once
+    lost_one.release()
     lost_one.release()
     lost_one.lose()
-    assert fired == ["w", "lost"] and gauge.pending == 0
+    assert fired == ["lost"] and gauge.pending == 0
 
 
 def test_one_take_across_a_closed_batch_and_a_dead_letter(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from haproxy_forwarder.batching import AckGauge, Batch, Waiter
+from haproxy_forwarder.acks import AckGauge, Waiter
+from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.delivery.router import (
     FROM_SPOOL,
     SPILL_AFTER,
@@ -251,21 +252,20 @@ def test_a_spill_claims_the_batch_being_sent_before_the_spilled_ones() -> None:
     assert router.settled()  # a stop now has nothing to write
 
 
-@pytest.mark.parametrize("how", ["submit", "attach"])
-def test_older_memory_batches_are_written_before_a_relp_batch(how: str) -> None:
+def test_older_memory_batches_are_written_before_a_relp_batch() -> None:
+    """A batch carrying waiters (the collector gives them before submitting it, whether the
+    take closed it or it was the open batch) is queued for disk at once, behind the older
+    memory batches and the one on the wire."""
     q = Queue()
     router, _, _ = make(spool=q)
     gauge = AckGauge()
     a = router.submit(batch(0))
     take_entry(router, 0)
     b = router.submit(batch(1))
-    if how == "submit":
-        relp = batch(2)
-        relp.acks = [Waiter(lambda: None, gauge)]
-        c = router.submit(relp)
-    else:
-        c = router.submit(batch(2))
-        assert router.attach(1, Waiter(lambda: None, gauge))
+    relp = batch(2)
+    relp.acks = [Waiter(lambda: None, gauge)]
+    c = router.submit(relp)
+    assert relp.acks is None and c.acks is not None  # the entry's from now on
     assert list(router.memory) == [b] and list(router.to_spool) == [c]
     order = []
     while (e := router.next_write()) is not None:
@@ -404,7 +404,7 @@ def test_refused_writes_go_back_to_the_head_and_may_be_sent_from_memory() -> Non
     assert router.next_write() is c
     q.append(c.batch)
     router.written(c)
-    assert router.spool_writable() and not router.spool_writable()
+    assert router.unblock_spool() and not router.unblock_spool()
     assert router.take(1) is FROM_SPOOL  # writable again: batches go through the writer
 
 
@@ -412,7 +412,7 @@ def test_draining_does_not_take_from_the_spool() -> None:
     q = Queue()
     q.append(batch(1))
     router, _, _ = make(spool=q)
-    router.stopping = True
+    router.begin_drain()
     assert router.take(0) is None
     assert router.settled()
 
@@ -530,6 +530,16 @@ def test_backpressure_counts_batches_queued_for_and_being_written_to_the_spool()
     assert pressure == [True, False]
 
 
+def test_a_new_max_in_flight_switches_backpressure_at_once() -> None:
+    router, _, pressure = make(spool=None, max_in_flight=4)
+    for i in range(2):
+        router.submit(batch(i))
+    router.set_max_in_flight(2)  # a reload
+    assert pressure == [True] and router.max_in_flight == 2
+    router.set_max_in_flight(8)
+    assert pressure == [True, False]
+
+
 def test_max_in_flight_one_turns_off_when_nothing_waits() -> None:
     router, _, pressure = make(spool=None, max_in_flight=1)
     router.submit(batch(1))
@@ -564,11 +574,12 @@ def walk(seed: int, steps: int = 400) -> None:
         r = rng.random()
         if r < 0.25 and healthy is False:
             b = batch(submitted)
-            if rng.random() < 0.15:
-                b.acks = [Waiter(lambda: None, gauge)]  # RELP: written ahead
+            # RELP, written ahead: the open batch (0.15) or one a take closed (0.1), both
+            # given their waiters before they are submitted.
+            relp, closed_by_take = rng.random() < 0.15, rng.random() < 0.1
+            if relp or closed_by_take:
+                b.acks = [Waiter(lambda: None, gauge)]
             router.submit(b)
-            if rng.random() < 0.1:
-                router.attach(1, Waiter(lambda: None, gauge))
             submitted += 1
         elif r < 0.35:
             clock.t += rng.uniform(0, 0.8)
@@ -582,14 +593,14 @@ def walk(seed: int, steps: int = 400) -> None:
                     rid = q.append(writing.batch, claim=True)
                     if router.claimed(writing, rid):
                         q.ack(rid)  # delivered while the claim was written
-                    router.spool_writable()
+                    router.unblock_spool()
                 else:
-                    router.spool_blocked = True  # SpoolAppends.refused
+                    router.block_spool()  # SpoolAppends.refused
                 writing = None
             elif healthy or rng.random() < 0.7:
                 q.append(writing.batch)
                 router.written(writing)
-                router.spool_writable()
+                router.unblock_spool()
                 writing = None
             else:
                 router.write_refused(writing)

@@ -8,7 +8,7 @@ Where a batch lives, in order of preference:
   memory  -> sent at once when the intake is healthy and nothing older waits on disk;
   spool   -> when the intake fails, when it waited in memory over SPILL_AFTER, when older
              batches are on disk (so order is kept), or always in write-ahead mode, and
-             at once for a batch carrying on_durable waiters (RELP: answered after the fsync);
+             at once for a batch carrying acknowledgements (RELP: answered after the fsync);
   dead letters -> when the intake refuses it for good (400, an event it will never take).
 """
 
@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..batching import Batch, Waiter
+from ..batching import Batch
 from ..observability.counters import Counters
 from ..sinks import Sink
 from ..sinks.deadletter import DeadLetters
@@ -137,16 +137,13 @@ class Delivery:
     # -- input --------------------------------------------------------------------------------
 
     def submit(self, batch: Batch) -> None:
+        """A closed batch; the waiters it carries (`Batch.acks`: acks.Waiter) are released once
+        it is durable (on the spool, or delivered), or lost (see router.durable, lost)."""
         entry = self.router.submit(batch)
         if entry.location is Location.TO_SPOOL:
             self.wake_writer.set()
         else:
             self.wake_workers.set()
-
-    def durable(self, batches: int, waiter: Waiter) -> None:
-        """`waiter` waits for the last `batches` submitted too: see Collector.on_durable."""
-        if self.router.attach(batches, waiter):
-            self.wake_writer.set()
 
     def dead_letter(
         self, batch: Batch, reason: str, status: int | None = None, response: str = ""
@@ -275,14 +272,13 @@ class Delivery:
             w.backoff = backoff
 
     def set_max_in_flight(self, n: int) -> None:
-        self.router.max_in_flight = n
-        self.router._check_pressure()
+        self.router.set_max_in_flight(n)
 
     # -- shutdown -----------------------------------------------------------------------------
 
     async def drain(self, timeout: float) -> bool:
         """Deliver (or spool) what is only in memory, for at most `timeout` seconds."""
-        self.router.stopping = True
+        self.router.begin_drain()
         await self._stop_requeue()  # no new dead letters into the spool from now on
         self.wake_workers.set()
         loop = asyncio.get_running_loop()
@@ -295,7 +291,7 @@ class Delivery:
 
     async def stop(self) -> tuple[int, int]:
         """Cancel the tasks; spool what is only in memory. Returns (spooled, lost) events."""
-        self.router.stopping = True
+        self.router.begin_drain()
         await self._stop_requeue()
         for t in self._tasks:
             t.cancel()

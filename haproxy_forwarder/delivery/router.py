@@ -11,7 +11,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..batching import Batch, Waiter, lose_all, release_all
+from ..acks import Waiter, lose_all, release_all
+from ..batching import Batch
 
 # A batch waiting in memory longer than this (the intake is slower than the input) is written
 # to the spool: "cannot be delivered at once" must not mean "only in RAM".
@@ -49,11 +50,12 @@ class Entry:
     # again to keep order (drop_oldest would delete other batches to make room for one that
     # is being sent); a failure or a stop writes it again, as before.
     evicted: bool = False
-    # on_durable waiters of this batch (RELP): released once it is fsync'd on the spool, or
-    # delivered (every part, its dead letters on disk) when it cannot be; then None.
+    # The waiters of the takes whose events it holds (RELP; `Batch.acks` at submit): released
+    # once it is fsync'd on the spool, or delivered (every part, its dead letters on disk)
+    # when it cannot be; then None.
     acks: list[Waiter] | None = None
-    # Submission number: attach finds the newest batches by it, and the writer appends in
-    # its order. 0 for a record the spool handed out: older than anything not on disk.
+    # Submission number: the writer appends in its order. 0 for a record the spool handed
+    # out: older than anything not on disk.
     seq: int = 0
 
 
@@ -127,7 +129,9 @@ class Router:
         """Batches waiting for a worker or for the spool writer: what backpressure limits."""
         return len(self.memory) + len(self.to_spool) + (self.spooling is not None)
 
-    def _check_pressure(self) -> None:
+    def check_pressure(self) -> None:
+        """Switch backpressure if what waits crossed its limits (on at max_in_flight, off
+        below half of it)."""
         n = self.waiting
         if not self.pressure and n >= self.max_in_flight:
             self.pressure = True
@@ -135,6 +139,11 @@ class Router:
         elif self.pressure and n < max(1, self.max_in_flight // 2):
             self.pressure = False
             self._on_pressure(False)
+
+    def set_max_in_flight(self, n: int) -> None:
+        """batch.max_in_flight changed (a reload): backpressure follows at once."""
+        self.max_in_flight = n
+        self.check_pressure()
 
     def memory_only(self) -> list[Entry]:
         """Entries neither delivered nor on disk, oldest first (what a crash would lose)."""
@@ -183,48 +192,8 @@ class Router:
             # A burst the intake absorbs within SPILL_AFTER stays in memory (bounded by
             # max_in_flight through backpressure); spill() moves what waits longer.
             self.memory.append(entry)
-        self._check_pressure()
+        self.check_pressure()
         return entry
-
-    def attach(self, n: int, waiter: Waiter) -> bool:
-        """`waiter` waits for the last `n` batches submitted too (a take() that closed them).
-
-        They are at the newest end of the queues (nothing ran since). Memory batches among
-        them go to the spool queue, ahead of their newer siblings: acknowledged after their
-        fsync; the older memory batches are written before them (next_write), so order is
-        kept. True when the writer must be woken. Any of them not found (a bug) loses the
-        waiter: never acknowledged rather than acknowledged wrongly.
-        """
-        first = self.submitted - n + 1
-        spooled = self._newest(self.to_spool, first)
-        kept = self._newest(self.memory, first)
-        for entry in (*spooled, *kept):
-            waiter.hold()
-            if entry.acks is None:
-                entry.acks = [waiter]
-            else:
-                entry.acks.append(waiter)
-        if len({e.seq for e in (*spooled, *kept)}) != n:  # (halves share their batch's seq)
-            waiter.lose()
-            return False
-        if not kept or not self.has_spool:
-            return False
-        moved = [e for e in kept if e.spoolable]
-        at = len(self.to_spool) - len(spooled)
-        for entry in sorted(moved, key=lambda e: e.seq, reverse=True):
-            self.memory.remove(entry)
-            entry.location = Location.TO_SPOOL
-            self.to_spool.insert(at, entry)
-        return bool(moved)
-
-    @staticmethod
-    def _newest(queue: deque[Entry], first: int) -> list[Entry]:
-        out = []
-        for entry in reversed(queue):
-            if entry.seq < first:
-                break
-            out.append(entry)
-        return out
 
     def spill(self) -> bool:
         """If the oldest memory batch waited more than SPILL_AFTER, queue ALL of memory for disk.
@@ -281,7 +250,7 @@ class Router:
 
     def _older_memory_ahead(self) -> None:
         # Older than the head of the spool queue: there only after a RELP batch was queued
-        # for disk (submit, attach) while older ones waited in memory. Not those too large
+        # for disk (submit) while older ones waited in memory. Not those too large
         # for the spool (they stay, or the writer would try them again and again).
         head = self.to_spool[0].seq
         if not self.memory or self.memory[0].seq > head:
@@ -301,14 +270,14 @@ class Router:
         """Durable and ready on disk: the spool hands it out from now on."""
         self._end_write(entry)
         entry.location = Location.SPOOLED
-        self._check_pressure()
+        self.check_pressure()
 
     def write_refused(self, entry: Entry) -> None:
         """Spool full or failing: back at the head of the queue; a worker may send it from RAM."""
         self._end_write(entry)
         entry.location = Location.TO_SPOOL
         self.to_spool.appendleft(entry)
-        self.spool_blocked = True
+        self.block_spool()
 
     def unspoolable(self, entry: Entry) -> None:
         """Larger than the whole spool (a tiny max_size). Several events: replaced by its two
@@ -327,19 +296,41 @@ class Router:
                     w.hold()  # the second half holds its waiters too (the first, the original's)
                 parts[1].acks = list(acks)
             self.to_spool.extendleft(reversed(parts))
-            self._check_pressure()
+            self.check_pressure()
             return
         entry.spoolable = False
         entry.location = Location.MEMORY
         self.memory.append(entry)
-        self._check_pressure()
+        self.check_pressure()
 
-    def spool_writable(self) -> bool:
-        """An append succeeded; True if the spool had been refusing writes."""
+    def block_spool(self) -> None:
+        """The spool refused a write (full, failing): workers may send what waits for it from
+        memory, and it counts as refusing writes until unblock_spool()."""
+        self.spool_blocked = True
+
+    def unblock_spool(self) -> bool:
+        """An append succeeded, or nothing waits for the disk any more (what it refused was
+        sent from memory); True if the spool had been refusing writes."""
         was, self.spool_blocked = self.spool_blocked, False
         return was
 
+    def never_fits(self, entry: Entry) -> None:
+        """The spool said the batch a worker holds is larger than it can ever hold (its claim
+        was refused as too large): it is sent from memory only, never claimed again."""
+        entry.spoolable = False
+
+    def take_gone(self) -> dict[int, int]:
+        """The handed-out records drop_oldest deleted that no worker was known to hold
+        (record -> events), forgotten here: after a stop, the caller counts them as lost."""
+        gone, self.gone = self.gone, {}
+        return gone
+
     # -- workers ------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Shutdown: from now on the workers send only what is in memory (the spool keeps the
+        rest for the next start)."""
+        self.stopping = True
 
     def take(self, worker: int) -> Entry | FromSpool | None:
         """What `worker` sends next: an entry, FROM_SPOOL (ask the spool), or None (wait)."""
@@ -365,7 +356,7 @@ class Router:
         entry.location = Location.SENDING
         entry.worker = worker
         self.held[worker] = entry
-        self._check_pressure()
+        self.check_pressure()
         return entry
 
     def took_record(self, worker: int, record: int, batch: Batch) -> Entry:
@@ -453,7 +444,7 @@ class Router:
             raise RouterError(f"worker {worker} holds nothing")
         entry.location = Location.DONE
         entry.worker = None
-        self._check_pressure()
+        self.check_pressure()
         return entry
 
     # -- shutdown -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -35,8 +35,6 @@ SPOOL_RETRY = 1.0
 LOSS_POLL = 1.0
 # A loss line is said at once, then at most once per this many seconds with the totals since.
 LOSS_LOG_INTERVAL = 5.0
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 class SpoolLike(Protocol):
@@ -176,8 +174,7 @@ class SpoolAppends:
                                       records=losses.corrupt_records,
                                       events=losses.corrupt_events)
         if self.router.closed and self.router.gone:
-            gone, self.router.gone = self.router.gone, {}
-            self._lost_in_flight(gone.items())
+            self._lost_in_flight(self.router.take_gone().items())
         force = flush or self.router.closed  # nothing may stay unsaid after a stop
         for line in (self._full, self._full_in_flight, self._corrupt):
             line.flush(force)
@@ -226,7 +223,7 @@ class SpoolAppends:
 
     def appended(self, result: AppendResult) -> None:
         """An append succeeded (what it dropped was reported by `append` already)."""
-        if self.router.spool_writable():
+        if self.router.unblock_spool():
             self.log.info("spool_writable_again", **self.fields())
 
     def refused(self, exc: BaseException) -> None:
@@ -242,7 +239,7 @@ class SpoolAppends:
                     "spool_write_failed", error=str(exc.__cause__ or exc),
                     action="holding input (TCP paused, UDP dropped); retrying every second",
                 )
-        self.router.spool_blocked = True
+        self.router.block_spool()
 
     def fields(self) -> dict[str, Any]:
         st = self.spool.stats()
@@ -298,7 +295,7 @@ class SpoolAppends:
                     self._ack(record)  # delivered while its claim was being written
                 self.appended(task.result())
             elif isinstance(exc, RecordTooLarge):
-                entry.spoolable = False
+                self.router.never_fits(entry)
             else:
                 # Kept in memory and retried (the claim too); input is held back meanwhile.
                 self.refused(exc)
@@ -322,13 +319,12 @@ class SpoolWriter:
 
     def __init__(
         self, router: Router, appends: SpoolAppends, wake: asyncio.Event,
-        wake_workers: asyncio.Event, sleep: Sleep = asyncio.sleep,
+        wake_workers: asyncio.Event,
     ) -> None:
         self.router = router
         self.appends = appends
         self.wake = wake
         self.wake_workers = wake_workers
-        self._sleep = sleep
 
     async def run(self) -> None:
         try:
@@ -340,11 +336,10 @@ class SpoolWriter:
         while True:
             entry = self.router.next_write()
             if entry is None:
-                if self.router.spool_blocked:
+                if self.router.unblock_spool():
                     # What the disk refused was sent from memory meanwhile: nothing is held
                     # back for the spool any more, so it no longer counts as refusing writes
                     # (health would stay failed for good). The next refusal says so again.
-                    self.router.spool_blocked = False
                     self.appends.log.info("spool_unblocked", reason="nothing waits for the disk",
                                           **self.appends.fields())
                 await self._idle()
@@ -358,7 +353,7 @@ class SpoolWriter:
             if entry.location is Location.TO_SPOOL:
                 # Refused: a fixed pause, not "until the next batch": retrying on every
                 # submit would spin on a full or failing disk.
-                await self._sleep(SPOOL_RETRY)
+                await asyncio.sleep(SPOOL_RETRY)
 
     async def _claim(self, entry: Entry) -> None:
         """A batch a worker sends, older than what must be written next: claimed first, so
@@ -369,7 +364,7 @@ class SpoolWriter:
                 and entry.spoolable and not entry.evicted):
             # Refused: a pause before trying again, as for a refused write; nothing newer
             # is written meanwhile.
-            await self._sleep(SPOOL_RETRY)
+            await asyncio.sleep(SPOOL_RETRY)
 
     async def _idle(self) -> None:
         """Until woken, or LOSS_POLL at most: the spool's readers run in threads, so the
@@ -388,10 +383,10 @@ class SpoolWriter:
             timer.cancel()
 
 
-async def age(router: Router, wake_writer: asyncio.Event, sleep: Sleep = asyncio.sleep) -> None:
+async def age(router: Router, wake_writer: asyncio.Event) -> None:
     """Batches that could not be sent within SPILL_AFTER go to disk (the ager task)."""
     while True:
-        await sleep(SPILL_AFTER / 4)
+        await asyncio.sleep(SPILL_AFTER / 4)
         if router.spill():
             wake_writer.set()
 
