@@ -2,6 +2,9 @@
 
 What is checked is what comes out: the events the sink accepted (once each, in order), the
 records left on the spool, the dead-letter files under tmp_path, the counters and log events.
+
+On a virtual clock (tests/vclock.py): the ager, the writer's pauses, the retry waits and the
+polls of `until` take no real time; threads (spool, dead letters) are waited for as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from haproxy_forwarder.sinks import Kind, Outcome
 from haproxy_forwarder.sinks.deadletter import DeadLetters, dead_letter_lines, read_dead_letters
 from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink
 from haproxy_forwarder.spool import AppendResult, Spool, SpoolFull, SpoolWriteError
+from tests import vclock
 
 OK = Outcome(Kind.DELIVERED, 200)
 UNAVAILABLE = Outcome(Kind.RETRY, 503, "unavailable")
@@ -152,7 +156,8 @@ def events(first: int, n: int) -> Batch:
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 30))
+    """On a virtual clock; a test still running after 30 (virtual) seconds fails."""
+    vclock.run(coro, limit=30)
 
 
 async def until(cond: Callable[[], bool]) -> None:
@@ -483,19 +488,27 @@ def test_failing_disk_is_logged_once_and_delivery_goes_on(tmp_path: Path) -> Non
 
 
 def test_a_batch_waiting_over_a_second_is_spilled_and_order_kept(tmp_path: Path) -> None:
-    clock, sink, spool = Clock(), FakeSink(), FakeSpool()
+    sink, spool = FakeSink(), FakeSpool()
     sink.gate = asyncio.Event()
 
-    async def body(d: Delivery, c: Counters, log: Log, _: list[bool]) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        d, c, log, _ = make(tmp_path, sink, spool, clock=loop.time)  # the virtual clock
+        d.start()
+        await body(d, c, log, loop)
+
+    async def body(d: Delivery, c: Counters, log: Log, loop: asyncio.AbstractEventLoop) -> None:
         assert sink.gate is not None
         d.submit(events(0, 1))
         await until(lambda: len(sink.attempts) == 1)  # on the wire, held by the only worker
         d.submit(events(1, 1))
         d.submit(events(2, 1))
-        await asyncio.sleep(SPILL_AFTER / 2)  # the ager looked twice: not old enough
+        submitted = loop.time()
+        await asyncio.sleep(SPILL_AFTER)  # the ager looked four times: not old enough
         assert spool.ops == [] and d.in_memory == 3
-        clock.t += SPILL_AFTER + 0.1
         await until(lambda: len(spool.ops) == 3)
+        # Spilled at the ager's first look after SPILL_AFTER (it looks every SPILL_AFTER / 4).
+        assert SPILL_AFTER < loop.time() - submitted <= SPILL_AFTER * 1.25 + 0.05
         # Disk order is submission order: the batch on the wire is claimed first.
         assert spool.ops == [("claim", ["event 0"]), ("append", ["event 1"]),
                              ("append", ["event 2"])]
@@ -506,7 +519,7 @@ def test_a_batch_waiting_over_a_second_is_spilled_and_order_kept(tmp_path: Path)
         assert sink.accepted == ["event 0", "event 1", "event 2"]
         await d.stop()
 
-    with_delivery(tmp_path, sink, spool, body, clock=clock)
+    run(main())
 
 
 # -- backpressure ---------------------------------------------------------------------------------
