@@ -3,8 +3,11 @@
 Locks, the flock, the ready heap and the in-flight set, the size bound (block / drop_oldest)
 and the ENOSPC reclaim; the bytes are format.py's, the files segments.py's, the open recovery.py's.
 
-Synchronous: the daemon calls it from worker threads (asyncio.to_thread); every public method
-is thread-safe.
+Synchronous: the daemon calls it from threads of delivery's own executors (run_in_executor,
+not asyncio.to_thread: appends and claims, the re-queuer's too, in one append thread,
+next_batch in the spool-read threads, acks in an ack thread or, after a claim, the append
+thread), and reads its cheap properties and stats() on the event loop as well; every public
+method is thread-safe.
 
 Bounds: size is the sum of segment file sizes (acked records count until their segment is
 deleted; a segment is deleted once every record in it is acked and it is not the one being
