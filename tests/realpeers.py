@@ -34,8 +34,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -43,6 +41,7 @@ from typing import Literal
 import pytest
 
 from devtools import REPO as REPO_ROOT
+from devtools.probe import wait_until
 
 RSYSLOG_RULE = REPO_ROOT / "config" / "rsyslog" / "haproxy-forwarder.conf"
 RSYSLOG_RULE_RELIABLE = REPO_ROOT / "config" / "rsyslog" / "haproxy-forwarder-reliable.conf"
@@ -174,19 +173,6 @@ def port_listening(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
-) -> bool:
-    """Poll ``predicate`` until it is true (returns True) or ``timeout`` s pass (False)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -405,10 +391,12 @@ action(type="omfile" file="{self.all_log_path}" template="RSYSLOG_FileFormat")
         self._spawn(
             [_exe("rsyslogd"), "-n", "-f", str(self.conf_path), "-i", str(self.pid_path)]
         )
-        ok = wait_until(lambda: self.socket_path.exists() or not self.running(), timeout)
+        with contextlib.suppress(AssertionError):  # said below, with rsyslog's output
+            wait_until(lambda: self.socket_path.exists() or not self.running(), timeout,
+                       f"rsyslog's socket {self.socket_path}")
         if not self.running():
             self._fail(f"exited early with code {self.proc.returncode if self.proc else '?'}")
-        if not ok:
+        if not self.socket_path.exists():
             self._fail(f"socket {self.socket_path} not created within {timeout} s")
 
     def local_lines(self) -> int:
@@ -543,14 +531,16 @@ class HaproxyProcess(_Process):
         self.check_config()
         self._spawn([_exe("haproxy"), "-db", "-f", str(self.cfg_path)])
         if self.port is None:
-            time.sleep(0.2)
+            # Nothing to wait for without a port: `haproxy -c` above vetted the config.
             if not self.running():
                 self._fail("exited early")
             return
-        ok = wait_until(lambda: not self.running() or self._accepts(), timeout)
+        with contextlib.suppress(AssertionError):  # said below, with HAProxy's output
+            wait_until(lambda: not self.running() or self._accepts(), timeout,
+                       f"HAProxy accepting on 127.0.0.1:{self.port}")
         if not self.running():
             self._fail(f"exited early with code {self.proc.returncode if self.proc else '?'}")
-        if not ok:
+        if not self._accepts():
             self._fail(f"port 127.0.0.1:{self.port} not accepting within {timeout} s")
 
     def __enter__(self) -> HaproxyProcess:
