@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.probe import wait_until
 from tests.realpeers import (
     RSYSLOG_RULE_RELIABLE,
     HaproxyProcess,
@@ -28,7 +29,6 @@ from tests.realpeers import (
     http_get,
     needs,
     send_logger,
-    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -195,8 +195,8 @@ HTTPLOG = httplog()
 
 def wait_frames(get: object, count: int, timeout: float = 10.0) -> None:
     assert callable(get)
-    ok = wait_until(lambda: len(get()) >= count, timeout)
-    assert ok, f"expected {count} frames, got {len(get())}: {get()!r}"
+    wait_until(lambda: len(get()) >= count, timeout, f"{count} frames at the recorder",
+               detail=get)
 
 
 # ============================================================================ (a) rsyslog rule
@@ -217,8 +217,10 @@ def test_haproxy_through_rsyslog_shipped_rule(tmp_path: Path, tcp_recorder: TcpR
                 return octet_frames(tcp_recorder.data(), strict=False)
 
             wait_frames(frames, 50)
-            assert wait_until(lambda: b"not-for-the-forwarder" in rs.all_log_path.read_bytes())
-            time.sleep(0.3)  # the "other" message had every chance to be forwarded
+            wait_until(lambda: b"not-for-the-forwarder" in rs.all_log_path.read_bytes(), 10,
+                       "the other program's message in rsyslog's own log")
+            # It went in before the 50 lines waited for above, through the same queue:
+            # forwarded, it would have arrived before them.
             haproxy_pid = hap.pid
 
     data = tcp_recorder.data()
@@ -331,17 +333,19 @@ def test_reliable_rule_survives_forwarder_and_rsyslog_restarts(tmp_path: Path) -
         rec.close()
         for k in range(5):
             send_logger(rs.socket_path, "haproxy", f"m2-{k}")
-        time.sleep(0.5)
+        wait_until(lambda: b"m2-4" in rs.all_log_path.read_bytes(), 10,
+                   "rsyslog took m2-* while the forwarder is away")
         rec = TcpRecorder(port)
         wait_frames(lambda: messages(rec), 5)
         # 2. the forwarder goes away again, and rsyslog restarts before it is back
         received += messages(rec)
         rec.close()
         send_logger(rs.socket_path, "haproxy", "m3-0")  # finds the connection closed
-        assert wait_until(lambda: b"suspended" in rs.all_log_path.read_bytes())
+        wait_until(lambda: b"suspended" in rs.all_log_path.read_bytes(), 10,
+                   "rsyslog saying the action is suspended")
         for k in range(1, 5):
             send_logger(rs.socket_path, "haproxy", f"m3-{k}")
-        assert wait_until(lambda: b"m3-4" in rs.all_log_path.read_bytes())
+        wait_until(lambda: b"m3-4" in rs.all_log_path.read_bytes(), 10, "rsyslog took m3-4")
         rs.stop()
         assert list((rs_dir / "work").glob("haproxy-forwarder*")), "no disk queue written"
         rec = TcpRecorder(port)
@@ -349,7 +353,9 @@ def test_reliable_rule_survives_forwarder_and_rsyslog_restarts(tmp_path: Path) -
             rs_dir, "127.0.0.1", port, rule_file=RSYSLOG_RULE_RELIABLE, substitutions=faster
         )
         wait_frames(lambda: messages(rec), 4)
-        time.sleep(0.3)
+        # A marker behind the disk queue: once it is through, so is all the queue held.
+        send_logger(rs.socket_path, "haproxy", "end-marker")
+        wait_until(lambda: b": end-marker" in rec.data(), 10, "the marker sent after the restart")
         received += messages(rec)
     finally:
         rs.stop()
@@ -502,7 +508,7 @@ def test_haproxy_ring_keeps_lines_while_receiver_down(tmp_path: Path) -> None:
             rec.close()
             for n in range(3):
                 http_get(port, f"/while-down-{n}")
-            time.sleep(0.5)
+            time.sleep(0.5)  # the receiver stays away a while: the scenario, not a wait
             rec = TcpRecorder(rec.port)
             wait_frames(lambda: octet_frames(rec.data(), strict=False), 3)
     finally:
