@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from devtools.daemon import Daemon, base_config
-from devtools.probe import metric
+from devtools.probe import metric, steady, wait_until
 from tests.conftest import intake_section
 from tests.fake_intake import FakeIntake
 from tests.realpeers import (
@@ -33,7 +33,6 @@ from tests.realpeers import (
     free_port,
     imptcp_input,
     needs,
-    wait_until,
 )
 
 N = 100_000
@@ -78,7 +77,7 @@ class Sender(threading.Thread):
                     self.sent += k
                     pause = start + self.sent / RATE - time.monotonic()
                     if pause > 0:
-                        time.sleep(pause)
+                        time.sleep(pause)  # the sender's RATE: the load, not a wait
         except BaseException as exc:  # reported by the test
             self.error = exc
 
@@ -170,39 +169,38 @@ def run_schedule(tmp: Path, intake: FakeIntake, rule: str,
         sender = Sender(in_port)
         sender.start()
         for i, share in enumerate(KILLS):
-            assert wait_until(functools.partial(sender.reached, N * share), timeout=60)
+            wait_until(functools.partial(sender.reached, N * share), 60,
+                       f"the sender {share:.0%} through its lines")
             down = intake_down_first_kill and i == 0
             if down:
                 intake.set_down(True)
                 # Answered meanwhile: they wait in the spool (write-ahead), kill or not.
-                assert wait_until(functools.partial(spooled, d.status_port), timeout=10)
+                wait_until(functools.partial(spooled, d.status_port), 10,
+                           "events on the spool while the intake is down")
             kill(d)
-            time.sleep(DOWN_FOR)  # the outage itself, not an assertion
+            time.sleep(DOWN_FOR)  # the outage itself (the scenario), not a wait
             d = forwarder()
             # A record being written at the kill is a torn tail, cut at recovery (it was
             # never fsync'd, so never answered): either line says what the spool holds.
-            assert wait_until(functools.partial(opened, d), timeout=10), d.stderr_text()
+            wait_until(functools.partial(opened, d), 10, "the spool recovery line",
+                       detail=d.stderr_text)
             recovered.append(int(opened(d)[-1]["events"]))
             if down:
-                # Back later: what was answered meanwhile waited in the spool.
-                time.sleep(2.0)
+                # Back once the new run has answered (spooled) more of the stream meanwhile.
+                wait_until(functools.partial(metric, d.status_port,
+                                             "spool_appended_events_total"),
+                           10, "the restarted forwarder spooling new events")
                 intake.set_down(False)
         sender.join(60)
         assert sender.error is None, sender.error
         if relp:
-            wait_until(lambda: len(seqs(intake)) >= N, timeout=40, interval=0.5)
+            wait_until(lambda: len(seqs(intake)) >= N, 40, f"all {N} lines at the intake",
+                       step=0.5, detail=lambda: f"{len(seqs(intake))} distinct")
         else:
             # TCP: nothing says when everything that will arrive has arrived; wait until
             # nothing new comes for 3 s.
-            last = [-1, time.monotonic()]
-
-            def settled() -> bool:
-                n = len(intake.events)
-                if n != last[0]:
-                    last[:] = [n, time.monotonic()]
-                return time.monotonic() - last[1] > 3.0
-
-            wait_until(settled, timeout=40, interval=0.25)
+            wait_until(steady(lambda: len(intake.events), 3.0), 40,
+                       "no new event at the intake for 3 s", step=0.25)
         got = seqs(intake)
         received = sum(got.values())
         assert not [s for s in got if not 0 <= s < N]
