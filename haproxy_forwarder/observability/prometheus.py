@@ -1,7 +1,7 @@
-"""/metrics by prometheus-client: a collector that reads our plain counters at scrape time.
+"""/metrics by prometheus-client: an exporter that reads our plain counters at scrape time.
 
 The hot path never calls the library: sources and workers add to int attributes (counters.py)
-and this collector turns them into metric families when Prometheus asks, on the event loop
+and the exporter turns them into metric families when Prometheus asks, on the event loop
 like every increment, so a scrape sees a consistent picture without a lock. The library does
 the exposition (text format, or OpenMetrics when the scraper's Accept asks for it).
 
@@ -137,8 +137,9 @@ def _help(name: str) -> str:
     return HELP.get(name, name.replace("_", " ") + ".")
 
 
-class ForwarderCollector:
-    """prometheus_client's Collector protocol over our Registry (`collect()` per scrape)."""
+class RegistryExporter:
+    """Our Registry as prometheus_client wants it (its "Collector" protocol: `collect()` per
+    scrape). Named apart from the pipeline's Collector, which batches events."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -273,11 +274,11 @@ class ForwarderCollector:
                                     sum_value=q.duration_sum)
 
 
-def collector_registry(registry: Registry) -> CollectorRegistry:
+def metrics_registry(registry: Registry) -> CollectorRegistry:
     """A private registry (not the library's global one): ours, plus process_* (RSS, CPU,
     open file descriptors, which listen.max_connections needs)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(ForwarderCollector(registry))
+    reg.register(RegistryExporter(registry))
     ProcessCollector(registry=reg)
     return reg
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from .counters import Registry
-from .prometheus import collector_registry, exposition
+from .prometheus import exposition, metrics_registry
 from .quiet import QuietLog
 
 MAX_REQUEST = 8192
@@ -62,7 +62,7 @@ class StatusServer:
         self.health = health
         self.ready = ready or health
         self.log = log
-        self.metrics = collector_registry(registry)
+        self.metrics = metrics_registry(registry)
         self.server: asyncio.Server | None = None
         # Connections being served, oldest first -> True while their request is still coming.
         self.clients: dict[asyncio.StreamWriter, bool] = {}

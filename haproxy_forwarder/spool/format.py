@@ -383,11 +383,6 @@ class Scan(NamedTuple):
     tail_corrupt: bool  # the cut tail holds valid records (no room for a filler before them)
 
     @property
-    def corrupt(self) -> bool:
-        """Corruption in the middle (valid records after it): quarantine and repair."""
-        return bool(self.holes) or self.tail_corrupt
-
-    @property
     def bad_offset(self) -> int:
         return self.holes[0][0] if self.holes else self.good_end
 
