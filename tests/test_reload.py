@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from devtools.daemon import Daemon, base_config, write_toml
+from devtools.probe import until, wait_at_rest, wait_until
 from devtools.traffic import octet_frame, send_udp, traditional
 from haproxy_forwarder.config import Settings
 from haproxy_forwarder.delivery import Delivery
@@ -175,16 +176,14 @@ def test_a_request_in_flight_ends_on_the_old_sink_which_is_then_closed(tmp_path:
         d, counters, _log, _p = make_delivery(tmp_path, old, None, workers=2)
         d.start()
         d.submit(events(0, 3))
-        while not old.attempts:
-            await asyncio.sleep(0.005)
+        await until(lambda: old.attempts, 5, "a request to the old sink")
         d.replace_sink(new)
         d.submit(events(3, 3))
-        while new.accepted != [f"event {i}" for i in range(3, 6)]:
-            await asyncio.sleep(0.005)
+        await until(lambda: new.accepted == [f"event {i}" for i in range(3, 6)], 5,
+                    "events 3-5 accepted by the new sink", detail=lambda: new.accepted)
         assert not old.closed  # its request is still on the wire
         gate.set()
-        while not old.closed:
-            await asyncio.sleep(0.005)
+        await until(lambda: old.closed, 5, "the old sink closed")
         assert old.accepted == [f"event {i}" for i in range(3)]
         assert counters.delivered_events == 6
         await d.stop()
@@ -201,15 +200,13 @@ def test_a_retry_after_the_swap_goes_to_the_new_sink(tmp_path: Path) -> None:
         d, _c, _log, _p = make_delivery(tmp_path, failing, None, workers=1)
         d.start()
         d.submit(events(0, 2))
-        while not failing.attempts:
-            await asyncio.sleep(0.005)
+        await until(lambda: failing.attempts, 5, "a request to the failing sink")
         d.replace_sink(new)
         gate.set()  # answers 401: the next attempt must use the new key
-        while new.accepted != ["event 0", "event 1"]:
-            await asyncio.sleep(0.005)
+        await until(lambda: new.accepted == ["event 0", "event 1"], 10,
+                    "the retry accepted by the new sink", detail=lambda: new.accepted)
         assert failing.accepted == [] and len(failing.attempts) == 1
-        while not failing.closed:
-            await asyncio.sleep(0.005)
+        await until(lambda: failing.closed, 5, "the failing sink closed")
         await d.stop()
 
     run_async(main())
@@ -224,9 +221,12 @@ def test_workers_follow_concurrency_both_ways(tmp_path: Path) -> None:
     sink.gate = gate = asyncio.Event()
 
     async def settled(d: Delivery, busy: int, waiting: int) -> None:
-        while (_busy(d), len(d.router.memory)) != (busy, waiting):
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0.05)  # and no other worker takes one meanwhile
+        await until(lambda: (_busy(d), len(d.router.memory)) == (busy, waiting), 5,
+                    f"{busy} batches taken, {waiting} waiting",
+                    detail=lambda: (_busy(d), len(d.router.memory)))
+        # Every task that is ready gets its turns (no clock): no other worker takes one.
+        for _ in range(100):
+            await asyncio.sleep(0)
         assert (_busy(d), len(d.router.memory)) == (busy, waiting)
 
     async def main() -> None:
@@ -239,15 +239,13 @@ def test_workers_follow_concurrency_both_ways(tmp_path: Path) -> None:
         await settled(d, 3, 1)  # two more requests in parallel
         d.set_workers(1)
         gate.set()
-        while counters.delivered_events < 4:
-            await asyncio.sleep(0.005)
+        await until(lambda: counters.delivered_events >= 4, 5, "4 events delivered")
         gate.clear()
         for i in range(3):
             d.submit(events(100 + i, 1))
         await settled(d, 1, 2)  # the retired workers took nothing more
         gate.set()
-        while counters.delivered_events < 7:
-            await asyncio.sleep(0.005)
+        await until(lambda: counters.delivered_events >= 7, 5, "7 events delivered")
         await d.stop()
 
     run_async(main())
@@ -275,13 +273,11 @@ def hup(d: Daemon) -> None:
 
 
 def wait_count(d: Daemon, name: str, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = d.events(name)
-        if len(found) >= n:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"{len(d.events(name))} of {n} {name!r} lines: {d.stderr_text()}")
+    def found() -> list[dict[str, Any]] | None:
+        lines = d.events(name)
+        return lines if len(lines) >= n else None
+
+    return wait_until(found, timeout, f"{n} {name!r} lines", detail=d.stderr_text)
 
 
 def frame(program: str, msg: str) -> bytes:
@@ -302,10 +298,7 @@ def is_open(sock: socket.socket) -> bool:
 
 
 def wait_closed(sock: socket.socket, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while is_open(sock):
-        assert time.monotonic() < deadline, "the daemon did not close the connection"
-        time.sleep(0.02)
+    wait_until(lambda: not is_open(sock), timeout, "the daemon closing the connection")
 
 
 def texts(*intakes: FakeIntake) -> collections.Counter[str]:
@@ -313,10 +306,8 @@ def texts(*intakes: FakeIntake) -> collections.Counter[str]:
 
 
 def wait_texts(fi: FakeIntake, want: set[str], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not want <= set(texts(fi)):
-        assert time.monotonic() < deadline, f"missing {sorted(want - set(texts(fi)))[:3]}"
-        time.sleep(0.02)
+    wait_until(lambda: want <= set(texts(fi)), timeout, f"{sorted(want)[:3]} at the intake",
+               detail=lambda: f"missing {sorted(want - set(texts(fi)))[:3]}")
 
 
 class Sender(threading.Thread):
@@ -333,7 +324,7 @@ class Sender(threading.Thread):
             msg = f"{self.prefix}-{len(self.sent)}"
             self.sock.sendall(frame("haproxy", msg))
             self.sent.append(msg)
-            time.sleep(0.002)
+            time.sleep(0.002)  # the stream's pace: traffic across the reload, not a wait
 
 
 def test_sighup_moves_to_a_new_intake_and_filter_without_a_dropped_connection_or_event(
@@ -348,8 +339,7 @@ def test_sighup_moves_to_a_new_intake_and_filter_without_a_dropped_connection_or
         wait_texts(first, {"before"})
         sender = Sender(s, "during")
         sender.start()
-        while len(sender.sent) < 50:
-            time.sleep(0.01)
+        wait_until(lambda: len(sender.sent) >= 50, 10, "50 events sent before the reload")
         # The new intake wants another key: events arriving there prove the new key is used.
         cfg["intake"] = {"url": second.url, "ca_file": second.ca_file, "key": OTHER_KEY}
         cfg["filter"] = {"programs": ["haproxy", "nginx"], "keep_tag": []}
@@ -357,8 +347,8 @@ def test_sighup_moves_to_a_new_intake_and_filter_without_a_dropped_connection_or
         hup(d)
         reloaded = d.wait_log("reloaded")
         n_at_reload = len(sender.sent)
-        while len(sender.sent) < n_at_reload + 50:  # the stream goes on across the reload
-            time.sleep(0.01)
+        wait_until(lambda: len(sender.sent) >= n_at_reload + 50, 10,  # on across the reload
+                   "50 more events sent after the reload")
         sender.halt.set()
         sender.join()
         s.sendall(frame("haproxy", "after") + frame("nginx", "nginx-after"))
@@ -366,7 +356,7 @@ def test_sighup_moves_to_a_new_intake_and_filter_without_a_dropped_connection_or
         assert is_open(s)  # the same socket, never closed
         s.sendall(frame("haproxy", "last"))
         wait_texts(second, {"last"})
-        time.sleep(0.3)  # a duplicate would show up now
+        wait_at_rest(d.status_port, closed=False)  # nothing held: a duplicate would be there
         assert d.stop() == 0
     assert set(reloaded["changes"]) == {"intake.url", "intake.key", "intake.ca_file",
                                         "filter.programs", "filter.keep_tag"}
@@ -473,7 +463,8 @@ def test_an_invalid_config_is_refused_per_problem_and_the_old_one_stays(
         assert f"127.0.0.1:{taken}" in problem and problem.startswith("listen.tcp")
         s.sendall(frame("nginx", "still-filtered") + frame("haproxy", "still-flowing"))
         wait_texts(intake, {"still-flowing"})
-        time.sleep(0.3)
+        # Both frames read, nothing held: the filtered one would be at the intake now.
+        wait_at_rest(d.status_port, frames=2, closed=False)
         assert is_open(s)
         assert d.stop() == 0
     assert texts(intake) == collections.Counter(["still-flowing"])
