@@ -13,14 +13,13 @@ import functools
 import resource
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from devtools.daemon import Daemon, base_config
-from devtools.probe import metric
+from devtools.probe import metric, wait_until
 from devtools.traffic import octet_counted, send_tcp, traditional
 
 NOFILE = 128
@@ -61,13 +60,10 @@ def _open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
-def _delivered(d: Daemon, tag: str, n: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sum(tag in str(r) for r in d.stdout_lines()) >= n:
-            return True
-        time.sleep(0.05)
-    return False
+def _delivered(d: Daemon, tag: str, n: int, timeout: float = 10.0) -> None:
+    wait_until(lambda: sum(tag in str(r) for r in d.stdout_lines()) >= n, timeout,
+               f"{n} {tag!r} events on stdout", step=0.05,
+               detail=lambda: d.stderr_text()[-2000:])
 
 
 def test_idle_status_connections_leave_syslog_working(daemon: Daemon) -> None:
@@ -78,7 +74,7 @@ def test_idle_status_connections_leave_syslog_working(daemon: Daemon) -> None:
         with contextlib.suppress(OSError):  # refused: shown by the assertion below
             send_tcp(daemon.tcp_port, octet_counted(
                 [traditional("haproxy", f"through-status-flood {i}") for i in range(20)]))
-        assert _delivered(daemon, "through-status-flood", 20), daemon.stderr_text()[-2000:]
+        _delivered(daemon, "through-status-flood", 20)
         # Past the cap they were closed at once: the daemon holds only a few more descriptors.
         assert _open_fds(daemon.pid) < NOFILE - 40
         assert not daemon.events("descriptors_exhausted")
@@ -92,12 +88,11 @@ def test_running_out_of_descriptors_is_logged_once_and_counted(daemon: Daemon) -
         first = daemon.wait_log("descriptors_exhausted")
         assert first["accept_errors"] >= 1 and "nofile 128" in first["reason"]
         # /metrics still answers (descriptors are kept for it) and counts every refusal.
-        errors = 0.0
-        deadline = time.monotonic() + 5
-        while errors < 20:
-            assert time.monotonic() < deadline, errors
-            errors = metric(daemon.status_port, "accept_errors_total")
-            time.sleep(0.05)
+        def counted() -> float | None:
+            n = metric(daemon.status_port, "accept_errors_total")
+            return n if n >= 20 else None
+
+        errors = wait_until(counted, 5, "20 accept errors counted on /metrics", step=0.05)
         # Rate-limited: the next ones come as one line with a count, seconds later.
         summary = _wait_summary(daemon)
         assert isinstance(summary["suppressed"], int) and summary["suppressed"] >= 1
@@ -105,21 +100,16 @@ def test_running_out_of_descriptors_is_logged_once_and_counted(daemon: Daemon) -
     finally:
         _close(flood)
     # Once the flood is gone, senders get in again.
-    deadline = time.monotonic() + 5
-    while _open_fds(daemon.pid) > NOFILE - 40:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: _open_fds(daemon.pid) <= NOFILE - 40, 5,
+               f"the daemon back under {NOFILE - 40} descriptors",
+               detail=lambda: _open_fds(daemon.pid))
     with contextlib.suppress(ConnectionError):
         send_tcp(daemon.tcp_port, octet_counted(
             [traditional("haproxy", f"after-flood {i}") for i in range(5)]))
-    assert _delivered(daemon, "after-flood", 5)
+    _delivered(daemon, "after-flood", 5)
 
 
 def _wait_summary(d: Daemon, timeout: float = 10.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = [r for r in d.events("descriptors_exhausted") if "suppressed" in r]
-        if lines:
-            return lines[0]
-        time.sleep(0.1)
-    raise AssertionError("no rate-limited summary line")
+    lines = wait_until(lambda: [r for r in d.events("descriptors_exhausted") if "suppressed" in r],
+                       timeout, "the rate-limited summary line", step=0.1)
+    return lines[0]
