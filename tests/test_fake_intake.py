@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from devtools.probe import wait_until
 from tests.fake_intake import (
     MAX_EVENT_BYTES,
     VALID_KEY,
@@ -347,15 +348,14 @@ def test_inject_connection_drop(intake: FakeIntake, client: httpx.Client) -> Non
 
 def test_delay(intake: FakeIntake, client: httpx.Client) -> None:
     intake.set_delay(0.5)
-    start = time.monotonic()
-    assert client.post("/plain", content=b"slow", headers=KEY_HEADER).status_code == 200
-    assert time.monotonic() - start >= 0.5
+    # The answer is held back: a client that gives up after 0.1 s gets none, a patient one does.
     with pytest.raises(httpx.ReadTimeout):
         client.post("/plain", content=b"too slow", headers=KEY_HEADER, timeout=0.1)
+    assert client.post("/plain", content=b"slow", headers=KEY_HEADER).status_code == 200
     intake.set_delay(0)
-    start = time.monotonic()
-    assert client.post("/plain", content=b"fast", headers=KEY_HEADER).status_code == 200
-    assert time.monotonic() - start < 0.5
+    # No longer: answered within half the old delay (held back, it would time out).
+    r = client.post("/plain", content=b"fast", headers=KEY_HEADER, timeout=0.25)
+    assert r.status_code == 200
     # The timed-out request was still ingested once its delay was over (as a real server would):
     # the forwarder has to live with such duplicates.
     assert intake.wait_for(3, timeout=5)
@@ -405,9 +405,7 @@ def test_set_down_while_request_delayed(intake: FakeIntake, client: httpx.Client
 
     t = threading.Thread(target=send)
     t.start()
-    deadline = time.monotonic() + 5
-    while not intake.requests and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: intake.requests, 5, "the request held by the delay", step=0.01)
     intake.set_down(True)
     t.join(5)
     assert len(errors) == 1
@@ -450,7 +448,7 @@ def test_keepalive_timeout_closes_idle_connections() -> None:
     with FakeIntake(keepalive_timeout=0.2) as fi:
         with httpx.Client(base_url=fi.url, verify=fi.client_ssl_context()) as c:
             assert c.post("/plain", content=b"1", headers=KEY_HEADER).status_code == 200
-            time.sleep(0.5)
+            time.sleep(0.5)  # idle past keepalive_timeout: the clock the feature is about
             # httpx notices the closed idle connection and opens a new one.
             assert c.post("/plain", content=b"2", headers=KEY_HEADER).status_code == 200
         assert len({r["connection"] for r in fi.requests}) == 2
@@ -466,16 +464,17 @@ def test_concurrent_requests(intake: FakeIntake) -> None:
                 r = c.post("/jsons", json=[f"{i}-{j}"], headers=KEY_HEADER)
                 assert r.status_code == 200
 
-    start = time.monotonic()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
     for t in threads:
         t.start()
+    # Served in parallel: half the clients' requests in the handler at once (a server taking
+    # one at a time never has two: each is recorded as it comes in, answered 0.3 s later).
+    wait_until(lambda: sum(r["status"] is None for r in intake.requests) >= n_threads // 2, 10,
+               f"{n_threads // 2} requests in the handler at once", step=0.01)
     for t in threads:
         t.join(30)
-    elapsed = time.monotonic() - start
+        assert not t.is_alive(), "a client hung"
     assert intake.wait_for(n_threads * per_thread, timeout=1)
-    # Served in parallel: about per_thread * delay, far from n_threads * per_thread * delay.
-    assert elapsed < n_threads * per_thread * 0.3 / 2
     expected = {f"{i}-{j}" for i in range(n_threads) for j in range(per_thread)}
     assert set(intake.event_texts()) == expected
     assert sorted({e.request_no for e in intake.events}) == list(range(n_threads * per_thread))
@@ -486,7 +485,7 @@ def test_100k_events_fast(intake: FakeIntake, client: httpx.Client) -> None:
         "10.0.0.1:51234 [26/Nov/2024:21:59:00.123] fe be/srv 0/0/1/2/3 200 512 - - ---- "
         '1/1/0/0/0 0/0 "GET /x HTTP/1.1"'
     )
-    start = time.monotonic()
+    # Its speed is a figure of `make bench` (bench.micro.fake_intake_ingest), not a test.
     for b in range(20):
         events = [f"{line} #{b * 5000 + i}" for i in range(5000)]
         body = gzip.compress(orjson.dumps(events), compresslevel=1)
@@ -495,22 +494,19 @@ def test_100k_events_fast(intake: FakeIntake, client: httpx.Client) -> None:
         assert r.status_code == 200
         assert len(r.json()["event_ids"]) == 5000
     assert intake.wait_for(100_000, timeout=1)
-    elapsed = time.monotonic() - start
-    assert elapsed < 10, elapsed
     texts = intake.event_texts()
     assert texts[0].endswith("#0") and texts[-1].endswith("#99999")
 
 
 def test_wait_for_timeout(intake: FakeIntake) -> None:
-    start = time.monotonic()
+    # (That it waits meanwhile, rather than giving up at once: the next test.)
     assert intake.wait_for(1, timeout=0.2) is False
-    assert time.monotonic() - start >= 0.2
     assert intake.wait_for(0, timeout=0)
 
 
 def test_wait_for_wakes_up_on_arrival(intake: FakeIntake, client: httpx.Client) -> None:
     def later() -> None:
-        time.sleep(0.2)
+        time.sleep(0.2)  # posts later, while wait_for waits: the scenario, not a wait
         client.post("/plain/batch", content=b"a\nb", headers=KEY_HEADER)
 
     t = threading.Thread(target=later)
