@@ -14,6 +14,7 @@ package is imported: the pure-Python reference even where a compiled core exists
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import shutil
@@ -195,6 +196,69 @@ def run(frames: int, tmp: Path) -> None:
     print(f"{'stage':<64} {'us/msg':>7}")
     for name, us, note in rows:
         print(f"{name:<64} {f'{us:7.2f}' if us else '      -'}  {note}")
+
+
+def scan_resync(units: tuple[int, ...] = (1, 4)) -> list[str]:
+    """`spool.format.scan` resynchronising over garbage between two records (a damaged
+    segment at recovery): MiB/s at each size, and the time ratio between the largest and the
+    smallest against the size ratio (linear: the two agree; quadratic: the first is far more).
+
+    Moved from tests/test_spool.py (test_scan_resync_is_linear_on_garbage), which keeps what
+    the scan finds and no longer times it."""
+    from haproxy_forwarder.batching import Batch
+    from haproxy_forwarder.spool import format as fmt
+
+    rec = fmt.encode_record(Batch.from_events(["ok"], ["t"]), 0)
+    # Random bytes, zeros, and magic bytes every few bytes whose headers never check out.
+    unit = (os.urandom(1 << 20) + bytes(1 << 20)
+            + (fmt.MAGIC + b"\x01\x00" + bytes(4) + b"\xff" * 4) * 50_000
+            + (fmt.MAGIC + b"\x02\x00" + bytes(4) + b"\xff" * 4) * 50_000)
+    lines, times = [], []
+    for k in units:
+        data = rec + unit * k + rec
+        scan = fmt.scan(data)
+        assert len(scan.records) == 2, "the scan lost a record"
+        t = best(functools.partial(fmt.scan, data), repeat=3)
+        times.append(t)
+        mib = len(data) / 2**20
+        lines.append(f"spool.format.scan over {mib:.1f} MiB of garbage: {t * 1e3:.0f} ms "
+                     f"({mib / t:.0f} MiB/s)")
+    lines.append(f"  time x{times[-1] / times[0]:.1f} for size x{units[-1] / units[0]:.0f} "
+                 "(linear: about equal)")
+    return lines
+
+
+def fake_intake_ingest(batches: int = 20, per_batch: int = 5000) -> str:
+    """The tests' FakeIntake (tests/fake_intake.py) taking `batches` gzip'd /jsons requests
+    of `per_batch` HAProxy lines, one keep-alive client: events/s.
+
+    Moved from tests/test_fake_intake.py (test_100k_events_fast), which keeps what the intake
+    records and no longer times it."""
+    import gzip
+    import importlib
+
+    import httpx
+    import orjson
+
+    fake = importlib.import_module("tests.fake_intake")  # at run time: mypy stays off tests/
+    line = ("10.0.0.1:51234 [26/Nov/2024:21:59:00.123] fe be/srv 0/0/1/2/3 200 512 - - ---- "
+            '1/1/0/0/0 0/0 "GET /x HTTP/1.1"')
+    bodies = [gzip.compress(orjson.dumps([f"{line} #{b * per_batch + i}"
+                                          for i in range(per_batch)]), compresslevel=1)
+              for b in range(batches)]
+    headers = {"X-SEKOIAIO-INTAKE-KEY": fake.VALID_KEY, "Content-Encoding": "gzip",
+               "Content-Type": "application/json"}
+    with fake.FakeIntake() as fi, \
+            httpx.Client(base_url=fi.url, verify=fi.client_ssl_context()) as client:
+        t = time.perf_counter()
+        for body in bodies:
+            r = client.post("/jsons", content=body, headers=headers)
+            assert r.status_code == 200, r.text
+        seconds = time.perf_counter() - t
+        assert len(fi.events) == batches * per_batch
+    n = batches * per_batch
+    return (f"tests' FakeIntake: {n:,} events in {batches} gzip /jsons requests: "
+            f"{seconds:.2f} s ({n / seconds:,.0f} events/s)")
 
 
 def post_cpu(tmp: Path, gz_bodies: list[bytes], rounds: int = 3, concurrency: int = 4) -> float:
