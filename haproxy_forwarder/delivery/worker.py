@@ -8,7 +8,6 @@ Fluent Bit's Retry_Limit lost data); the failing batch is claimed on the spool f
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,43 +16,10 @@ from ..batching import Batch
 from ..observability.counters import Counters
 from ..sinks import Kind, Outcome, Sink
 from ..sinks.intake import INTAKE_EVENT_LIMIT
+from .retry import BACKOFF_MIN as BACKOFF_MIN  # re-exported: the retry policy lives in retry.py
+from .retry import Backoff as Backoff
+from .retry import RetryWait as RetryWait
 from .router import FROM_SPOOL, Entry, Router, RouterError, durable, lost
-
-BACKOFF_MIN = 0.5
-
-
-class RetryWait(Protocol):
-    def delay(self, attempt: int, outcome: Outcome) -> float:
-        """Seconds to wait before attempt `attempt + 1`, after `outcome`."""
-        ...
-
-
-class Backoff:
-    """Full jitter between 0.5 s and an exponential cap; a Retry-After replaces it.
-
-    401/403/404 wait `auth_retry` (±20 %): a wrong key or URL does not fix itself quickly,
-    but giving up would destroy data, so it is retried slowly and loudly, forever. So does a
-    413 on one small event (a proxy's body limit: see `judge`).
-    """
-
-    def __init__(
-        self, retry_max: float, auth_retry: float, rng: random.Random | None = None
-    ) -> None:
-        self.retry_max = retry_max
-        self.auth_retry = auth_retry
-        self._rng = rng or random.Random()
-
-    def delay(self, attempt: int, outcome: Outcome) -> float:
-        slow = outcome.kind in (Kind.AUTH, Kind.TOO_LARGE)
-        if slow:
-            base = self.auth_retry * self._rng.uniform(0.8, 1.2)
-        else:
-            cap = min(self.retry_max, BACKOFF_MIN * 2 ** (attempt - 1))
-            base = self._rng.uniform(BACKOFF_MIN, max(cap, BACKOFF_MIN))
-        if outcome.retry_after is not None:
-            return max(outcome.retry_after, base if slow else 0.0)
-        return base
-
 
 # -- what one attempt's answers mean --------------------------------------------------------
 
