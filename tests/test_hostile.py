@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from devtools.daemon import Daemon
-from devtools.probe import samples, wait_at_rest, wait_until
+from devtools.probe import samples, steady, wait_at_rest, wait_until
 from devtools.traffic import (
     haproxy_line,
     lf_framed,
@@ -42,9 +42,12 @@ def _tag() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def _wait_events(d: Daemon, intake: FakeIntake, want: Iterable[str],
-                 timeout: float = 20.0) -> None:
-    """Each wanted event arrives exactly once (and nothing else carrying the same tags)."""
+def _wait_events(intake: FakeIntake, want: Iterable[str], timeout: float = 20.0, *,
+                 d: Daemon | None = None) -> None:
+    """Each wanted event arrives exactly once (and nothing else carrying the same tags).
+
+    Given the daemon `d`, "no duplicate on its way" is the daemon at rest (nothing held, all
+    accounted for); without it, no new event at the intake for 0.3 s."""
     want_c = collections.Counter(want)
 
     def got() -> collections.Counter[str]:
@@ -57,8 +60,11 @@ def _wait_events(d: Daemon, intake: FakeIntake, want: Iterable[str],
 
     wait_until(lambda: got() >= want_c, timeout, f"{len(want_c)} distinct events at the intake",
                step=0.05, detail=diff)
-    # Nothing held, all accounted for: a duplicate would be at the intake now.
-    wait_at_rest(d.status_port, closed=False, detail=d.stderr_text)
+    if d is not None:
+        wait_at_rest(d.status_port, closed=False, detail=d.stderr_text)
+    else:
+        wait_until(steady(lambda: len(intake.events), 0.3), 10,
+                   "no new event at the intake for 0.3 s", step=0.05)
     assert got() == want_c, diff()
 
 
@@ -83,7 +89,7 @@ def assert_healthy(d: Daemon, intake: FakeIntake, n: int = 30) -> list[str]:
     assert d.proc is not None and d.proc.poll() is None, d.stderr_text()[-2000:]
     lines = _good_lines(_tag(), n)
     send_tcp(d.tcp_port, octet_counted(traditional("haproxy", x) for x in lines))
-    _wait_events(d, intake, lines)
+    _wait_events(intake, lines, d=d)
     assert d.proc.poll() is None
     return lines
 
@@ -180,12 +186,12 @@ def test_vector_4852_lf_message_starting_with_digit_stays_lf(intake: FakeIntake,
             wait_read(d, "received_frames_total", n)
         s.shutdown(socket.SHUT_WR)
         assert closed_by_peer(s)
-    _wait_events(d, intake, [
+    _wait_events(intake, [
         f"{t} first, decides LF",
         f"42 {t} starts with a digit",
         f"5 {t} MSG starts with a count-like digit",
         f"{t} last",
-    ])
+    ], d=d)
     assert not d.events("framing_error")
     assert_healthy(d, intake)
     c = stop_counters(d)
@@ -234,7 +240,7 @@ def test_vector_pr_25657_oversized_octet_frame_split_across_reads(intake: FakeIn
                 time.sleep(0.002)  # pacing, so the daemon reads small pieces: the scenario
         s.shutdown(socket.SHUT_WR)
         assert closed_by_peer(s, 20)
-    _wait_events(d, intake, before + after + tail)
+    _wait_events(intake, before + after + tail, d=d)
     assert_healthy(d, intake)
     assert len(d.events("frame_too_large")) == 1  # logged once per connection...
     c = stop_counters(d)
@@ -278,7 +284,7 @@ def test_invalid_length_prefixes_close_that_connection_only(intake: FakeIntake,
     good.sendall(octet_counted([hp(f"{t} steady after")]))
     good.close()
     expected.append(f"{t} steady after")
-    _wait_events(d, intake, expected)
+    _wait_events(intake, expected, d=d)
     assert_healthy(d, intake)
     n_bad = len(BAD_PREFIXES) + 1
     c = stop_counters(d)
@@ -304,7 +310,7 @@ def test_lf_line_over_max_message_size_resyncs(intake: FakeIntake, daemon: MakeD
             s.sendall(stream[i : i + 1000])
         s.shutdown(socket.SHUT_WR)
         assert closed_by_peer(s)
-    _wait_events(d, intake, good1 + good2 + good3)
+    _wait_events(intake, good1 + good2 + good3, d=d)
     assert_healthy(d, intake)
     assert len(d.events("frame_too_large")) == 1
     c = stop_counters(d)
@@ -336,7 +342,7 @@ def test_random_bytes_on_several_connections_at_once(intake: FakeIntake,
 
     senders = [lambda p=p: blast(d.tcp_port, p) for p in payloads]
     run_threads([*senders, steady_sender])
-    _wait_events(d, intake, steady)
+    _wait_events(intake, steady, d=d)
     healthy = assert_healthy(d, intake)
     assert_only(intake, steady + healthy)  # no garbage came out as an event
     c = stop_counters(d)
@@ -353,7 +359,7 @@ def test_nul_bytes(intake: FakeIntake, daemon: MakeDaemon) -> None:
     oc_after = [f"{t} octet after nul {i}" for i in range(10)]
     send_tcp(d.tcp_port, b"5 \0\0\0\0\0" + b"3000 " + b"\0" * 3000
              + octet_counted(hp(x) for x in oc_after))
-    _wait_events(d, intake, lf_after + oc_after)
+    _wait_events(intake, lf_after + oc_after, d=d)
     healthy = assert_healthy(d, intake)
     assert_only(intake, lf_after + oc_after + healthy)
     c = stop_counters(d)
@@ -374,7 +380,7 @@ def test_udp_garbage_flood_oversized_and_empty_datagrams(intake: FakeIntake,
     send_udp(d.udp_port, oversized, per_ms=1)
     udp_good = [f"{t} udp {i}" for i in range(200)]
     send_udp(d.udp_port, (hp(x) + b"\n" for x in udp_good))
-    _wait_events(d, intake, udp_good)
+    _wait_events(intake, udp_good, d=d)
     healthy = assert_healthy(d, intake)
     assert_only(intake, udp_good + healthy)
     c = stop_counters(d)
@@ -421,7 +427,7 @@ def test_slowloris_one_byte_at_a_time_is_delivered(intake: FakeIntake,
         assert_healthy(d, intake)  # not held up by the slow senders
 
     run_threads([lambda: drip(slow_oc), lambda: drip(slow_lf), others])
-    _wait_events(d, intake, [f"{t} slow octet-counted", f"{t} slow lf"])
+    _wait_events(intake, [f"{t} slow octet-counted", f"{t} slow lf"], d=d)
     assert_healthy(d, intake)
 
 
@@ -447,7 +453,7 @@ def test_max_connections_per_address_refuses_extra_ones(intake: FakeIntake,
     finally:
         for s in first + extra:
             s.close()
-    _wait_events(d, intake, lines)
+    _wait_events(intake, lines, d=d)
     # Rate-limited: the first refusal at once, the 14 others in one line that counts them.
     summary = d.wait_log("connection_refused", timeout=1)
     assert summary["reason"] == "listen.max_connections_per_address reached"
@@ -480,7 +486,7 @@ def test_silent_connections_at_the_limit_are_evicted_for_new_senders(
     finally:
         for s in [*squatters, newcomer]:
             s.close()
-    _wait_events(d, intake, [f"{t} newcomer"])
+    _wait_events(intake, [f"{t} newcomer"], d=d)
     assert d.events("connection_evicted_idle")[0]["complete_frames"] is False
     assert d.events("connection_refused") == []
     c = stop_counters(d)
@@ -501,7 +507,7 @@ def test_at_the_limit_connections_that_sent_frames_outlive_frameless_ones(
         for n in range(1, 4):
             trickler.sendall(b"9")  # the start of a frame that never ends
             wait_read(d, "received_bytes_total", len(first) + n)  # each read after the frame
-        _wait_events(d, intake, [f"{t} first"])
+        _wait_events(intake, [f"{t} first"], d=d)
         extra = _connect(d.tcp_port)
         assert closed_by_peer(trickler, 5)  # evicted, though its last byte is the newest
         extra2 = _connect(d.tcp_port)
@@ -514,7 +520,7 @@ def test_at_the_limit_connections_that_sent_frames_outlive_frameless_ones(
     finally:
         trickler.close()
         sender.close()
-    _wait_events(d, intake, [f"{t} first", f"{t} second"])
+    _wait_events(intake, [f"{t} first", f"{t} second"], d=d)
     c = stop_counters(d)
     assert c["connections_evicted"] == 2 and c["connections_refused"] == 0
 
@@ -538,7 +544,7 @@ def test_flood_many_connections_thousands_of_frames_exact(intake: FakeIntake,
         # Half the connections octet-counted, half LF-framed.
         payloads.append(octet_counted(frames) if c % 2 else lf_framed(frames))
     run_threads([lambda p=p: send_tcp(d.tcp_port, p, chunk=8192) for p in payloads])
-    _wait_events(d, intake, expected, timeout=60)
+    _wait_events(intake, expected, timeout=60, d=d)
     assert_only(intake, expected)
     assert_healthy(d, intake)
     c = stop_counters(d)
@@ -565,5 +571,5 @@ def test_frame_boundary_at_every_byte(intake: FakeIntake, daemon: MakeDaemon,
     for s, cut in conns:
         s.sendall(stream[cut:])
         s.close()
-    _wait_events(d, intake, lines * len(conns))
+    _wait_events(intake, lines * len(conns), d=d)
     assert_healthy(d, intake)
