@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..batching import Batch
+from ..config import MAX_EVENT_BYTES
 from ..observability.counters import Counters
 from ..sinks import Kind, Outcome, Sink
-from ..sinks.intake import INTAKE_EVENT_LIMIT
 from .retry import BACKOFF_MIN as BACKOFF_MIN  # re-exported: the retry policy lives in retry.py
 from .retry import Backoff as Backoff
 from .retry import RetryWait as RetryWait
@@ -91,7 +91,7 @@ def judge(part: Batch, answers: list[tuple[Batch, Outcome]]) -> list[Action]:
             again.append(sent)
         elif kind is Kind.TOO_LARGE and len(sent) > 1:
             actions.append(Split(sent.split()))
-        elif kind is Kind.TOO_LARGE and sent.nbytes < INTAKE_EVENT_LIMIT:
+        elif kind is Kind.TOO_LARGE and sent.nbytes < MAX_EVENT_BYTES:
             # One event the intake takes refused as too large: a body limit in between (a
             # proxy), a configuration problem. Kept and retried slowly, never dead-lettered.
             failed.append((sent, outcome))

@@ -36,9 +36,6 @@ SEND_PIECE = 64 * 1024
 # At most this much of an answer is read: enough to classify it and log a detail. The rest is
 # not read (the connection is closed instead), so a huge or endless answer costs nothing.
 ANSWER_CAP = 64 * 1024
-# The intake's limit on one event (250 KiB): a 413 on a single event under it comes from
-# something in between (a proxy's body limit), not from the event.
-INTAKE_EVENT_LIMIT = 250 * 1024
 
 
 class Kind(enum.Enum):
