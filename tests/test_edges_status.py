@@ -92,13 +92,13 @@ def test_healthz_answers_through_idle_and_slow_clients(intake: FakeIntake,
     idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
     try:
         with SlowClients(port, 32) as slow:
-            deadline = time.monotonic() + 10
-            while slow.opened < 32:  # the attack is in place before the probes
-                assert time.monotonic() < deadline, slow.opened
-                time.sleep(0.02)
+            # The attack is in place before the probes.
+            wait_until(lambda: slow.opened >= 32, 10, "32 slow clients connected",
+                       detail=lambda: slow.opened)
             answers = [probe(port, "/healthz" if i % 2 else "/readyz") for i in range(40)]
             # The slow clients the probes displaced are back at once: the attack went on.
-            assert wait_until(lambda: slow.opened > 40, 5), slow.opened
+            wait_until(lambda: slow.opened > 40, 5, "the displaced slow clients back",
+                       detail=lambda: slow.opened)
     finally:
         for s in idle:
             s.close()
