@@ -101,7 +101,7 @@ def test_a_kelvin_sign_common_name_is_refused(intake: FakeIntake, daemon: MakeDa
     # The real kafka.example.org is admitted.
     send(port, client_context(pki, pki.leaf("kafka.example.org")),
          octet_counted([hp(f"{t} real")]))
-    _wait_events(intake, [f"{t} real"])
+    _wait_events(intake, [f"{t} real"], d=d)
     assert not [e for e in intake.event_texts() if "kelvin" in e]
 
 
@@ -211,7 +211,7 @@ def test_a_full_handshake_cap_evicts_the_oldest_stalled_handshake(
     t = tag()
     send(port, client_context(pki, pki.leaf("client1.example.org")),
          octet_counted([hp(f"{t} honest")]))
-    _wait_events(intake, [f"{t} honest"])
+    _wait_events(intake, [f"{t} honest"], d=d)
     # The first silent socket of 127.0.0.2 (tied with .3 at four, and the oldest) went.
     assert _closed_by_daemon(stalled[0])
     assert all(_open_now(s) for s in stalled[1:]), "only the oldest is evicted"
@@ -246,7 +246,7 @@ def test_an_address_holding_every_slot_makes_room_from_its_own(
     ctx = client_context(pki, pki.leaf("client1.example.org"))
     with ctx.wrap_socket(honest_raw, server_hostname=SERVER_NAME) as s:
         s.sendall(octet_counted([hp(f"{t} patient")]))
-        _wait_events(intake, [f"{t} patient"])
+        _wait_events(intake, [f"{t} patient"], d=d)
     assert wait_until(lambda: refusals(d, "too_many_handshakes") == 13)
     for s in flood:
         s.close()
@@ -270,7 +270,7 @@ def test_honest_clients_get_in_while_four_addresses_keep_the_cap_full(
                 held.append(_silent(port, source))
                 opened[0] += 1
             except OSError:
-                time.sleep(0.01)
+                time.sleep(0.01)  # refused: the attacker's own pace before the next one
             if len(held) > 32:  # the daemon closed most of these: keep our descriptors few
                 held.pop(0).close()
         for s in held:
@@ -286,7 +286,7 @@ def test_honest_clients_get_in_while_four_addresses_keep_the_cap_full(
         t = tag()
         for i in range(16):
             send(port, ctx, octet_counted([hp(f"{t} honest {i}")]))
-        _wait_events(intake, [f"{t} honest {i}" for i in range(16)])
+        _wait_events(intake, [f"{t} honest {i}" for i in range(16)], d=d)
         assert opened[0] > 64, opened  # the flood really ran meanwhile
     finally:
         stop.set()
@@ -308,7 +308,7 @@ def test_the_slots_are_shared_with_relp_over_tls(intake: FakeIntake, daemon: Mak
     t = tag()
     send(tls_ports(d)[0], client_context(pki, pki.leaf("client1.example.org")),
          octet_counted([hp(f"{t} over tls")]))
-    _wait_events(intake, [f"{t} over tls"])
+    _wait_events(intake, [f"{t} over tls"], d=d)
     assert _closed_by_daemon(stalled[0])
     m = scrape(d.status_port)
     relp = f"relp://127.0.0.1:{relp_port}"
