@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from devtools import REPO
 from devtools.daemon import Daemon, run_cli, write_toml
+from devtools.probe import samples, wait_until
 from devtools.traffic import octet_counted
 from haproxy_forwarder.config import Settings
 from haproxy_forwarder.reload import Refused, read_new
@@ -77,7 +77,7 @@ def deliver_everywhere(d: Daemon, intake: FakeIntake, p: Pki, t: str) -> None:
         await c.close()
 
     asyncio.run(relp())
-    _wait_events(intake, [f"{t} tcp", f"{t} tls", f"{t} relp"])
+    _wait_events(intake, [f"{t} tcp", f"{t} tls", f"{t} relp"], d=d)
 
 
 # -- SIGHUP -----------------------------------------------------------------------------------
@@ -103,7 +103,10 @@ def test_a_config_file_with_nothing_to_apply_is_refused_and_everything_stays(
     assert failed["problem"] == failed["problem"].strip() and want in failed["problem"], failed
     assert str(path) in failed["problem"]
     assert failed["action"] == "the running config stays in force"
-    time.sleep(0.3)  # a reload applied after the line would show in the next checks
+    # The failure counted where the reloads are: this SIGHUP's handling is over.
+    wait_until(lambda: samples(d.status_port)["reload_failures_total"] == 1, 5,
+               "the refused reload counted on /metrics")
+    assert samples(d.status_port)["reloads_total"] == 0
     assert not d.events("reloaded") and not d.events("listener_closed")
     assert len(d.events("reload_failed")) == 1
     deliver_everywhere(d, intake, pki, tag())
@@ -138,15 +141,13 @@ def test_a_fifo_swapped_in_does_not_freeze_the_daemon(intake: FakeIntake,
     t = tag()
     with socket.create_connection(("127.0.0.1", d.tcp_port), timeout=10) as s:
         s.sendall(octet_counted([hp(f"{t} after the fifo")]))
-    _wait_events(intake, [f"{t} after the fifo"])
+    _wait_events(intake, [f"{t} after the fifo"], d=d)
     # A SIGHUP again while the FIFO is there: refused again, nothing stuck.
     hup(d)
     wait_count(d, "reload_failed", 2, timeout=5)
     assert d.proc is not None
-    asked = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
-    assert d.proc.wait(15) == 0
-    assert time.monotonic() - asked < 10
+    assert d.proc.wait(10) == 0  # acted on: out within the wait's deadline
     path.unlink()
     path.write_bytes(kept)
 
@@ -154,13 +155,14 @@ def test_a_fifo_swapped_in_does_not_freeze_the_daemon(intake: FakeIntake,
 def test_reading_happens_off_the_event_loop_and_a_hung_read_is_refused() -> None:
     """A loader that never returns (a hung filesystem): the loop keeps running, and the
     reload is refused after the timeout instead of waiting forever."""
-    release = threading.Event()
+    release, returned = threading.Event(), threading.Event()
 
     def hung() -> Settings:
         release.wait(30)
+        returned.set()
         return Settings()
 
-    async def main() -> tuple[int, str, float]:
+    async def main() -> tuple[int, str, bool]:
         ticks = 0
 
         async def ticker() -> None:
@@ -170,7 +172,6 @@ def test_reading_happens_off_the_event_loop_and_a_hung_read_is_refused() -> None
                 ticks += 1
 
         task = asyncio.create_task(ticker())
-        began = time.monotonic()
         try:
             await read_new(hung, timeout=0.5)
         except Refused as exc:
@@ -179,14 +180,14 @@ def test_reading_happens_off_the_event_loop_and_a_hung_read_is_refused() -> None
             raise AssertionError("a hung read was not refused")
         finally:
             task.cancel()
-        return ticks, problem, time.monotonic() - began
+        return ticks, problem, returned.is_set()
 
     try:
-        ticks, problem, took = asyncio.run(main())
+        ticks, problem, read_returned = asyncio.run(main())
     finally:
         release.set()
     assert ticks >= 20, ticks  # the loop ran all along (0 if the read blocked it)
-    assert 0.45 < took < 3.0, took
+    assert not read_returned  # refused while the read still hangs: not waited for
     assert problem == "config: not read within 0.5 s (a hung filesystem?)"
 
 
@@ -242,12 +243,10 @@ def test_a_config_that_is_not_a_regular_file_is_refused_at_once(kind: str,
         want = "is a named pipe"
     else:
         path, want = Path("/dev/zero"), "is a character device"
-    began = time.monotonic()
     try:
-        res = run_cli("--config", str(path), "check-config", env=KEY_ENV, timeout=20)
+        res = run_cli("--config", str(path), "check-config", env=KEY_ENV, timeout=15)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"check-config waited on {path}") from None
-    assert time.monotonic() - began < 15
     assert res.returncode == 2, res.stdout + res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"config error: {path}: {want}"), lines
