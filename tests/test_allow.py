@@ -8,10 +8,10 @@ a second host as far as the daemon can tell.
 from __future__ import annotations
 
 import socket
-import time
 import uuid
 
 from devtools.daemon import write_toml
+from devtools.probe import wait_until
 from devtools.traffic import octet_counted
 from tests.fake_intake import FakeIntake
 from tests.test_hostile import MakeDaemon, _wait_events, closed_by_peer, hp, stop_counters
@@ -53,13 +53,9 @@ def send_one(source: str, port: int, text: str) -> bool:
 
 
 def wait_metric(port: int, name: str, want: float, **labels: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        m = scrape(port)
-        if value(m, name, **labels) == want:
-            return
-        time.sleep(0.05)
-    assert value(scrape(port), name, **labels) == want
+    wait_until(lambda: value(scrape(port), name, **labels) == want, 10,
+               f"{name}{labels or ''} at {want}", step=0.05,
+               detail=lambda: value(scrape(port), name, **labels))
 
 
 def test_allow_list_denies_and_a_reload_admits(intake: FakeIntake, daemon: MakeDaemon) -> None:
@@ -77,7 +73,7 @@ def test_allow_list_denies_and_a_reload_admits(intake: FakeIntake, daemon: MakeD
     # Allowed: the same port from 127.0.0.1.
     assert send_one("127.0.0.1", d.tcp_port, f"{t} allowed tcp")
     udp_from("127.0.0.1", d.udp_port, [hp(f"{t} allowed udp")])
-    _wait_events(intake, [f"{t} allowed tcp", f"{t} allowed udp"])
+    _wait_events(intake, [f"{t} allowed tcp", f"{t} allowed udp"], d=d)
     wait_metric(d.status_port, "access_denied_total", 21, listener=tcp_l)
     wait_metric(d.status_port, "access_denied_total", 5, listener=udp_l)
     assert not [e for e in intake.event_texts() if "denied" in e]
@@ -94,18 +90,16 @@ def test_allow_list_denies_and_a_reload_admits(intake: FakeIntake, daemon: MakeD
     assert send_one(OTHER, d.tcp_port, f"{t} admitted tcp")
     udp_from(OTHER, d.udp_port, [hp(f"{t} admitted udp")])
     _wait_events(intake, [f"{t} allowed tcp", f"{t} allowed udp",
-                          f"{t} admitted tcp", f"{t} admitted udp"])
+                          f"{t} admitted tcp", f"{t} admitted udp"], d=d)
     staying = tcp_from(OTHER, d.tcp_port)
     staying.sendall(octet_counted([hp(f"{t} before narrowing")]))
     _wait_events(intake, [f"{t} allowed tcp", f"{t} allowed udp", f"{t} admitted tcp",
-                          f"{t} admitted udp", f"{t} before narrowing"])
+                          f"{t} admitted udp", f"{t} before narrowing"], d=d)
 
     # Narrowed again: the open connection from 127.0.0.2 is closed too.
     write_toml(d.config_path, {**cfg, "listen": {**cfg["listen"], "allow": ["127.0.0.1/32"]}})
     hup(d)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(d.events("reloaded")) < 2:
-        time.sleep(0.05)
+    wait_until(lambda: len(d.events("reloaded")) >= 2, 10, "the second 'reloaded' line")
     assert closed_by_peer(staying, 5)
     staying.close()
     c = stop_counters(d)
@@ -121,7 +115,7 @@ def test_default_allows_everyone(intake: FakeIntake, daemon: MakeDaemon) -> None
     t = uuid.uuid4().hex[:10]
     assert send_one(OTHER, d.tcp_port, f"{t} from other")
     udp_from(OTHER, d.udp_port, [hp(f"{t} udp from other")])
-    _wait_events(intake, [f"{t} from other", f"{t} udp from other"])
+    _wait_events(intake, [f"{t} from other", f"{t} udp from other"], d=d)
     assert stop_counters(d)["access_denied"] == 0
 
 
