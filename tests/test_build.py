@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 
 import haproxy_forwarder
 from devtools.daemon import Daemon, base_config
+from devtools.probe import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_PKG = REPO / "haproxy_forwarder"
@@ -156,9 +156,11 @@ def test_without_a_compiler_the_build_succeeds_pure_with_a_warning(tmp_path: Pat
     add_probe(src)
     assert setup_py(src, "build_ext", "--inplace").returncode == 0 and built_probe(src)
     # Then the source changes and the compiler is gone: the module the earlier build left must
-    # not pass for this one's.
-    time.sleep(0.01)
+    # not pass for this one's. Newer than anything the build wrote, whatever the clock's grain.
+    built = max(p.stat().st_mtime_ns for p in src.rglob("*") if p.is_file())
     add_probe(src, pyx=PROBE_PYX + "\ndef added():\n    return 1\n")
+    for changed in (src / "haproxy_forwarder" / "ingest").glob("_probe.p*"):
+        os.utime(changed, ns=(built + 10**9, built + 10**9))
     r = setup_py(src, "build_ext", "--inplace", CC="/bin/false", LDSHARED="/bin/false")
     assert r.returncode == 0, r.stderr
     assert not built_probe(src)
@@ -236,8 +238,6 @@ def test_wheel_built_with_a_compiler_runs_where_there_is_none(tmp_path: Path) ->
     with InstalledDaemon(tmp_path, venv / "bin" / "haproxy-forwarder", env) as d:
         with socket.create_connection(("127.0.0.1", d.tcp_port)) as s:
             s.sendall(b"<134>Feb  6 12:14:14 lb1 haproxy[1]: from the wheel\n")
-        deadline = time.monotonic() + 15
-        while not d.stdout_lines() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(d.stdout_lines, 15, "the line on the installed daemon's stdout")
         assert [line["event"] for line in d.stdout_lines()] == ["from the wheel"]
         assert d.stop() == 0
