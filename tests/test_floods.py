@@ -122,7 +122,7 @@ def honest(port: int, tag: str, n: int, slices: int = 1, pause: float = 0.0) -> 
     with _connect(port) as s:
         for i in range(0, n, step):
             s.sendall(octet_counted(traditional("haproxy", x) for x in lines[i:i + step]))
-            time.sleep(pause)
+            time.sleep(pause)  # the sender's pace: traffic spread in time, not a wait
         s.shutdown(socket.SHUT_WR)
         closed_by_peer(s, 30)
     return lines
@@ -143,7 +143,7 @@ def test_slow_frames_from_1000_connections_cannot_pin_memory(intake: FakeIntake,
         with Trickle(socks) as trickle:
             # Spread over ~5 s, so that the trickle goes on all along.
             lines = honest(d.tcp_port, _tag(), 50_000, slices=10, pause=0.5)
-            _wait_events(intake, lines, timeout=60)
+            _wait_events(intake, lines, timeout=60, d=d)
             shed_seen = trickle.closed
     finally:
         for s in socks:
@@ -186,7 +186,7 @@ def test_idle_flood_at_max_connections_lets_honest_senders_in(intake: FakeIntake
             expected += lines
             senders.append(_connect(d.tcp_port))
             senders[-1].sendall(octet_counted(traditional("haproxy", x) for x in lines))
-        _wait_events(intake, expected, timeout=60)
+        _wait_events(intake, expected, timeout=60, d=d)
         for s in senders:
             assert not closed_by_peer(s, 0.01)  # kept: they sent frames
             s.close()
@@ -223,7 +223,7 @@ def test_idle_timeout_closes_tricklers_and_silent_ones_not_senders(intake: FakeI
             for i in range(12):  # a frame every 0.25 s for 3 s, past the timeout thrice
                 lines.append(f"{t} kept {i}")
                 sender.sendall(octet_counted([hp(lines[-1])]))
-                time.sleep(0.25)
+                time.sleep(0.25)  # the clock idle_timeout is about: the scenario, not a wait
             closed_tricklers = trickle.closed + sum(closed_by_peer(s, 0.1) for s in trickle.open)
         assert closed_tricklers == 10
         assert sum(closed_by_peer(s, 1) for s in silent) == 10
@@ -233,7 +233,7 @@ def test_idle_timeout_closes_tricklers_and_silent_ones_not_senders(intake: FakeI
         for s in silent:
             s.close()
         sender.close()
-    _wait_events(intake, lines)
+    _wait_events(intake, lines, d=d)
     c = stop_counters(d)
     assert c["connections_idle_closed"] == 20
     idle = d.events("connection_idle_closed")  # rate-limited, counted
