@@ -24,7 +24,7 @@ import trustme
 
 from devtools import REPO
 from devtools.daemon import Daemon
-from devtools.probe import wait_until
+from devtools.probe import wait_at_rest, wait_until
 from devtools.traffic import haproxy_line
 from tests.fake_intake import FakeIntake
 from tests.realpeers import (
@@ -109,7 +109,8 @@ def test_rsyslog_tls_client_certificate_10k_exactly_once(
         ok = intake.wait_for(N, 20)
         assert ok, (f"{len(intake.events)} of {N}; rsyslog: "
                     f"{rs.all_log_path.read_text()[-2000:] if rs.all_log_path.exists() else ''}")
-        time.sleep(0.6)  # > batch.max_delay: a duplicate would show now
+        # rsyslog still connected: nothing held by the forwarder, so no duplicate to come.
+        wait_at_rest(d.status_port, closed=False, detail=d.stderr_text)
     got = Counter(intake.event_texts())
     assert got == Counter(lines), (
         f"missing {len(set(lines) - set(got))}, duplicates {sum(n - 1 for n in got.values())}")
@@ -131,8 +132,9 @@ def test_rsyslog_with_a_name_not_allowed_is_refused(
     name = f"tls://127.0.0.1:{port}"
     with RsyslogProcess(tmp_path / "rsyslog", "127.0.0.1", port, rule_file=rule) as rs:
         feed(rs.socket_path, [f"{driver} refused {haproxy_line(i)}" for i in range(10)])
-        assert wait_until(lambda: value(scrape(d.status_port), "tls_handshakes_refused_total",
-                                        listener=name, reason="name_not_allowed") >= 1, 15)
+        wait_until(lambda: value(scrape(d.status_port), "tls_handshakes_refused_total",
+                                 listener=name, reason="name_not_allowed") >= 1, 15,
+                   "rsyslog's handshake refused (name_not_allowed)")
     refused = d.events("tls_refused")
     assert len(refused) == 1 and refused[0]["names"] == ["rsyslog1.example.org"], refused
     assert intake.event_texts() == []
@@ -173,7 +175,7 @@ def test_haproxy_ring_over_tls_with_client_certificate(
         for path in paths:
             assert http_get(http, path).endswith(b"\r\n\r\nok"), path
         assert intake.wait_for(len(paths), 20), f"{len(intake.events)} of {len(paths)}"
-        time.sleep(0.6)  # > batch.max_delay: a duplicate would show now
+        wait_at_rest(d.status_port, closed=False, detail=d.stderr_text)  # no duplicate to come
     got = Counter(e.split('"GET ', 1)[1].split(" ", 1)[0] for e in intake.event_texts())
     assert got == Counter(paths)
     assert all(e.startswith("127.0.0.1:") and " fe fe/<NOSRV> " in e
