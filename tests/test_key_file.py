@@ -4,11 +4,11 @@ intake.insecure_skip_verify (off unless asked for, and then warned about at each
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 from devtools.daemon import Daemon, base_config, run_cli
 from devtools.keys import INTAKE_KEY as VALID_KEY
+from devtools.probe import wait_until
 from devtools.toml import write_toml
 from devtools.traffic import octet_frame, send_tcp, traditional
 from tests.fake_intake import FakeIntake
@@ -86,21 +86,16 @@ def test_the_daemon_uses_the_file_key_and_a_new_one_after_sighup(tmp_path: Path)
             path.write_text(OTHER_KEY + "\n")
             assert d.proc is not None
             d.proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while not d.events("reloaded") and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert d.events("reloaded"), d.stderr_text()
+            d.wait_log("reloaded")
             _events(d, 5, 5)
             assert fi.wait_for(10, 15), d.stderr_text()
             assert sorted(e.event for e in fi.events) == [f"event {i}" for i in range(10)]
             # A key file made readable by others is refused at the next reload: old key kept.
             path.chmod(0o644)
             d.proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while not d.events("reload_failed") and time.monotonic() < deadline:
-                time.sleep(0.02)
+            d.wait_log("reload_failed")
             failed = d.events("reload_failed")
-            assert failed and any("has mode 0644" in str(f) for f in failed), d.stderr_text()
+            assert any("has mode 0644" in str(f) for f in failed), d.stderr_text()
             _events(d, 10, 1)
             assert fi.wait_for(11, 15), d.stderr_text()
         finally:
@@ -117,11 +112,9 @@ def test_tls_verification_is_only_skipped_when_asked_and_then_warned(tmp_path: P
         d = Daemon(tmp_path, strict).start()
         try:
             _events(d, 0, 3)
-            deadline = time.monotonic() + 10
-            while len(d.events("intake_retry")) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: len(d.events("intake_retry")) >= 2, 10,
+                       "two 'intake_retry' lines (certificate refused)", detail=d.stderr_text)
             retries = d.events("intake_retry")
-            assert len(retries) >= 2, d.stderr_text()
             assert "CERTIFICATE_VERIFY_FAILED" in str(retries[0]), retries[0]
             assert fi.events == [], "delivered to an intake whose certificate is not trusted"
             assert not d.events("intake_tls_verification_disabled")
