@@ -30,7 +30,7 @@ import pytest
 import trustme
 
 from devtools.daemon import Daemon, run_cli, write_toml
-from devtools.probe import metric, wait_until
+from devtools.probe import metric, until, wait_at_rest, wait_until
 from devtools.traffic import haproxy_line as traffic_line
 from haproxy_forwarder.relp import build_frame
 from tests.fake_intake import VALID_KEY, FakeIntake
@@ -113,7 +113,7 @@ def test_answered_once_durable_and_delivered_byte_for_byte(
     asyncio.run(main())
     intake.set_down(False)
     assert intake.wait_for(len(want), timeout=20)
-    time.sleep(0.6)  # > batch.max_delay: a duplicate would show now
+    wait_at_rest(d.status_port, detail=d.stderr_text)  # nothing held: no duplicate to come
     assert Counter(intake.event_texts()) == Counter(want)
     m = scrape(d.status_port)
     name = relp_listener(port)
@@ -153,7 +153,7 @@ def test_refused_at_the_handshake_nothing_delivered(
 
     asyncio.run(main())
     assert intake.wait_for(1, timeout=10)
-    time.sleep(0.6)
+    wait_at_rest(d.status_port, detail=d.stderr_text)  # a refused one would be there now
     assert intake.event_texts() == [f"{t} good"]
     m = scrape(d.status_port)
     # Refused before any RELP byte was read: no session, no command.
@@ -163,18 +163,17 @@ def test_refused_at_the_handshake_nothing_delivered(
 
 
 def plain_relp_closed(port: int, message: bytes) -> None:
-    """A RELP session in clear: not TLS, closed within a second, never answered (at most a
-    TLS alert comes back, no RELP frame)."""
+    """A RELP session in clear: not TLS, closed, never answered (at most a TLS alert comes
+    back, no RELP frame). Closed at once, not by the handshake timeout: the callers check
+    the refusal's reason, protocol_error."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
         plain.sendall(build_frame(1, "open", OFFERS) + build_frame(2, "syslog", message))
-        opened = time.monotonic()
         data = b""
         try:
             while chunk := plain.recv(4096):
                 data += chunk
         except ConnectionResetError:
             pass
-        assert time.monotonic() - opened < 1.0
     assert b"rsp" not in data and b"200 OK" not in data, data
 
 
@@ -184,11 +183,9 @@ def test_plain_relp_client_on_the_tls_port_is_closed(
     port = relp_ports(d)[0]
     t = tag()
     # Connected, waiting (for a server greeting RELP has not): closed by the timeout.
+    # (By the timeout, not for anything it did: the refusal's reason, checked below.)
     silent = socket.create_connection(("127.0.0.1", port), timeout=10)
-    opened = time.monotonic()
     assert silent.recv(1) == b""
-    waited = time.monotonic() - opened
-    assert 1.8 < waited < 5.0, waited
     silent.close()
     # Sending its open in clear, as omrelp without tls="on" does: closed at once.
     plain_relp_closed(port, hp(f"{t} plain"))
@@ -216,8 +213,8 @@ def test_handshakes_count_against_the_per_address_cap_and_end_at_sigterm(
     async def main() -> None:
         c = await tls_client(port, ctx)
         stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert wait_until(
-            lambda: value(scrape(d.status_port), "tls_handshakes_in_progress") == 1)
+        await until(lambda: value(scrape(d.status_port), "tls_handshakes_in_progress") == 1,
+                    15, "the stalled handshake in progress")
         third = socket.create_connection(("127.0.0.1", port), timeout=5)
         with contextlib.suppress(ConnectionResetError):
             assert third.recv(1) == b""
@@ -372,7 +369,8 @@ def test_rsyslog_omrelp_tls_10k_exactly_once(tlslib: str, tmp_path: Path, intake
         ok = intake.wait_for(N, 20)
         assert ok, (f"{len(intake.events)} of {N}; rsyslog: "
                     f"{rs.all_log_path.read_text()[-2000:] if rs.all_log_path.exists() else ''}")
-        time.sleep(0.6)  # > batch.max_delay: a duplicate would show now
+        # rsyslog still connected: nothing held by the forwarder, so no duplicate to come.
+        wait_at_rest(d.status_port, closed=False, detail=d.stderr_text)
     got = Counter(intake.event_texts())
     assert got == Counter(lines), (
         f"missing {len(set(lines) - set(got))}, duplicates {sum(n - 1 for n in got.values())}")
