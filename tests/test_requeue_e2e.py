@@ -72,12 +72,13 @@ def test_a_dead_letter_file_far_larger_than_the_spool_is_delivered_once(
     replay(d)
     # Created by the replay with the spool's own folders' mode: they hold log data.
     assert (d.tmp / "spool" / "requeue").stat().st_mode & 0o777 == 0o700
-    assert_delivered_once(intake, texts, timeout=60)
+    assert_delivered_once(intake, texts, d, timeout=60)
     done = d.wait_log("dead_letters_requeued", timeout=10)
     assert done["events"] == 6000 and done["dead_lettered_again"] == 0
     assert requeue_folder(d) == []  # the file and its progress are gone
     assert spool_stats(d)["requeue"] == {"files": [], "events": 0}
-    assert wait_until(lambda: unaccounted(terms(scrape(d.status_port))) == 0, 10)
+    wait_until(lambda: unaccounted(terms(scrape(d.status_port))) == 0, 10,
+               "the accounting identity balanced", detail=lambda: terms(scrape(d.status_port)))
     t = terms(scrape(d.status_port))
     assert t["requeued"] == 6000 and t["delivered"] == 6000 and t["spool"] == 0
     assert d.events("requeue_stalled") == []
@@ -92,16 +93,16 @@ def test_with_other_input_meanwhile_each_event_is_delivered_once(
     stop = threading.Event()
     sender = PacedSender(d.tcp_port, 0, 20, stop, limit=60)
     sender.start()
-    assert wait_until(lambda: sender.sent >= 20, 10)
+    wait_until(lambda: sender.sent >= 20, 10, "the paced sender's first 20 events")
     replay(d)
     d.wait_log("dead_letters_requeued", timeout=60)
-    assert wait_until(lambda: sum(e.startswith("rq ") for e in intake.event_texts()) >= 6000,
-                      60)
+    wait_until(lambda: sum(e.startswith("rq ") for e in intake.event_texts()) >= 6000, 60,
+               "the 6000 re-queued events at the intake")
     stop.set()
     sender.join(30)
     assert sender.error is None, sender.error
     _, live = stream(0, sender.sent)
-    assert_delivered_once(intake, texts + live, timeout=30)
+    assert_delivered_once(intake, texts + live, d, timeout=30)
     assert requeue_folder(d) == []
     assert d.stop() == 0
     stopped = d.events("stopped")[-1]
@@ -135,7 +136,7 @@ def test_an_intake_taking_nothing_makes_the_file_wait_said_then_resume(
     assert waiting["files"] == [str(requeue_folder(d)[0])]
     assert waiting["events"] == 3000 - held["requeued"]
     intake.set_down(False)
-    assert_delivered_once(intake, texts, timeout=60)
+    assert_delivered_once(intake, texts, d, timeout=60)
     d.wait_log("dead_letters_requeued", timeout=10)
     d.wait_log("requeue_moving_again", timeout=10)
     assert requeue_folder(d) == []
@@ -159,12 +160,12 @@ def test_a_refusal_after_a_replay_emptied_a_full_folder_is_dead_lettered(
     assert 32 * KIB < sum(p.stat().st_size for p in folder.iterdir()) < 64 * KIB
     replay(d)
     d.wait_log("dead_letters_requeued", timeout=10)
-    assert_delivered_once(intake, first_texts)
+    assert_delivered_once(intake, first_texts, d)
     intake.inject(400, body=answer)
     second, second_texts = stream(2, 100)
     send_tcp(d.tcp_port, second)
-    assert wait_until(lambda: len(d.events("dead_lettered")) == 2
-                      or d.events("dead_letter_full") != [], 20)
+    wait_until(lambda: len(d.events("dead_lettered")) == 2 or d.events("dead_letter_full"), 20,
+               "the second refusal dead-lettered (or dropped as full)")
     assert d.events("dead_letter_full") == []
     kept = [orjson.loads(x)["event"] for p in sorted(folder.iterdir())
             for x in p.read_bytes().splitlines()]
