@@ -240,7 +240,7 @@ def test_a_notify_socket_nobody_listens_on_is_logged_once(intake: FakeIntake,
                                        "WATCHDOG_USEC": "200000"}).start()
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "still forwarded")]))
     assert intake.wait_for(1)
-    time.sleep(1.0)  # ten failed pings and a STATUS refresh
+    time.sleep(1.0)  # the clock the feature needs: ten failed pings and a STATUS refresh
     assert d.stop() == 0
     assert [e.event for e in intake.events] == ["still forwarded"]
     assert len(d.events("notify_failed")) == 1
