@@ -234,9 +234,10 @@ def test_a_relp_batch_the_writer_claimed_is_answered_at_its_next_failure(tmp_pat
         await until(lambda: sink.attempts == [["event 0"]])  # refused by the disk: from memory
         spool.full = False
         d.submit(relp(1))  # queued for the disk: the writer claims 0 first, then writes 1
-        await until(lambda: "event 1" in spool.events())
+        # (Answered from the append's done-callback, on the loop: after the spool has it.)
+        await until(lambda: bool(answered))
         assert [op for op, _ in spool.ops] == ["claim", "append"]
-        assert answered == ["event 1"]
+        assert answered == ["event 1"] and "event 1" in spool.events()
         gate.set()  # 0 fails: already on disk
         await until(lambda: len(sink.attempts) >= 3)
         assert answered == ["event 1", "event 0"]

@@ -34,6 +34,7 @@ from haproxy_forwarder.observability.counters import Counters
 from haproxy_forwarder.sinks.deadletter import DeadLetters, dead_letter_lines, read_dead_letters
 from haproxy_forwarder.spool import Spool, SpoolFull
 from haproxy_forwarder.spool.segments import Filesystem
+from tests import vclock
 from tests.test_delivery import FakeSink, Log, NoWait
 
 KIB = 1024
@@ -56,18 +57,22 @@ def write_file(folder: Path, events: list[str], name: str = "dead-letter-2026010
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 60))
+    """On a virtual clock (tests/vclock.py): the requeuer's passes and pauses take no real
+    time, its files and the spool are read and written in real threads."""
+    vclock.run(coro, limit=60)
 
 
 async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
 
 
 class Rig:
-    """Requeuer -> Delivery -> real Spool (block, small) -> one worker -> scripted sink."""
+    """Requeuer -> Delivery -> real Spool (block, small) -> one worker -> scripted sink; made
+    in the loop, whose (virtual) clock both use."""
 
     def __init__(self, tmp_path: Path, sink: FakeSink, *, spool_max: int = 64 * KIB,
                  max_events: int = 100, stall_after: float = 30.0,
@@ -82,7 +87,8 @@ class Rig:
         self.dead = dead(self.spool_dir, 4 << 20)
         self.delivery = Delivery(sink, self.spool, self.dead, self.counters, self.log,
                                  workers=1, backoff=NoWait(), max_in_flight=100,
-                                 write_ahead=False, on_pressure=lambda on: None)
+                                 write_ahead=False, on_pressure=lambda on: None,
+                                 clock=asyncio.get_running_loop().time)
         self.max_events = max_events
         self.stall_after = stall_after
         self.max_bytes = spool_max // 8
@@ -91,7 +97,8 @@ class Rig:
     def requeuer(self) -> Requeuer:
         return Requeuer(self.folder, self.delivery, self.spool, self.dead, self.counters,
                         self.log, max_events=self.max_events, max_bytes=self.max_bytes,
-                        stall_after=self.stall_after, interval=0.05, retry=0.02)
+                        stall_after=self.stall_after, interval=0.05, retry=0.02,
+                        clock=asyncio.get_running_loop().time)
 
     def waiting(self) -> bool:
         """The requeuer started by delivery waits for room in the spool."""

@@ -190,7 +190,7 @@ class Delivery:
         limit = min(max_bytes, max(1, int(self.spool.stats()["max_size"]) // 8))
         self.requeuer = Requeuer(folder, self, self.spool, self._dead.dead, self.counters,
                                  self.log, max_events=max_events, max_bytes=limit,
-                                 stall_after=stall_after)
+                                 stall_after=stall_after, clock=self._clock)
         self._requeue_task = asyncio.create_task(self.requeuer.run(), name="requeue")
 
     def requeue_stall_reason(self) -> str | None:
