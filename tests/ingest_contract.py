@@ -11,13 +11,11 @@ from dataclasses import dataclass, field
 import orjson
 import pytest
 
-from devtools import conformance
 from haproxy_forwarder.config import MAX_EVENT_BYTES
 from haproxy_forwarder.ingest import DATAGRAM, ChunkReader, ChunkResult, ProgramFilter
 from haproxy_forwarder.syslog.framing import FrameDecoder
 from haproxy_forwarder.syslog.header import event_text, read_header, valid_time
 
-CONFORMANCE = conformance.CONFORMANCE
 RECEIVED = b"2026-01-02T03:04:05.678Z"
 EXPECT_COMPILED = os.environ.get("HAPROXY_FORWARDER_EXPECT_COMPILED") == "1"
 

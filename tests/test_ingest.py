@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devtools import conformance
 from haproxy_forwarder.config import MAX_EVENT_BYTES
 from haproxy_forwarder.ingest import (
     AUTO,
@@ -25,7 +26,6 @@ from haproxy_forwarder.ingest import (
 )
 from haproxy_forwarder.syslog.header import read_header
 from tests.ingest_contract import (
-    CONFORMANCE,
     EXPECT_COMPILED,
     RECEIVED,
     Factory,
@@ -83,13 +83,11 @@ def feed1(impl: Factory, chunk: bytes, filt: ProgramFilter = HAPROXY, framing: s
 
 
 def _rows(name: str, valid: bool | None = None) -> list[Any]:
-    path = CONFORMANCE / name
-    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
-    return [pytest.param(r, id=r["id"]) for r in rows if valid is None or r["valid"] is valid]
+    return [pytest.param(r, id=r["id"]) for r in conformance.rows(name)
+            if valid is None or r["valid"] is valid]
 
 
-def _wire(row: dict[str, Any]) -> bytes:
-    return bytes(row["input"].encode(row.get("input_encoding") or "utf-8"))
+_wire = conformance.wire
 
 
 def _event_of(msg: str | None, encoding: str) -> str:
@@ -156,12 +154,12 @@ def _check_valid_row(impl: Factory, row: dict[str, Any], exp: dict[str, Any]) ->
     assert (other.accepted, other.filtered, other.fragments) == (0, 1, [])
 
 
-@pytest.mark.parametrize("row", _rows("rfc5424_vectors.jsonl", valid=True))
+@pytest.mark.parametrize("row", _rows(conformance.RFC5424_VECTORS, valid=True))
 def test_rfc5424_valid_vector(impl: Factory, row: dict[str, Any]) -> None:
     _check_valid_row(impl, row, row["expected"])
 
 
-@pytest.mark.parametrize("row", _rows("rfc3164_vectors.jsonl", valid=True))
+@pytest.mark.parametrize("row", _rows(conformance.RFC3164_VECTORS, valid=True))
 def test_rfc3164_valid_vector(impl: Factory, row: dict[str, Any]) -> None:
     exp = dict(row["expected"])
     if row["id"] in OURS_3164:
@@ -180,7 +178,7 @@ RSYSLOG_DIFFERS = {
 }
 
 
-@pytest.mark.parametrize("row", [r for r in _rows("rfc3164_vectors.jsonl")
+@pytest.mark.parametrize("row", [r for r in _rows(conformance.RFC3164_VECTORS)
                                  if "rsyslog_observed" in r.values[0]])
 def test_rfc3164_rsyslog_observed(impl: Factory, row: dict[str, Any]) -> None:
     obs = row["rsyslog_observed"]
@@ -206,7 +204,8 @@ def test_rfc3164_rsyslog_observed(impl: Factory, row: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    "row", _rows("rfc5424_vectors.jsonl", valid=False) + _rows("rfc3164_vectors.jsonl", valid=False)
+    "row", _rows(conformance.RFC5424_VECTORS, valid=False)
+    + _rows(conformance.RFC3164_VECTORS, valid=False)
 )
 def test_invalid_vector_is_forwarded_as_the_old_path_did(
     impl: Factory, row: dict[str, Any]
@@ -255,7 +254,7 @@ def _programs_of(frames: list[bytes]) -> ProgramFilter:
     return ProgramFilter(sorted(n.decode("utf-8", "replace") for n in names) or ["haproxy"])
 
 
-@pytest.mark.parametrize("row", _rows("framing_vectors.jsonl"))
+@pytest.mark.parametrize("row", _rows(conformance.FRAMING_VECTORS))
 def test_framing_vector(impl: Factory, row: dict[str, Any]) -> None:
     stream = row["stream"].encode(row.get("stream_encoding") or "utf-8")
     framing = DATAGRAM if row["transport"] == "udp" else FRAMING[row["framing"]]
@@ -279,7 +278,7 @@ def test_framing_vector(impl: Factory, row: dict[str, Any]) -> None:
 
 
 def test_framing_vector_rows_all_exist() -> None:
-    ids = {r.values[0]["id"] for r in _rows("framing_vectors.jsonl")}
+    ids = {r.values[0]["id"] for r in _rows(conformance.FRAMING_VECTORS)}
     assert set(FRAMING_DIFFERS) <= ids
 
 
@@ -308,7 +307,8 @@ def _header(fmt: str, prog: bytes, pid: bytes) -> bytes:
 def _haproxy_lines() -> list[Any]:
     out: list[Any] = []
     section = "?"
-    for no, line in enumerate((CONFORMANCE / "haproxy_lines.txt").read_bytes().split(b"\n"), 1):
+    lines = conformance.path(conformance.HAPROXY_LINES).read_bytes().split(b"\n")
+    for no, line in enumerate(lines, 1):
         if line.startswith(b"# ----"):
             section = line.split(b".")[0][-1:].decode()
         elif line and not line.startswith(b"#"):
@@ -364,9 +364,8 @@ def test_haproxy_payload_in_every_wire_format(impl: Factory, line: bytes, fmt: s
 
 
 def _sekoia_samples() -> list[Any]:
-    text = (CONFORMANCE / "sekoia_haproxy_samples.txt").read_text("utf-8")
-    return [pytest.param(json.loads(x), id=f"sample{i}")
-            for i, x in enumerate(text.splitlines()) if x]
+    return [pytest.param(x, id=f"sample{i}")
+            for i, x in enumerate(conformance.rows(conformance.SEKOIA_SAMPLES))]
 
 
 @pytest.mark.parametrize("sample", _sekoia_samples())
