@@ -3,7 +3,6 @@ Vectors are read from tests/conformance (the project's copy, its README names ea
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
@@ -13,8 +12,6 @@ from hypothesis import strategies as st
 
 from devtools import conformance
 from haproxy_forwarder.syslog.header import Header, event_text, read_header
-
-CONFORMANCE = conformance.CONFORMANCE
 
 
 def _rows(name: str, valid: bool) -> list[Any]:
@@ -69,7 +66,7 @@ def expected_fields(row: dict[str, Any], exp: dict[str, Any]) -> dict[str, Any]:
 # -- RFC 5424 ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("row", _rows("rfc5424_vectors.jsonl", True))
+@pytest.mark.parametrize("row", _rows(conformance.RFC5424_VECTORS, True))
 def test_rfc5424_valid(row: dict[str, Any]) -> None:
     frame = _wire(row)
     h = read_header(frame)
@@ -84,7 +81,7 @@ def test_rfc5424_valid(row: dict[str, Any]) -> None:
     assert h.ts_zoned == bool(exp["timestamp"])
 
 
-@pytest.mark.parametrize("row", _rows("rfc5424_vectors.jsonl", False))
+@pytest.mark.parametrize("row", _rows(conformance.RFC5424_VECTORS, False))
 def test_rfc5424_invalid_still_gives_a_header(row: dict[str, Any]) -> None:
     # Deliberate: a forwarder must not drop what it cannot validate.  Invalid rows only
     # have to produce some consistent Header; whatever is not understood is MSG.
@@ -136,7 +133,7 @@ OURS_3164: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-@pytest.mark.parametrize("row", _rows("rfc3164_vectors.jsonl", True))
+@pytest.mark.parametrize("row", _rows(conformance.RFC3164_VECTORS, True))
 def test_rfc3164_valid(row: dict[str, Any]) -> None:
     frame = _wire(row)
     h = read_header(frame)
@@ -150,7 +147,7 @@ def test_rfc3164_valid(row: dict[str, Any]) -> None:
         assert h.tag_start == h.prog_start
 
 
-@pytest.mark.parametrize("row", _rows("rfc3164_vectors.jsonl", False))
+@pytest.mark.parametrize("row", _rows(conformance.RFC3164_VECTORS, False))
 def test_rfc3164_invalid_still_gives_a_header(row: dict[str, Any]) -> None:
     frame = _wire(row)
     h = read_header(frame)
@@ -194,7 +191,7 @@ def test_timestamp_token_and_zone(frame: bytes, token: bytes | None, zoned: bool
 
 
 def _haproxy_lines() -> list[Any]:
-    path = CONFORMANCE / "haproxy_lines.txt"
+    path = conformance.path(conformance.HAPROXY_LINES)
     if not path.is_file():
         return [pytest.param(None, None, marks=pytest.mark.skip(reason=f"{path} missing"))]
     out: list[Any] = []
@@ -272,11 +269,11 @@ def test_haproxy_formats(
 
 
 def _sekoia_samples() -> list[Any]:
-    path = CONFORMANCE / "sekoia_haproxy_samples.txt"
+    path = conformance.path(conformance.SEKOIA_SAMPLES)
     if not path.is_file():
         return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} missing"))]
-    lines = [json.loads(x) for x in path.read_text("utf-8").splitlines() if x]
-    return [pytest.param(s, id=f"sample{i}") for i, s in enumerate(lines)]
+    return [pytest.param(s, id=f"sample{i}")
+            for i, s in enumerate(conformance.rows(conformance.SEKOIA_SAMPLES))]
 
 
 @pytest.mark.parametrize("sample", _sekoia_samples())
