@@ -3,7 +3,6 @@ Differential only: both must give the same 15 fields for every input, conformanc
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from typing import Any
@@ -27,17 +26,11 @@ except ImportError as exc:  # pragma: no cover - depends on the build
         ) from exc
     pytest.skip(f"compiled header reader not built: {exc}", allow_module_level=True)
 
-CONFORMANCE = conformance.CONFORMANCE
-
 
 def _vector_inputs() -> list[bytes]:
     out: list[bytes] = []
-    for name in ("rfc5424_vectors.jsonl", "rfc3164_vectors.jsonl"):
-        path = CONFORMANCE / name
-        for line in path.read_text("utf-8").splitlines():
-            if not line:
-                continue
-            row = json.loads(line)
+    for name in (conformance.RFC5424_VECTORS, conformance.RFC3164_VECTORS):
+        for row in conformance.rows(name):
             if row.get("input_hex"):
                 out.append(bytes.fromhex(row["input_hex"]))
             else:
@@ -48,10 +41,8 @@ def _vector_inputs() -> list[bytes]:
 def _payloads() -> list[bytes]:
     """HAProxy lines and Sekoia samples as they appear on the wire, unwrapped."""
     out: list[bytes] = []
-    path = CONFORMANCE / "haproxy_lines.txt"
-    out += [x for x in path.read_bytes().split(b"\n") if x and not x.startswith(b"#")]
-    path = CONFORMANCE / "sekoia_haproxy_samples.txt"
-    out += [json.loads(x).encode() for x in path.read_text("utf-8").splitlines() if x]
+    out += conformance.text_lines(conformance.HAPROXY_LINES)
+    out += [x.encode() for x in conformance.rows(conformance.SEKOIA_SAMPLES)]
     return out
 
 
