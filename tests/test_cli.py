@@ -278,7 +278,7 @@ def test_env_key_overrides_file_key_for_real(tmp_path: Path, intake: FakeIntake)
     res = run_cli("--config", str(cfg), "send-test", env={"HAPROXY_FORWARDER_INTAKE__KEY":
                                                           VALID_KEY})
     assert res.returncode == 0, res.stdout + res.stderr
-    assert intake.wait_for(1, 10)
+    assert intake.wait_for(1, 10), f"events at the intake: want 1, got {len(intake.events)}"
 
 
 def test_region_fra2_gives_documented_url(tmp_path: Path) -> None:
@@ -424,7 +424,7 @@ def test_send_test_delivers_one_event(tmp_path: Path, intake: FakeIntake) -> Non
     assert res.returncode == 0, res.stdout + res.stderr
     assert "200" in res.stdout
     assert intake.url in res.stdout
-    assert intake.wait_for(1, 10)
+    assert intake.wait_for(1, 10), f"events at the intake: want 1, got {len(intake.events)}"
     events = intake.events
     assert len(events) == 1
     assert "send-test" in events[0].event and __version__ in events[0].event
@@ -711,7 +711,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Live]:
                 [traditional("haproxy", f"ok {i}") for i in range(7)]
                 + [traditional("sshd", "not for the intake")] * 2))
             _wait_metric(d.status_port, "haproxy_forwarder_delivered_events_total", 7)
-            assert fi.wait_for(7)
+            assert fi.wait_for(7), f"events at the intake: want 7, got {len(fi.events)}"
             yield _Live(d, fi)
 
 

@@ -358,7 +358,7 @@ def test_delay(intake: FakeIntake, client: httpx.Client) -> None:
     assert r.status_code == 200
     # The timed-out request was still ingested once its delay was over (as a real server would):
     # the forwarder has to live with such duplicates.
-    assert intake.wait_for(3, timeout=5)
+    assert intake.wait_for(3, timeout=5), f"events at the intake: want 3, got {len(intake.events)}"
     assert sorted(intake.event_texts()) == ["fast", "slow", "too slow"]
 
 
@@ -474,7 +474,8 @@ def test_concurrent_requests(intake: FakeIntake) -> None:
     for t in threads:
         t.join(30)
         assert not t.is_alive(), "a client hung"
-    assert intake.wait_for(n_threads * per_thread, timeout=1)
+    assert intake.wait_for(n_threads * per_thread, timeout=1), (
+        f"events at the intake: want {n_threads * per_thread}, got {len(intake.events)}")
     expected = {f"{i}-{j}" for i in range(n_threads) for j in range(per_thread)}
     assert set(intake.event_texts()) == expected
     assert sorted({e.request_no for e in intake.events}) == list(range(n_threads * per_thread))
@@ -493,7 +494,8 @@ def test_100k_events_fast(intake: FakeIntake, client: httpx.Client) -> None:
         r = client.post("/jsons", content=body, headers=headers)
         assert r.status_code == 200
         assert len(r.json()["event_ids"]) == 5000
-    assert intake.wait_for(100_000, timeout=1)
+    assert intake.wait_for(100_000, timeout=1), (
+        f"events at the intake: want 100000, got {len(intake.events)}")
     texts = intake.event_texts()
     assert texts[0].endswith("#0") and texts[-1].endswith("#99999")
 
@@ -501,7 +503,7 @@ def test_100k_events_fast(intake: FakeIntake, client: httpx.Client) -> None:
 def test_wait_for_timeout(intake: FakeIntake) -> None:
     # (That it waits meanwhile, rather than giving up at once: the next test.)
     assert intake.wait_for(1, timeout=0.2) is False
-    assert intake.wait_for(0, timeout=0)
+    assert intake.wait_for(0, timeout=0), f"events at the intake: want 0, got {len(intake.events)}"
 
 
 def test_wait_for_wakes_up_on_arrival(intake: FakeIntake, client: httpx.Client) -> None:
@@ -511,9 +513,9 @@ def test_wait_for_wakes_up_on_arrival(intake: FakeIntake, client: httpx.Client) 
 
     t = threading.Thread(target=later)
     t.start()
-    assert intake.wait_for(2, timeout=10)
+    assert intake.wait_for(2, timeout=10), f"events at the intake: want 2, got {len(intake.events)}"
     t.join()
-    assert intake.wait_for_requests(1, timeout=1)
+    assert intake.wait_for_requests(1, timeout=1), "requests answered: want 1"
 
 
 def test_reset(intake: FakeIntake, client: httpx.Client) -> None:

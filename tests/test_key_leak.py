@@ -58,12 +58,12 @@ def test_the_key_appears_nowhere(intake: FakeIntake, tmp_path: Path) -> None:
 
     # deliveries
     send(d, *(f"delivered {i}" for i in range(20)))
-    assert intake.wait_for(20)
+    assert intake.wait_for(20), f"events at the intake: want 20, got {len(intake.events)}"
     # a 401, then flows
     intake.inject(401, echo=True)
     send(d, "through a 401")
     d.wait_log("intake_refused_check_config")
-    assert intake.wait_for(21)
+    assert intake.wait_for(21), f"events at the intake: want 21, got {len(intake.events)}"
     # a 400: dead-lettered with the (echoed) answer
     intake.inject(400, echo=True)
     send(d, "dead-lettered")
@@ -72,7 +72,7 @@ def test_the_key_appears_nowhere(intake: FakeIntake, tmp_path: Path) -> None:
     intake.inject(413, echo=True)
     intake.inject(503, echo=True)
     send(d, "through 413 and 503")
-    assert intake.wait_for(22)
+    assert intake.wait_for(22), f"events at the intake: want 22, got {len(intake.events)}"
     # spooling: the intake down, batches on disk
     intake.set_down(True)
     send(d, *(f"spooled {i}" for i in range(50)))
@@ -86,7 +86,7 @@ def test_the_key_appears_nowhere(intake: FakeIntake, tmp_path: Path) -> None:
     d.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
     d.wait_log("reloaded")
     intake.set_down(False)
-    assert intake.wait_for(72, 20)
+    assert intake.wait_for(72, 20), f"events at the intake: want 72, got {len(intake.events)}"
     out["/metrics"] = get(d, "/metrics")
     out["/healthz"] = get(d, "/healthz")
     assert d.stop(signal.SIGTERM) == 0

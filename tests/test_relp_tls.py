@@ -152,7 +152,7 @@ def test_refused_at_the_handshake_nothing_delivered(
         await c.close()
 
     asyncio.run(main())
-    assert intake.wait_for(1, timeout=10)
+    assert intake.wait_for(1, timeout=10), f"events at the intake: want 1, got {len(intake.events)}"
     wait_at_rest(d.status_port, detail=d.stderr_text)  # a refused one would be there now
     assert intake.event_texts() == [f"{t} good"]
     m = scrape(d.status_port)
@@ -268,7 +268,7 @@ def test_sighup_adds_a_tls_relp_listener(intake: FakeIntake, daemon: MakeDaemon,
         await c.close()
 
     asyncio.run(main())
-    assert intake.wait_for(1, timeout=10)
+    assert intake.wait_for(1, timeout=10), f"events at the intake: want 1, got {len(intake.events)}"
     # In clear on the new listener: refused as on the first.
     plain_relp_closed(added[0], hp(f"{t} plain"))
     name = relp_listener(added[0])

@@ -163,7 +163,7 @@ def test_ready_status_watchdog_stall_and_stopping(
         assert re.fullmatch(r"in \d+ events/s, out \d+ events/s, backlog 0 batches, "
                             r"spool 0 events, last delivery \d+ s ago", first.fields["STATUS"])
         send_tcp(d.tcp_port, octet_counted(traditional("haproxy", f"e{i}") for i in range(500)))
-        assert intake.wait_for(500)
+        assert intake.wait_for(500), f"events at the intake: want 500, got {len(intake.events)}"
         rate = re.compile(r"in [1-9]\d* events/s")
         moving = ns.wait(lambda f: rate.match(f.get("STATUS", "")) is not None)
         assert "out " in moving.fields["STATUS"]
@@ -186,7 +186,7 @@ def test_ready_status_watchdog_stall_and_stopping(
         # Back up: delivered, and the pings resume without a restart.
         intake.set_down(False)
         ns.wait(is_watchdog, timeout=10.0)
-        assert intake.wait_for(501)
+        assert intake.wait_for(501), f"events at the intake: want 501, got {len(intake.events)}"
         assert healthz(d) == 200
     finally:
         assert d.stop(signal.SIGTERM) == 0
@@ -228,7 +228,7 @@ def test_without_notify_socket_it_runs_as_before(
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     d = make_daemon(tmp_path, intake, {"WATCHDOG_USEC": "200000"}).start()
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "no systemd here")]))
-    assert intake.wait_for(1)
+    assert intake.wait_for(1), f"events at the intake: want 1, got {len(intake.events)}"
     assert d.stop() == 0
     assert [e.event for e in intake.events] == ["no systemd here"]
     assert d.events("notify_failed") == [] and d.events("watchdog_withheld") == []
@@ -239,7 +239,7 @@ def test_a_notify_socket_nobody_listens_on_is_logged_once(intake: FakeIntake,
     d = make_daemon(tmp_path, intake, {"NOTIFY_SOCKET": str(tmp_path / "gone"),
                                        "WATCHDOG_USEC": "200000"}).start()
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "still forwarded")]))
-    assert intake.wait_for(1)
+    assert intake.wait_for(1), f"events at the intake: want 1, got {len(intake.events)}"
     time.sleep(1.0)  # the clock the feature needs: ten failed pings and a STATUS refresh
     assert d.stop() == 0
     assert [e.event for e in intake.events] == ["still forwarded"]
