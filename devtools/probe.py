@@ -38,7 +38,8 @@ def _timed_out(cond: Callable[[], object], timeout: float, what: str | None, las
                detail: Callable[[], object] | None) -> AssertionError:
     msg = f"waited {timeout:g} s for {what or _describe(cond)}; last answer {last!r:.300}"
     if detail is not None:
-        msg += f"\n{detail()}"
+        text = str(detail())  # a daemon's log can be long: its end is what says why
+        msg += "\n" + (text if len(text) <= 4000 else "..." + text[-4000:])
     return AssertionError(msg)
 
 
