@@ -1,6 +1,8 @@
 """Durable on-disk spool of batches: append-only, checksummed segments; ack to delete.
 
-format (records, pure) · recovery (open) · segments (files, behind `Filesystem`) · queue (`Spool`).
+format (records, pure) · recovery (open) · segments (files, behind `Filesystem`) · queue (`Spool`:
+locks, state, the steps of each call) over index (what is held in memory), lifecycle (segments
+created, sealed, deleted) and room (the size bound: block / drop_oldest, `Losses`).
 
 API
 ---
