@@ -163,7 +163,7 @@ class Recovery:
             changed |= self._segment(seq, segs[seq], newest=seq == newest)
         self.index.next_seq = max(segs, default=-1) + 1
         # Fully acked segments (nothing is being written yet): delete now. Their .ack files
-        # only once the segments' removal is durable (see SegmentLifecycle.sync_deleted in lifecycle.py).
+        # only once the segments' removal is durable (lifecycle.SegmentLifecycle.sync_deleted).
         gone: list[Segment] = []
         for seg in list(self.index.segments.values()):
             if not seg.recs and not self.readonly:
