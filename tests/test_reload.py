@@ -22,7 +22,8 @@ from devtools.traffic import octet_frame, send_udp, traditional
 from haproxy_forwarder.config import Settings
 from haproxy_forwarder.delivery import Delivery
 from haproxy_forwarder.ingest import AUTO, DATAGRAM, ProgramFilter
-from haproxy_forwarder.reload import LIVE, MASK, flatten, make_plan
+from haproxy_forwarder.observability.logs import MASK
+from haproxy_forwarder.reload import LIVE, flatten, make_plan
 from haproxy_forwarder.sinks import Kind, Outcome
 from tests.fake_intake import VALID_KEY, FakeIntake, fake_intake_factory
 from tests.ingest_contract import RECEIVED, Factory, implementation_params, run
@@ -46,7 +47,7 @@ def test_same_config_plans_nothing() -> None:
     plan = make_plan(s, settings(intake={"key": VALID_KEY}))
     assert (plan.changes, plan.restart) == ({}, {})
     assert not (plan.sink or plan.filter or plan.batch or plan.backoff or plan.in_flight)
-    assert (plan.tcp_add, plan.tcp_remove, plan.udp_add, plan.udp_remove) == ([], [], [], [])
+    assert (plan.listeners_add, plan.listeners_remove) == ([], [])
 
 
 def test_every_live_setting_names_a_real_one() -> None:
@@ -91,9 +92,8 @@ def test_listener_changes_as_added_and_removed_addresses() -> None:
     new = settings(listen={"tcp": ["127.0.0.1:1515", "127.0.0.1:1516", "127.0.0.1:1516"],
                            "udp": []})
     plan = make_plan(old, new)
-    assert plan.tcp_add == ["127.0.0.1:1516", "127.0.0.1:1516"]
-    assert plan.tcp_remove == ["127.0.0.1:1514"]
-    assert (plan.udp_add, plan.udp_remove) == ([], ["127.0.0.1:1514"])
+    assert plan.listeners_add == [("tcp", "127.0.0.1:1516"), ("tcp", "127.0.0.1:1516")]
+    assert plan.listeners_remove == [("tcp", "127.0.0.1:1514"), ("udp", "127.0.0.1:1514")]
 
 
 def test_settings_fixed_for_the_process_are_kept_and_named(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_settings_fixed_for_the_process_are_kept_and_named(tmp_path: Path) -> No
     # ... while their live neighbours change.
     assert (e.status.stall_after, e.log.stats_interval, e.listen.max_connections) == (
         10.0, 5.0, 10)
-    assert plan.tcp_limits
+    assert "listen.max_connections" in plan.changes
 
 
 def test_dry_run_cannot_be_switched_live() -> None:
