@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 
+from devtools.probe import until
 from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.config import IntakeConfig
 from haproxy_forwarder.delivery import SPILL_AFTER, Delivery, SpoolLike
@@ -158,11 +159,6 @@ def events(first: int, n: int) -> Batch:
 def run(coro: Coroutine[Any, Any, None]) -> None:
     """On a virtual clock; a test still running after 30 (virtual) seconds fails."""
     vclock.run(coro, limit=30)
-
-
-async def until(cond: Callable[[], bool]) -> None:
-    while not cond():
-        await asyncio.sleep(0.005)
 
 
 def make(tmp_path: Path, sink: FakeSink, spool: SpoolLike | None, *, workers: int = 1,

@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from devtools.probe import until
 from haproxy_forwarder.acks import Ack, AckGauge, Waiter
 from haproxy_forwarder.batching import Batch, Batcher
 from haproxy_forwarder.collector import Collector
@@ -141,14 +142,6 @@ class Rig:
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
     vclock.run(coro, limit=20)
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 # -- the spool path --------------------------------------------------------------------------

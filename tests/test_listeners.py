@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from devtools.probe import until
 from haproxy_forwarder.config import Settings
 from haproxy_forwarder.ingest import ChunkResult, ProgramFilter
 from haproxy_forwarder.observability.counters import Counters
@@ -55,14 +55,6 @@ class Log:
 def context() -> SourceContext:
     return SourceContext(Sink(), Counters(), Log(), ProgramFilter(["haproxy"]), Backpressure(),
                          4096)
-
-
-async def until(cond: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.005)
 
 
 def refused(port: int) -> bool:
@@ -119,8 +111,8 @@ def test_open_binds_all_or_none_and_names_every_address_that_failed() -> None:
         with pytest.raises(ListenError) as err:
             await listeners.open(built)
         assert err.value.problems == [
-            f"listen.tcp: cannot bind 127.0.0.1:{taken}: Address already in use",
-            f"listen.relp: cannot bind 127.0.0.1:{taken}: Address already in use",
+            f"listen.tcp 127.0.0.1:{taken}: cannot listen: Address already in use",
+            f"listen.relp 127.0.0.1:{taken}: cannot listen: Address already in use",
         ]
         # Rolled back: the ones that were bound are closed again, none is a member.
         first = built[0]
@@ -149,7 +141,7 @@ def test_opened_listeners_become_members_and_drain_closes_them() -> None:
         assert udp.name == f"udp://127.0.0.1:{udp_port}"
         assert listeners.up() == {tcp.name: 1.0, udp.name: 1.0}
         conn = socket.create_connection(("127.0.0.1", tcp_port))
-        await until(lambda: listeners.connections() == {tcp.name: 1.0}, "one TCP connection")
+        await until(lambda: listeners.connections() == {tcp.name: 1.0}, what="one TCP connection")
         # UDP has no connections: it is not in the connections_open gauge at all.
         [gone] = listeners.take_out([("tcp", "127.0.0.1:0")])
         assert gone is tcp and list(listeners) == [udp]
@@ -174,7 +166,7 @@ def test_configure_applies_the_filter_and_each_listeners_own_settings() -> None:
         (tcp, _, tcp_port), (udp, _, _) = opened
         assert isinstance(tcp, TcpSource) and isinstance(udp, UdpSource)
         conn = socket.create_connection(("127.0.0.1", tcp_port))
-        await until(lambda: tcp.open_connections == 1, "the connection accepted")
+        await until(lambda: tcp.open_connections == 1, what="the connection accepted")
         narrowed = Settings(listen={"tcp": [], "allow": ["10.0.0.0/8"], "max_connections": 7},
                             filter={"programs": ["hapee"]}, intake={"dry_run": True})
         listeners.configure(narrowed)
@@ -182,7 +174,8 @@ def test_configure_applies_the_filter_and_each_listeners_own_settings() -> None:
         assert tcp.max_connections == 7
         assert not udp.allow.permits("127.0.0.1")
         # The narrowed allow-list applies to the peer already connected too.
-        await until(lambda: tcp.open_connections == 0, "the connection no longer allowed closed")
+        await until(lambda: tcp.open_connections == 0,
+                    what="the connection no longer allowed closed")
         assert tcp.stats.access_denied == 1
         conn.close()
         await ListenerSet.drain(list(listeners), 0.0)

@@ -25,7 +25,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.daemon import Daemon, run_cli
-from devtools.probe import wait_until
+from devtools.probe import until, wait_until
 from devtools.traffic import lf_framed, octet_counted, send_tcp, send_udp, traditional
 from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.config import Settings
@@ -284,14 +284,6 @@ async def _aget(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-async def _until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.005)
-
-
 def test_healthz_fails_when_a_listener_closes_under_the_daemon(tmp_path: Path) -> None:
     """In-process (nothing outside can close a daemon's socket): a real Daemon from build()
     on real loopback sockets, whose UDP socket and TCP server are then closed the way a fatal
@@ -313,7 +305,7 @@ def test_healthz_fails_when_a_listener_closes_under_the_daemon(tmp_path: Path) -
         transport = udp._transport
         assert transport is not None
         transport.close()
-        await _until(lambda: udp.down, "the UDP listener seen closed")
+        await until(lambda: udp.down, what="the UDP listener seen closed")
         status, body = await _aget(port, "/healthz")
         assert status == 503
         assert json.loads(body)["reasons"] == [f"listener {udp.name} is down (closed, not by us)"]
@@ -324,7 +316,7 @@ def test_healthz_fails_when_a_listener_closes_under_the_daemon(tmp_path: Path) -
         server = tcp._server
         assert server is not None
         server.close()
-        await _until(lambda: tcp.down, "the TCP listener seen closed")
+        await until(lambda: tcp.down, what="the TCP listener seen closed")
         reasons = json.loads((await _aget(port, "/healthz"))[1])["reasons"]
         assert f"listener {tcp.name} is down (closed, not by us)" in reasons
         d.request_stop("SIGTERM")

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from devtools.daemon import Daemon, write_toml
-from devtools.probe import metric
+from devtools.probe import metric, until
 from haproxy_forwarder.acks import Ack
 from haproxy_forwarder.config import ListenConfig, RelpConfig
 from haproxy_forwarder.ingest import AUTO, ChunkResult, ProgramFilter, new_reader
@@ -183,14 +183,6 @@ def make_source(sink: ScriptedSink, max_window: int = 128,
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 30))
-
-
-async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not met"
-        await asyncio.sleep(0.005)
 
 
 def test_answers_only_once_durable_and_in_order() -> None:

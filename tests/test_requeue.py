@@ -16,13 +16,14 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from devtools.probe import until
 from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.delivery import Delivery
 from haproxy_forwarder.delivery.requeue import (
@@ -60,14 +61,6 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
     """On a virtual clock (tests/vclock.py): the requeuer's passes and pauses take no real
     time, its files and the spool are read and written in real threads."""
     vclock.run(coro, limit=60)
-
-
-async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 class Rig:

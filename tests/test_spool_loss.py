@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from devtools.probe import until
 from haproxy_forwarder.batching import Batch
 from haproxy_forwarder.delivery import Delivery
 from haproxy_forwarder.delivery.router import Router
@@ -107,14 +108,6 @@ def router() -> Router:
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 class GatedSink:
