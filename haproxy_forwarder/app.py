@@ -153,7 +153,7 @@ class Daemon:
         """Read the config again and apply it; an invalid one is refused and the old stays."""
         self.notifier.reloading()
         try:
-            return await reload_config(self, self.loader, TCP_DRAIN_GRACE)
+            return await reload_config(self, self.loader, TCP_DRAIN_GRACE, self._adopt)
         except Exception:
             # A bug in a reload must not take the daemon down with it.
             self.log.exception("reload_failed", problem="internal error")
@@ -161,6 +161,10 @@ class Daemon:
             return False
         finally:
             self.notifier.ready()
+
+    def _adopt(self, settings: Settings) -> None:
+        """A reload's settings are in force: read from here on (stall_after, intervals...)."""
+        self.settings = settings
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -160,7 +160,9 @@ def make_plan(old: Settings, new: Settings) -> Plan:
 class Target(Protocol):
     """The running daemon, as a reload sees it: each part applies its own settings."""
 
-    settings: Settings
+    @property
+    def settings(self) -> Settings: ...
+
     log: Any
     counters: Counters
     delivery: Delivery
@@ -282,9 +284,11 @@ async def _prepare(target: Target, plan: Plan) -> _Prepared:
     return done
 
 
-def _commit(target: Target, plan: Plan, ready: _Prepared) -> list[Listener]:
+def _commit(target: Target, plan: Plan, ready: _Prepared,
+            adopt: Callable[[Settings], None]) -> list[Listener]:
     """The swaps: nothing here can fail, nothing here closes a connection or drops a batch.
-    Returns the listeners removed, for the caller to drain."""
+    `adopt` makes the effective settings the daemon's. Returns the listeners removed, for the
+    caller to drain."""
     s = plan.effective
     if plan.batch:
         target.collector.reconfigure(s.batch)
@@ -304,16 +308,17 @@ def _commit(target: Target, plan: Plan, ready: _Prepared) -> list[Listener]:
     # The filter, listen.* limits, relp.max_window, and a narrowed allow-list of addresses
     # or of certificate names applied to the peers already connected: each listener its own.
     listeners.configure(s)
-    target.settings = s
+    adopt(s)
     return removed
 
 
-async def apply(target: Target, new: Settings, grace: float) -> Plan:
+async def apply(target: Target, new: Settings, grace: float,
+                adopt: Callable[[Settings], None]) -> Plan:
     """Apply `new` to the running daemon; Refused (nothing changed) if it cannot be.
     Removed listeners are closed as at shutdown, their senders given `grace` seconds."""
     plan = make_plan(target.settings, new)
     ready = await _prepare(target, plan)
-    removed = _commit(target, plan, ready)
+    removed = _commit(target, plan, ready, adopt)
     log = target.log
     if ready.tls_changed:
         log.info("tls_certificate_loaded", cert_file=str(plan.effective.tls.cert_file),
@@ -338,12 +343,12 @@ async def apply(target: Target, new: Settings, grace: float) -> Plan:
     return plan
 
 
-async def reload(target: Target, loader: Callable[[], Settings] | None,
-                 grace: float) -> bool:
+async def reload(target: Target, loader: Callable[[], Settings] | None, grace: float,
+                 adopt: Callable[[Settings], None]) -> bool:
     """One reload, logged and counted; True if the new config is in force. The file is read
     off the event loop (config.load reads only a regular file, and refuses an empty one)."""
     try:
-        await apply(target, await read_new(loader), grace)
+        await apply(target, await read_new(loader), grace, adopt)
     except Refused as exc:
         for problem in exc.problems:
             target.log.error("reload_failed", problem=problem,
