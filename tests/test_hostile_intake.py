@@ -7,13 +7,12 @@ One daemon for the module (concurrency 1: answers are forced in the order reques
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from devtools.daemon import Daemon, base_config
-from devtools.probe import metric, peak_rss, wait_until
+from devtools.probe import metric, peak_rss, steady, wait_until
 from devtools.traffic import octet_counted, send_tcp, traditional
 from haproxy_forwarder.delivery import Backoff
 from haproxy_forwarder.sinks import Kind, Outcome
@@ -57,11 +56,10 @@ def test_trickling_answer_ends_at_the_request_deadline(intake: FakeIntake,
     before = len(daemon.events("intake_retry"))
     send(daemon, "after a trickling answer")
     assert intake.wait_for_requests(0) and wait_until(lambda: intake.requests, 10)
-    asked = intake.requests[0]["time"]
-    assert wait_until(lambda: len(daemon.events("intake_retry")) > before, TIMEOUT + 5), \
-        "the request outlived intake.timeout"
-    took = time.monotonic() - asked
-    assert took < TIMEOUT + 3
+    # The whole answer would take 100 s: a retry within intake.timeout (and a margin for a
+    # loaded machine) means the deadline was the request's, not each read's.
+    assert wait_until(lambda: len(daemon.events("intake_retry")) > before, TIMEOUT + 5,
+                      what="the retry of the request cut at intake.timeout")
     retry = daemon.events("intake_retry")[-1]
     assert retry["status"] == 503  # classified by its status line, with what came of the rest
     assert intake.wait_for(1, 10)
@@ -77,7 +75,8 @@ def test_huge_answers_are_not_read_into_memory(intake: FakeIntake, daemon: Daemo
     intake.inject(503, size=huge)
     send(daemon, "then 300 MB of 503")
     assert intake.wait_for(1, 15)
-    time.sleep(0.3)  # a re-send of the first would show up now
+    # A re-send of the first would show up as a request: none comes over a quiet window.
+    wait_until(steady(lambda: len(intake.requests), 0.3), 10, what="the intake's requests settled")
     assert intake.event_texts() == ["then 300 MB of 503"]
     assert [r["status"] for r in intake.requests] == [200, 503, 200]
     # The old client read each answer whole: ~1 GB peak for one of them.

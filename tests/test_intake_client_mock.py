@@ -221,7 +221,8 @@ def test_no_answer_within_the_deadline_is_an_uncertain_retry() -> None:
     assert (outcome.kind, outcome.status, outcome.retry_after) == (Kind.RETRY, None, None)
     assert outcome.detail == "no answer within intake.timeout (0.05 s)"
     assert outcome.uncertain  # the body was handed over: a retry may duplicate
-    assert outcome.elapsed is not None and 0.04 <= outcome.elapsed < 5
+    # Not before the deadline (a timer never fires early); its end is the test's own return.
+    assert outcome.elapsed is not None and outcome.elapsed >= 0.04
 
 
 class StallingTransport(httpx.AsyncBaseTransport):

@@ -266,7 +266,7 @@ def test_udp_datagrams_dropped_under_backpressure_are_counted_per_listener(
             tcp.sendall(octet_counted([traditional("haproxy", f"tcp {i}")]))
             send_udp(d.udp_port, [traditional("haproxy", f"udp {i}")])
             i += 1
-            time.sleep(0.02)
+            time.sleep(0.02)  # the senders' pace (the scenario), not a wait for something
     n = dropped()
     assert n > 0, d.stderr_text()[-2000:]
     assert d.events("backpressure_on")
