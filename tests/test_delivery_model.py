@@ -49,6 +49,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -289,6 +290,10 @@ class Fate:
     # Submitted with a waiter (RELP): acked once durable; lost if the waiter was given up.
     waiter: Waiter | None = None
     acked: bool = False
+    # drop_oldest deleted its record (handed out) after its batch had released its share of
+    # the waiter (it was durable then), before the take's other batches released theirs: the
+    # answer still comes, for data drop_oldest deleted, as when the deletion follows it.
+    deleted_before_ack: bool = False
 
     @property
     def outcomes(self) -> int:
@@ -483,10 +488,25 @@ class DeliveryMachine(RuleBasedStateMachine):
             fate.acked = False
             if handed_out:
                 fate.evicted = fate.unordered = True
+                w = fate.waiter
+                if w is not None and w.callback is not None and not self._share_held(e, w):
+                    fate.deleted_before_ack = True
             elif not fate.settled:
                 fate.dropped = True
         if not handed_out:
             self.dropped["spool_full"] += len(events)
+
+    def _share_held(self, e: int, waiter: Waiter) -> bool:
+        """A batch delivery still has holds `waiter` for event `e`: it releases it only once
+        `e` is durable again (written anew) or settled, which `_acked` checks as usual."""
+        d = self.d
+        if d is None or d.router.closed:
+            return False  # stopped: a batch still holding it gives it up (lost) at the stop
+        r = d.router
+        spooling = [r.spooling] if r.spooling is not None else []
+        return any(x.acks is not None and waiter in x.acks
+                   and e in {seq(y) for y in x.batch.events()}
+                   for x in [*r.held.values(), *r.memory, *r.to_spool, *spooling])
 
     def _took(self, e: int, sure: bool) -> None:
         fate = self.fates[e]
@@ -588,6 +608,8 @@ class DeliveryMachine(RuleBasedStateMachine):
         on_disk = {e for es in self.spool.events().values() for e in es}
         for e in events:
             fate = self.fates[e]
+            if fate.deleted_before_ack:
+                continue  # acked, then deleted: like _spool_dropped's, a loss the design owns
             fate.acked = True
             self._expect(e in on_disk or fate.settled,
                          lambda e=e, f=fate: f"event {e} acknowledged before durable: {f}")
@@ -945,3 +967,66 @@ def test_one_worker_keeps_the_order_of_a_batch_too_large_for_the_spool() -> None
           lambda: s.submit(n=1),
           lambda: s.restart(grace=0.0, taken=False),
           lambda: s.submit(n=3))
+
+
+def test_a_record_evicted_after_a_part_was_dead_lettered_is_spooled_without_it() -> None:
+    # Found by the machine (about 1 run in 9): record 1 holds events 0 and 1 (a RELP take
+    # and a second one sharing its batch); 400 on event 0's body (dead-lettered), event 1's
+    # body sent next. The worker kept Entry.batch whole, as the record stays on disk until
+    # acked; then drop_oldest deleted the record to make room for the batches spilled
+    # during the drain (the batch only in the worker's memory from then on), and the stop
+    # spooled the whole batch: event 0 was sent again after its dead letter.
+    s = DeliveryMachine()
+    steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
+          lambda: s.spool_trouble(trouble="drop_oldest"),
+          lambda: s.submit_acked(n=1, parts=1, shared=True),
+          lambda: s.submit(n=1),
+          lambda: s.submit(n=4),
+          lambda: s.answer(answer=Answer(status=400), pick=0),
+          lambda: s.restart(grace=3.0, taken=False))
+
+
+def _relp_take_then_drop_oldest(workers: int) -> None:
+    s = DeliveryMachine()
+    steps(s, lambda: s.start(workers=workers, write_ahead=False, max_in_flight=1, per_body=1),
+          lambda: s.spool_trouble(trouble="full"),
+          lambda: s.submit_acked(n=4, parts=2, shared=False),
+          lambda: s.spool_trouble(trouble="drop_oldest"),
+          lambda: s.submit(n=3),
+          lambda: s.wait(dt=2.5),
+          lambda: s.restart(grace=3.0, taken=False))
+
+
+def test_a_take_answered_after_drop_oldest_deleted_a_part_of_it_is_its_loss() -> None:
+    # Found by the machine (the model was wrong): a RELP take in batches [0, 1] and [2, 3],
+    # each sent from memory by a worker of its own (the spool full), then claimed. [2, 3]
+    # released its share of the take's waiter at its retry (on disk, record 2); drop_oldest
+    # deleted record 2 for [0, 1]'s claim, whose release then answered the take. The model
+    # said "acknowledged before durable"; it is drop_oldest deleting answered RELP data
+    # (design.md), only answered later because the take's other batch was not durable yet.
+    _relp_take_then_drop_oldest(workers=2)
+
+
+def test_a_take_answered_at_a_stop_after_drop_oldest_deleted_a_part_of_it_is_its_loss() -> None:
+    # The same with three workers: the stop's append of [0, 1] deleted record 2 ([2, 3],
+    # its share released at its retry), then answered the take; [2, 3] is counted lost
+    # (spool_full, in flight). The model said "acknowledged event 2 dropped at stop".
+    _relp_take_then_drop_oldest(workers=3)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known order bug, not fixed yet: a held batch too large for the spool")
+def test_one_worker_keeps_the_order_of_a_held_batch_too_large_for_the_spool() -> None:
+    # Found by the machine (also on 58e78b4): batch [0, 1, 2] goes from memory to the worker;
+    # a RELP batch [3] is queued for the disk, the writer tries to claim the older held batch
+    # first, the tiny spool refuses it as too large (never_fits), and [3] is written (record
+    # 1). A 400 on event 1 leaves [2] to send; the stop spools it behind record 1, and the
+    # restart sends 3 before 2. Only with spool.max_size under a batch's size.
+    s = DeliveryMachine()
+    steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
+          lambda: s.spool_trouble(trouble="tiny"),
+          lambda: s.submit(n=3),
+          lambda: s.answer(answer=Answer(status=200), pick=0),
+          lambda: s.submit_acked(n=1, parts=1, shared=False),
+          lambda: s.answer(answer=Answer(status=400), pick=0),
+          lambda: s.restart(grace=0.0, taken=False))

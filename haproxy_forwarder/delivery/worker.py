@@ -256,9 +256,11 @@ class Worker:
                         again = action
                 todo[:0] = splits
                 if again is None:
-                    if entry.record is None and todo and settled:
-                        # Only in memory: what a stop spools (or the bug path dead-letters)
-                        # is what is left, not the events this batch already settled.
+                    if todo and settled:
+                        # What a stop spools (or the bug path dead-letters) is what is left,
+                        # not the events this batch already settled. Also with a record: drop_
+                        # oldest may delete it later (Router.evicted), and the batch is then
+                        # only in memory, spooled again at a stop (as router.failed keeps it).
                         entry.batch = Batch.join(todo)
                     break
                 if isinstance(again, RetryPartial):
