@@ -111,8 +111,11 @@ class ModelSpool:
     refuses batches of over 2 events (tiny), or deletes the oldest records to make room
     (drop_oldest: `on_drop(rid, events, handed_out)` tells the machine)."""
 
-    def __init__(self, on_drop: Callable[[int, list[int], bool], None]) -> None:
+    def __init__(self, on_drop: Callable[[int, list[int], bool], None],
+                 on_claim_refused: Callable[[list[int]], None]) -> None:
         self.records: dict[int, tuple[Batch, bool]] = {}  # rid -> (batch, handed out)
+        # A batch held by a worker that the writer tried to claim, refused as too large.
+        self.on_claim_refused = on_claim_refused
         self.ids = itertools.count(1)
         self.trouble: str | None = None
         self.violation: str | None = None
@@ -133,6 +136,8 @@ class ModelSpool:
         if self.trouble == "failing":
             raise SpoolWriteError("append failed", OSError(5, "Input/output error"))
         if self.trouble == "tiny" and len(batch) > 2:
+            if claim:
+                self.on_claim_refused([seq(e) for e in batch.events()])
             raise RecordTooLarge("larger than the whole spool")
         dropped: list[int] = []
         evicted: list[Evicted] = []
@@ -319,7 +324,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = VirtualLoop()
-        self.spool = ModelSpool(self._spool_dropped)
+        self.spool = ModelSpool(self._spool_dropped, self._claim_refused)
         self.dead = MemoryDeadLetters(self._dead_lettered)
         self.counters = Counters()
         self.log = Log()
@@ -495,6 +500,16 @@ class DeliveryMachine(RuleBasedStateMachine):
                 fate.dropped = True
         if not handed_out:
             self.dropped["spool_full"] += len(events)
+
+    # The known order bug of a held batch too large for the spool (the strict xfail
+    # test_one_worker_keeps_the_order_of_a_held_batch_too_large_for_the_spool, which turns
+    # this off): its events' order is not checked, so the machine goes on finding others.
+    exempt_known_order_bug = True
+
+    def _claim_refused(self, events: list[int]) -> None:
+        if self.exempt_known_order_bug:
+            for e in events:
+                self.fates[e].unordered = True
 
     def _share_held(self, e: int, waiter: Waiter) -> bool:
         """A batch delivery still has holds `waiter` for event `e`: it releases it only once
@@ -1023,6 +1038,7 @@ def test_one_worker_keeps_the_order_of_a_held_batch_too_large_for_the_spool() ->
     # 1). A 400 on event 1 leaves [2] to send; the stop spools it behind record 1, and the
     # restart sends 3 before 2. Only with spool.max_size under a batch's size.
     s = DeliveryMachine()
+    s.exempt_known_order_bug = False
     steps(s, lambda: s.start(workers=1, write_ahead=False, max_in_flight=1, per_body=1),
           lambda: s.spool_trouble(trouble="tiny"),
           lambda: s.submit(n=3),
