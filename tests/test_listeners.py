@@ -111,8 +111,8 @@ def test_open_binds_all_or_none_and_names_every_address_that_failed() -> None:
         with pytest.raises(ListenError) as err:
             await listeners.open(built)
         assert err.value.problems == [
-            f"listen.tcp 127.0.0.1:{taken}: cannot listen: Address already in use",
-            f"listen.relp 127.0.0.1:{taken}: cannot listen: Address already in use",
+            f"listen.tcp 127.0.0.1:{taken}: cannot bind: Address already in use",
+            f"listen.relp 127.0.0.1:{taken}: cannot bind: Address already in use",
         ]
         # Rolled back: the ones that were bound are closed again, none is a member.
         first = built[0]

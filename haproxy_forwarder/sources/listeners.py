@@ -129,7 +129,7 @@ def bind_problem(setting: str, host: str, port: int, exc: OSError) -> str:
     err = exc.__cause__ if not exc.errno and isinstance(exc.__cause__, OSError) else exc
     reason = (os.strerror(err.errno) if err.errno and err.errno > 0
               else err.strerror or str(err))
-    return f"{setting} {address}: cannot listen: {reason}"
+    return f"{setting} {address}: cannot bind: {reason}"
 
 
 class ListenerSet:
