@@ -48,6 +48,8 @@ REGIONS: dict[str, str] = {
     "mco1": "https://intake.mco1.sekoia.io/api/v1/intake-http",
     "uae1": "https://intake.uae1.sekoia.io/api/v1/intake-http",
     "usa1": "https://intake.usa1.sekoia.io/api/v1/intake-http",
+    # As Sekoia's regions page lists it: without the /api/v1/intake-http the others have.
+    "sgp1": "https://intake.sgp1.sekoia.io",
 }
 DEFAULT_URL = REGIONS["fra1"]
 
@@ -260,7 +262,7 @@ def read_key_file(path: Path) -> str:
 
 class IntakeConfig(_Section):
     url: str = DEFAULT_URL
-    region: Literal["fra1", "fra2", "mco1", "uae1", "usa1"] | None = None
+    region: Literal["fra1", "fra2", "mco1", "uae1", "usa1", "sgp1"] | None = None
     key: SecretStr | None = None
     # The key in a file of its own (mode 0600), read at start and at each SIGHUP: keeps the
     # secret out of the config file, the environment of the process and `systemctl show`.

@@ -30,6 +30,7 @@ from devtools.daemon import REPO, Daemon, base_config, run_cli, write_toml
 from devtools.probe import samples, wait_at_rest, wait_until
 from devtools.traffic import octet_counted, send_tcp, traditional
 from haproxy_forwarder import __version__
+from haproxy_forwarder.config import Settings
 from tests.fake_intake import VALID_KEY, FakeIntake
 
 MakeDaemon = Callable[..., Daemon]
@@ -289,6 +290,16 @@ def test_region_fra2_gives_documented_url(tmp_path: Path) -> None:
     cfg2 = _config(tmp_path, f"[intake]\nregion = \"fra2\"\nurl = \"{FRA2_URL}\"\n", "c2.toml")
     assert _check_config_json(run_cli("--config", str(cfg2), "check-config"))["intake"][
         "url"] == FRA2_URL
+
+
+@pytest.mark.parametrize(("region", "endpoint_url"), [
+    ("fra1", "https://intake.sekoia.io/array"),
+    ("usa1", "https://intake.usa1.sekoia.io/api/v1/intake-http/array"),
+    ("sgp1", "https://intake.sgp1.sekoia.io/array"),
+])
+def test_every_region_gives_its_documented_endpoint(region: str, endpoint_url: str) -> None:
+    assert Settings(intake={"region": region, "dry_run": True}).intake.endpoint_url \
+        == endpoint_url
 
 
 def test_region_from_env(tmp_path: Path) -> None:
