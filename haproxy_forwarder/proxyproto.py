@@ -33,6 +33,11 @@ Decisions (why they are so):
     ``family="unspec"``, ``local=False`` (a proxied client the balancer could not describe).
     The caller's rule is simply: ``source is None`` -> use the socket's peer.
   * DGRAM is refused ("unsupported") under any command: this is a stream listener.
+  * What follows "PROXY UNKNOWN" is ignored, as the spec says, but must still be printable
+    ASCII like any v1 line: binary bytes there are no v1 sender's output, and checking the
+    whole line alike is what lets a v1 refusal come before its CRLF.
+  * A stream that ends before its first byte is "truncated" too (detail says so): for a
+    listener that requires the header, a bare TCP health check sent nothing valid.
   * Bounds: a v1 line is at most 107 bytes with its CRLF (the spec's maximum); a v2 header
     at most ``limit`` bytes in all (4096 by default).  A v2 header that declares more is
     refused "too_long" on its 16th byte, before any of it is buffered.  TLVs are skipped,
@@ -44,7 +49,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 __all__ = [
     "MAX_V1_LINE",
@@ -57,6 +62,7 @@ __all__ = [
     "Pending",
     "ProxyHeader",
     "ProxyParser",
+    "Reason",
     "Refused",
     "Result",
 ]
@@ -73,10 +79,12 @@ MAX_V2_HEADER: Final = 4096
 # The smallest limit that still admits every address block (AF_UNIX: 2 x 108 bytes).
 _MIN_LIMIT: Final = V2_FIXED + 216
 
-# Every `Refused.reason`, for a counter labelled by reason (a closed set).
-REASONS: Final = frozenset(
-    {"bad_signature", "truncated", "too_long", "bad_v1", "bad_v2", "bad_address", "unsupported"}
-)
+# Every `Refused.reason`: a closed set, so a counter labelled by reason has bounded
+# cardinality and mypy catches a label spelled differently in one place.
+Reason = Literal[
+    "bad_signature", "truncated", "too_long", "bad_v1", "bad_v2", "bad_address", "unsupported"
+]
+REASONS: Final[frozenset[str]] = frozenset(get_args(Reason))
 
 Family = Literal["inet", "inet6", "unix", "unspec"]
 
@@ -110,7 +118,7 @@ class Parsed:
 class Refused:
     """Not a valid PROXY header: `reason` is one of REASONS, `detail` one human line."""
 
-    reason: str
+    reason: Reason
     detail: str
 
 
