@@ -30,6 +30,7 @@ from haproxy_forwarder.sinks.deadletter import DeadLetters, dead_letter_lines, r
 from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink
 from haproxy_forwarder.spool import AppendResult, Spool, SpoolFull, SpoolWriteError
 from tests import vclock
+from tests.recording import Log
 
 OK = Outcome(Kind.DELIVERED, 200)
 UNAVAILABLE = Outcome(Kind.RETRY, 503, "unavailable")
@@ -118,19 +119,6 @@ class FakeSpool:
 
     def events(self) -> list[str]:
         return [e for b, _ in self.records.values() for e in b.events()]
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def _add(self, event: str, **fields: Any) -> None:
-        self.lines.append((event, fields))
-
-    info = warning = error = exception = _add
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [f for e, f in self.lines if e == event]
 
 
 class NoWait:

@@ -68,6 +68,7 @@ from haproxy_forwarder.observability.counters import DROP_REASONS, Counters
 from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink, Outcome
 from haproxy_forwarder.spool import AppendResult, RecordTooLarge, SpoolFull, SpoolWriteError
 from haproxy_forwarder.spool.queue import Evicted
+from tests.recording import Log as RecordingLog
 from tests.vclock import VirtualLoop
 
 TS = b"2024-05-01T12:00:00.000Z"
@@ -206,20 +207,9 @@ class MemoryDeadLetters:
         return None if self.trouble == "full" else Path("dead-letter/memory.jsonl")
 
 
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def _add(self, event: str, **fields: Any) -> None:
-        self.lines.append((event, fields))
-
-    info = warning = error = _add
-
+class Log(RecordingLog):
     def exception(self, event: str, **fields: Any) -> None:
         self._add(event, traceback=traceback.format_exc(), **fields)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [f for e, f in self.lines if e == event]
 
 
 def text(n: int) -> str:

@@ -22,6 +22,7 @@ from haproxy_forwarder.sources import (
     UdpSource,
 )
 from haproxy_forwarder.sources.listeners import KINDS, diff, wanted
+from tests.recording import Log
 
 
 def settings(**listen: Any) -> Settings:
@@ -40,16 +41,6 @@ class Sink:
 
     def received_at(self) -> bytes:
         return b"2026-12-07T00:00:00.000Z"
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def _log(self, event: str, **fields: Any) -> None:
-        self.lines.append((event, fields))
-
-    info = warning = error = _log
 
 
 def context() -> SourceContext:

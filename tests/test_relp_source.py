@@ -30,6 +30,7 @@ from haproxy_forwarder.sources import Backpressure, RelpSource, SourceContext
 from haproxy_forwarder.sources import relp as relp_source
 from haproxy_forwarder.sources.relp import RelpConnection
 from tests.fake_intake import FakeIntake
+from tests.recording import Log
 
 OFFERS = b"relp_version=0\nrelp_software=librelp,1.11.0,http://librelp.adiscon.com\n" \
          b"commands=syslog"
@@ -160,16 +161,6 @@ class ScriptedSink:
         on_lost = self.losers.pop(self.waiting.pop(i), None)
         if on_lost is not None:
             on_lost()
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def warning(self, event: str, **kw: Any) -> None:
-        self.lines.append((event, kw))
-
-    info = error = warning
 
 
 def make_source(sink: ScriptedSink, max_window: int = 128,

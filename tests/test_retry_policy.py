@@ -17,6 +17,7 @@ from haproxy_forwarder.delivery.router import Entry, Router
 from haproxy_forwarder.delivery.worker import Worker
 from haproxy_forwarder.observability.counters import Counters
 from haproxy_forwarder.sinks import Kind, Outcome
+from tests.recording import Log
 
 RETRY_MAX = 60.0
 AUTH_RETRY = 100.0
@@ -158,16 +159,6 @@ class Recorded:
         d = self.inner.delay(attempt, outcome)
         self.answers.append((attempt, outcome.kind, d))
         return d
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def _add(self, event: str, **fields: Any) -> None:
-        self.lines.append((event, fields))
-
-    info = warning = error = exception = _add
 
 
 class Host:
