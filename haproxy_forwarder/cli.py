@@ -99,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, dry_run: bool = False) -> Settings:
     overrides: dict[str, Any] = {"intake": {"dry_run": True}} if dry_run else {}
     settings = load(args.config, overrides)
-    if settings.intake.key is not None:
-        logs.add_secret(settings.intake.key.get_secret_value())
+    for key in settings.keys():
+        logs.add_secret(key)
     return settings
 
 

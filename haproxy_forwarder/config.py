@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from .observability.logs import MASK
+from .routing import Route, check_routes
 from .tlscontext import tls_problem
 
 DEFAULT_CONFIG_PATH = "/etc/haproxy-forwarder/config.toml"
@@ -145,13 +146,18 @@ class ListenConfig(_Section):
     # SO_RCVBUF of each UDP socket, set at bind: what absorbs a burst while the loop is busy.
     # Linux doubles it (bookkeeping) and caps it at net.core.rmem_max; the result is logged.
     udp_rcvbuf: int = Field(default=8 * MIB, ge=1024, le=1 << 30)
+    # CIDR blocks of the L4 balancers in front (HAProxy `mode tcp` with send-proxy[-v2]...):
+    # a TCP, TLS or RELP connection from them must start with a PROXY protocol header (v1 or
+    # v2), whose source address then stands for the sender everywhere (allow-list, caps,
+    # routes, logs); a header from any other address is refused. Empty: no PROXY protocol.
+    proxy_protocol: list[str] = Field(default_factory=list)
 
     @field_validator("tcp", "udp", "tls", "relp")
     @classmethod
     def _addresses(cls, values: list[str]) -> list[str]:
         return [_check_hostport(v) for v in values]
 
-    @field_validator("allow")
+    @field_validator("allow", "proxy_protocol")
     @classmethod
     def _cidrs(cls, values: list[str]) -> list[str]:
         for v in values:
@@ -280,6 +286,9 @@ class IntakeConfig(_Section):
     retry_max: float = Field(default=60.0, ge=0.5, le=3600)
     # Wait between attempts after 401/403/404: a wrong key or URL does not fix itself fast.
     auth_retry: float = Field(default=60.0, ge=0.1, le=3600)
+    # With several intakes: this intake's share of the spool (its own directory), in bytes;
+    # unset: spool.max_size divided equally among the intakes.
+    spool_max_size: int | None = Field(default=None, ge=64 * KIB, le=MAX_SIZE_LIMIT)
     dry_run: bool = False
 
     @field_validator("url")
@@ -361,6 +370,57 @@ class IntakeConfig(_Section):
         return self.url + ENDPOINT_PATHS[self.endpoint]
 
 
+# Intake names are label values, directory names (the spool's share) and log fields.
+INTAKE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# The name of the one intake a config with a single [intake] table has.
+DEFAULT_INTAKE = "default"
+
+
+def _as_list(value: Any) -> Any:
+    """A matcher may be one string or a list of them."""
+    return [value] if isinstance(value, str) else value
+
+
+class RouteConfig(_Section):
+    """One [[routes]] entry: every matcher given must match (an empty one matches anything);
+    the first route that matches wins. See routing.py."""
+
+    listener: list[str] = Field(default_factory=list)
+    source: list[str] = Field(default_factory=list)
+    tls_name: list[str] = Field(default_factory=list)
+    program: list[str] = Field(default_factory=list)
+    intake: str | None = None
+    drop: bool = False
+
+    _lists = field_validator("listener", "source", "tls_name", "program",
+                             mode="before")(_as_list)
+
+    @field_validator("source")
+    @classmethod
+    def _cidrs(cls, values: list[str]) -> list[str]:
+        return ListenConfig._cidrs(values)
+
+    @field_validator("listener", "tls_name", "program")
+    @classmethod
+    def _non_empty(cls, values: list[str]) -> list[str]:
+        if any(not v for v in values):
+            raise ValueError("holds an empty string (an empty list matches anything)")
+        return values
+
+    @model_validator(mode="after")
+    def _one_target(self) -> RouteConfig:
+        if (self.intake is None) == (not self.drop):
+            raise ValueError("needs exactly one of intake = \"NAME\" or drop = true")
+        return self
+
+    def route(self) -> Route:
+        return Route(
+            listener=tuple(self.listener),
+            source=tuple(ipaddress.ip_network(v, strict=False) for v in self.source),
+            tls_name=tuple(self.tls_name), program=tuple(self.program),
+            intake=None if self.drop else self.intake)
+
+
 class SpoolConfig(_Section):
     dir: Path = Path("/var/lib/haproxy-forwarder")
     # "overflow": disk only when a batch cannot be delivered at once; "always": write-ahead,
@@ -426,6 +486,10 @@ class Settings(BaseSettings):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
+    # Several intakes ([intakes.NAME], each what [intake] holds) and the routes to them; a
+    # config with [intake] alone has one intake, "default", and one catch-all route.
+    intakes: dict[str, IntakeConfig] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
@@ -452,6 +516,54 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return self
 
+    @model_validator(mode="after")
+    def _intakes(self) -> Settings:
+        if not self.intakes:
+            if self.routes:
+                raise ValueError("routes: [[routes]] need [intakes.NAME] tables (with a single "
+                                 "[intake], every event goes to it)")
+            return self
+        problems = [f"intakes.{name}: not a valid name (letters, digits, '_', '-', '.'; "
+                    "at most 63)" for name in self.intakes if not INTAKE_NAME.fullmatch(name)]
+        if self.intake.model_fields_set - {"dry_run"}:
+            problems.append("intake: set either [intake] (one intake) or [intakes.NAME] "
+                            "tables, not both")
+        if len(self.intakes) > 1 and not self.routes:
+            problems.append("routes: several [intakes.NAME] need [[routes]] saying which "
+                            "events go where")
+        if problems:
+            raise ValueError("\n".join(problems))
+        if self.intake.dry_run:  # --dry-run: every intake prints instead of sending
+            for cfg in self.intakes.values():
+                cfg.dry_run = True
+        errors, _ = self.route_check()
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    @property
+    def intake_table(self) -> dict[str, IntakeConfig]:
+        """Every intake by name: [intakes.NAME], or {"default": [intake]}."""
+        return dict(self.intakes) if self.intakes else {DEFAULT_INTAKE: self.intake}
+
+    @property
+    def route_list(self) -> tuple[Route, ...]:
+        """The routes in force: [[routes]], or one catch-all to the only intake."""
+        if self.routes:
+            return tuple(r.route() for r in self.routes)
+        return (Route(intake=next(iter(self.intake_table))),)
+
+    def route_check(self) -> tuple[list[str], list[str]]:
+        """Problems of the route table (refused) and warnings (an intake no route reaches)."""
+        listeners = [(kind, a) for kind in ("tcp", "udp", "tls", "relp")
+                     for a in getattr(self.listen, kind)]
+        return check_routes(self.route_list, list(self.intake_table), self.filter.programs,
+                            listeners)
+
+    @property
+    def dry_run(self) -> bool:
+        return self.intake.dry_run
+
     @property
     def tls_needed(self) -> bool:
         """Some listener will do TLS handshakes: listen.tls, or RELP with relp.tls."""
@@ -459,19 +571,31 @@ class Settings(BaseSettings):
 
     def require_key(self) -> None:
         """A real run (not dry-run) cannot start without an intake key."""
-        if not self.intake.dry_run and self.intake.key is None:
-            raise ConfigError(
-                [
-                    "intake.key: missing: set it in the config file or "
-                    "HAPROXY_FORWARDER_INTAKE__KEY (or use --dry-run)"
-                ]
-            )
+        if self.dry_run:
+            return
+        if not self.intakes:
+            if self.intake.key is None:
+                raise ConfigError(["intake.key: missing: set it in the config file or "
+                                   "HAPROXY_FORWARDER_INTAKE__KEY (or use --dry-run)"])
+            return
+        missing = [f"intakes.{name}.key: missing: set key or key_file (or use --dry-run)"
+                   for name, cfg in self.intakes.items() if cfg.key is None]
+        if missing:
+            raise ConfigError(missing)
+
+    def keys(self) -> list[str]:
+        """Every intake key, to be masked wherever it could be printed."""
+        return [cfg.key.get_secret_value() for cfg in self.intake_table.values()
+                if cfg.key is not None]
 
     def redacted(self) -> dict[str, Any]:
-        """The effective config as plain data, with the key masked."""
+        """The effective config as plain data, with the keys masked."""
         data = self.model_dump(mode="json")
         if self.intake.key is not None:
             data["intake"]["key"] = MASK
+        for name, cfg in self.intakes.items():
+            if cfg.key is not None:
+                data["intakes"][name]["key"] = MASK
         return data
 
 
@@ -488,8 +612,10 @@ def config_path(cli_value: str | None) -> tuple[Path, bool]:
 def _format_error(err: Any) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "config"
     msg = str(err["msg"]).removeprefix("Value error, ")
-    if not err["loc"] and re.match(r"[a-z_]+\.[a-z_]+[ :]", msg):
-        return msg  # a check across sections names its setting itself ("tls.cert_file: ...")
+    if not err["loc"] and re.match(r"[a-z_]+(\.[a-z_]+[ :]|: |\.[^ ]+: )", msg):
+        # A check across sections names its setting itself ("tls.cert_file: ...", one line
+        # per problem: "routes[2]: ...", "intakes.eu-1: ...").
+        return msg
     if err["type"] == "extra_forbidden":
         msg = "unknown key (misspelt?)"
     # pydantic's message never contains the input value, so the key cannot leak through here.
@@ -596,7 +722,8 @@ def load(cli_value: str | None = None, overrides: dict[str, Any] | None = None) 
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError([_format_error(e) for e in exc.errors()]) from None
+        raise ConfigError([line for e in exc.errors()
+                           for line in _format_error(e).split("\n")]) from None
     except SettingsError as exc:
         # Raised for an environment value that is not valid JSON where a list is expected;
         # pydantic-settings names the field in quotes: point at the variable instead.

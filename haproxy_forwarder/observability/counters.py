@@ -140,6 +140,10 @@ class ListenerCounters:
     # UDP datagrams the kernel dropped (receive queue full): kept by the kernel, copied in by
     # `refresh` when read (scrape, stats line), so nothing is done per datagram.
     udp_kernel_dropped: int = 0
+    # listen.proxy_protocol: headers read (the connection then stands for their source),
+    # and connections refused for their header (by PROXY_REFUSALS reason; filled on use).
+    proxy_headers: int = 0
+    proxy_refused: dict[str, int] = field(default_factory=dict)
     framings: dict[str, FramingCounters] = field(default_factory=dict)
     refresh: Callable[[], None] | None = None
     tls: TlsCounters | None = None  # set on listeners that speak TLS
@@ -155,7 +159,7 @@ class ListenerCounters:
 # The per-listener counters, summed over listeners in the flat snapshot.
 LISTENER_FIELDS = tuple(
     f.name for f in fields(ListenerCounters)
-    if f.name not in ("name", "framings", "refresh", "tls", "relp")
+    if f.name not in ("name", "framings", "refresh", "tls", "relp", "proxy_refused")
 )
 
 
