@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, dry_run: bool = False) -> Settings:
     overrides: dict[str, Any] = {"intake": {"dry_run": True}} if dry_run else {}
     settings = load(args.config, overrides)
-    for key in settings.keys():
+    for key in settings.intake_keys():
         logs.add_secret(key)
     return settings
 

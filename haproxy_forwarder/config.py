@@ -583,7 +583,7 @@ class Settings(BaseSettings):
         if missing:
             raise ConfigError(missing)
 
-    def keys(self) -> list[str]:
+    def intake_keys(self) -> list[str]:
         """Every intake key, to be masked wherever it could be printed."""
         return [cfg.key.get_secret_value() for cfg in self.intake_table.values()
                 if cfg.key is not None]
