@@ -15,6 +15,7 @@ from ..acks import Ack
 from ..ingest import ChunkReader, ChunkResult, ProgramFilter, new_reader
 from ..observability.counters import Counters
 from ..observability.quiet import QuietLog
+from ..routing import Origin
 from ..tlscontext import ServerTls
 from .guard import BufferBudget
 
@@ -39,9 +40,62 @@ class CollectorInput(Protocol):
         ...
 
 
+class Inlet(CollectorInput, Protocol):
+    """Where one connection's (or one sender's datagrams') events go, as the routes decide
+    for its origin: its own reader, the collector input(s) behind it, and whether input to
+    it must wait (its intake's delivery is full: `when_full = "block"`)."""
+
+    reader: ChunkReader
+
+    @property
+    def held(self) -> bool:
+        """True: stop reading this connection (TCP, TLS, RELP) or drop its datagrams (UDP,
+        counted as udp_dropped), until `Backpressure` announces a change and it is False."""
+        ...
+
+
+class DirectInlet:
+    """One intake, no routes: every event to the one collector, held by the one pressure."""
+
+    __slots__ = ("pressure", "reader", "sink")
+
+    def __init__(self, reader: ChunkReader, sink: CollectorInput,
+                 pressure: Backpressure) -> None:
+        self.reader = reader
+        self.sink = sink
+        self.pressure = pressure
+
+    def take(self, result: ChunkResult, ack: Ack | None = None) -> None:
+        self.sink.take(result, ack)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def received_at(self) -> bytes:
+        return self.sink.received_at()
+
+    @property
+    def held(self) -> bool:
+        return self.pressure.on
+
+
+class Inlets(Protocol):
+    """The route table in force (routing.py), as sources use it."""
+
+    def inlet(self, origin: Origin, framing: str) -> Inlet:
+        """The inlet of a connection (once its origin is known: after the PROXY header and
+        the TLS handshake) or of a datagram's sender. It follows a reload of the routes by
+        itself, from its next take."""
+        ...
+
+
 @dataclass(eq=False)
 class Backpressure:
-    """On while delivery lags: TCP sources stop reading, UDP drops (counted)."""
+    """On while delivery lags: TCP sources stop reading, UDP drops (counted).
+
+    With several intakes, `on` is true while any intake's delivery lags, and every change of
+    any of them is announced: a source then asks each connection's `Inlet.held`, so only the
+    senders routed to the lagging intake wait."""
 
     on: bool = False
     _listeners: list[Callable[[bool], None]] = field(default_factory=list)
@@ -73,6 +127,8 @@ class SourceContext:
     # The TLS settings in force for every listener that speaks TLS (listen.tls, RELP with
     # relp.tls): one certificate and one handshake cap per process, swapped whole on SIGHUP.
     server_tls: ServerTls = field(default_factory=ServerTls)
+    # The route table (several intakes); None: every event goes to `sink`.
+    routes: Inlets | None = None
     # Warnings a flood repeats (refused, evicted, denied...): rate-limited, with a count.
     quiet: QuietLog = field(init=False)
 
@@ -81,6 +137,12 @@ class SourceContext:
 
     def reader(self, framing: str) -> ChunkReader:
         return new_reader(self.filter, self.max_message_size, framing)
+
+    def inlet(self, origin: Origin, framing: str) -> Inlet:
+        """Where the events of `origin` go: see `Inlets.inlet`."""
+        if self.routes is not None:
+            return self.routes.inlet(origin, framing)
+        return DirectInlet(self.reader(framing), self.sink, self.pressure)
 
 
 def peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
