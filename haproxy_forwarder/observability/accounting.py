@@ -11,7 +11,13 @@
 
 Outside the identity, because they never became events: messages filtered out (another
 program), frames over listen.max_message_size, UDP datagrams dropped under backpressure or by
-the kernel (`udp_dropped`, `udp_kernel_dropped`), connections refused.
+the kernel (`udp_dropped`, `udp_kernel_dropped`), connections refused, and events no route
+sends to an intake (`unrouted_events{reason}`: a `drop = true` route, or no route matched):
+like filtered-out messages, they never became an intake's events.
+
+Several intakes: the identity holds for each intake on its own, with its own terms (the
+series labelled intake="NAME", and its `events_held`), and for the total: `balance()` on the
+flat snapshot, `balance_by_intake()` on each intake's (Registry.intake_snapshot).
 
 The identity is exact at rest. While traffic flows, a scrape can land between a thread's
 append, ack or dead-letter write and the moment the event loop hears of it: the sum is then off
@@ -36,6 +42,13 @@ def balance(snapshot: Mapping[str, float]) -> dict[str, int]:
     kept = int(snapshot.get("events_held", 0))
     return {"events_in": came, "events_out": went, "events_held": kept,
             "events_unaccounted": came - went - kept}
+
+
+def balance_by_intake(snapshots: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, int]]:
+    """{intake: its identity's terms} from {intake: its flat snapshot} (the counters and
+    `events_held` of that intake alone: Registry.intake_snapshot, or /metrics' series of that
+    intake label summed over the others)."""
+    return {name: balance(snap) for name, snap in snapshots.items()}
 
 
 # Gauges that are yes/no: shown as booleans on the stats line.

@@ -5,14 +5,21 @@ can do, which matters on the per-chunk path; nothing here takes a lock or calls 
 library. /metrics reads them at scrape time (observability/prometheus.py). One name per
 thing: the flat names of `snapshot()` are the `stats` log line and `spool stats`; /metrics
 exports the same names as haproxy_forwarder_<name>_total, split by labels where they belong
-(per listener, per framing, per reason, per status class).
+(per intake, per listener, per framing, per reason, per status class).
+
+Several intakes (issue 19): `Registry.counters` are the global counters (listeners, reloads,
+accept errors, unrouted events); each intake's pipeline (collector, delivery, spool, dead
+letters) writes to its own `Counters`, `Registry.intake(name)`, kept for good once created so
+that a reload removing an intake never makes a total go down. Which fields are per intake:
+INTAKE_FIELDS. The flat snapshot sums the global counters and every intake's.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 # Label values of `framing` on the per-listener frame counters.
 OCTET = "octet"
@@ -35,6 +42,13 @@ DEAD_LETTER_REASONS = ("rejected", "too_large", "oversized", "internal")
 #   shutdown: still in memory when the shutdown timeout ran out and the spool refused them.
 DROP_REASONS = ("spool_full", "spool_corrupt", "dead_letter_full", "dead_letter_failed",
                 "shutdown")
+# Why events went to no intake (`reason` label of unrouted_events; routing.UnroutedReason,
+# spelled again here so that this module imports nothing of the package): a `drop = true`
+# route matched them, or no route did.
+UnroutedReason = Literal["drop", "no_route"]
+UNROUTED_REASONS: tuple[UnroutedReason, ...] = ("drop", "no_route")
+# The name of the one intake of a config with a single [intake] (config.DEFAULT_INTAKE).
+DEFAULT_INTAKE = "default"
 
 
 @dataclass(slots=True)
@@ -189,6 +203,10 @@ class Counters:
     # input: the listeners' counters (`listeners`), summed in snapshot()
     # filter
     filtered_out: int = 0
+    # Events no route sends to an intake (a `drop = true` route, or no route matched), the
+    # sum of unrouted_reasons: global only, and outside the accounting identity (like
+    # filtered_out, they never became an intake's events).
+    unrouted_events: int = 0
     accepted_events: int = 0
     # header times that were no real date/time (the reception time was used instead)
     invalid_timestamps: int = 0
@@ -214,6 +232,8 @@ class Counters:
     dead_letter_reasons: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(DEAD_LETTER_REASONS, 0))
     drop_reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    unrouted_reasons: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(UNROUTED_REASONS, 0))
 
     def add_listener(self, lc: ListenerCounters) -> None:
         """A listener just bound; its counters stay after it closes: totals never go down."""
@@ -227,6 +247,11 @@ class Counters:
         self.dropped_events += events
         self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + events
 
+    def unrouted(self, events: int, reason: UnroutedReason) -> None:
+        """`events` sent to no intake, for `reason` (on the global counters)."""
+        self.unrouted_events += events
+        self.unrouted_reasons[reason] += events
+
     def refresh_listeners(self) -> None:
         """Bring in the counts kept outside the process (the kernel's UDP drops)."""
         for lc in self.listeners:
@@ -238,6 +263,7 @@ class Counters:
         out = {name: getattr(self, name) for name in SCALAR_FIELDS}
         for name in LISTENER_FIELDS:
             out[name] = sum(getattr(lc, name) for lc in self.listeners)
+        out["proxy_refused"] = sum(sum(lc.proxy_refused.values()) for lc in self.listeners)
         framings = [fc for lc in self.listeners for fc in lc.framings.values()]
         out["received_frames"] = sum(fc.frames for fc in framings)
         out["framing_errors"] = sum(fc.framing_errors for fc in framings)
@@ -256,19 +282,101 @@ class Counters:
 # Plain int counters of `Counters`, exported as they are (fields added later included).
 SCALAR_FIELDS = tuple(
     f.name for f in fields(Counters)
-    if f.name not in ("spool", "listeners", "requests", "dead_letter_reasons", "drop_reasons")
+    if f.name not in ("spool", "listeners", "requests", "dead_letter_reasons", "drop_reasons",
+                      "unrouted_reasons")
 )
+
+# The counters of `Counters` that belong to an intake: written by its pipeline (collector,
+# delivery, spool via `spool`, dead letters) to its own Counters and exported once per intake
+# with the label intake="NAME", like the spool_* counters and the intake request counters
+# (`requests`: status classes, key rejections, latency histogram). Every other scalar is
+# exported unlabelled, as its total over the global counters and every intake's: those only
+# the global side writes (reloads, reload_failures, accept_errors, unrouted_events; the
+# listeners' counters, by listener) and those both sides may write (filtered_out and
+# invalid_timestamps: each intake's collector counts them, so does a global reader).
+INTAKE_FIELDS: tuple[str, ...] = (
+    "accepted_events", "batches_sent", "delivered_events", "delivered_batches", "retries",
+    "uncertain_deliveries", "body_limit_refusals", "dead_lettered_events", "requeued_events",
+    "dropped_events",
+)
+# Written by the global side only: not in an intake's flat snapshot (`intake_snapshot`).
+GLOBAL_FIELDS: tuple[str, ...] = ("reloads", "reload_failures", "accept_errors",
+                                  "unrouted_events")
+
+
+def holds_intake_counts(c: Counters) -> bool:
+    """Something counted on `c` what belongs to an intake (see Registry.intake_parts)."""
+    q = c.requests
+    return (any(getattr(c, f) for f in INTAKE_FIELDS)
+            or any(v for v in c.spool.snapshot().values())
+            or any(q.buckets) or q.key_rejected > 0)
+
+
+Combine = Callable[[list[float]], float]
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledGauge:
+    """A gauge read at scrape time with labels: `read()` returns {label values: value}."""
+
+    labels: tuple[str, ...]
+    read: Callable[[], Mapping[tuple[str, ...], float]]
+    # How the flat snapshot (and an intake's, over its other labels) folds the values.
+    combine: Combine
+
+
+def _as_tuples(read: Callable[[], Mapping[Any, float]]
+               ) -> Callable[[], Mapping[tuple[str, ...], float]]:
+    def wrapped() -> Mapping[tuple[str, ...], float]:
+        return {(k,): v for k, v in read().items()}
+    return wrapped
+
+
+def _combined(combine: Combine, values: Iterable[float]) -> float:
+    got = [float(v) for v in values]
+    return float(combine(got)) if got else 0.0
 
 
 class Registry:
-    """Counters plus gauges read at scrape time from the components that own them."""
+    """Counters (global and per intake) plus gauges read at scrape time from the components
+    that own them."""
 
     def __init__(self, info: dict[str, str] | None = None) -> None:
+        # The global counters: listeners, filter, reloads, accept errors, unrouted events.
         self.counters = Counters()
+        # Each intake's counters by name, created by `intake()` and kept for good (a reload
+        # removing the intake keeps its totals). Read-only outside this class.
+        self.intakes: dict[str, Counters] = {}
         self._gauges: dict[str, Callable[[], float]] = {}
-        self._labelled: dict[str, tuple[str, Callable[[], Mapping[str, float]]]] = {}
+        self._labelled: dict[str, LabelledGauge] = {}
         # Labels of the build_info metric: version, which ingest and gzip implementations run.
         self.info: dict[str, str] = dict(info or {})
+
+    def intake(self, name: str) -> Counters:
+        """The counters of intake `name` (its name, never its key), created on first call."""
+        c = self.intakes.get(name)
+        if c is None:
+            c = self.intakes[name] = Counters()
+        return c
+
+    def all_counters(self) -> list[Counters]:
+        """The global counters, then every intake's."""
+        return [self.counters, *self.intakes.values()]
+
+    def intake_parts(self) -> dict[str, list[Counters]]:
+        """{intake name: the Counters its per-intake series add up}: each intake's own, and,
+        under DEFAULT_INTAKE, the global counters too when they hold per-intake counts (a
+        component given the global counters rather than an intake's: a single-pipeline build,
+        a tool) or when no intake was registered at all, so that those counts are exported
+        under one label set and the sum over intakes stays the flat snapshot's."""
+        out = {name: [c] for name, c in self.intakes.items()}
+        if not out or holds_intake_counts(self.counters):
+            out.setdefault(DEFAULT_INTAKE, []).append(self.counters)
+        return out
+
+    def total(self, name: str) -> int:
+        """A scalar counter summed over the global counters and every intake's."""
+        return sum(int(getattr(c, name)) for c in self.all_counters())
 
     def _check_new(self, name: str) -> None:
         if name in self._gauges or name in self._labelled:
@@ -278,22 +386,61 @@ class Registry:
         self._check_new(name)
         self._gauges[name] = read
 
-    def labelled_gauge(self, name: str, label: str,
-                       read: Callable[[], Mapping[str, float]]) -> None:
-        """A gauge with one label: `read` returns {label value: value} (e.g. per listener)."""
+    def labelled_gauge(self, name: str, label: str | tuple[str, ...],
+                       read: Callable[[], Mapping[Any, float]],
+                       combine: Combine = sum) -> None:
+        """A gauge with labels. One label (`label` a str): `read` returns {label value: value}
+        (e.g. per listener, per intake); several (a tuple, e.g. ("intake", "where")): `read`
+        returns {tuple of label values: value}. `combine` folds the values into the flat
+        snapshot's one number (sum; max for an age, min for a timestamp...), and, for a gauge
+        with the label "intake" and others, an intake's values into its snapshot's."""
         self._check_new(name)
-        self._labelled[name] = (label, read)
+        if isinstance(label, str):
+            self._labelled[name] = LabelledGauge((label,), _as_tuples(read), combine)
+        else:
+            self._labelled[name] = LabelledGauge(tuple(label), read, combine)
 
     def gauges(self) -> dict[str, float]:
         return {name: float(read()) for name, read in self._gauges.items()}
 
-    def labelled_gauges(self) -> dict[str, tuple[str, dict[str, float]]]:
-        return {name: (label, {k: float(v) for k, v in read().items()})
-                for name, (label, read) in self._labelled.items()}
+    def labelled_gauges(self) -> dict[str, tuple[tuple[str, ...], dict[tuple[str, ...], float]]]:
+        """{name: (label names, {label values: value})}, read now."""
+        return {name: (g.labels, {tuple(k): float(v) for k, v in g.read().items()})
+                for name, g in self._labelled.items()}
 
     def snapshot(self) -> dict[str, float]:
-        """Everything, flat (labelled gauges summed): the `stats` log line."""
-        out: dict[str, float] = {**self.counters.snapshot(), **self.gauges()}
-        for name, (_, values) in self.labelled_gauges().items():
-            out[name] = sum(values.values())
+        """Everything, flat: counters summed over the global counters and every intake's,
+        labelled gauges folded by their `combine`. The `stats` log line."""
+        out: dict[str, float] = {}
+        for c in self.all_counters():
+            for k, v in c.snapshot().items():
+                out[k] = out.get(k, 0) + v
+        out.update(self.gauges())
+        for name, g in self._labelled.items():
+            out[name] = _combined(g.combine, g.read().values())
+        return out
+
+    def intake_snapshot(self, name: str) -> dict[str, float]:
+        """Intake `name`, flat: its counters (INTAKE_FIELDS and spool_* as exported under its
+        label; filtered_out and invalid_timestamps its collector counted) and the values of the
+        labelled gauges with the label "intake" for it. The per-intake `stats` line and the
+        per-intake lines of `status`."""
+        parts = self.intake_parts().get(name, [])
+        own = self.intakes.get(name)
+        out: dict[str, float] = {f: sum(getattr(c, f) for c in parts) for f in INTAKE_FIELDS}
+        for f in SCALAR_FIELDS:
+            if f not in INTAKE_FIELDS and f not in GLOBAL_FIELDS:
+                out[f] = getattr(own, f) if own is not None else 0
+        for c in parts:
+            for k, v in c.spool.snapshot().items():
+                out[k] = out.get(k, 0) + v
+        if not parts:
+            out.update(SpoolCounters().snapshot())
+        for gname, g in self._labelled.items():
+            if "intake" not in g.labels:
+                continue
+            i = g.labels.index("intake")
+            values = [v for k, v in g.read().items() if k[i] == name]
+            if values:
+                out[gname] = _combined(g.combine, values)
         return out

@@ -6,13 +6,16 @@ like every increment, so a scrape sees a consistent picture without a lock. The 
 the exposition (text format, or OpenMetrics when the scraper's Accept asks for it).
 
 Names: counters are haproxy_forwarder_<name>_total with the flat names of the `stats` log line;
-labels where they belong: `listener` and `framing` on input, `reason` on dead letters and
-drops, `status_class` on intake requests.
+labels where they belong: `intake` on what an intake's pipeline counts (INTAKE_FAMILIES),
+`listener` and `framing` on input, `reason` on dead letters, drops and unrouted events,
+`status_class` on intake requests. One label set per metric name: a family is either per
+intake (one series per intake, the intake's name as label) or not at all (the total over the
+global counters and every intake's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
@@ -28,17 +31,36 @@ from prometheus_client.registry import CollectorRegistry
 from .counters import (
     ACK_BUCKETS,
     DURATION_BUCKETS,
+    INTAKE_FIELDS,
     LISTENER_FIELDS,
     RELP_COMMANDS,
     SCALAR_FIELDS,
+    Counters,
+    ListenerCounters,
     Registry,
     RelpCounters,
+    SpoolCounters,
 )
 
 PREFIX = "haproxy_forwarder_"
+INTAKE = "intake"
 
-# Exported with labels below, not as the plain totals of SCALAR_FIELDS.
-_LABELLED = {"dead_lettered_events", "dropped_events"}
+# The families exported once per intake, with the label intake="NAME" (Registry.intakes; a
+# closed intake's series stay, its counters being kept): what an intake's pipeline counts,
+# its collector, delivery, spool and dead letters (counters.INTAKE_FIELDS, every spool_*
+# counter, the intake request counters and histogram). Every other counter is unlabelled by
+# intake: written by the global side only (filtered_out and invalid_timestamps of a global
+# reader, reloads, reload_failures, accept_errors, unrouted_events{reason}, the per-listener
+# counters) or by both sides (filtered_out and invalid_timestamps an intake's collector
+# counts): exported as the total over the global counters and every intake's.
+INTAKE_FAMILIES: frozenset[str] = frozenset({
+    *INTAKE_FIELDS,
+    *(f"spool_{f}" for f in SpoolCounters.__dataclass_fields__),
+    "intake_requests", "intake_key_rejected", "intake_request_duration_seconds",
+})
+# Counters by reason (`reason` label, beside `intake` for the per-intake ones).
+_BY_REASON = {"dead_lettered_events": "dead_letter_reasons", "dropped_events": "drop_reasons",
+              "unrouted_events": "unrouted_reasons"}
 
 HELP: dict[str, str] = {
     "connections_accepted": "TCP connections accepted.",
@@ -60,7 +82,13 @@ HELP: dict[str, str] = {
     "udp_kernel_dropped": "UDP datagrams the kernel dropped, receive queue full (the "
                           "socket's drops in /proc/net/udp; see listen.udp_rcvbuf).",
     "filtered_out": "Messages not forwarded: program not in filter.programs.",
-    "accepted_events": "Events put into batches.",
+    "unrouted_events": "Events sent to no intake, by reason: a route with drop = true "
+                       "(drop) or no route matched (no_route). Outside the accounting "
+                       "identity, like filtered_out.",
+    "proxy_headers": "PROXY protocol headers read (listen.proxy_protocol): the connection "
+                     "then stands for the header's source.",
+    "proxy_refused": "Connections refused for their PROXY protocol header, by reason.",
+    "accepted_events": "Events put into an intake's batches.",
     "invalid_timestamps": "Events whose header time was no real date and time (or offset "
                           "beyond +-14:00): sent with the reception time.",
     "batches_sent": "Send attempts, retries included.",
@@ -85,7 +113,7 @@ HELP: dict[str, str] = {
                             "some wait (0 when none does).",
     "events_held": "Events neither delivered, dead-lettered nor dropped yet, by where: memory "
                    "or spool. accepted + spool_recovered + requeued = delivered + "
-                   "dead_lettered + dropped + held, exact at rest.",
+                   "dead_lettered + dropped + held, exact at rest, in total and per intake.",
     "dropped_events": "Events lost for good, by reason.",
     "reloads": "Configurations applied on SIGHUP.",
     "reload_failures": "Configurations refused on SIGHUP (the running one stayed).",
@@ -146,36 +174,59 @@ class RegistryExporter:
 
     def collect(self) -> Iterator[Metric]:
         r = self.registry
-        c = r.counters
+        every = r.all_counters()
+        parts = r.intake_parts()
         yield InfoMetricFamily(PREFIX + "build", _help("build"), value=r.info)
         for name in SCALAR_FIELDS:
-            if name not in _LABELLED:
-                yield CounterMetricFamily(PREFIX + name, _help(name), value=getattr(c, name))
-        for name, value in c.spool.snapshot().items():
-            yield CounterMetricFamily(PREFIX + name, _help(name), value=value)
-        yield from self._listeners()
-        for name, by_reason in (("dead_lettered_events", c.dead_letter_reasons),
-                                ("dropped_events", c.drop_reasons)):
-            fam = CounterMetricFamily(PREFIX + name, _help(name), labels=["reason"])
-            for reason, n in by_reason.items():
-                fam.add_metric([reason], n)
+            reasons = _BY_REASON.get(name)
+            if name in INTAKE_FAMILIES:
+                labels = [INTAKE] if reasons is None else [INTAKE, "reason"]
+                fam = CounterMetricFamily(PREFIX + name, _help(name), labels=labels)
+                for intake, group in parts.items():
+                    if reasons is None:
+                        fam.add_metric([intake], sum(getattr(c, name) for c in group))
+                    else:
+                        for reason, n in _merged(getattr(c, reasons) for c in group).items():
+                            fam.add_metric([intake, reason], n)
+                yield fam
+            elif reasons is not None:
+                fam = CounterMetricFamily(PREFIX + name, _help(name), labels=["reason"])
+                for reason, n in _merged(getattr(c, reasons) for c in every).items():
+                    fam.add_metric([reason], n)
+                yield fam
+            else:
+                yield CounterMetricFamily(PREFIX + name, _help(name),
+                                          value=sum(getattr(c, name) for c in every))
+        for name in SpoolCounters.__dataclass_fields__:
+            fam = CounterMetricFamily(PREFIX + "spool_" + name, _help("spool_" + name),
+                                      labels=[INTAKE])
+            for intake, group in parts.items():
+                fam.add_metric([intake], sum(getattr(c.spool, name) for c in group))
             yield fam
-        yield from self._requests()
+        yield from self._listeners()
+        yield from self._requests(parts)
         for name, level in r.gauges().items():
             yield GaugeMetricFamily(PREFIX + name, _help(name), value=level)
-        for name, (label, values) in r.labelled_gauges().items():
-            gauge = GaugeMetricFamily(PREFIX + name, _help(name), labels=[label])
+        for name, (names, values) in r.labelled_gauges().items():
+            gauge = GaugeMetricFamily(PREFIX + name, _help(name), labels=list(names))
             for key, v in values.items():
-                gauge.add_metric([key], v)
+                gauge.add_metric(list(key), v)
             yield gauge
+
+    def _listener_counters(self) -> list[ListenerCounters]:
+        return [lc for c in self.registry.all_counters() for lc in c.listeners]
 
     def _listeners(self) -> Iterator[Metric]:
         # Summed by name: a listener closed and opened again (a reload) keeps one series.
         totals: dict[str, dict[str, int]] = {}
         frames: dict[tuple[str, str], list[int]] = {}
-        self.registry.counters.refresh_listeners()
-        for lc in self.registry.counters.listeners:
+        refused: dict[tuple[str, str], int] = {}
+        for c in self.registry.all_counters():
+            c.refresh_listeners()
+        for lc in self._listener_counters():
             t = totals.setdefault(lc.name, dict.fromkeys(LISTENER_FIELDS, 0))
+            for reason, n in lc.proxy_refused.items():
+                refused[(lc.name, reason)] = refused.get((lc.name, reason), 0) + n
             for f in LISTENER_FIELDS:
                 t[f] += getattr(lc, f)
             for framing, fc in lc.framings.items():
@@ -183,8 +234,9 @@ class RegistryExporter:
                 acc[0] += fc.frames
                 acc[1] += fc.framing_errors
         for f in LISTENER_FIELDS:
-            if f.startswith(("udp_", "connections_")):
-                # Only where they can happen: connections (TCP, TLS...), UDP drops.
+            if f.startswith(("udp_", "connections_", "proxy_")):
+                # Only where they can happen: connections (TCP, TLS...) and their PROXY
+                # headers, UDP drops.
                 udp = f.startswith("udp_")
                 items = [(n, t) for n, t in totals.items() if n.startswith("udp://") == udp]
             else:
@@ -193,6 +245,11 @@ class RegistryExporter:
             for listener, t in items:
                 fam.add_metric([listener], t[f])
             yield fam
+        fam = CounterMetricFamily(PREFIX + "proxy_refused", _help("proxy_refused"),
+                                  labels=["listener", "reason"])
+        for (listener, reason), n in sorted(refused.items()):
+            fam.add_metric([listener, reason], n)
+        yield fam
         for i, name in enumerate(("received_frames", "framing_errors")):
             fam = CounterMetricFamily(PREFIX + name, _help(name), labels=["listener", "framing"])
             for (listener, framing), acc in frames.items():
@@ -205,7 +262,7 @@ class RegistryExporter:
     def _tls(self) -> Iterator[Metric]:
         done: dict[str, int] = {}
         refused: dict[tuple[str, str], int] = {}
-        for lc in self.registry.counters.listeners:
+        for lc in self._listener_counters():
             if lc.tls is None:
                 continue
             done[lc.name] = done.get(lc.name, 0) + lc.tls.handshakes
@@ -225,7 +282,7 @@ class RegistryExporter:
     def _relp(self) -> Iterator[Metric]:
         # Summed by listener name, as the other per-listener series.
         per: dict[str, list[RelpCounters]] = {}
-        for lc in self.registry.counters.listeners:
+        for lc in self._listener_counters():
             if lc.relp is not None:
                 per.setdefault(lc.name, []).append(lc.relp)
         sessions = CounterMetricFamily(PREFIX + "relp_sessions", _help("relp_sessions"),
@@ -254,24 +311,35 @@ class RegistryExporter:
             latency.add_metric([listener], buckets, sum(r.ack_seconds for r in group))
         yield from (sessions, commands, errors, acks, latency)
 
-    def _requests(self) -> Iterator[Metric]:
-        q = self.registry.counters.requests
-        fam = CounterMetricFamily(PREFIX + "intake_requests", _help("intake_requests"),
-                                  labels=["status_class"])
-        for cls, n in q.by_class.items():
-            fam.add_metric([cls], n)
-        yield fam
-        yield CounterMetricFamily(PREFIX + "intake_key_rejected", _help("intake_key_rejected"),
-                                  value=q.key_rejected)
-        cumulative = 0
-        buckets: list[tuple[str, float]] = []
-        # `le` as the library writes its own histograms' bounds ("0.01", "1.0", "+Inf").
-        for le, n in zip((*map(repr, DURATION_BUCKETS), "+Inf"), q.buckets, strict=True):
-            cumulative += n
-            buckets.append((le, cumulative))
+    def _requests(self, parts: dict[str, list[Counters]]) -> Iterator[Metric]:
+        by_class = CounterMetricFamily(PREFIX + "intake_requests", _help("intake_requests"),
+                                       labels=[INTAKE, "status_class"])
+        rejected = CounterMetricFamily(PREFIX + "intake_key_rejected",
+                                       _help("intake_key_rejected"), labels=[INTAKE])
         name = "intake_request_duration_seconds"
-        yield HistogramMetricFamily(PREFIX + name, _help(name), buckets=buckets,
-                                    sum_value=q.duration_sum)
+        duration = HistogramMetricFamily(PREFIX + name, _help(name), labels=[INTAKE])
+        for intake, group in parts.items():
+            qs = [c.requests for c in group]
+            for cls, n in _merged(q.by_class for q in qs).items():
+                by_class.add_metric([intake, cls], n)
+            rejected.add_metric([intake], sum(q.key_rejected for q in qs))
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            # `le` as the library writes its own histograms' bounds ("0.01", "1.0", "+Inf").
+            for i, le in enumerate((*map(repr, DURATION_BUCKETS), "+Inf")):
+                cumulative += sum(q.buckets[i] for q in qs)
+                buckets.append((le, cumulative))
+            duration.add_metric([intake], buckets, sum(q.duration_sum for q in qs))
+        yield from (by_class, rejected, duration)
+
+
+def _merged(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """{key: sum}, keys in first-seen order (the reasons present from the start first)."""
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, n in d.items():
+            out[k] = out.get(k, 0) + n
+    return out
 
 
 def metrics_registry(registry: Registry) -> CollectorRegistry:
