@@ -52,8 +52,10 @@ def dashboard_exprs(dash: dict[str, Any]) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    """Every sample name of one real scrape (after some traffic and a delivery)."""
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[frozenset[str]]]:
+    """{sample name: the label-name sets of its samples} of one real scrape (after some
+    traffic and a delivery). A counter family declared with no sample yet (refusals by
+    reason, before the first) counts as exported, with no label set."""
     tmp = tmp_path_factory.mktemp("alerts")
     with FakeIntake() as fi:
         # TLS and RELP listeners too, so that their series are in the scrape.
@@ -68,8 +70,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
             assert fi.wait_for(1, 15)
             status, _, body = http_get(d.status_port, "/metrics")
             assert status == 200
-    return {s.name for fam in text_string_to_metric_families(body.decode())
-            for s in fam.samples}
+    out: dict[str, set[frozenset[str]]] = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        if fam.type == "counter":
+            out.setdefault(fam.name + "_total", set())
+        for s in fam.samples:
+            out.setdefault(s.name, set()).add(frozenset(s.labels) - {"le"})
+    return out
 
 
 @needs_promtool
@@ -91,7 +98,8 @@ def test_every_alert_fires_and_stays_quiet_as_its_unit_tests_say() -> None:
     assert tested == set(alerts())
 
 
-def test_rules_and_dashboard_use_only_metrics_the_daemon_exports(exported: set[str]) -> None:
+def test_rules_and_dashboard_use_only_metrics_the_daemon_exports(
+        exported: dict[str, set[frozenset[str]]]) -> None:
     used: dict[str, set[str]] = {}
     for name, expr in alerts().items():
         for metric in METRIC.findall(expr):
@@ -102,6 +110,28 @@ def test_rules_and_dashboard_use_only_metrics_the_daemon_exports(exported: set[s
     assert len(used) >= 20  # the regex did find them
     missing = {m: sorted(where) for m, where in used.items() if m not in exported}
     assert not missing, f"not on the daemon's /metrics: {missing}"
+
+
+# Series an alert compares one to one (`and`, `/`, `or`): the same labels on both sides, or the
+# alert never matches; and the per-intake counters alerts group `by (intake)`.
+PAIRED = (("haproxy_forwarder_seconds_since_last_delivery", "haproxy_forwarder_backlog_batches"),
+          ("haproxy_forwarder_spool_bytes", "haproxy_forwarder_spool_max_bytes"))
+PER_INTAKE = ("haproxy_forwarder_dead_lettered_events_total",
+              "haproxy_forwarder_dropped_events_total",
+              "haproxy_forwarder_intake_key_rejected_total",
+              "haproxy_forwarder_spool_dropped_events_total",
+              "haproxy_forwarder_spool_corrupt_records_total")
+
+
+def test_series_an_alert_matches_one_to_one_have_the_same_labels(
+        exported: dict[str, set[frozenset[str]]]) -> None:
+    for left, right in PAIRED:
+        assert exported[left] == exported[right], (left, exported[left], right,
+                                                   exported[right])
+    # spool_blocked `or` the spool's drops: one alert per intake only if both say which.
+    assert exported["haproxy_forwarder_spool_blocked"] <= {frozenset(), frozenset({"intake"})}
+    for name in PER_INTAKE:
+        assert exported[name] and all("intake" in s for s in exported[name]), name
 
 
 def test_dashboard_is_importable_grafana_json() -> None:
