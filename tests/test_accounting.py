@@ -4,7 +4,8 @@ delivered + dead_lettered + dropped + held, read from /metrics, the stats line a
 Each test drives a path that moves events into another term (delivered, dead-lettered, held on
 the spool across a restart, recovered) and checks the sum to the event once the daemon is at
 rest, and that every term is the one expected (a sum that holds because two terms are both
-wrong would not do)."""
+wrong would not do). The identity holds per intake too (tests/test_metrics_intakes.py): with
+a single [intake], the series of intake "default" are the totals."""
 
 from __future__ import annotations
 
@@ -27,17 +28,22 @@ def frames(n: int, tag: str) -> tuple[list[bytes], list[str]]:
     return [traditional("haproxy", t) for t in texts], texts
 
 
+DEFAULT = "default"  # the one intake of a config with a single [intake]
+COUNTER_TERMS = {"accepted": "accepted_events_total", "recovered": "spool_recovered_events_total",
+                 "requeued": "requeued_events_total", "delivered": "delivered_events_total",
+                 "dead": "dead_lettered_events_total", "dropped": "dropped_events_total"}
+
+
 def terms(m: Samples) -> dict[str, float]:
-    return {
-        "accepted": value(m, "accepted_events_total"),
-        "recovered": value(m, "spool_recovered_events_total"),
-        "requeued": value(m, "requeued_events_total"),
-        "delivered": value(m, "delivered_events_total"),
-        "dead": total(m, "dead_lettered_events_total"),
-        "dropped": total(m, "dropped_events_total"),
-        "memory": value(m, "events_held", where="memory"),
-        "spool": value(m, "events_held", where="spool"),
-    }
+    """The identity's terms over every intake (each summed over its labels)."""
+    got = {term: total(m, name) for term, name in COUNTER_TERMS.items()}
+    # The one intake's series are the totals (and carry its name).
+    for term, name in COUNTER_TERMS.items():
+        assert total(m, name, intake=DEFAULT) == got[term], term
+    assert value(m, "accepted_events_total", intake=DEFAULT) == got["accepted"]
+    got["memory"] = total(m, "events_held", where="memory")
+    got["spool"] = total(m, "events_held", where="spool")
+    return got
 
 
 def unaccounted(t: dict[str, float]) -> float:

@@ -2,8 +2,10 @@
 
 One registry, one name per thing: /metrics (parsed by prometheus-client's own parsers, so the
 exposition is valid), the `stats` log line and `spool stats` agree; the labelled counters
-(listener, framing, reason, status class) and the request latency histogram move with real
-traffic through real sockets to the fake HTTPS intake.
+(intake, listener, framing, reason, status class) and the request latency histogram move with
+real traffic through real sockets to the fake HTTPS intake. A config with a single [intake]
+has one intake, "default": its delivery, spool, dead-letter and drop series say so
+(several intakes in one registry: tests/test_metrics_intakes.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from haproxy_forwarder.observability.counters import (
     SCALAR_FIELDS,
     SpoolCounters,
 )
+from haproxy_forwarder.observability.prometheus import INTAKE_FAMILIES
 from haproxy_forwarder.sources import TcpSource, UdpSource
 from haproxy_forwarder.spool import HEADER_SIZE, Spool
 from haproxy_forwarder.wiring import build
@@ -45,6 +48,7 @@ MakeDaemon = Callable[..., Daemon]
 # {(sample name, ((label, value), ...) sorted): value}
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 P = "haproxy_forwarder_"
+DEFAULT = "default"  # the one intake of a config with a single [intake]
 
 
 def http_get(port: int, path: str, accept: str = "") -> tuple[int, str, bytes]:
@@ -77,13 +81,25 @@ def value(m: Samples, name: str, **labels: str) -> float:
     return m[(P + name, tuple(sorted(labels.items())))]
 
 
-def total(m: Samples, name: str) -> float:
-    """Summed over every label set (what the `stats` log line shows)."""
-    return sum(v for (n, _), v in m.items() if n == P + name)
+def total(m: Samples, name: str, **labels: str) -> float:
+    """Summed over every label set holding `labels` (with none: what the `stats` log line
+    shows)."""
+    want = set(labels.items())
+    return sum(v for (n, have), v in m.items() if n == P + name and want <= set(have))
 
 
 def names(m: Samples) -> set[str]:
     return {n for n, _ in m}
+
+
+def family(sample: str) -> str:
+    """The flat name of a sample's family: haproxy_forwarder_x_total -> x (histogram samples
+    to their histogram's name)."""
+    name = sample.removeprefix(P)
+    for suffix in ("_total", "_bucket", "_count", "_sum"):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
 
 
 def corrupt_segment(spool_dir: Path) -> None:
@@ -117,16 +133,25 @@ def test_every_counter_is_on_metrics_and_a_recovery_is_counted(
         assert f"{P}{name}_total" in have, name
     for f in SpoolCounters.__dataclass_fields__:
         assert f"{P}spool_{f}_total" in have, f
-    assert value(m, "spool_quarantined_segments_total") == 1
-    assert value(m, "spool_corrupt_records_total") >= 1
+    assert value(m, "spool_quarantined_segments_total", intake=DEFAULT) == 1
+    assert value(m, "spool_corrupt_records_total", intake=DEFAULT) >= 1
+    # One intake: every per-intake family has its series, all of them intake="default".
+    per_intake = [dict(labels) for (n, labels) in m if family(n) in INTAKE_FAMILIES]
+    assert not INTAKE_FAMILIES - {family(n) for n in have}
+    assert {labels.get("intake") for labels in per_intake} == {DEFAULT}
+    # Unrouted events: global, by reason, at 0 (a single intake routes every event to it).
+    assert value(m, "unrouted_events_total", reason="drop") == 0
+    assert value(m, "unrouted_events_total", reason="no_route") == 0
     for gauge in ("spool_batches", "spool_events", "spool_bytes", "spool_oldest_age_seconds",
                   "spool_max_bytes", "in_memory_batches", "backlog_batches", "paused",
                   "connections_open", "listener_up", "last_delivery_timestamp_seconds"):
         assert P + gauge in have, gauge
-    assert value(m, "spool_max_bytes") == 1024 * 1024 * 1024  # spool.max_size's default
+    # spool.max_size's default, all of it the one intake's
+    assert value(m, "spool_max_bytes", intake=DEFAULT) == 1024 * 1024 * 1024
     # The periodic stats line carries the same names (without _total), labels summed.
     stats = d.wait_log("stats", timeout=5)
     assert stats["spool_quarantined_segments"] == 1
+    assert stats["unrouted_events"] == stats["proxy_refused"] == stats["proxy_headers"] == 0
     m = scrape(d.status_port)  # nothing moves any more: both are the same picture
     stats = d.wait_log("stats", timeout=5)
     for name in ("received_frames", "received_bytes", "connections_accepted",
@@ -167,15 +192,16 @@ def test_labelled_counters_histogram_and_status_classes_follow_real_traffic(
     assert value(m, "framing_errors_total", listener=tcp, framing="octet") == 0
     assert value(m, "udp_dropped_total", listener=udp) == 0
     assert value(m, "listener_up", listener=tcp) == value(m, "listener_up", listener=udp) == 1
-    assert value(m, "delivered_events_total") == 7
+    assert value(m, "delivered_events_total", intake=DEFAULT) == 7
     # One latency sample and one status class per request the intake answered.
-    assert {c: value(m, "intake_requests_total", status_class=c) for c in
+    assert {c: value(m, "intake_requests_total", intake=DEFAULT, status_class=c) for c in
             ("2xx", "4xx", "5xx", "network")} == _classes(intake)
-    n = value(m, "intake_request_duration_seconds_count")
+    n = value(m, "intake_request_duration_seconds_count", intake=DEFAULT)
     assert n == len(intake.requests) >= 1
-    assert value(m, "intake_request_duration_seconds_bucket", le="+Inf") == n
-    assert value(m, "intake_request_duration_seconds_sum") > 0
-    assert value(m, "last_delivery_timestamp_seconds") == pytest.approx(time.time(), abs=60)
+    assert value(m, "intake_request_duration_seconds_bucket", intake=DEFAULT, le="+Inf") == n
+    assert value(m, "intake_request_duration_seconds_sum", intake=DEFAULT) > 0
+    assert value(m, "last_delivery_timestamp_seconds", intake=DEFAULT) == pytest.approx(
+        time.time(), abs=60)
     before = m
 
     # 503, no answer at all, 401 (the key refused), then accepted: one event, four requests.
@@ -192,28 +218,31 @@ def test_labelled_counters_histogram_and_status_classes_follow_real_traffic(
     send_tcp(d.tcp_port, octet_counted([traditional("haproxy", "slow")]))
     assert intake.wait_for(9, 15)
     intake.set_delay(0)
-    assert wait_until(lambda: value(scrape(d.status_port), "delivered_events_total") == 9, 15.0)
+    assert wait_until(lambda: value(scrape(d.status_port), "delivered_events_total",
+                                    intake=DEFAULT) == 9, 15.0)
     m = scrape(d.status_port)
-    got = {c: value(m, "intake_requests_total", status_class=c)
+    got = {c: value(m, "intake_requests_total", intake=DEFAULT, status_class=c)
            for c in ("2xx", "4xx", "5xx", "network")}
     assert got == _classes(intake)
     assert got["5xx"] == got["network"] == 1 and got["4xx"] == 2  # the 401 and the 400
-    assert value(m, "intake_key_rejected_total") == 1
-    assert value(m, "retries_total") == 3
-    assert value(m, "dead_lettered_events_total", reason="rejected") == 1
+    assert value(m, "intake_key_rejected_total", intake=DEFAULT) == 1
+    assert value(m, "retries_total", intake=DEFAULT) == 3
+    assert value(m, "dead_lettered_events_total", intake=DEFAULT, reason="rejected") == 1
     assert total(m, "dead_lettered_events_total") == 1
     assert total(m, "dropped_events_total") == 0
-    assert value(m, "intake_request_duration_seconds_count") == len(intake.requests) == n + 6
+    assert value(m, "intake_request_duration_seconds_count", intake=DEFAULT) == len(
+        intake.requests) == n + 6
 
     def delta(le: str) -> float:
-        return (value(m, "intake_request_duration_seconds_bucket", le=le)
-                - value(before, "intake_request_duration_seconds_bucket", le=le))
+        return (value(m, "intake_request_duration_seconds_bucket", intake=DEFAULT, le=le)
+                - value(before, "intake_request_duration_seconds_bucket", intake=DEFAULT,
+                        le=le))
 
     assert delta("+Inf") == 6
     assert delta("0.25") <= 5  # the slow one is above
-    assert (value(m, "intake_request_duration_seconds_sum")
-            - value(before, "intake_request_duration_seconds_sum")) >= 0.3
-    counts = [value(m, "intake_request_duration_seconds_bucket", le=repr(b))
+    assert (value(m, "intake_request_duration_seconds_sum", intake=DEFAULT)
+            - value(before, "intake_request_duration_seconds_sum", intake=DEFAULT)) >= 0.3
+    counts = [value(m, "intake_request_duration_seconds_bucket", intake=DEFAULT, le=repr(b))
               for b in DURATION_BUCKETS]
     assert counts == sorted(counts)  # cumulative, as Prometheus expects
 
