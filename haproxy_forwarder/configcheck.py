@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 
 from .config import Settings
+from .routing import describe
 
 
 def _is_loopback(host: str) -> bool:
@@ -68,3 +69,22 @@ def risky_settings(settings: Settings) -> list[str]:
         out.append(f"status.listen = {listen}: /metrics and /healthz have no authentication "
                    "and are reachable from the network; bind 127.0.0.1 or firewall the port")
     return out
+
+
+def route_table_lines(settings: Settings) -> list[str]:
+    """The route table in force, for `check-config`: a title line, then routing.describe()'s
+    aligned lines (one per `[[routes]]` entry in order, then what no route matches unless the
+    last route is a catch-all). Empty for a config without [[routes]]: its one [intake]
+    takes every event, there is no table to show."""
+    if not settings.routes:
+        return []
+    return ["routes, first match wins (listener  source  tls name  program → intake; "
+            "* matches anything):", *describe(settings.route_list)]
+
+
+def route_warnings(settings: Settings) -> list[str]:
+    """What the route table does that may not be meant, one line each (the config is still
+    valid): a `drop = true` route (its events are discarded, counted), an intake no route
+    sends events to. The warnings of `Settings.route_check()`; its problems never get here,
+    as they refuse the config."""
+    return settings.route_check()[1]

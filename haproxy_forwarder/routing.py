@@ -99,17 +99,34 @@ def listener_key(value: str) -> ListenerKey | None:
     return None if address is None else (kind, address)
 
 
-def _source_addresses(source: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
-    """The sender's address, and its other spelling (IPv4 and IPv4-mapped IPv6), so that
-    "::ffff:10.0.0.1" (a dual-stack socket's IPv4 peer) is in 10.0.0.0/8; () if `source` is no
-    IP address (a unix socket path): then no source matcher matches."""
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# IPv4-mapped IPv6 addresses: how a dual-stack socket ("[::]:1514") spells an IPv4 peer.
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _source_address(source: str) -> tuple[IPAddress, ...]:
+    """The sender's address as routes compare it: an IPv4 peer is its IPv4 address, whether
+    the socket spelled it "10.0.0.1" or "::ffff:10.0.0.1"; () if `source` is no IP address
+    (a unix socket path): then no source matcher matches."""
     try:
         ip = ipaddress.ip_address(source.strip("[]"))
     except ValueError:
         return ()
-    if isinstance(ip, ipaddress.IPv6Address):
-        return (ip,) if ip.ipv4_mapped is None else (ip, ip.ipv4_mapped)
-    return ip, ipaddress.IPv6Address(f"::ffff:{ip}")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return (ip.ipv4_mapped,)
+    return (ip,)
+
+
+def source_network(network: Network) -> Network:
+    """A source matcher as routes compare it: a block of IPv4-mapped addresses
+    ("::ffff:10.0.0.0/104") is that IPv4 block (10.0.0.0/8), as the senders in it are IPv4
+    peers. ("::/0" is then IPv6 senders only, as "0.0.0.0/0" is IPv4 ones.)"""
+    if (isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96
+            and network.subnet_of(_MAPPED)):
+        base = network.network_address.ipv4_mapped
+        assert base is not None
+        return ipaddress.IPv4Network((base, network.prefixlen - 96))
+    return network
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +135,7 @@ class _OriginKeys:
 
     kind: str
     addresses: frozenset[Address]
-    sources: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    sources: tuple[IPAddress, ...]
     tls_names: tuple[str, ...]
 
     @classmethod
@@ -126,7 +143,7 @@ class _OriginKeys:
         kind, sep, named = origin.listener.partition("://")
         found = {_address(origin.address), _address(named) if sep else None}
         return cls(kind.lower() if sep else "", frozenset(a for a in found if a is not None),
-                   _source_addresses(origin.source), origin.tls_names)
+                   _source_address(origin.source), origin.tls_names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +159,9 @@ class _Rule:
     @classmethod
     def of(cls, route: Route) -> _Rule:
         target = DROP if route.intake is None else Target(route.intake)
-        return cls(tuple(listener_key(v) for v in route.listener), route.source,
-                   list(route.tls_name), route.program, target)
+        return cls(tuple(listener_key(v) for v in route.listener),
+                   tuple(source_network(n) for n in route.source), list(route.tls_name),
+                   route.program, target)
 
     def origin_matches(self, o: _OriginKeys) -> bool:
         """Every matcher but `program` matches."""
@@ -265,6 +283,7 @@ def _tls_covers(a: str, b: str) -> bool:
 
 
 def _source_covers(a: Network, b: Network) -> bool:
+    a, b = source_network(a), source_network(b)
     return a.version == b.version and b.subnet_of(a)  # type: ignore[arg-type]
 
 
@@ -367,6 +386,14 @@ ANY = "*"
 NO_ROUTE_LINE = "dropped, counted as unrouted_events{reason=\"no_route\"}"
 
 
+def _network_text(network: Network) -> str:
+    """A CIDR as written: IPv4-mapped ones in dotted form ("::ffff:10.0.0.0/104")."""
+    v4 = source_network(network)
+    if v4 is not network:
+        return f"::ffff:{v4.network_address}/{network.prefixlen}"
+    return str(network)
+
+
 def _target_text(route: Route) -> str:
     if route.intake is None:
         return "dropped (drop = true), counted as unrouted_events{reason=\"drop\"}"
@@ -378,7 +405,7 @@ def describe(routes: Sequence[Route]) -> list[str]:
     (`*`: any) → the intake (or dropped), in order; then what no route matches, unless the
     last route is a catch-all."""
     rows = [[f"routes[{n}]", ", ".join(r.listener) or ANY,
-             ", ".join(str(net) for net in r.source) or ANY,
+             ", ".join(_network_text(net) for net in r.source) or ANY,
              ", ".join(r.tls_name) or ANY, ", ".join(r.program) or ANY]
             for n, r in enumerate(routes, 1)]
     widths = [max((len(row[i]) for row in rows), default=0) for i in range(5)]
