@@ -1,15 +1,17 @@
 """RELP source (rsyslog's omrelp): each message answered "200 OK" only once it is durable.
 
 The protocol is in relp/ (sans-IO); here bytes move, and each chunk's syslog messages go
-through the same ingest as TCP: one reader per connection, fed the messages as octet-counted
-frames (so a message is exactly one frame, whatever bytes it holds), `ctx.sink.take()` with an
-`Ack` whose callback answers them. Answers leave in txnr order.
+through the same ingest as TCP: one reader per connection (its `Inlet`'s, made once the
+session's origin is known), fed the messages as octet-counted frames (so a message is exactly
+one frame, whatever bytes it holds), `inlet.take()` with an `Ack` whose callback answers
+them. Answers leave in txnr order.
 
 Flow control: a session with `relp.max_window` unanswered messages is not read from until
-answers go out (its sender's own window then fills and it waits); under backpressure no
-session is read, as on TCP. Limits (allow-list, connection caps, idle timeout, buffered
-bytes) are the listen.* ones of TCP. The window counts every answer not sent yet, the ones
-ready but held behind an older pending one included, so what a session holds is bounded.
+answers go out (its sender's own window then fills and it waits); a session whose inlet is
+held (its intake's delivery lags) is not read, as on TCP. Limits (allow-list, connection
+caps, idle timeout, buffered bytes) are the listen.* ones of TCP. The window counts every
+answer not sent yet, the ones ready but held behind an older pending one included, so what
+a session holds is bounded.
 
 A message the delivery loses (Waiter.lose(): a bug, the spool refusing it while the intake
 does too, ...) would hold back every later answer of its session (they leave in txnr
@@ -21,11 +23,13 @@ session in `close` (not read any more) still waiting for answers after CLOSE_DEA
 listen.idle_timeout if shorter) is aborted.
 
 RelpConnection only uses transport.write / pause_reading / resume_reading / close / abort /
-is_closing / get_extra_info("peername"), so with relp.tls (omrelp tls="on") each accepted
-socket gets the TLS layer of sources/tls.py, with the [tls] settings of listen.tls: the
-screen (allow-list, per-address cap, descriptors) runs before the handshake, the client
-certificate and its name are checked, and only then is a RelpConnection made. A handshake in
-progress counts against listen.max_connections_per_address, as on listen.tls.
+is_closing / get_extra_info("peername" / "peercert" / "proxy_peer"), so the PROXY layer of
+sources/proxylayer.py can sit below it (listen.proxy_protocol), and with relp.tls (omrelp
+tls="on") each accepted socket gets the TLS layer of sources/tls.py, with the [tls] settings
+of listen.tls: the screen (allow-list, per-address cap, descriptors) runs before the
+handshake, the client certificate and its name are checked, and only then is a
+RelpConnection made. A handshake in progress counts against
+listen.max_connections_per_address, as on listen.tls.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from ..ingest import OCTET
 from ..observability.counters import RelpCounters
 from ..relp import CLOSE_TIMEOUT, NOT_DURABLE, ServerSession
 from ..tlscontext import ServerTls
-from .base import SourceContext, peer_of
+from .base import Inlet, SourceContext, peer_of
+from .proxylayer import via_of
 from .stream import StreamSource
 
 # The parser holds at most this much above listen.max_message_size: what is longer than
@@ -64,10 +69,14 @@ class RelpConnection(asyncio.Protocol):
         self.relp = source.relp
         self.frames = source.stats.framing(RELP_FRAMING)
         self.session = ServerSession(source.max_data)
-        self.reader = self.ctx.reader(OCTET)
+        # Set once admitted (its origin is known then): its reader, where its events go.
+        self.inlet: Inlet | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.address = "?"
+        self.via: dict[str, str] = {}
+        # Its inlet was held at the last pressure change: idle credit once it is not.
+        self.was_held = False
         self.last_frame = time.monotonic()
         self.framed = False
         self.buffered = 0  # what the parser holds, as last reported to the budget
@@ -87,11 +96,14 @@ class RelpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.peer, self.address = peer_of(transport)
+        self.via = via_of(transport)
         src = self.source
         if not src.admit(transport, self.peer, self.address):
             transport.abort()
             return
         self.transport = transport
+        self.inlet = self.ctx.inlet(src.origin(transport, self.address), OCTET)
+        self.was_held = self.inlet.held
         src.add(self)
         self.stats.connections_accepted += 1
         self.update_reading()
@@ -128,7 +140,7 @@ class RelpConnection(asyncio.Protocol):
             relp.frame_errors[err.reason] = relp.frame_errors.get(err.reason, 0) + 1
             self.frames.framing_errors += 1
             self.ctx.quiet.warning("relp_protocol_error", listener=self.stats.name,
-                                   peer=self.peer, reason=err.reason, error=err.message,
+                                   peer=self.peer, **self.via, reason=err.reason, error=err.message,
                                    action="session closed")
         self._flush()
         if self.transport is not None:
@@ -171,9 +183,10 @@ class RelpConnection(asyncio.Protocol):
         if not parts:  # empty messages only: nothing to ingest, nothing to wait for
             self._durable(txnrs, started)
             return
-        sink = self.ctx.sink
-        result = self.reader.feed(b"".join(parts), sink.received_at())
-        sink.take(result, Ack(lambda: self._durable(txnrs, started), self._lost))
+        inlet = self.inlet
+        assert inlet is not None  # read only once admitted
+        result = inlet.reader.feed(b"".join(parts), inlet.received_at())
+        inlet.take(result, Ack(lambda: self._durable(txnrs, started), self._lost))
         if result.oversized:
             self._oversized(result.oversized)
 
@@ -201,7 +214,7 @@ class RelpConnection(asyncio.Protocol):
         relp = self.relp
         relp.frame_errors[reason] = relp.frame_errors.get(reason, 0) + 1
         self.ctx.quiet.warning("relp_session_aborted", listener=self.stats.name,
-                               peer=self.peer, reason=reason, error=why,
+                               peer=self.peer, **self.via, reason=reason, error=why,
                                unanswered=self.session.unacked,
                                action="session aborted: the sender resends what was not "
                                       "answered")
@@ -224,7 +237,7 @@ class RelpConnection(asyncio.Protocol):
     def _oversized(self, n: int) -> None:
         self.stats.oversized_frames += n  # counted always; logged rate-limited
         self.ctx.quiet.warning("frame_too_large", listener=self.stats.name, peer=self.peer,
-                               max_message_size=self.ctx.max_message_size,
+                               **self.via, max_message_size=self.ctx.max_message_size,
                                action="discarded and acknowledged, session kept")
 
     def _flush(self) -> None:
@@ -262,7 +275,7 @@ class RelpConnection(asyncio.Protocol):
         if self.draining is None:
             return
         self.ctx.quiet.warning("relp_session_aborted", listener=self.stats.name,
-                               peer=self.peer, reason="answers_unread",
+                               peer=self.peer, **self.via, reason="answers_unread",
                                error=f"its last answers not read {CLOSE_GRACE:g} s after "
                                      "the session was closed",
                                action="connection aborted")
@@ -274,12 +287,18 @@ class RelpConnection(asyncio.Protocol):
     def window_full(self) -> bool:
         return self.session.unacked >= self.source.max_window
 
+    @property
+    def inlet_held(self) -> bool:
+        return self.inlet is not None and self.inlet.held
+
     def update_reading(self) -> None:
-        """Read only when there is room in the window, no backpressure, and not stopping."""
+        """Read only when there is room in the window, its inlet is not held, and not
+        stopping."""
         t = self.transport
         if t is None:
             return
-        want = not (self.window_full or self.ctx.pressure.on or self.source.stopping
+        held = self.inlet_held
+        want = not (self.window_full or held or self.source.stopping
                     or self.session.closing or self.write_blocked)
         if want == self.reading:
             return
@@ -289,12 +308,18 @@ class RelpConnection(asyncio.Protocol):
                 t.resume_reading()
         else:
             t.pause_reading()
-            if self.window_full and not (self.ctx.pressure.on or self.write_blocked):
+            if (self.window_full and not (held or self.write_blocked)
+                    and self.inlet is not None):
                 # Its sender can send nothing more until answered: close the open batch now
                 # rather than after batch.idle_flush (the answers then cost one fsync).
-                self.ctx.sink.flush()
+                self.inlet.flush()
 
-    def pressure_changed(self) -> None:
+    def pressure_changed(self, now: float) -> None:
+        held = self.inlet_held
+        if self.was_held and not held and self.framed:
+            # Time spent held is not idleness; a session that never framed gets no credit.
+            self.last_frame = max(self.last_frame, now)
+        self.was_held = held
         self.update_reading()
 
     # -- closing for the source's reasons -----------------------------------------------------
@@ -310,7 +335,7 @@ class RelpConnection(asyncio.Protocol):
         """Called by the budget: this session holds the most of listen.max_buffered_bytes."""
         self.stats.connections_shed += 1
         self.ctx.quiet.warning("connection_shed", listener=self.stats.name, peer=self.peer,
-                               buffered=self.buffered,
+                               **self.via, buffered=self.buffered,
                                reason="listen.max_buffered_bytes reached")
         self.discard()
 
@@ -361,7 +386,7 @@ class RelpSource(StreamSource[RelpConnection]):
 
     def evict_one(self) -> bool:
         """At max_connections: the session that never framed, else the longest idle, goes;
-        not one whose messages wait for their answer, nor any framed one under pressure.
+        not one whose messages wait for their answer, nor a framed one whose inlet is held.
         A session closed by us still draining its last answers goes first (aborted)."""
         for c in self.connections:
             if c.draining is not None:
@@ -369,10 +394,9 @@ class RelpSource(StreamSource[RelpConnection]):
                 return True
         candidates = [c for c in self.frameless if c.transport is not None]
         if not candidates:
-            if self.ctx.pressure.on:
-                return False
             candidates = [c for c in self.connections
-                          if c.transport is not None and not c.session.unacked]
+                          if c.transport is not None and not c.session.unacked
+                          and not c.inlet_held]
         if not candidates:
             return False
         oldest = candidates[0] if not candidates[0].framed else min(
@@ -387,11 +411,11 @@ class RelpSource(StreamSource[RelpConnection]):
         if self.stopping:
             return
         now = time.monotonic()
-        if not self.ctx.pressure.on:
-            limit = now - self.idle_timeout
-            for conn in [c for c in self.connections if c.transport is not None
-                         and c.last_frame < limit and not c.session.unacked]:
-                self.idle_close(conn)
+        limit = now - self.idle_timeout
+        for conn in [c for c in self.connections if c.transport is not None
+                     and c.last_frame < limit and not c.session.unacked
+                     and not c.inlet_held]:
+            self.idle_close(conn)
         # Not read any more since its `close`: a sender gone meanwhile would not be seen.
         deadline = now - min(CLOSE_DEADLINE, self.idle_timeout)
         for conn in [c for c in self.connections if c.transport is not None
@@ -399,13 +423,6 @@ class RelpSource(StreamSource[RelpConnection]):
             conn.abort(CLOSE_TIMEOUT, "`close` still waiting for earlier answers after "
                        f"{min(CLOSE_DEADLINE, self.idle_timeout):g} s")
         self._schedule_sweep()
-
-    def _on_pressure(self, on: bool) -> None:
-        now = time.monotonic()
-        for conn in list(self.connections):
-            if not on and conn.framed:
-                conn.last_frame = max(conn.last_frame, now)
-            conn.pressure_changed()
 
     @property
     def unacked(self) -> int:
@@ -419,8 +436,9 @@ class RelpSource(StreamSource[RelpConnection]):
         self._stop_accepting()  # handshakes under way: no RELP session yet, nothing to answer
         for conn in list(self.connections):
             conn.update_reading()
-        if self.unacked:
-            self.ctx.sink.flush()  # nothing more will come in: answers after one fsync
+        for conn in self.connections:
+            if conn.session.unacked and conn.inlet is not None:
+                conn.inlet.flush()  # nothing more will come in: answers after one fsync
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.unacked and loop.time() < deadline:

@@ -4,22 +4,33 @@ The connections, per peer address and in connect order while they never complete
 the checks at accept (descriptors, listen.allow, listen.max_connections_per_address, then
 listen.max_connections); the server socket; the idle sweep's timer; and, given the daemon's
 ServerTls, a TLS layer (sources/tls.py) in front of every connection, so TLS is a setting of
-a listener and not a kind of its own. What differs by protocol (the connection's protocol
-object, which connection to evict, what idleness means, how to stop) is the subclasses'.
+a listener and not a kind of its own; with listen.proxy_protocol, a PROXY layer
+(sources/proxylayer.py) below it, so the connection stands for the sender the balancer
+names. What differs by protocol (the connection's protocol object, which connection to evict,
+what idleness means, how to stop) is the subclasses'.
+
+Each connection, once its origin is known (after the PROXY header and the TLS handshake),
+gets its `Inlet` (SourceContext.inlet): its reader and where its events go. Backpressure is
+per inlet: on every change `Backpressure` announces, each connection pauses if its inlet is
+held and resumes otherwise, so only the senders routed to a lagging intake wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..config import ListenConfig, Settings
 from ..observability.counters import ListenerCounters
 from ..observability.descriptors import Descriptors
-from ..tlscontext import ServerTls
+from ..routing import Origin
+from ..tlscontext import ServerTls, peer_names
 from .base import SourceContext, listener_name, split_hostport
 from .guard import Allow, Holder
+from .proxylayer import ProxyGate, ProxyLayer, stands_for_balancer, via_of
 from .tls import TlsGate, TlsLayer
 
 
@@ -28,11 +39,22 @@ class StreamConnection(Holder, Protocol):
 
     peer: str
     address: str
+    # {"via": the balancer} behind a PROXY header, else {}: extra fields of its log lines.
+    via: dict[str, str]
     last_frame: float
     framed: bool
 
     @property
     def transport(self) -> asyncio.Transport | None: ...
+
+    @property
+    def inlet_held(self) -> bool:
+        """Its inlet says wait (its intake's delivery is full)."""
+        ...
+
+    def pressure_changed(self, now: float) -> None:
+        """`Backpressure` announced a change: pause if its inlet is held, else resume."""
+        ...
 
     def drop(self) -> None: ...
 
@@ -67,6 +89,8 @@ class StreamSource(Generic[C]):
         self.gate = (TlsGate(tls, self.stats, ctx.quiet, ctx.log, screen=self.screen)
                      if tls is not None else None)
         self.descriptors = Descriptors(ctx.counters, ctx.quiet)
+        # listen.proxy_protocol: set by limit(), as it may change on SIGHUP.
+        self.proxy = ProxyGate(self.stats, ctx.quiet)
         self.limit(listen)
         ctx.pressure.subscribe(self._on_pressure)
 
@@ -99,16 +123,31 @@ class StreamSource(Generic[C]):
         self.idle_timeout = listen.idle_timeout
         self.allow = Allow(listen.allow)
         self.ctx.budget.cap = listen.max_buffered_bytes
-        # A narrowed allow-list also applies to the peers already connected.
+        self.proxy.configure(listen.proxy_protocol, listen.idle_timeout)
+        # A narrowed allow-list also applies to the peers already connected (not to a
+        # balancer's own connections: listen.proxy_protocol vouches for those).
         for conn in [c for c in self.connections
-                     if c.transport is not None and not self.allow.permits(c.address)]:
+                     if c.transport is not None and not self.allow.permits(c.address)
+                     and not stands_for_balancer(c.transport)]:
             self.stats.access_denied += 1
             self.ctx.quiet.warning("connection_denied", listener=self.stats.name,
-                                   peer=conn.peer, reason="not in listen.allow (reload)")
+                                   peer=conn.peer, **conn.via,
+                                   reason="not in listen.allow (reload)")
             conn.drop()
 
     def _on_pressure(self, on: bool) -> None:
-        raise NotImplementedError
+        # `on` is whether any intake lags; each connection asks its own inlet.
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.pressure_changed(now)
+
+    def origin(self, transport: asyncio.BaseTransport, source: str) -> Origin:
+        """A connection as the routes see it: this listener, its sender's address (the
+        PROXY header's source behind a balancer), its verified client certificate's names."""
+        cert = transport.get_extra_info("peercert")
+        names = tuple(peer_names(cert)) if cert else ()
+        return Origin(listener=self.stats.name, address=self.address, source=source,
+                      tls_names=names)
 
     # -- admission --------------------------------------------------------------------------------
 
@@ -118,14 +157,15 @@ class StreamSource(Generic[C]):
         c = self.stats
         if not self.descriptors.admit(transport, c.name):
             return False
-        if not self.allow.permits(address):
+        if not self.allow.permits(address) and not stands_for_balancer(transport):
             c.access_denied += 1
             self.ctx.quiet.warning("connection_denied", listener=c.name, peer=peer,
-                                   reason="not in listen.allow")
+                                   **via_of(transport), reason="not in listen.allow")
             return False
         if self.held(address) >= self.max_connections_per_address:
             c.connections_refused += 1
             self.ctx.quiet.warning("connection_refused", listener=c.name, peer=peer,
+                                   **via_of(transport),
                                    reason="listen.max_connections_per_address reached")
             return False
         return True
@@ -139,7 +179,7 @@ class StreamSource(Generic[C]):
             # how peers ran out of memory (Vector #8238).
             self.stats.connections_refused += 1
             self.ctx.quiet.warning("connection_refused", listener=self.stats.name, peer=peer,
-                                   reason="listen.max_connections reached")
+                                   **via_of(transport), reason="listen.max_connections reached")
             return False
         return True
 
@@ -158,7 +198,7 @@ class StreamSource(Generic[C]):
         """Close `conn` to make room at listen.max_connections (counted, logged)."""
         self.stats.connections_evicted += 1
         self.ctx.quiet.warning("connection_evicted_idle", listener=self.stats.name,
-                               peer=conn.peer,
+                               peer=conn.peer, **conn.via,
                                idle=round(time.monotonic() - conn.last_frame, 1),
                                complete_frames=conn.framed,
                                reason="listen.max_connections reached")
@@ -169,7 +209,7 @@ class StreamSource(Generic[C]):
         """listen.idle_timeout: no complete frame from `conn` for that long."""
         self.stats.connections_idle_closed += 1
         self.ctx.quiet.warning("connection_idle_closed", listener=self.stats.name,
-                               peer=conn.peer, idle_timeout=self.idle_timeout)
+                               peer=conn.peer, **conn.via, idle_timeout=self.idle_timeout)
         conn.drop()
 
     def add(self, conn: C) -> None:
@@ -196,11 +236,16 @@ class StreamSource(Generic[C]):
         raise NotImplementedError
 
     def protocol(self) -> asyncio.Protocol:
-        """The factory given to create_server: with TLS, the layer first; the connection's
-        own protocol only once the handshake and the name check passed."""
+        """The factory given to create_server: with listen.proxy_protocol, the PROXY layer
+        first (the header is first on the wire); with TLS, the TLS layer next; the
+        connection's own protocol only once the header was read and the handshake and the
+        name check passed. A reload's listen.proxy_protocol applies from the next accept."""
+        inner: Callable[[], asyncio.Protocol] = self.connection
         if self.gate is not None:
-            return TlsLayer(self.gate, self.connection)
-        return self.connection()
+            inner = functools.partial(TlsLayer, self.gate, self.connection)
+        if self.proxy.enabled:
+            return ProxyLayer(self.proxy, inner)
+        return inner()
 
     async def stop(self, grace: float) -> None:
         raise NotImplementedError
@@ -247,5 +292,6 @@ class StreamSource(Generic[C]):
         self.ctx.pressure.unsubscribe(self._on_pressure)
         if self._server is not None:
             self._server.close()
+        self.proxy.close_pending()  # waiting for their PROXY header: nothing of theirs read
         if self.gate is not None:
             self.gate.close_pending()  # handshakes: nothing of theirs was read yet

@@ -1,7 +1,9 @@
 """TCP syslog source (RFC 6587): one ChunkReader per connection, bounded connections.
 
 Thin by design: framing and header reading live in ingest/; here we only move bytes, enforce
-the connection limit, apply backpressure (pause_reading) and half-close at shutdown.
+the connection limit, apply backpressure (pause_reading) and half-close at shutdown. Each
+connection's reader and the collector input its events go to are its `Inlet`, made once it
+is admitted; it is paused while that inlet is held.
 
 listen.tls is this listener given the daemon's ServerTls: each connection behind the TLS
 layer of tls.py. TcpConnection only sees a transport, plain or decrypted, and never knows
@@ -16,7 +18,9 @@ from typing import cast
 
 from ..ingest import AUTO, ChunkResult
 from ..observability.counters import LF, OCTET, FramingCounters
-from .base import peer_of
+from ..routing import Origin
+from .base import Inlet, peer_of
+from .proxylayer import via_of
 from .stream import StreamSource
 
 
@@ -24,13 +28,18 @@ class TcpConnection(asyncio.Protocol):
     def __init__(self, source: TcpSource) -> None:
         self.source = source
         self.ctx = source.ctx
-        self.reader = self.ctx.reader(AUTO)
+        # Set once admitted (its origin is known then): its reader, where its events go.
+        self.inlet: Inlet | None = None
+        self.origin: Origin | None = None
         self.stats = source.stats
         # Set by the first byte, as the reader decides the framing (a digit: octet counting).
         self.framing: FramingCounters | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.address = "?"
+        self.via: dict[str, str] = {}
+        # Paused because its inlet was held; resumed (with idle credit) once it is not.
+        self.paused = False
         self.oversized_logged = False
         # Liveness is the last COMPLETE frame, not the last byte: a peer trickling one byte a
         # second is as idle as a silent one. `framed` stays False until the first frame.
@@ -42,23 +51,28 @@ class TcpConnection(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
         transport = cast(asyncio.Transport, transport)
         self.peer, self.address = peer_of(transport)
+        self.via = via_of(transport)
         src = self.source
         if not src.admit(transport, self.peer, self.address):
             transport.abort()
             return
         self.transport = transport
+        self.origin = src.origin(transport, self.address)
+        self.inlet = self.ctx.inlet(self.origin, AUTO)
         src.add(self)
         self.stats.connections_accepted += 1
-        if self.ctx.pressure.on:
-            transport.pause_reading()
+        if self.inlet.held:
+            self.pause()
 
     def data_received(self, data: bytes) -> None:
-        ctx = self.ctx
+        inlet = self.inlet
+        if inlet is None:  # never admitted: nothing of it is read
+            return
         fc = self.framing
         if fc is None:
             fc = self.framing = self.stats.framing(OCTET if 48 <= data[0] <= 57 else LF)
         self.stats.received_bytes += len(data)
-        result = self.reader.feed(data, ctx.sink.received_at())
+        result = inlet.reader.feed(data, inlet.received_at())
         if result.frames:
             self.last_frame = time.monotonic()
             if not self.framed:
@@ -68,31 +82,40 @@ class TcpConnection(asyncio.Protocol):
         if result.error is not None and self.transport is not None:
             self.transport.close()
         if self.transport is not None:
-            ctx.budget.update(self, self.reader.buffered)
+            self.ctx.budget.update(self, inlet.reader.buffered)
+        # Its inlet may be held without a change announced (a reload moved it to a lagging
+        # intake); at shutdown it is read on (half_close) whatever the pressure.
+        if (self.transport is not None and not self.paused and not self.source.stopping
+                and self.inlet_held):
+            self.pause()
 
     def eof_received(self) -> bool | None:
+        inlet = self.inlet
+        if inlet is None:
+            return None
         # No byte ever came: nothing can be counted, in no framing.
         fc = self.framing if self.framing is not None else FramingCounters()
-        self._handle(self.reader.close(self.ctx.sink.received_at()), fc)
+        self._handle(inlet.reader.close(inlet.received_at()), fc)
         return None
 
     def _handle(self, result: ChunkResult, fc: FramingCounters) -> None:
         ctx = self.ctx
         fc.frames += result.frames
-        ctx.sink.take(result)
+        assert self.inlet is not None
+        self.inlet.take(result)
         if result.oversized:
             self.stats.oversized_frames += result.oversized
             if not self.oversized_logged:  # logged once per connection, counted always
                 self.oversized_logged = True
                 # and rate-limited across connections: a sender reconnecting repeats it.
                 ctx.quiet.warning("frame_too_large", listener=self.stats.name, peer=self.peer,
-                                  max_message_size=ctx.max_message_size,
+                                  **self.via, max_message_size=ctx.max_message_size,
                                   action="discarded, connection kept")
         if result.error is not None:
             fc.framing_errors += result.framing_errors
             # Rate-limited like every warning a flood repeats (one bad sender reconnecting).
             ctx.quiet.warning("framing_error", listener=self.stats.name, peer=self.peer,
-                              error=result.error, action="connection closed")
+                              **self.via, error=result.error, action="connection closed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
@@ -112,21 +135,41 @@ class TcpConnection(asyncio.Protocol):
         """Called by the budget: this connection holds the most of listen.max_buffered_bytes."""
         self.stats.connections_shed += 1
         self.ctx.quiet.warning("connection_shed", listener=self.stats.name, peer=self.peer,
-                               buffered=self.buffered,
+                               **self.via, buffered=self.buffered,
                                reason="listen.max_buffered_bytes reached")
         if self.transport is not None:
             # Abort, not FIN: reading on while half-closed would buffer again.
             self.transport.abort()
             self.source.remove(self)
             self.transport = None  # nothing it still reads counts (nor is read)
-        # Free what it held now, not when the transport lets go of this protocol.
-        self.reader = self.ctx.reader(AUTO)
+        # Free what its reader held now, not when the transport lets go of this protocol:
+        # a new inlet (a new reader of the kind its routes want).
+        if self.origin is not None:
+            self.inlet = self.ctx.inlet(self.origin, AUTO)
+
+    @property
+    def inlet_held(self) -> bool:
+        return self.inlet is not None and self.inlet.held
+
+    def pressure_changed(self, now: float) -> None:
+        if self.transport is None:
+            return
+        if self.inlet_held:
+            if not self.paused:
+                self.pause()
+        elif self.paused:
+            # Time spent paused is not idleness; a peer that never framed gets no credit.
+            if self.framed:
+                self.last_frame = max(self.last_frame, now)
+            self.resume()
 
     def pause(self) -> None:
+        self.paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume(self) -> None:
+        self.paused = False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -156,39 +199,32 @@ class TcpSource(StreamSource[TcpConnection]):
         is oldest; one that never completed a frame goes first (oldest connect first).
 
         Without this, connections that say nothing, or trickle bytes, lock real senders out.
-        Under backpressure no frame completes anywhere: only frameless ones may go then.
+        A held connection (paused for its inlet) cannot complete a frame: of the framed
+        ones, only those whose inlet is not held may go.
         """
         if not self.connections:
             return False
         if self.frameless:
             oldest = next(iter(self.frameless))
         else:
-            oldest = min(self.connections, key=lambda conn: conn.last_frame)
-        if oldest.transport is None or (oldest.framed and self.ctx.pressure.on):
+            free = [c for c in self.connections if not c.inlet_held]
+            if not free:
+                return False
+            oldest = min(free, key=lambda conn: conn.last_frame)
+        if oldest.transport is None:
             return False
         return self.evict(oldest)
 
     def _sweep(self) -> None:
         """listen.idle_timeout: close connections with no complete frame for that long.
-        Not under backpressure: paused connections cannot complete one."""
+        Not the held ones: paused connections cannot complete one."""
         if self.stopping:
             return
-        if not self.ctx.pressure.on:
-            limit = time.monotonic() - self.idle_timeout
-            for conn in [c for c in self.connections if c.last_frame < limit]:
-                self.idle_close(conn)
+        limit = time.monotonic() - self.idle_timeout
+        for conn in [c for c in self.connections
+                     if c.last_frame < limit and not c.inlet_held]:
+            self.idle_close(conn)
         self._schedule_sweep()
-
-    def _on_pressure(self, on: bool) -> None:
-        now = time.monotonic()
-        for conn in self.connections:
-            if on:
-                conn.pause()
-            else:
-                # Time spent paused is not idleness; a peer that never framed gets no credit.
-                if conn.framed:
-                    conn.last_frame = max(conn.last_frame, now)
-                conn.resume()
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, then read what senders already wrote for up to `grace` seconds."""

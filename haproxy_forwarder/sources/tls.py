@@ -29,7 +29,10 @@ aborts, the screen counted and logged why); `stats` gets a TlsCounters (`stats.t
 
 The inner protocol uses its transport as any asyncio one: write, pause_reading,
 resume_reading, close, abort, is_closing, write_eof (close_notify then FIN, reading on),
-get_extra_info("peername" / "socket" / "ssl_object" / "peercert").
+get_extra_info("peername" / "socket" / "ssl_object" / "peercert"). Behind a PROXY header
+(sources/proxylayer.py runs below this layer) the raw transport is the PROXY layer's, so
+"peername" is the sender the balancer names, and every line logged here names the balancer
+too (`via`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from ..observability.counters import ListenerCounters, TlsCounters
 from ..observability.quiet import QuietLog
 from ..tlscontext import HandshakeSlots, ServerTls, name_allowed, peer_names
 from .base import peer_of
+from .proxylayer import via_of
 
 # Plaintext taken from the TLS object per call; a record is at most 16 KiB, so a few records.
 READ_SIZE = 256 * 1024
@@ -160,7 +164,7 @@ class TlsGate:
                 continue
             self.stats.access_denied += 1
             self.quiet.warning("connection_denied", listener=self.stats.name, peer=conn.peer,
-                               reason=why)
+                               **getattr(conn, "via", {}), reason=why)
             conn.drop()
 
 
@@ -238,6 +242,7 @@ class TlsLayer(asyncio.Protocol):
         self.sslobj: ssl.SSLObject | None = None
         self.context: ssl.SSLContext | None = None
         self.peer = self.address = "?"
+        self.via: dict[str, str] = {}  # the balancer, behind a PROXY header
         self.paused = False
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
@@ -256,6 +261,7 @@ class TlsLayer(asyncio.Protocol):
         self.raw = raw
         gate = self.gate
         self.peer, self.address = peer_of(raw)
+        self.via = via_of(raw)
         if gate.screen is not None and not gate.screen(raw, self.peer, self.address):
             self._drop()
             return
@@ -264,7 +270,7 @@ class TlsLayer(asyncio.Protocol):
             self._drop()
             return
         if not self._make_room(tls):
-            gate.refused("too_many_handshakes", self.peer, self.address,
+            gate.refused("too_many_handshakes", self.peer, self.address, **self.via,
                          max_handshakes=tls.max_handshakes)
             self._drop()
             return
@@ -298,7 +304,7 @@ class TlsLayer(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inner is None and self.sslobj is not None and self.raw is not None:
             # Reset (or gone) in the middle of its handshake.
-            self.gate.refused("closed_in_handshake", self.peer, self.address,
+            self.gate.refused("closed_in_handshake", self.peer, self.address, **self.via,
                               detail=str(exc) if exc else "connection lost")
         self._end_handshake()
         self.raw = None
@@ -369,7 +375,7 @@ class TlsLayer(asyncio.Protocol):
         refused = gate.counters.refused
         refused["too_many_handshakes"] = refused.get("too_many_handshakes", 0) + 1
         gate.quiet.warning("tls_handshake_evicted", listener=gate.stats.name, peer=self.peer,
-                           age=round(time.monotonic() - self._started, 3),
+                           **self.via, age=round(time.monotonic() - self._started, 3),
                            max_handshakes=max_handshakes,
                            reason="tls.max_handshakes reached: the oldest handshake of the "
                                   "address holding the most makes room",
@@ -384,7 +390,7 @@ class TlsLayer(asyncio.Protocol):
                          handshake_timeout=self.gate.server_tls.handshake_timeout)
 
     def _refuse(self, reason: str, **fields: Any) -> None:
-        self.gate.refused(reason, self.peer, self.address, **fields)
+        self.gate.refused(reason, self.peer, self.address, **self.via, **fields)
         self._end_handshake()
         self._drop(flush=reason in ("no_certificate", "untrusted", "protocol_error"))
 
@@ -429,7 +435,7 @@ class TlsLayer(asyncio.Protocol):
             except ssl.SSLError as exc:
                 # Rate-limited: without client certificates anyone can get this far.
                 self.gate.quiet.warning("tls_error", listener=self.gate.stats.name,
-                                        peer=self.peer, error=_detail(exc),
+                                        peer=self.peer, **self.via, error=_detail(exc),
                                         action="connection closed")
                 self._deliver(chunks)
                 self.abort()
@@ -468,7 +474,7 @@ class TlsLayer(asyncio.Protocol):
             self.sslobj.write(data)
         except ssl.SSLError as exc:
             self.gate.quiet.warning("tls_error", listener=self.gate.stats.name,
-                                    peer=self.peer, error=_detail(exc),
+                                    peer=self.peer, **self.via, error=_detail(exc),
                                     action="connection closed")
             self.abort()
             return
@@ -518,6 +524,11 @@ class TlsLayer(asyncio.Protocol):
             return
         self._close_notify()
         raw.close()
+
+    def dismiss(self) -> None:
+        """The PROXY layer below closes the connection for its own reason (a header from an
+        address not in listen.proxy_protocol), counted there: no refusal of ours."""
+        self.abort()
 
     def abort(self) -> None:
         self._end_handshake()

@@ -1,4 +1,9 @@
-"""UDP syslog source: one message per datagram, dropped (and counted) under backpressure."""
+"""UDP syslog source: one message per datagram, dropped (and counted) under backpressure.
+
+Each sender address has its `Inlet` (its reader, where its events go, whether they must
+wait), made at its first datagram and kept in a bounded cache: an inlet follows a reload of
+the routes by itself, so the cache is never invalidated, only cleared when full. A datagram
+whose inlet is held (its intake's delivery lags) is dropped, counted as udp_dropped."""
 
 from __future__ import annotations
 
@@ -11,39 +16,56 @@ from ..config import ListenConfig, Settings
 from ..ingest import DATAGRAM
 from ..observability import counters
 from ..observability.counters import ListenerCounters
-from .base import SourceContext, listener_name, split_hostport
+from ..routing import Origin
+from .base import Inlet, SourceContext, listener_name, split_hostport
 from .guard import Allow
 from .udp_drops import kernel_drops, socket_inode
 
 RMEM_MAX = "/proc/sys/net/core/rmem_max"
+# Sender addresses whose inlet is kept; past it the cache is cleared (spoofed sources must
+# not grow it without end; a sender seen again just gets a new inlet).
+INLETS_MAX = 4096
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, source: UdpSource) -> None:
         self.ctx = source.ctx
-        self.reader = self.ctx.reader(DATAGRAM)
         self.stats = source.stats
         self.framing = source.stats.framing(counters.DATAGRAM)
         self.source = source
+        self.inlets: dict[str, Inlet] = {}
+
+    def inlet(self, host: str) -> Inlet:
+        """The inlet of the sender `host`: cached, made at its first datagram."""
+        inlet = self.inlets.get(host)
+        if inlet is None:
+            if len(self.inlets) >= INLETS_MAX:
+                self.inlets.clear()
+            src = self.source
+            origin = Origin(listener=self.stats.name, address=src.address, source=host)
+            inlet = self.inlets[host] = self.ctx.inlet(origin, DATAGRAM)
+        return inlet
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         ctx = self.ctx
         c = self.stats
-        if not self.source.allow.permits(str(addr[0])):
+        host = str(addr[0])
+        if not self.source.allow.permits(host):
             c.access_denied += 1
             ctx.quiet.warning("datagram_denied", listener=c.name, peer=f"{addr[0]}:{addr[1]}",
                               reason="not in listen.allow")
             return
         c.received_bytes += len(data)
-        if ctx.pressure.on:
+        inlet = self.inlet(host)
+        if inlet.held:
             # A datagram cannot be held back: dropping it is the only bounded choice, and
             # it is counted so the loss is visible.
             c.udp_dropped += 1
             return
-        result = self.reader.feed(data, ctx.sink.received_at())
+        result = inlet.reader.feed(data, inlet.received_at())
         c.oversized_frames += result.oversized
         self.framing.frames += result.frames
-        ctx.sink.take(result)
+        inlet.take(result)
 
     def error_received(self, exc: Exception) -> None:
         self.ctx.log.warning("udp_error", error=str(exc))
