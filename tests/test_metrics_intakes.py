@@ -4,16 +4,22 @@ intake's totals kept after it is gone, unrouted events, the PROXY protocol count
 listener, and how a labelled gauge's values fold into the flat and per-intake snapshots.
 
 In-process, on a Registry written to by hand: the exposition parsed by prometheus-client's
-own parser, so it is valid text format with one label set per metric name."""
+own parser, so it is valid text format with one label set per metric name; then once on a real
+daemon with two intakes, a drop route and an event no route takes."""
 
 from __future__ import annotations
 
-from typing import get_args
+from pathlib import Path
+from typing import Any, get_args
 
 import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.daemon import Daemon, base_config
+from devtools.probe import wait_until
+from devtools.toml import toml_value
+from devtools.traffic import octet_counted, send_tcp, traditional
 from haproxy_forwarder import config, routing
 from haproxy_forwarder.observability.accounting import balance, balance_by_intake
 from haproxy_forwarder.observability.counters import (
@@ -27,6 +33,9 @@ from haproxy_forwarder.observability.counters import (
     Registry,
 )
 from haproxy_forwarder.observability.prometheus import INTAKE_FAMILIES, metrics_registry
+from tests.conftest import intake_section
+from tests.fake_intake import VALID_KEY, FakeIntake
+from tests.test_metrics import http_get
 
 P = "haproxy_forwarder_"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -322,3 +331,71 @@ def test_every_scalar_is_exported_once() -> None:
     _, label_sets = scrape(two_intakes())
     for name in SCALAR_FIELDS:
         assert P + name in label_sets, name
+
+
+# -- the real daemon with two intakes ------------------------------------------------------------
+
+
+def _with_intakes(d: Daemon, intakes: dict[str, dict[str, Any]],
+                  routes: list[dict[str, Any]]) -> None:
+    """Append [intakes.NAME] tables and [[routes]] to the config `d` will start with (the
+    devtools TOML writer knows one level of tables)."""
+    lines: list[str] = []
+    for name, section in intakes.items():
+        lines.append(f"\n[intakes.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in section.items()]
+    for route in routes:
+        lines.append("\n[[routes]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in route.items()]
+    with d.config_path.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_a_daemon_with_two_intakes_labels_each_and_counts_the_unrouted(tmp_path: Path) -> None:
+    other_key = "b" * 36
+    with FakeIntake() as siem, FakeIntake(key=other_key) as archive:
+        d = Daemon(tmp_path, base_config(
+            tmp_path, filter={"programs": ["haproxy", "hapee", "nginx", "sshd"]}))
+        _with_intakes(d, {"siem": intake_section(siem),
+                          "archive": intake_section(archive, key=other_key)},
+                      [{"program": "haproxy", "intake": "siem"},
+                       {"program": "nginx", "intake": "archive"},
+                       {"program": "sshd", "drop": True}])  # hapee: no route
+        with d:
+            frames = ([traditional("haproxy", f"h{i}") for i in range(3)]
+                      + [traditional("nginx", "n"), traditional("sshd", "s1"),
+                         traditional("sshd", "s2"), traditional("hapee", "x")])
+            send_tcp(d.tcp_port, octet_counted(frames))
+            assert siem.wait_for(3, 15) and archive.wait_for(1, 15)
+
+            def settled() -> bool:
+                m = parse_body(d)
+                return (value(m, "delivered_events_total", intake="archive") == 1
+                        and value(m, "unrouted_events_total", reason="no_route") == 1)
+
+            assert wait_until(settled, 15)
+            status, _, body = http_get(d.status_port, "/metrics")
+            assert status == 200
+            # The intakes' names label their series, never their keys.
+            assert VALID_KEY.encode() not in body and other_key.encode() not in body
+            m = parse_body(d)
+            assert value(m, "accepted_events_total", intake="siem") == 3
+            assert value(m, "accepted_events_total", intake="archive") == 1
+            assert value(m, "delivered_events_total", intake="siem") == 3
+            assert value(m, "intake_requests_total", intake="archive", status_class="2xx") >= 1
+            assert value(m, "unrouted_events_total", reason="drop") == 2
+            assert value(m, "unrouted_events_total", reason="no_route") == 1
+            assert {dict(k).get("intake") for k in series(m, "delivered_events_total")} == {
+                "siem", "archive"}
+            stats = d.wait_log("stats", timeout=5)
+            assert stats["accepted_events"] == 4 and stats["unrouted_events"] == 3
+            assert stats["received_frames"] == 7
+            assert stats["events_unaccounted"] == 0
+            assert d.stop() == 0
+
+
+def parse_body(d: Daemon) -> Samples:
+    status, _, body = http_get(d.status_port, "/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
