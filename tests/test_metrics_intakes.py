@@ -26,8 +26,10 @@ from haproxy_forwarder.observability.counters import (
     DEFAULT_INTAKE,
     DROP_REASONS,
     DURATION_BUCKETS,
+    GLOBAL_FIELDS,
     INTAKE_FIELDS,
     SCALAR_FIELDS,
+    SHARED_FIELDS,
     UNROUTED_REASONS,
     ListenerCounters,
     Registry,
@@ -327,10 +329,13 @@ def test_the_identity_per_intake_and_in_total() -> None:
     assert by_intake["b"]["events_unaccounted"] == 1
 
 
-def test_every_scalar_is_exported_once() -> None:
+def test_every_scalar_is_exported_once_and_said_per_intake_or_not() -> None:
     _, label_sets = scrape(two_intakes())
     for name in SCALAR_FIELDS:
         assert P + name in label_sets, name
+    # A counter added later must be put in one of the three (per intake, global, either).
+    kinds = (INTAKE_FIELDS, GLOBAL_FIELDS, SHARED_FIELDS)
+    assert sorted(f for kind in kinds for f in kind) == sorted(SCALAR_FIELDS)
 
 
 # -- the real daemon with two intakes ------------------------------------------------------------

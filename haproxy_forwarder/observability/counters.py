@@ -302,6 +302,8 @@ INTAKE_FIELDS: tuple[str, ...] = (
 # Written by the global side only: not in an intake's flat snapshot (`intake_snapshot`).
 GLOBAL_FIELDS: tuple[str, ...] = ("reloads", "reload_failures", "accept_errors",
                                   "unrouted_events")
+# Written by either side: exported as the total, and in an intake's flat snapshot its own.
+SHARED_FIELDS: tuple[str, ...] = ("filtered_out", "invalid_timestamps")
 
 
 def holds_intake_counts(c: Counters) -> bool:
@@ -428,9 +430,8 @@ class Registry:
         parts = self.intake_parts().get(name, [])
         own = self.intakes.get(name)
         out: dict[str, float] = {f: sum(getattr(c, f) for c in parts) for f in INTAKE_FIELDS}
-        for f in SCALAR_FIELDS:
-            if f not in INTAKE_FIELDS and f not in GLOBAL_FIELDS:
-                out[f] = getattr(own, f) if own is not None else 0
+        for f in SHARED_FIELDS:
+            out[f] = getattr(own, f) if own is not None else 0
         for c in parts:
             for k, v in c.spool.snapshot().items():
                 out[k] = out.get(k, 0) + v
