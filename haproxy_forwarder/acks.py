@@ -102,3 +102,24 @@ def release_all(acks: list[Waiter] | None) -> None:
 def lose_all(acks: list[Waiter] | None) -> None:
     for w in acks or ():
         w.lose()
+
+
+def split(ack: Ack, n: int) -> list[Ack]:
+    """`n` acknowledgements standing for `ack`: its `durable` once all `n` are, its `lost`
+    (once) as soon as one is. For a take whose events go to several intakes."""
+    left = [n]
+    done = [False]
+
+    def one_durable() -> None:
+        left[0] -= 1
+        if left[0] == 0 and not done[0]:
+            done[0] = True
+            ack.durable()
+
+    def one_lost() -> None:
+        if not done[0]:
+            done[0] = True
+            if ack.lost is not None:
+                ack.lost()
+
+    return [Ack(one_durable, one_lost) for _ in range(n)]

@@ -11,9 +11,9 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from .collector import Collector
 from .config import Settings
-from .delivery import Delivery
+from .dispatch import Routes
+from .intakes import IntakeSet
 from .observability.accounting import stats_fields
 from .observability.counters import Registry
 from .observability.descriptors import loop_error_handler
@@ -22,7 +22,6 @@ from .observability.status import StatusServer
 from .reload import reload as reload_config
 from .sources import ListenError, ListenerSet, split_hostport
 from .sources.listeners import bind_problem, wanted
-from .spool import Spool
 from .systemd import Notifier, keep_status, keep_watchdog
 
 # Longest wait at shutdown (and for a listener a reload removes) for TCP senders to close
@@ -33,16 +32,15 @@ STATUS_INTERVAL = 5.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, log: Any, registry: Registry, spool: Spool | None,
-                 delivery: Delivery, collector: Collector, listeners: ListenerSet, *,
+    def __init__(self, settings: Settings, log: Any, registry: Registry, intakes: IntakeSet,
+                 routes: Routes, listeners: ListenerSet, *,
                  loader: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
         self.log = log
         self.registry = registry
         self.counters = registry.counters
-        self.spool = spool
-        self.delivery = delivery
-        self.collector = collector
+        self.intakes = intakes
+        self.routes = routes
         self.listeners = listeners
         self.loader = loader
         self._stop = asyncio.Event()
@@ -50,10 +48,9 @@ class Daemon:
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
         self.health = Health(
-            delivery, listeners, self.counters,
+            intakes, listeners, registry,
             stall_after=lambda: self.settings.status.stall_after,
-            spooled_events=lambda: int(spool.stats()["events"]) if spool is not None else None,
-            stopping=self._stop.is_set)
+            stopping=self._stop.is_set, spool=not settings.dry_run)
         self.status = (
             StatusServer(*split_hostport(settings.status.listen), registry,
                          self.health.health, log, ready=self.health.ready)
@@ -68,7 +65,8 @@ class Daemon:
         """Delivery first, then every listener (all bound or none: ListenError), then the
         status endpoint; then systemd is told."""
         s = self.settings
-        self.delivery.start()
+        for pipe in self.intakes:
+            pipe.start(s)
         opened = await self.listeners.open(self.listeners.build(wanted(s), s))
         self.listeners.add(listener for listener, _, _ in opened)
         bound: list[str] = []
@@ -87,20 +85,26 @@ class Daemon:
             self.log.info("listening", proto="http", host=host, port=port,
                           paths=["/metrics", "/healthz", "/readyz"])
             bound.append(f"http://{host}:{port}")
-        if s.intake.insecure_skip_verify and not s.intake.dry_run:
-            self.log.warning("intake_tls_verification_disabled",
-                             reason="intake.insecure_skip_verify = true",
-                             risk="the intake's certificate is not checked: the key and events "
-                                  "can be read on the path",
-                             hint="remove it; use intake.ca_file for a private CA")
+        table = s.intake_table
+        for name, cfg in table.items():
+            if cfg.insecure_skip_verify and not s.dry_run:
+                self.log.warning("intake_tls_verification_disabled", intake=name,
+                                 reason="insecure_skip_verify = true",
+                                 risk="the intake's certificate is not checked: the key and "
+                                      "events can be read on the path",
+                                 hint="remove it; use ca_file for a private CA")
+        urls = {name: "dry-run (stdout)" if s.dry_run else cfg.endpoint_url
+                for name, cfg in table.items()}
+        first = next(iter(table.values()))
         self.log.info(
             "started", **self.registry.info, listen=bound,
-            intake=("dry-run (stdout)" if s.intake.dry_run else s.intake.endpoint_url),
-            endpoint=s.intake.endpoint, gzip=s.intake.gzip, programs=s.filter.programs,
+            intake=next(iter(urls.values())) if len(urls) == 1 else urls,
+            endpoint=first.endpoint, gzip=first.gzip, programs=s.filter.programs,
             keep_tag=s.filter.keep_tag, batch_max_events=s.batch.max_events,
             batch_max_bytes=s.batch.max_bytes, batch_max_delay=s.batch.max_delay,
             batch_idle_flush=s.batch.idle_flush, spool_dir=str(s.spool.dir),
-            spool_mode=s.spool.mode if self.spool else "off (dry-run)",
+            spool_mode=s.spool.mode if not s.dry_run else "off (dry-run)",
+            routes=len(s.routes),
         )
         self._supervise()
 
@@ -126,6 +130,11 @@ class Daemon:
 
     def log_stats(self, name: str) -> None:
         self.log.info(name, **stats_fields(self.registry.snapshot()))
+        if len(self.registry.intakes) > 1:
+            # One more line per intake (its own counters and gauges): which one lags.
+            for intake in self.registry.intakes:
+                self.log.info(f"{name}_intake", intake=intake,
+                              **stats_fields(self.registry.intake_snapshot(intake)))
 
     def request_stop(self, signame: str) -> None:
         if not self._stop.is_set():
@@ -177,10 +186,6 @@ class Daemon:
         await self.start()
         self._started.set()
         background = [asyncio.create_task(self._stats_loop())]
-        s = self.settings
-        # Dead letters an operator re-queued (`spool replay-dead-letter`); none in dry-run.
-        self.delivery.start_requeue(s.spool.dir / "requeue", s.batch.max_events,
-                                    s.batch.max_bytes, s.status.stall_after)
         await self._stop.wait()
         for task in background:
             task.cancel()
@@ -203,22 +208,24 @@ class Daemon:
         # they close), so nothing they consider sent is reset away; RELP senders get the same
         # grace for the answers of what is becoming durable. Then flush.
         await self.listeners.drain(self.listeners, min(TCP_DRAIN_GRACE, timeout))
-        self.collector.flush()
-        in_memory = self.delivery.in_memory
-        drained = await self.delivery.drain(timeout)
-        spooled, lost = await self.delivery.stop()
-        if self.spool is not None:
-            self.spool.close()
-        if spooled or lost or not drained:
-            self.log.warning(
-                "shutdown_incomplete",
-                reason=f"not delivered within shutdown_timeout={timeout}s",
-                spooled_events=spooled, dropped_events=lost,
-                in_memory_batches_at_stop=in_memory,
-                hint="spooled events are delivered at the next start",
-            )
-        if lost:
-            self.log.error("shutdown_dropped", events=lost)
+        await self.intakes.stop_retiring()
+        pipes = list(self.intakes)
+        in_memory = [p.delivery.in_memory for p in pipes]
+        # Every intake drains at once, within the one shutdown_timeout.
+        drained = await asyncio.gather(*(p.drain(timeout) for p in pipes))
+        stopped = await asyncio.gather(*(p.stop() for p in pipes))
+        for pipe, ok, (spooled, lost), held in zip(pipes, drained, stopped, in_memory,
+                                                   strict=True):
+            if spooled or lost or not ok:
+                pipe.log.warning(
+                    "shutdown_incomplete",
+                    reason=f"not delivered within shutdown_timeout={timeout}s",
+                    spooled_events=spooled, dropped_events=lost,
+                    in_memory_batches_at_stop=held,
+                    hint="spooled events are delivered at the next start",
+                )
+            if lost:
+                pipe.log.error("shutdown_dropped", events=lost)
         if self.status is not None:
             await self.status.stop()
         self.log_stats("stopped")

@@ -165,13 +165,22 @@ def _implementation_ok(log: Any) -> bool:
 
 
 def _check_config(settings: Settings) -> int:
-    from .configcheck import risky_settings
+    from .configcheck import risky_settings, route_table_lines, route_warnings
 
     sys.stdout.write(orjson.dumps(settings.redacted(), option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write("\n")
-    if settings.intake.key is None and not settings.intake.dry_run:
-        sys.stderr.write("warning: intake.key is not set: `run` will refuse to start\n")
+    try:
+        settings.require_key()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            sys.stderr.write(f"warning: {problem.split(': ', 1)[0]} is not set: `run` will "
+                             "refuse to start\n")
     for line in risky_settings(settings):
+        sys.stderr.write(f"warning: {line}\n")
+    # stdout is the effective config as JSON (scripts parse it): the table goes to stderr.
+    for line in route_table_lines(settings):
+        sys.stderr.write(f"{line}\n")
+    for line in route_warnings(settings):
         sys.stderr.write(f"warning: {line}\n")
     return EXIT_OK
 

@@ -612,7 +612,7 @@ def config_path(cli_value: str | None) -> tuple[Path, bool]:
 def _format_error(err: Any) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "config"
     msg = str(err["msg"]).removeprefix("Value error, ")
-    if not err["loc"] and re.match(r"[a-z_]+(\.[a-z_]+[ :]|: |\.[^ ]+: )", msg):
+    if not err["loc"] and re.match(r"[a-z_]+(\[\d+\])?(\.[a-z_]+[ :]|: |\.[^ ]+: )", msg):
         # A check across sections names its setting itself ("tls.cert_file: ...", one line
         # per problem: "routes[2]: ...", "intakes.eu-1: ...").
         return msg

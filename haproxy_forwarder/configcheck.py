@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from .config import Settings
+from .config import IntakeConfig, Settings
 from .routing import describe
 
 
@@ -24,33 +24,41 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may well resolve to a public address
 
 
-def risky_settings(settings: Settings) -> list[str]:
-    """One line per risky setting, in config-file order; empty for the defaults."""
+def _risky_intake(p: str, intake: IntakeConfig) -> list[str]:
+    """The risky settings of one intake; `p` is how the config names it ("intake",
+    "intakes.eu")."""
     out: list[str] = []
-    intake = settings.intake
     if intake.dry_run:
-        out.append("intake.dry_run = true: `run` prints events on stdout and sends nothing to "
+        out.append(f"{p}.dry_run = true: `run` prints events on stdout and sends nothing to "
                    "the intake (no spool either); set it to false to forward")
     if intake.url.startswith("http://"):
         # config.py only lets plain HTTP through to a loopback address.
-        out.append(f"intake.url = {intake.url} is plain HTTP: the key and events travel "
+        out.append(f"{p}.url = {intake.url} is plain HTTP: the key and events travel "
                    "unencrypted to that local port; make sure what listens there forwards "
                    "them over TLS")
     if intake.ca_file is not None:
-        out.append(f"intake.ca_file = {intake.ca_file}: any certificate this CA signs is "
+        out.append(f"{p}.ca_file = {intake.ca_file}: any certificate this CA signs is "
                    "trusted as the intake (besides the system CAs); keep it only for a "
                    "TLS-inspecting proxy you run, and protect the file")
     if intake.insecure_skip_verify:
-        out.append("intake.insecure_skip_verify = true: the intake's certificate is not checked, "
-                   "so anyone on the path can read the key and the events; use intake.ca_file "
+        out.append(f"{p}.insecure_skip_verify = true: the intake's certificate is not checked, "
+                   f"so anyone on the path can read the key and the events; use {p}.ca_file "
                    "for a private CA instead")
     if intake.concurrency > 1 and intake.endpoint != "array":
         # With `array` every event carries its own time, so Sekoia's timeline is right whatever
         # the order of arrival; the other endpoints are stamped as they arrive.
-        out.append(f"intake.concurrency = {intake.concurrency} with endpoint "
+        out.append(f"{p}.concurrency = {intake.concurrency} with endpoint "
                    f"\"{intake.endpoint}\": batches, even from one connection, may reach the "
                    "intake out of order and these events carry no timestamp of their own; set "
-                   "intake.concurrency = 1 or endpoint = \"array\"")
+                   f"{p}.concurrency = 1 or endpoint = \"array\"")
+    return out
+
+
+def risky_settings(settings: Settings) -> list[str]:
+    """One line per risky setting, in config-file order; empty for the defaults."""
+    out: list[str] = []
+    for name, intake in settings.intake_table.items():
+        out += _risky_intake("intake" if not settings.intakes else f"intakes.{name}", intake)
     if settings.spool.when_full == "drop_oldest":
         out.append("spool.when_full = \"drop_oldest\": a full spool deletes its oldest events "
                    "(counted in spool_dropped_events, logged spool_full_dropped_oldest); "

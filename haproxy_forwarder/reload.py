@@ -20,11 +20,13 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from .collector import Collector
-from .config import ConfigError, Settings
-from .delivery import Backoff, Delivery
+from .config import ConfigError, IntakeConfig, Settings
+from .delivery import Backoff
+from .dispatch import Routes
+from .intakes import IntakeSet, Pipeline
 from .observability import logs
 from .observability.counters import Counters
+from .routing import Table
 from .sinks import Sink, make_sink
 from .sources import Listener, ListenError, ListenerSet
 from .sources.listeners import KINDS, Key, diff
@@ -33,12 +35,13 @@ from .tlscontext import ServerTls, TlsFileError, build_context
 # Settings applied live, each by the part of the daemon that owns it. Anything else that
 # changes (spool.*, status.listen, log.level, a setting added later and not listed here) is
 # kept as it runs, with a warning that a restart is needed: never silently claimed applied.
-SINK = frozenset(f"intake.{k}" for k in (
-    "url", "region", "key", "key_file", "endpoint", "gzip", "ca_file", "insecure_skip_verify",
-    "proxy", "timeout", "concurrency"))
+# An intake's own settings are by field name ([intake] or [intakes.NAME] alike).
+SINK_FIELDS = frozenset({"url", "region", "key", "key_file", "endpoint", "gzip", "ca_file",
+                         "insecure_skip_verify", "proxy", "timeout", "concurrency"})
+BACKOFF_FIELDS = frozenset({"retry_max", "auth_retry"})
+INTAKE_LIVE = SINK_FIELDS | BACKOFF_FIELDS
 FILTER = frozenset({"filter.programs", "filter.keep_tag"})
 BATCH = frozenset(f"batch.{k}" for k in ("max_events", "max_bytes", "max_delay", "idle_flush"))
-BACKOFF = frozenset({"intake.retry_max", "intake.auth_retry"})
 IN_FLIGHT = frozenset({"batch.max_in_flight"})
 LISTENERS = frozenset(f"listen.{kind}" for kind in KINDS)
 # Applied to the RELP sessions open, too (a narrower window pauses them sooner).
@@ -48,11 +51,12 @@ TLS = frozenset(f"tls.{k}" for k in ("cert_file", "key_file", "min_version", "cl
                                      "allowed_names", "handshake_timeout", "max_handshakes"))
 TCP_LIMITS = frozenset(f"listen.{k}" for k in (
     "max_connections", "evict_idle_after", "idle_timeout", "max_connections_per_address",
-    "max_buffered_bytes", "allow"))
+    "max_buffered_bytes", "allow", "proxy_protocol"))
 # Read from the settings each time they are used: replacing the settings applies them.
 READ_LIVE = frozenset({"status.stall_after", "log.stats_interval", "shutdown_timeout"})
-LIVE = SINK | FILTER | BATCH | BACKOFF | IN_FLIGHT | LISTENERS | TCP_LIMITS | READ_LIVE | TLS
-LIVE |= RELP
+# The route table: applied from each connection's next chunk (dispatch.py).
+ROUTES = frozenset({"routes"})
+LIVE = FILTER | BATCH | IN_FLIGHT | LISTENERS | TCP_LIMITS | READ_LIVE | TLS | RELP | ROUTES
 
 _T = TypeVar("_T")
 
@@ -63,23 +67,34 @@ LOAD_TIMEOUT = 10.0
 
 
 def flatten(settings: Settings) -> dict[str, Any]:
-    """Dotted name -> plain value (JSON-like), the key masked."""
+    """Dotted name -> plain value (JSON-like), keys masked; the intakes apart (intake_fields)."""
     out: dict[str, Any] = {}
     for name, value in settings.model_dump(mode="json").items():
+        if name in ("intake", "intakes"):
+            continue
         if isinstance(value, dict):
             out.update({f"{name}.{k}": v for k, v in value.items()})
         else:
             out[name] = value
-    if settings.intake.key is not None:
-        out["intake.key"] = logs.MASK
     return out
 
 
-def _keys_differ(old: Settings, new: Settings) -> bool:
-    a, b = old.intake.key, new.intake.key
-    return (a is None) != (b is None) or (
-        a is not None and b is not None and a.get_secret_value() != b.get_secret_value()
-    )
+def intake_prefix(old: Settings, new: Settings, name: str) -> str:
+    """How a reload names an intake's settings: "intake" while both configs have a single
+    [intake] (as before several intakes), else "intakes.NAME"."""
+    return "intake" if not old.intakes and not new.intakes else f"intakes.{name}"
+
+
+def intake_changes(old: IntakeConfig, new: IntakeConfig) -> dict[str, tuple[Any, Any]]:
+    """Field -> (old, new) of one intake, the key masked (a new key shows as a change)."""
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    out = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    ka, kb = old.key, new.key
+    if (ka is None) != (kb is None) or (
+            ka is not None and kb is not None
+            and ka.get_secret_value() != kb.get_secret_value()):
+        out["key"] = (logs.MASK if ka is not None else None, logs.MASK if kb is not None else None)
+    return out
 
 
 @dataclass(frozen=True)
@@ -93,17 +108,22 @@ class Plan:
     # Listeners as (kind, address): a multiset, an address listed twice is two listeners.
     listeners_add: list[Key] = field(default_factory=list)
     listeners_remove: list[Key] = field(default_factory=list)
+    # Intakes by name: new ones, removed ones, and the live fields changed of the others.
+    intakes_add: list[str] = field(default_factory=list)
+    intakes_remove: list[str] = field(default_factory=list)
+    intakes_changed: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def touches(self, names: Iterable[str]) -> bool:
         return any(n in self.changes for n in names)
 
-    @property
-    def sink(self) -> bool:
-        return self.touches(SINK)
+    def sink(self, intake: str) -> bool:
+        return bool(self.intakes_changed.get(intake, frozenset()) & SINK_FIELDS)
 
-    @property
-    def workers(self) -> bool:
-        return "intake.concurrency" in self.changes
+    def workers(self, intake: str) -> bool:
+        return "concurrency" in self.intakes_changed.get(intake, frozenset())
+
+    def backoff(self, intake: str) -> bool:
+        return bool(self.intakes_changed.get(intake, frozenset()) & BACKOFF_FIELDS)
 
     @property
     def filter(self) -> bool:
@@ -114,26 +134,33 @@ class Plan:
         return self.touches(BATCH)
 
     @property
-    def backoff(self) -> bool:
-        return self.touches(BACKOFF)
-
-    @property
     def in_flight(self) -> bool:
         return self.touches(IN_FLIGHT)
 
+    @property
+    def routes(self) -> bool:
+        return bool(self.touches(ROUTES) or self.intakes_add or self.intakes_remove)
 
 
-def _keep_running(new: Settings, old: Settings, names: Iterable[str]) -> Settings:
-    """`new` with the settings `names` put back to their values in `old`."""
+def _keep_running(new: Settings, old: Settings, names: Iterable[str],
+                  intakes: dict[str, IntakeConfig]) -> Settings:
+    """`new` with the settings `names` put back to their values in `old`, and its intakes
+    as `intakes` (their restart-only fields at their running values)."""
     sections: dict[str, BaseModel] = {}
     top: dict[str, Any] = {}
     for name in names:
         section, _, key = name.partition(".")
+        if section in ("intake", "intakes"):
+            continue
         if not key:
             top[section] = getattr(old, section)
             continue
         current = sections.get(section, getattr(new, section))
         sections[section] = current.model_copy(update={key: getattr(getattr(old, section), key)})
+    if new.intakes:
+        top["intakes"] = intakes
+    elif intakes:
+        top["intake"] = next(iter(intakes.values()))
     return new.model_copy(update={**sections, **top})
 
 
@@ -145,13 +172,33 @@ def make_plan(old: Settings, new: Settings) -> Plan:
         for name in sorted(before.keys() | after.keys())
         if before.get(name) != after.get(name)
     }
-    if _keys_differ(old, new):
-        changed["intake.key"] = (before.get("intake.key"), after.get("intake.key"))
     live = {n: v for n, v in changed.items() if n in LIVE}
     restart = {n: v for n, v in changed.items() if n not in LIVE}
+    old_t, new_t = old.intake_table, new.intake_table
+    kept: dict[str, IntakeConfig] = {}
+    intakes_changed: dict[str, frozenset[str]] = {}
+    for name, cfg in new_t.items():
+        if name not in old_t:
+            live[f"intakes.{name}"] = (None, "added")
+            kept[name] = cfg
+            continue
+        prefix = intake_prefix(old, new, name)
+        diffs = intake_changes(old_t[name], cfg)
+        now = {k for k in diffs if k in INTAKE_LIVE}
+        later = {k: getattr(old_t[name], k) for k in diffs if k not in INTAKE_LIVE}
+        for k, v in diffs.items():
+            (live if k in INTAKE_LIVE else restart)[f"{prefix}.{k}"] = v
+        if now:
+            intakes_changed[name] = frozenset(now)
+        kept[name] = cfg.model_copy(update=later) if later else cfg
+    removed = [name for name in old_t if name not in new_t]
+    for name in removed:
+        live[f"intakes.{name}"] = ("running", "removed")
     add, remove = diff(old, new)
-    return Plan(effective=_keep_running(new, old, restart), changes=live, restart=restart,
-                listeners_add=add, listeners_remove=remove)
+    return Plan(effective=_keep_running(new, old, restart, kept), changes=live,
+                restart=restart, listeners_add=add, listeners_remove=remove,
+                intakes_add=[n for n in new_t if n not in old_t], intakes_remove=removed,
+                intakes_changed=intakes_changed)
 
 
 # -- applying it to a running daemon --------------------------------------------------------
@@ -165,8 +212,8 @@ class Target(Protocol):
 
     log: Any
     counters: Counters
-    delivery: Delivery
-    collector: Collector
+    intakes: IntakeSet
+    routes: Routes
     listeners: ListenerSet
 
 
@@ -180,7 +227,9 @@ class Refused(Exception):
 
 @dataclass
 class _Prepared:
-    sink: Sink | None = None
+    sinks: dict[str, Sink] = field(default_factory=dict)  # new clients of changed intakes
+    pipelines: list[Pipeline] = field(default_factory=list)  # added intakes, not started
+    revived: list[str] = field(default_factory=list)  # added back while still draining
     opened: list[tuple[Listener, str, int]] = field(default_factory=list)  # bound, not members
     tls_context: ssl.SSLContext | None = None
     tls_before: ServerTls | None = None  # put back if the reload is refused after all
@@ -190,8 +239,12 @@ class _Prepared:
         await listeners.drain([listener for listener, _, _ in self.opened], 0.0)
         if self.tls_before is not None:
             listeners.restore_tls(self.tls_before)
-        if self.sink is not None:
-            await self.sink.aclose()
+        for sink in self.sinks.values():
+            await sink.aclose()
+        for pipe in self.pipelines:
+            await pipe.delivery.sink.aclose()
+            if pipe.spool is not None:
+                pipe.spool.close()
 
 
 async def off_loop(fn: Callable[[], _T], timeout: float) -> _T:
@@ -242,10 +295,10 @@ def load_new(loader: Callable[[], Settings] | None) -> Settings:
         raise Refused(exc.problems) from None
     except Exception as exc:  # the loader's own bug must not pass for a config problem
         raise Refused([f"config: cannot be read: {type(exc).__name__}: {exc}"]) from None
-    if new.intake.key is not None:
+    for key in new.intake_keys():
         # Before anything logs: a new key is masked like the old one (the CLI's loader does
         # it too; a reload must not depend on that).
-        logs.add_secret(new.intake.key.get_secret_value())
+        logs.add_secret(key)
     return new
 
 
@@ -264,12 +317,24 @@ async def _prepare(target: Target, plan: Plan) -> _Prepared:
             done.tls_context = build_context(s.tls)
         except TlsFileError as exc:
             raise Refused([str(exc)]) from None
-    # The client first: a listener bound and then undone could have taken a connection.
-    if plan.sink:
+    # The clients and intakes first: a listener bound and then undone could have taken a
+    # connection.
+    table = s.intake_table
+    for name in plan.intakes_changed:
+        if plan.sink(name):
+            try:
+                done.sinks[name] = make_sink(table[name])
+            except Exception as exc:  # whatever the new client refuses (a CA file not PEM...)
+                where = intake_prefix(target.settings, s, name)
+                problems.append(logs.redact(f"{where}: cannot build the client: {exc}"))
+    for name in plan.intakes_add:
+        if name in target.intakes.retired and not target.intakes.retired[name].closing:
+            done.revived.append(name)  # still draining: the same pipeline, live again
+            continue
         try:
-            done.sink = make_sink(s.intake)
-        except Exception as exc:  # whatever the new client refuses (a CA file not PEM...)
-            problems.append(logs.redact(f"intake: cannot build the client: {exc}"))
+            done.pipelines.append(target.intakes.build(s, name))
+        except Exception as exc:  # its spool cannot be opened, its client not built...
+            problems.append(logs.redact(f"intakes.{name}: cannot be started: {exc}"))
     listeners = target.listeners
     if done.tls_context is not None:
         # The listeners added below must handshake with the new files from their first peer.
@@ -290,18 +355,39 @@ def _commit(target: Target, plan: Plan, ready: _Prepared,
     `adopt` makes the effective settings the daemon's. Returns the listeners removed, for the
     caller to drain."""
     s = plan.effective
-    if plan.batch:
-        target.collector.reconfigure(s.batch)
-    d = target.delivery
-    if plan.in_flight:
-        d.set_max_in_flight(s.batch.max_in_flight)
-    if plan.backoff:
-        d.set_backoff(Backoff(s.intake.retry_max, s.intake.auth_retry))
-    if ready.sink is not None:
-        # Requests on the wire finish on the old client; retries and new batches use this one.
-        d.replace_sink(ready.sink)
-    if plan.workers:
-        d.set_workers(s.intake.concurrency)
+    intakes = target.intakes
+    for name in plan.intakes_remove:
+        intakes.retire(name, s)
+    for name in ready.revived:
+        if intakes.revive(name) is None:  # it closed meanwhile: a new one, next reload
+            target.log.warning("intake_not_revived", intake=name,
+                               reason="it finished closing during this reload",
+                               action="send SIGHUP again to start it")
+    table = s.intake_table
+    for pipe in intakes.live.values():
+        name = pipe.name
+        if plan.batch:
+            pipe.collector.reconfigure(s.batch)
+        d = pipe.delivery
+        if plan.in_flight:
+            d.set_max_in_flight(s.batch.max_in_flight)
+        cfg = table.get(name)
+        if cfg is None:
+            continue
+        pipe.config = cfg
+        if plan.backoff(name):
+            d.set_backoff(Backoff(cfg.retry_max, cfg.auth_retry))
+        sink = ready.sinks.get(name)
+        if sink is not None:
+            # Requests on the wire finish on the old client; retries and new batches use it.
+            d.replace_sink(sink)
+        if plan.workers(name):
+            d.set_workers(cfg.concurrency)
+    for pipe in ready.pipelines:
+        intakes.add(pipe)
+        pipe.start(s)
+    if plan.routes:
+        target.routes.use(Table(s.route_list))
     listeners = target.listeners
     removed = listeners.take_out(plan.listeners_remove)
     listeners.add(listener for listener, _, _ in ready.opened)

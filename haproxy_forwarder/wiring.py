@@ -1,8 +1,8 @@
 """Every component of the daemon built in dependency order, and the gauges that watch them.
 
-sources → collector (batches) → delivery (router, workers, spool writer) → sink; the spool and
-dead letters beside delivery; the registry and the status endpoint watching all of it.
-`build()` opens (and recovers) the spool and starts nothing: app.Daemon does that.
+sources → routes → per intake: collector (batches) → delivery (router, workers, spool writer)
+→ sink, its spool and dead letters beside; the registry and the status endpoint watching all
+of it. `build()` opens (and recovers) the spools and starts nothing: app.Daemon does that.
 """
 
 from __future__ import annotations
@@ -11,21 +11,18 @@ import contextlib
 import functools
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .app import Daemon
-from .batching import Batcher
 from .buildinfo import build_info
-from .collector import Collector
-from .config import Settings
-from .delivery import Backoff, Delivery
+from .config import DEFAULT_INTAKE, Settings
+from .dispatch import Routes
 from .ingest import ProgramFilter
+from .intakes import INTAKES_DIR, IntakeSet, Pipeline
 from .observability.counters import Registry
-from .sinks import make_sink
-from .sinks.deadletter import DeadLetters
+from .routing import Table
 from .sources import Backpressure, ListenerSet, SourceContext
-from .spool import Spool
 
 # Descriptors needed beside the TCP connections: listeners, spool, HTTPS, logs.
 FD_MARGIN = 64
@@ -51,120 +48,114 @@ def check_fd_limit(settings: Settings, log: Any) -> None:
         )
 
 
-def open_spool(settings: Settings, registry: Registry, log: Any) -> Spool | None:
-    """The disk spool, recovered; none in dry-run, where stdout never fails."""
-    s = settings.spool
-    if settings.intake.dry_run:
-        return None
-    spool = Spool(s.dir, max_size=s.max_size, when_full=s.when_full,
-                  segment_size=s.segment_size, counters=registry.counters.spool)
-    report = spool.open()
-    st = spool.stats()
-    fields = {**report.as_dict(), "batches": st["batches"], "events": st["events"]}
-    if report.quarantined:
-        log.error("spool_recovered_with_corruption", **fields,
-                  quarantine=str(s.dir / "quarantine"))
-    elif report.truncated:
-        log.warning("spool_recovered_torn_tail", **fields)
-    else:
-        log.info("spool_opened", **fields)
-    return spool
+def _unconfigured_spools(settings: Settings, log: Any) -> None:
+    """Spool directories of intakes the config no longer names: said at start, never read
+    (their events wait there until the intake is configured again)."""
+    root = settings.spool.dir / INTAKES_DIR
+    names = set(settings.intake_table)
+    orphans = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name not in names] \
+        if root.is_dir() else []
+    if DEFAULT_INTAKE not in names and (settings.spool.dir / "segments").is_dir():
+        orphans.insert(0, settings.spool.dir)
+    for folder in orphans:
+        log.warning("spool_of_unconfigured_intake", spool_dir=str(folder),
+                    hint="its events stay there: configure that intake again to deliver them")
 
 
-def held_events(collector: Collector, delivery: Delivery,
-                spool: Spool | None) -> dict[str, int]:
-    """The `held` term of the accounting identity (observability/accounting.py), by where."""
-    memory = len(collector.batcher.current) + sum(
-        len(e.batch) for e in delivery.router.memory_only())
-    return {"memory": memory, "spool": spool.pending_events if spool is not None else 0}
-
-
-def _spool_gauge(spool: Spool, name: str) -> float:
-    return float(spool.stats()[name])
-
-
-def _last_delivery_time(registry: Registry, delivery: Delivery) -> float:
-    """Unix time of the last accepted request; 0 before the first (last_progress starts at
-    the daemon's start, which is no delivery)."""
-    if not registry.counters.delivered_batches:
-        return 0.0
-    return time.time() - (time.monotonic() - delivery.last_progress)
-
-
-def register_gauges(registry: Registry, collector: Collector, delivery: Delivery,
-                    spool: Spool | None, listeners: ListenerSet,
-                    pressure: Backpressure) -> None:
-    """The gauges, each read at scrape time (a reload changes the listeners)."""
+def register_gauges(registry: Registry, intakes: IntakeSet, listeners: ListenerSet,
+                    pressure: Backpressure, spool: bool = True) -> None:
+    """The gauges, each read at scrape time (a reload changes the listeners and intakes);
+    those of delivery and the spool per intake (label `intake`)."""
     g = registry.gauge
-    d = delivery
     ctx = listeners.context
     registry.labelled_gauge("connections_open", "listener", listeners.connections)
     registry.labelled_gauge("listener_up", "listener", listeners.up)
-    registry.labelled_gauge("events_held", "where",
-                            functools.partial(held_events, collector, delivery, spool))
-    g("in_memory_batches", lambda: d.in_memory)
-    # Dead-letter files given back by `spool replay-dead-letter` still to go, and how long
-    # since one moved (the requeue stalls when the spool has no room for them).
-    g("requeue_files", lambda: d.requeue_files)
-    g("requeue_idle_seconds", d.requeue_idle_seconds)
+    registry.labelled_gauge("events_held", "where", functools.partial(_held, intakes))
+
+    def per_intake(name: str, read: Callable[[Pipeline], float],
+                   combine: Callable[[Iterable[float]], float] = sum) -> None:
+        registry.labelled_gauge(name, "intake", lambda: {p.name: float(read(p))
+                                                         for p in intakes}, combine=combine)
+
+    per_intake("in_memory_batches", lambda p: p.delivery.in_memory)
+    # Dead letters given back by `spool replay-dead-letter` still to go, and how long since
+    # one moved (the requeue stalls when the spool has no room for them).
+    per_intake("requeue_files", lambda p: p.delivery.requeue_files)
+    per_intake("requeue_idle_seconds", lambda p: p.delivery.requeue_idle_seconds(), max)
     g("buffered_bytes", lambda: ctx.budget.total)
     # RELP messages received, not yet durable, hence not yet acknowledged to their sender.
-    g("acks_pending", lambda: collector.acks_pending)
+    per_intake("acks_pending", lambda p: p.collector.acks_pending)
     g("tls_handshakes_in_progress", lambda: ctx.server_tls.handshaking)
-    g("backlog_batches", lambda: d.backlog)
+    per_intake("backlog_batches", lambda p: p.delivery.backlog)
     g("paused", lambda: pressure.on)
-    g("intake_failing", lambda: d.failing)
-    g("seconds_since_last_delivery", lambda: time.monotonic() - d.last_progress)
-    g("last_delivery_timestamp_seconds", functools.partial(_last_delivery_time, registry, d))
-    if spool is not None:
-        for name in ("batches", "events", "bytes", "oldest_age_seconds", "segments"):
-            g(f"spool_{name}", functools.partial(_spool_gauge, spool, name))
-        # Beside spool_bytes: how full it is (the SpoolFillingUp alert).
-        g("spool_max_bytes", functools.partial(_spool_gauge, spool, "max_size"))
-        g("spool_blocked", lambda: d.spool_blocked)
+    per_intake("intake_paused", lambda p: p.pressure.on, max)
+    per_intake("intake_failing", lambda p: p.delivery.failing, max)
+    per_intake("seconds_since_last_delivery",
+               lambda p: time.monotonic() - p.delivery.last_progress, max)
+    per_intake("last_delivery_timestamp_seconds", _last_delivery_time, max)
+    if not spool:
+        return  # dry-run: no spool, no spool gauges
+    for name in ("batches", "events", "bytes", "oldest_age_seconds", "segments"):
+        per_intake(f"spool_{name}", functools.partial(_spool_gauge, name),
+                   max if name == "oldest_age_seconds" else sum)
+    # Beside spool_bytes: how full it is (the SpoolFillingUp alert).
+    per_intake("spool_max_bytes", functools.partial(_spool_gauge, "max_size"))
+    per_intake("spool_blocked", lambda p: p.delivery.spool_blocked, max)
 
 
-def _pressure_logger(log: Any, delivery: Delivery) -> Callable[[bool], None]:
-    def changed(on: bool) -> None:
-        if on:
-            log.warning("backpressure_on",
-                        action="TCP listeners stop reading; UDP dropped and counted",
-                        in_memory_batches=delivery.in_memory)
-        else:
-            log.info("backpressure_off")
-    return changed
+def _held(intakes: IntakeSet) -> dict[str, int]:
+    """The `held` term of the accounting identity (observability/accounting.py), by where,
+    over every intake."""
+    out = {"memory": 0, "spool": 0}
+    for p in intakes:
+        for where, n in p.held_events().items():
+            out[where] += n
+    return out
+
+
+def _spool_gauge(name: str, pipe: Pipeline) -> float:
+    return float(pipe.spool.stats()[name]) if pipe.spool is not None else 0.0
+
+
+def _last_delivery_time(pipe: Pipeline) -> float:
+    """Unix time of the intake's last accepted request; 0 before the first (last_progress
+    starts at the daemon's start, which is no delivery)."""
+    if not pipe.counters.delivered_batches:
+        return 0.0
+    return time.time() - (time.monotonic() - pipe.delivery.last_progress)
 
 
 def build(settings: Settings, log: Any,
           loader: Callable[[], Settings] | None = None) -> Daemon:
-    """Every component, in dependency order. Opens (and recovers) the spool; starts nothing.
+    """Every component, in dependency order. Opens (and recovers) the spools; starts nothing.
 
     `loader` reads the config again as at start-up (same file, same overrides): SIGHUP."""
     check_fd_limit(settings, log)
     registry = Registry(build_info())
     counters = registry.counters
-    spool = open_spool(settings, registry, log)
     pressure = Backpressure()
     s = settings
-    delivery = Delivery(
-        make_sink(s.intake), spool,
-        DeadLetters(s.spool.dir, s.spool.dead_letter_max_size), counters, log,
-        workers=s.intake.concurrency,
-        backoff=Backoff(s.intake.retry_max, s.intake.auth_retry),
-        max_in_flight=s.batch.max_in_flight,
-        write_ahead=s.spool.mode == "always",
-        on_pressure=pressure.set,
-    )
-    collector = Collector(Batcher(s.batch.max_events, s.batch.max_bytes), delivery, counters,
-                          s.batch.max_delay, s.batch.idle_flush)
-    ctx = SourceContext(collector, counters, log,
-                        ProgramFilter(s.filter.programs, s.filter.keep_tag), pressure,
+    intakes = IntakeSet(registry, log, pressure)
+    try:
+        for name in s.intake_table:
+            intakes.add(intakes.build(s, name))
+    except BaseException:
+        for pipe in intakes:
+            if pipe.spool is not None:
+                pipe.spool.close()
+        raise
+    _unconfigured_spools(s, log)
+    filt = ProgramFilter(s.filter.programs, s.filter.keep_tag)
+    first = next(iter(intakes.live.values()))
+    # `sink` is what a source without routes would use; here every source goes through
+    # `routes` (SourceContext.inlet), so it is never called.
+    ctx = SourceContext(first.collector, counters, log, filt, pressure,
                         s.listen.max_message_size)
+    ctx.routes = Routes(Table(s.route_list), intakes.live, counters, filt,
+                        lambda: ctx.max_message_size, ctx.reader, log)
     if s.tls_needed:
         # One for every TLS listener (RELP's with relp.tls too): certificate, handshake cap.
         ctx.server_tls.load(s.tls)  # validated with the config: it does not fail here
     listeners = ListenerSet(ctx)
-    pressure.subscribe(_pressure_logger(log, delivery))
-    register_gauges(registry, collector, delivery, spool, listeners, pressure)
-    return Daemon(settings, log, registry, spool, delivery, collector, listeners,
-                  loader=loader)
+    register_gauges(registry, intakes, listeners, pressure, spool=not s.dry_run)
+    return Daemon(settings, log, registry, intakes, ctx.routes, listeners, loader=loader)

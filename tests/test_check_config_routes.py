@@ -143,9 +143,6 @@ BAD_TABLE_LINES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config._format_error prefixes the first line with 'config: ': its regex for messages "
-    "that name their setting does not accept 'routes[2]:' (fix in config.py)"))
 def test_a_bad_table_is_one_line_per_problem(tmp_path: Path) -> None:
     assert _load(tmp_path, BAD_TABLE) == BAD_TABLE_LINES
 

@@ -260,7 +260,7 @@ def test_metrics_and_health(intake: FakeIntake, daemon: MakeDaemon) -> None:
     status, body = _http_get(d.status_port, "/metrics")
     assert status == 200
     # prometheus-client writes every sample value as a float.
-    assert b"haproxy_forwarder_delivered_events_total 1.0\n" in body
+    assert b'haproxy_forwarder_delivered_events_total{intake="default"} 1.0\n' in body
     assert b"haproxy_forwarder_filtered_out_total 1.0\n" in body
     status, body = _http_get(d.status_port, "/healthz")
     assert status == 200 and b'"status":"ok"' in body

@@ -46,7 +46,8 @@ def test_same_config_plans_nothing() -> None:
     s = settings(intake={"key": VALID_KEY})
     plan = make_plan(s, settings(intake={"key": VALID_KEY}))
     assert (plan.changes, plan.restart) == ({}, {})
-    assert not (plan.sink or plan.filter or plan.batch or plan.backoff or plan.in_flight)
+    assert not (plan.sink("default") or plan.filter or plan.batch
+                or plan.backoff("default") or plan.in_flight)
     assert (plan.listeners_add, plan.listeners_remove) == ([], [])
 
 
@@ -61,7 +62,7 @@ def test_new_key_and_url_mean_a_new_client_and_the_key_is_never_shown() -> None:
     old = settings(intake={"key": VALID_KEY, "url": "https://a.example"})
     new = settings(intake={"key": OTHER_KEY, "url": "https://b.example"})
     plan = make_plan(old, new)
-    assert plan.sink and not plan.workers
+    assert plan.sink("default") and not plan.workers("default")
     assert plan.changes["intake.url"] == ("https://a.example", "https://b.example")
     assert plan.changes["intake.key"] == (MASK, MASK)
     assert VALID_KEY not in repr(plan.changes) and OTHER_KEY not in repr(plan.changes)
@@ -73,7 +74,7 @@ def test_new_key_and_url_mean_a_new_client_and_the_key_is_never_shown() -> None:
 
 def test_concurrency_means_a_new_client_and_new_workers() -> None:
     plan = make_plan(settings(), settings(intake={"concurrency": 3}))
-    assert plan.sink and plan.workers
+    assert plan.sink("default") and plan.workers("default")
 
 
 def test_filter_batch_retry_and_in_flight_are_live() -> None:
@@ -82,8 +83,8 @@ def test_filter_batch_retry_and_in_flight_are_live() -> None:
         batch={"max_events": 10, "max_in_flight": 8},
         intake={"retry_max": 5.0},
     ))
-    assert plan.filter and plan.batch and plan.in_flight and plan.backoff
-    assert not plan.sink and plan.restart == {}
+    assert plan.filter and plan.batch and plan.in_flight and plan.backoff("default")
+    assert not plan.sink("default") and plan.restart == {}
     assert plan.effective.filter.programs == ["haproxy", "nginx"]
 
 

@@ -126,7 +126,8 @@ def test_an_intake_taking_nothing_makes_the_file_wait_said_then_resume(
     assert any("re-queued dead-letter file(s) not moving" in r
                for r in orjson.loads(body)["reasons"])
     m = scrape(d.status_port)
-    assert value(m, "requeue_files") == 1 and value(m, "requeue_idle_seconds") > 1.0
+    assert value(m, "requeue_files", intake="default") == 1 \
+        and value(m, "requeue_idle_seconds", intake="default") > 1.0
     # Part of the file is in the spool, counted once; it stays there, and so does the file.
     held = terms(scrape(d.status_port))
     assert 0 < held["requeued"] < 3000 and held["requeued"] == held["spool"]

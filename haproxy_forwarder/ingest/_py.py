@@ -58,6 +58,11 @@ class PyChunkReader:
             return ChunkResult()
         return self._frames(dec.close(), received_at, 0)
 
+    def frames(self, frames: list[bytes], received_at: bytes, oversized: int = 0) -> ChunkResult:
+        """Whole frames, already de-framed, read as one chunk would be (a reader that splits
+        frames between destinations first: ingest/split.py)."""
+        return self._frames(frames, received_at, oversized)
+
     def _frames(self, frames: list[bytes], received_at: bytes, oversized: int) -> ChunkResult:
         out = ChunkResult(frames=len(frames), oversized=oversized)
         # The per-message loop: locals instead of attribute and method lookups (this is the

@@ -8,10 +8,10 @@ computed here, from what delivery, the spool and the listeners show, and from no
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from .counters import Counters
+from .counters import Counters, Registry
 
 
 class DeliveryState(Protocol):
@@ -47,52 +47,80 @@ def stall_reason(delivery: DeliveryState, stall_after: float) -> str | None:
     return None
 
 
+class Intake(Protocol):
+    """One intake's pipeline, as health reads it (intakes.Pipeline)."""
+
+    name: str
+
+    @property
+    def delivery(self) -> DeliveryState: ...
+    @property
+    def counters(self) -> Counters: ...
+    def held_events(self) -> dict[str, int]: ...
+
+
 class Health:
-    """The answers of /healthz, /readyz and the STATUS= line.
+    """The answers of /healthz, /readyz and the STATUS= line, over every intake: each reason
+    names its intake ("intake eu: ...").
 
     `stall_after` is read at each question (SIGHUP changes status.stall_after);
-    `spooled_events` says how many events the spool holds (None: no spool, dry-run);
     `stopping` is True from the moment shutdown begins.
     """
 
-    def __init__(self, delivery: DeliveryState, listeners: ListenerState, counters: Counters,
-                 stall_after: Callable[[], float], spooled_events: Callable[[], int | None],
-                 stopping: Callable[[], bool]) -> None:
-        self.delivery = delivery
+    def __init__(self, intakes: Iterable[Intake], listeners: ListenerState,
+                 registry: Registry, stall_after: Callable[[], float],
+                 stopping: Callable[[], bool], spool: bool = True) -> None:
+        self.intakes = intakes
         self.listeners = listeners
-        self.counters = counters
+        self.registry = registry
         self.stall_after = stall_after
-        self.spooled_events = spooled_events
         self.stopping = stopping
+        self.spool = spool
         # (monotonic time, accepted, delivered) at the last STATUS= line: its rates.
         self._status_mark = (time.monotonic(), 0, 0)
 
     def stall_reason(self) -> str | None:
-        return stall_reason(self.delivery, self.stall_after())
+        """The first intake whose delivery stalls (the systemd watchdog's rule)."""
+        for pipe in self.intakes:
+            why = stall_reason(pipe.delivery, self.stall_after())
+            if why:
+                return f"intake {pipe.name}: {why}"
+        return None
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """/healthz: ok, or failing with one reason per problem."""
-        d = self.delivery
-        idle = time.monotonic() - d.last_progress
         reasons: list[str] = []
-        if d.spool_blocked:
-            reasons.append("the spool refuses writes (full or disk error): input is held back")
-        stalled = self.stall_reason()
-        if stalled:
-            reasons.append(stalled)
-        # Not in stall_reason (the systemd watchdog): a restart does not empty a full spool.
-        requeue = d.requeue_stall_reason()
-        if requeue:
-            reasons.append(requeue)
+        intakes: dict[str, Any] = {}
+        for pipe in self.intakes:
+            d = pipe.delivery
+            if d.spool_blocked:
+                reasons.append(f"intake {pipe.name}: the spool refuses writes (full or disk "
+                               "error): input routed to it is held back")
+            stalled = stall_reason(d, self.stall_after())
+            if stalled:
+                reasons.append(f"intake {pipe.name}: {stalled}")
+            # Not in stall_reason (the systemd watchdog): a restart does not empty a full spool.
+            requeue = d.requeue_stall_reason()
+            if requeue:
+                reasons.append(f"intake {pipe.name}: {requeue}")
+            intakes[pipe.name] = {
+                "intake_failing": d.failing,
+                "backlog_batches": d.backlog,
+                "seconds_since_last_delivery": round(time.monotonic() - d.last_progress, 1),
+            }
         if not self.stopping():  # at shutdown they close on purpose
             reasons += [f"listener {name} is down (closed, not by us)"
                         for name in self.listeners.down()]
+        every = list(intakes.values())
         return not reasons, {
             "status": "ok" if not reasons else "failing",
             "reasons": reasons,
-            "intake_failing": d.failing,
-            "backlog_batches": d.backlog,
-            "seconds_since_last_delivery": round(idle, 1),
+            # The totals (as before several intakes), then each intake's.
+            "intake_failing": any(i["intake_failing"] for i in every),
+            "backlog_batches": sum(i["backlog_batches"] for i in every),
+            "seconds_since_last_delivery": max(
+                (i["seconds_since_last_delivery"] for i in every), default=0.0),
+            "intakes": intakes,
         }
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -106,20 +134,28 @@ class Health:
                              "reasons": reasons}
 
     def status_line(self) -> str:
-        """The STATUS= summary: rates since the previous line, what waits, the last delivery."""
+        """The STATUS= summary: rates since the previous line, what waits, the last delivery;
+        the intakes failing by name."""
         now = time.monotonic()
-        c = self.counters
+        snap = self.registry.snapshot()
+        accepted_now = int(snap.get("accepted_events", 0))
+        delivered_now = int(snap.get("delivered_events", 0))
         then, accepted, delivered = self._status_mark
-        self._status_mark = (now, c.accepted_events, c.delivered_events)
+        self._status_mark = (now, accepted_now, delivered_now)
         span = max(now - then, 1e-3)
-        d = self.delivery
-        events = self.spooled_events()
-        spooled = f"spool {events} events" if events is not None else "no spool (dry-run)"
-        line = (f"in {(c.accepted_events - accepted) / span:.0f} events/s, "
-                f"out {(c.delivered_events - delivered) / span:.0f} events/s, "
-                f"backlog {d.backlog} batches, {spooled}, "
-                f"last delivery {now - d.last_progress:.0f} s ago")
-        if d.failing:
+        pipes = list(self.intakes)
+        backlog = sum(p.delivery.backlog for p in pipes)
+        last = max((now - p.delivery.last_progress for p in pipes), default=0.0)
+        spooled = (f"spool {sum(p.held_events()['spool'] for p in pipes)} events"
+                   if self.spool else "no spool (dry-run)")
+        line = (f"in {(accepted_now - accepted) / span:.0f} events/s, "
+                f"out {(delivered_now - delivered) / span:.0f} events/s, "
+                f"backlog {backlog} batches, {spooled}, "
+                f"last delivery {last:.0f} s ago")
+        failing = [p.name for p in pipes if p.delivery.failing]
+        if failing and len(pipes) == 1:
             line += ", intake failing"
+        elif failing:
+            line += f", intakes failing: {', '.join(failing)}"
         stalled = self.stall_reason()
         return f"STALLED: {stalled}; {line}" if stalled else line

@@ -46,16 +46,20 @@ def _json_str(value: bytes) -> bytes:
 
 
 def dead_letter_lines(
-    batch: Batch, reason: str, status: int | None, response: str, at: time.struct_time
+    batch: Batch, reason: str, status: int | None, response: str, at: time.struct_time,
+    intake: str | None = None,
 ) -> bytes:
     """The JSON lines for `batch`, built from its encoded fragments (no decoding).
 
     Same keys in the same order as `orjson.dumps(dict)` would write them: dead_lettered_at,
-    reason, status, response, timestamp, event.
+    intake (the name of the intake that refused them, when known), reason, status, response,
+    timestamp, event.
     """
+    where = {"intake": intake} if intake is not None else {}
     head = orjson.dumps(
         {
             "dead_lettered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", at),
+            **where,
             # The sink scrubs the key from answers already; this covers any other writer.
             "reason": logs.redact(reason),
             "status": status,
@@ -71,9 +75,12 @@ def dead_letter_lines(
 class DeadLetters:
     """The dead-letter folder; `write` runs in one thread (delivery's dead-letter writer)."""
 
-    def __init__(self, spool_dir: Path, max_size: int = 256 << 20) -> None:
+    def __init__(self, spool_dir: Path, max_size: int = 256 << 20,
+                 intake: str | None = None) -> None:
         self.dir = spool_dir / "dead-letter"
         self.max_size = max_size
+        # Its intake's name, written in every record (the folder is that intake's too).
+        self.intake = intake
         # Held for a whole write: see barrier().
         self._writing = threading.Lock()
 
@@ -114,7 +121,7 @@ class DeadLetters:
         refuses (the caller logs and counts).
         """
         when = at if at is not None else time.gmtime()
-        lines = dead_letter_lines(batch, reason, status, response, when)
+        lines = dead_letter_lines(batch, reason, status, response, when, self.intake)
         with self._writing:
             # The folder is measured at each write, never counted in memory: another process
             # moves files away (`spool replay-dead-letter`), and a stale count dropped
