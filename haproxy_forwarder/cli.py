@@ -21,7 +21,7 @@ import orjson
 from . import __version__
 from .batching import Batch
 from .buildinfo import describe
-from .config import ConfigError, Settings, load
+from .config import ConfigError, IntakeConfig, Settings, load
 from .observability import logs
 from .sinks.intake import IntakeClient, Kind
 
@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     _command(sub, "check-config",
              help="validate and print the effective config (key masked); warn about risky "
                   "settings on stderr")
-    _command(sub, "send-test", help="push one test event and print the intake's answer")
+    send = _command(sub, "send-test", help="push one test event and print the intake's answer")
+    _intake_option(send)
     status = _command(
         sub, "status", help="health, rates, backlog and totals of the running daemon",
         description="Read the running daemon's /healthz and /metrics (at status.listen of the "
@@ -86,14 +87,36 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     spool = _command(sub, "spool", help="inspect or manage the disk spool")
     spool_sub = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
-    _command(spool_sub, "stats", help="batches, events, bytes, oldest age, dead letters (JSON)")
-    _command(
+    _intake_option(_command(spool_sub, "stats",
+                            help="batches, events, bytes, oldest age, dead letters (JSON)"))
+    _intake_option(_command(
         spool_sub, "replay-dead-letter",
-        help="re-queue dead-lettered events (picked up by the running daemon or its next start)",
-    )
+        help="re-queue dead-lettered events, each back to the intake that refused it (picked "
+             "up by the running daemon or its next start)",
+    ))
     purge = _command(spool_sub, "purge", help="delete every spooled batch (daemon stopped)")
     purge.add_argument("--yes", action="store_true", help="really delete")
+    _intake_option(purge)
     return p
+
+
+def _intake_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--intake", metavar="NAME",
+                     help="only this intake (default: every intake of the config)")
+
+
+def _intakes(settings: Settings, only: str | None) -> list[tuple[str, Path]]:
+    """(name, spool directory) of the intakes a command works on; ConfigError for a name the
+    config does not have."""
+    from .intakes import spool_dir
+
+    names = list(settings.intake_table)
+    if only is not None:
+        if only not in names:
+            raise ConfigError([f"--intake {only}: no such intake (the config has: "
+                               f"{', '.join(names)})"])
+        names = [only]
+    return [(name, spool_dir(settings, name)) for name in names]
 
 
 def _load(args: argparse.Namespace, dry_run: bool = False) -> Settings:
@@ -219,16 +242,25 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-async def _send_test(settings: Settings) -> int:
+async def _send_test(settings: Settings, only: str | None) -> int:
+    settings.require_key()
+    worst = EXIT_OK
+    for name, _ in _intakes(settings, only):
+        if len(settings.intake_table) > 1:
+            print(f"intake {name}:")
+        worst = max(worst, await _send_one(settings.intake_table[name]))
+    return worst
+
+
+async def _send_one(intake: IntakeConfig) -> int:
     from .sinks.encoding import body as encode_body
 
-    settings.require_key()
-    client = IntakeClient(settings.intake)
+    client = IntakeClient(intake)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     event = f"haproxy-forwarder {__version__} send-test from {socket.gethostname()} at {now}"
     batch = Batch.from_events([event], [now])
     # The same body the daemon would send for this endpoint.
-    data, _ = encode_body(batch, settings.intake.endpoint, client.key, settings.intake.gzip)
+    data, _ = encode_body(batch, intake.endpoint, client.key, intake.gzip)
     print(f"POST {client.url}")
     outcome = await client.post(data)
     await client.aclose()
@@ -238,11 +270,20 @@ async def _send_test(settings: Settings) -> int:
     return EXIT_OK if outcome.kind is Kind.DELIVERED else EXIT_FAILED
 
 
-def _spool_stats(settings: Settings) -> int:
+def _spool_stats(settings: Settings, only: str | None) -> int:
+    chosen = _intakes(settings, only)
+    if len(settings.intake_table) == 1:
+        out = _one_spool_stats(chosen[0][1])  # as before several intakes
+    else:
+        out = {"intakes": {name: _one_spool_stats(folder) for name, folder in chosen}}
+    sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+def _one_spool_stats(folder: Path) -> dict[str, Any]:
     from .sinks.deadletter import DeadLetters
     from .spool import inspect_spool
 
-    folder = settings.spool.dir
     out: dict[str, Any] = {"spool_dir": str(folder)}
     # The names of /metrics and of the `stats` log line (spool_batches, spool_events, ...).
     if (folder / "segments").is_dir():
@@ -265,8 +306,7 @@ def _spool_stats(settings: Settings) -> int:
     out["quarantined_files"] = (
         sorted(str(p) for p in quarantine.iterdir()) if quarantine.is_dir() else []
     )
-    sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
-    return EXIT_OK
+    return out
 
 
 def _requeue_stats(folder: Path) -> dict[str, Any]:
@@ -292,35 +332,48 @@ def _requeue_stats(folder: Path) -> dict[str, Any]:
     return {"files": [str(p) for p in files], "events": left}
 
 
-def _spool_requeue(settings: Settings) -> int:
+def _spool_requeue(settings: Settings, only: str | None) -> int:
+    several = len(settings.intake_table) > 1
+    for name, folder in _intakes(settings, only):
+        # Each intake's dead letters go back into its own requeue folder: to that intake.
+        _requeue_one(folder, f"intake {name}: " if several else "")
+    return EXIT_OK
+
+
+def _requeue_one(folder: Path, prefix: str) -> None:
     from .sinks.deadletter import DeadLetters
     from .spool.segments import make_private_dirs
 
-    dead = DeadLetters(settings.spool.dir)
-    requeue = settings.spool.dir / "requeue"
+    dead = DeadLetters(folder)
+    requeue = folder / "requeue"
     files = dead.files()
     if not files:
-        print("no dead letters to re-queue")
-        return EXIT_OK
+        print(f"{prefix}no dead letters to re-queue")
+        return
     make_private_dirs(requeue)  # 0700, as every folder of the spool (they hold log data)
     events = 0
     for path in files:
         events += sum(1 for _ in path.open("rb"))
         # A rename is atomic: the daemon never sees a half-moved file.
         path.rename(requeue / f"{path.stem}-{time.time_ns()}.jsonl")
-    print(f"re-queued {events} events from {len(files)} file(s) into {requeue}; "
+    print(f"{prefix}re-queued {events} events from {len(files)} file(s) into {requeue}; "
           "the running daemon (or its next start) sends them")
-    return EXIT_OK
 
 
-def _spool_purge(settings: Settings, yes: bool) -> int:
+def _spool_purge(settings: Settings, yes: bool, only: str | None) -> int:
+    from .intakes import spool_share
+
+    return max(_purge_one(folder, spool_share(settings, name), yes)
+               for name, folder in _intakes(settings, only))
+
+
+def _purge_one(folder: Path, max_size: int, yes: bool) -> int:
     from .spool import Spool, SpoolLocked
 
-    folder = settings.spool.dir
     if not (folder / "segments").is_dir():
         print(f"nothing to purge in {folder}")
         return EXIT_OK
-    spool = Spool(folder, max_size=settings.spool.max_size)
+    spool = Spool(folder, max_size=max_size)
     try:
         spool.open()
     except SpoolLocked:
@@ -354,14 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-config":
             return _check_config(settings)
         if args.command == "send-test":
-            return asyncio.run(_send_test(settings))
+            return asyncio.run(_send_test(settings, args.intake))
         if args.command == "spool":
             if args.spool_command == "stats":
-                return _spool_stats(settings)
+                return _spool_stats(settings, args.intake)
             if args.spool_command == "replay-dead-letter":
-                return _spool_requeue(settings)
+                return _spool_requeue(settings, args.intake)
             if args.spool_command == "purge":
-                return _spool_purge(settings, args.yes)
+                return _spool_purge(settings, args.yes, args.intake)
     except ConfigError as exc:
         for line in exc.problems:
             sys.stderr.write(f"config error: {line}\n")
