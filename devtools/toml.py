@@ -1,6 +1,7 @@
 """Write a daemon config as TOML, as a user would: top-level keys, then one table per section.
 
-Only what the config needs (bools, numbers, strings, paths, flat lists, one level of tables).
+Only what the config needs: bools, numbers, strings, paths, flat lists, tables, tables of
+tables ([intakes.NAME]) and arrays of tables ([[routes]]).
 """
 
 from __future__ import annotations
@@ -23,14 +24,27 @@ def toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def dumps(config: dict[str, Any]) -> str:
+def _tables(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def _table(name: str, values: dict[str, Any]) -> list[str]:
     # Plain keys first: in TOML a key after a [table] header belongs to that table.
-    lines = [f"{k} = {toml_value(v)}" for k, v in config.items() if not isinstance(v, dict)]
-    for section, values in config.items():
-        if isinstance(values, dict):
-            lines.append(f"\n[{section}]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    lines = [f"\n[{name}]"] if name else []
+    lines += [f"{k} = {toml_value(v)}" for k, v in values.items()
+              if not isinstance(v, dict) and not _tables(v)]
+    for k, v in values.items():
+        if isinstance(v, dict):
+            lines += _table(f"{name}.{k}" if name else k, v)
+        elif _tables(v):
+            for item in v:
+                lines.append(f"\n[[{name}.{k}]]" if name else f"\n[[{k}]]")
+                lines += _table("", item)
+    return lines
+
+
+def dumps(config: dict[str, Any]) -> str:
+    return "\n".join(_table("", config)) + "\n"
 
 
 def write_toml(path: Path, config: dict[str, Any]) -> None:
