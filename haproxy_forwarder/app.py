@@ -210,6 +210,7 @@ class Daemon:
         await self.listeners.drain(self.listeners, min(TCP_DRAIN_GRACE, timeout))
         await self.intakes.stop_retiring()
         pipes = list(self.intakes)
+        removed = list(self.intakes.retired.values())
         in_memory = [p.delivery.in_memory for p in pipes]
         # Every intake drains at once, within the one shutdown_timeout.
         drained = await asyncio.gather(*(p.drain(timeout) for p in pipes))
@@ -226,6 +227,11 @@ class Daemon:
                 )
             if lost:
                 pipe.log.error("shutdown_dropped", events=lost)
+        for pipe in removed:
+            # A reload removed it before it could deliver everything: kept, never dropped.
+            pipe.log.warning("removed_intake_events_kept", events=pipe.kept_events,
+                             spool_dir=str(pipe.folder),
+                             hint=f"add [intakes.{pipe.name}] back to deliver them")
         if self.status is not None:
             await self.status.stop()
         self.log_stats("stopped")

@@ -94,6 +94,7 @@ class Pipeline:
     log: Any
     retired: bool = False
     closing: bool = False  # a retired one whose stop has begun: it cannot be revived
+    kept_events: int = 0  # on its spool when it stopped
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self, settings: Settings) -> None:
@@ -127,6 +128,7 @@ class Pipeline:
         self.collector.flush()
         result = await self.delivery.stop()
         if self.spool is not None:
+            self.kept_events = self.spool.pending_events
             self.spool.close()
         return result
 
