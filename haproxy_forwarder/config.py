@@ -632,11 +632,17 @@ def _unknown_env() -> list[str]:
         section = field.annotation
         if isinstance(section, type) and issubclass(section, BaseModel):
             known |= {f"{ENV_PREFIX}{name}__{key}".upper() for key in section.model_fields}
+    # An intake of [intakes.NAME]: HAPROXY_FORWARDER_INTAKES__<NAME>__<KEY> (the name in any
+    # case: variables are read case-insensitively, and names are matched so).
+    per_intake = re.compile(
+        rf"{ENV_PREFIX}INTAKES__[A-Z0-9][A-Z0-9_.-]*__("
+        + "|".join(k.upper() for k in IntakeConfig.model_fields) + ")")
     return sorted(
         f"{var}: unknown setting (misspelt? the form is "
         f"{ENV_PREFIX}<SECTION>__<KEY>, with a double underscore)"
         for var in os.environ
         if var.upper().startswith(ENV_PREFIX) and var.upper() not in known
+        and not per_intake.fullmatch(var.upper())
     )
 
 
