@@ -38,10 +38,9 @@ def get(d: Daemon, path: str) -> bytes:
 
 
 def metric(body: bytes, name: str) -> float:
-    for line in body.decode().splitlines():
-        if line.startswith(f"haproxy_forwarder_{name} "):
-            return float(line.split()[1])
-    return 0.0
+    """The sample, its labelled series (per intake) summed."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+               if line.startswith((f"haproxy_forwarder_{name} ", f"haproxy_forwarder_{name}{{")))
 
 
 def send(d: Daemon, *texts: str) -> None:
