@@ -29,6 +29,8 @@ know it is there, except through two extra names of its transport's get_extra_in
     address. Nothing else can be mistaken for one: syslog starts with "<" or a digit, RELP
     with a digit, TLS with 0x16. Up to 11 bytes (a signature's prefix) are held until that is
     decided, however the bytes are split.
+  * a connection whose peer address cannot be read (reset before it was accepted) is closed
+    at once: it can be judged neither a balancer nor not one.
 """
 
 from __future__ import annotations
@@ -258,6 +260,13 @@ class ProxyLayer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         raw = cast(asyncio.Transport, transport)
         self.raw = raw
+        if not isinstance(raw.get_extra_info("peername"), tuple):
+            # Reset before it was accepted (a balancer's health check closes at once; uvloop
+            # then cannot read the peer's address): no address, nothing to judge it by, and
+            # nobody left to answer. Closed, not counted.
+            self.state = "done"
+            raw.abort()
+            return
         self.peer, self.address = peer_of(raw)
         gate = self.gate
         if not gate.is_balancer(self.address):
