@@ -107,13 +107,15 @@ def samples(port: int) -> dict[str, float]:
 
 
 def metric(port: int, name: str) -> float:
-    """The unlabelled sample `haproxy_forwarder_<name>` of the status endpoint on `port`."""
+    """The sample `haproxy_forwarder_<name>` of the status endpoint on `port`, its labelled
+    series (per intake, per listener...) summed."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    for line in text.splitlines():
-        if line.startswith(f"{PREFIX}{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not on /metrics")
+    found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith((f"{PREFIX}{name} ", f"{PREFIX}{name}{{"))]
+    if not found:
+        raise AssertionError(f"{name} not on /metrics")
+    return sum(found)
 
 
 def at_rest(port: int, frames: int = 0, closed: bool = True) -> dict[str, float] | None:
