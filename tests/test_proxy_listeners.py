@@ -642,6 +642,68 @@ def test_only_the_connections_whose_inlet_is_held_pause() -> None:
     run(main())
 
 
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("proxy", [True, False])
+def test_a_connection_opened_while_its_inlet_is_held_is_not_read(proxy: bool,
+                                                                  loop_name: str) -> None:
+    """Paused from its start: uvloop starts reading right after connection_made, whatever
+    was asked in it, so the pause is asked again once it has (a read may pass before)."""
+
+    async def main() -> None:
+        routes = Routes()
+        src = tcp_source(routes, proxy_protocol=[f"{BALANCER}/32"] if proxy else [])
+        _, port = await src.start()
+        held, free = ("10.0.0.1", "10.0.0.2") if proxy else ("127.0.0.2", "127.0.0.3")
+        routes.held = {held}
+        writers = {}
+        for source in (held, free):
+            r, w = await connect(port, BALANCER if proxy else source)
+            w.write(v1(source) if proxy else b"")
+            writers[source] = (r, w)
+        await until(lambda: len(src.connections) == 2, what="both admitted")
+        conn = connection_of(src, held)
+        await until(lambda: conn.transport is not None and not conn.transport.is_reading(),
+                    what="the held connection paused")
+        # More than the socket buffers hold: the sender is stopped, not read to the end.
+        payload = b"".join(message(f"h{n}") for n in range(20_000))
+        writers[held][1].write(payload)
+        writers[free][1].write(message("free"))
+        await until(lambda: routes.texts(free) == ["free"], what="the free one's event")
+        assert routes.texts(held) == [] and conn.paused
+        routes.held = set()
+        src.ctx.pressure.set(False)
+        await until(lambda: len(routes.texts(held)) == 20_000, what="the held one, freed")
+        for r, w in writers.values():
+            w.close()
+            await closed(r)
+        await src.stop(0.1)
+
+    run(main(), loop_name)
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_relp_session_opened_while_its_inlet_is_held_is_not_read(loop_name: str) -> None:
+    async def main() -> None:
+        routes = Routes()
+        src = relp_source(routes, proxy_protocol=[])
+        _, port = await src.start()
+        routes.held = {BALANCER}
+        c = await RelpClient.connect(port, open_session=False)
+        await until(lambda: len(src.connections) == 1, what="admitted")
+        [conn] = src.connections
+        await until(lambda: conn.transport is not None and not conn.transport.is_reading(),
+                    what="the session paused")
+        t = c.send("open", OFFERS)
+        assert not await c.pump(0.2)  # not read: its `open` is not answered
+        routes.held = set()
+        src.ctx.pressure.set(False)
+        await c.wait_for([t])
+        await c.close()
+        await src.stop(0.1)
+
+    run(main(), loop_name)
+
+
 def test_a_held_connection_is_not_swept_while_a_free_one_is() -> None:
     async def main() -> None:
         routes = Routes()

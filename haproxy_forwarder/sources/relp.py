@@ -107,6 +107,10 @@ class RelpConnection(asyncio.Protocol):
         src.add(self)
         self.stats.connections_accepted += 1
         self.update_reading()
+        if not self.reading:
+            # uvloop starts reading right after connection_made, whatever was asked in it
+            # (asyncio does not): pause again once it has.
+            asyncio.get_running_loop().call_soon(self._repause)
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
@@ -301,6 +305,10 @@ class RelpConnection(asyncio.Protocol):
         want = not (self.window_full or held or self.source.stopping
                     or self.session.closing or self.write_blocked)
         if want == self.reading:
+            if not want and not t.is_closing():
+                # Paused already, as far as we know; but a pause asked in connection_made
+                # does not hold on uvloop: ask again (nothing to do when it held).
+                t.pause_reading()
             return
         self.reading = want
         if want:
@@ -313,6 +321,11 @@ class RelpConnection(asyncio.Protocol):
                 # Its sender can send nothing more until answered: close the open batch now
                 # rather than after batch.idle_flush (the answers then cost one fsync).
                 self.inlet.flush()
+
+    def _repause(self) -> None:
+        t = self.transport
+        if t is not None and not self.reading and not t.is_closing():
+            t.pause_reading()
 
     def pressure_changed(self, now: float) -> None:
         held = self.inlet_held

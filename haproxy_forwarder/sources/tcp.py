@@ -63,6 +63,9 @@ class TcpConnection(asyncio.Protocol):
         self.stats.connections_accepted += 1
         if self.inlet.held:
             self.pause()
+            # uvloop starts reading right after connection_made, whatever was asked in it
+            # (asyncio does not): pause again once it has.
+            asyncio.get_running_loop().call_soon(self._repause)
 
     def data_received(self, data: bytes) -> None:
         inlet = self.inlet
@@ -84,9 +87,10 @@ class TcpConnection(asyncio.Protocol):
         if self.transport is not None:
             self.ctx.budget.update(self, inlet.reader.buffered)
         # Its inlet may be held without a change announced (a reload moved it to a lagging
-        # intake); at shutdown it is read on (half_close) whatever the pressure.
-        if (self.transport is not None and not self.paused and not self.source.stopping
-                and self.inlet_held):
+        # intake), or a pause asked in connection_made may not have held (uvloop): pause
+        # (again; it costs nothing when paused). At shutdown it is read on (half_close)
+        # whatever the pressure.
+        if self.transport is not None and not self.source.stopping and self.inlet_held:
             self.pause()
 
     def eof_received(self) -> bool | None:
@@ -166,6 +170,10 @@ class TcpConnection(asyncio.Protocol):
     def pause(self) -> None:
         self.paused = True
         if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _repause(self) -> None:
+        if self.paused and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume(self) -> None:
