@@ -370,8 +370,10 @@ class IntakeConfig(_Section):
         return self.url + ENDPOINT_PATHS[self.endpoint]
 
 
-# Intake names are label values, directory names (the spool's share) and log fields.
-INTAKE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# Intake names are label values, directory names (the spool's share) and log fields; lower
+# case only, as the environment's HAPROXY_FORWARDER_INTAKES__<NAME>__KEY reaches them
+# (variables are read case-insensitively, as lower case).
+INTAKE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 # The name of the one intake a config with a single [intake] table has.
 DEFAULT_INTAKE = "default"
 
@@ -523,8 +525,13 @@ class Settings(BaseSettings):
                 raise ValueError("routes: [[routes]] need [intakes.NAME] tables (with a single "
                                  "[intake], every event goes to it)")
             return self
-        problems = [f"intakes.{name}: not a valid name (letters, digits, '_', '-', '.'; "
-                    "at most 63)" for name in self.intakes if not INTAKE_NAME.fullmatch(name)]
+        problems = [f"intakes.{name}: not a valid name (lower-case letters, digits, '_', "
+                    "'-', '.'; at most 63)" for name in self.intakes
+                    if not INTAKE_NAME.fullmatch(name)]
+        shares = sum(c.spool_max_size or 0 for c in self.intakes.values())
+        if shares > self.spool.max_size:
+            problems.append(f"intakes: the spool_max_size of the intakes add up to {shares} "
+                            f"bytes, more than spool.max_size ({self.spool.max_size})")
         if self.intake.model_fields_set - {"dry_run"}:
             problems.append("intake: set either [intake] (one intake) or [intakes.NAME] "
                             "tables, not both")

@@ -9,11 +9,12 @@ message. An origin whose routes depend on the program reads its stream with a Sp
 so that it is given once every part is durable.
 
 A reload replaces the table; each inlet notices at its next take (a version number) and
-decides again: a moved source's next events go to its new intake. One thing cannot follow:
-a connection opened under routes that did not depend on the program reads with the compiled
-reader, which does not keep the program; if new routes make its origin depend on it, that
-connection keeps the intake it had (logged once per reload, with the count) until its
-sender reconnects. Never an intake the routes do not name for it.
+decides again: a moved source's next events go to its new intake. An inlet whose routes come
+to depend on the program (or stop depending on it) changes its reader, at a frame boundary
+(its reader holding no partial frame: at once for UDP and RELP, which hand whole messages):
+until then its events keep the intake they had, never one the old routes did not name. An
+intake the routes no longer lead to still takes the events already on their way to it (it
+drains before it closes: intakes.IntakeSet.retire).
 
 Events no route sends to an intake (`drop = true`, or no route matched) are counted as
 `unrouted_events{reason}` and settled at once (a RELP sender is answered: they were
@@ -56,9 +57,13 @@ class Routes:
 
     def __init__(self, table: Table, pipelines: Mapping[str, Pipeline], counters: Counters,
                  filt: ProgramFilter, max_message_size: Callable[[], int],
-                 reader: Callable[[str], ChunkReader], log: Any) -> None:
+                 reader: Callable[[str], ChunkReader], log: Any,
+                 retired: Mapping[str, Pipeline] | None = None) -> None:
         self.table = table
         self.pipelines = pipelines  # the live intakes by name (IntakeSet.live)
+        # Intakes a reload removed, still draining (IntakeSet.retired): events already on
+        # their way to one (an inlet waiting for a frame boundary) are still delivered.
+        self.retired: Mapping[str, Pipeline] = retired if retired is not None else {}
         self.unrouted = Unrouted(counters)
         self.filter = filt
         self.max_message_size = max_message_size
@@ -66,22 +71,36 @@ class Routes:
         self.clock = Clock()
         self.version = 0
         self.log = log
-        # Inlets that could not follow the last reload (see the module docstring).
-        self.stuck = 0
+        # Inlets waiting for a frame boundary to change readers since the last reload.
+        self.waiting = 0
 
     def use(self, table: Table) -> None:
         """A reload's table: every inlet decides again at its next take."""
         self.table = table
         self.version += 1
-        self.stuck = 0
+        self.waiting = 0
 
     def inlet(self, origin: Origin, framing: str) -> Inlet:
         decision = self.table.decide(origin)
-        if decision.fixed is not None:
-            return RoutedInlet(self, origin, self.reader(framing), decision, splits=False)
-        splitter = SplitReader(self.filter, self.max_message_size(), framing,
-                               self._program_target(origin))
-        return RoutedInlet(self, origin, splitter, decision, splits=True)
+        splits = decision.fixed is None
+        return RoutedInlet(self, origin, framing, self.new_reader(origin, framing, splits),
+                           decision, splits=splits)
+
+    def new_reader(self, origin: Origin, framing: str, splits: bool) -> ChunkReader:
+        """The compiled reader, or (routes by program) the one that splits by program."""
+        if not splits:
+            return self.reader(framing)
+        return SplitReader(self.filter, self.max_message_size(), framing,
+                           self._program_target(origin))
+
+    def wait_for_boundary(self) -> None:
+        """An inlet must change readers and holds a partial frame: said once per reload."""
+        self.waiting += 1
+        if self.waiting == 1:
+            self.log.info("routes_switch_pending",
+                          reason="new routes change how a connection's events are read "
+                                 "(by program or not) and it is in the middle of a frame",
+                          action="its events keep their intake until the frame ends")
 
     def _program_target(self, origin: Origin) -> Callable[[str], Target]:
         # Decided again per program under the table in force; the per-connection cache is
@@ -103,7 +122,11 @@ class Routes:
 
     def deliver(self, target: Target, result: ChunkResult, ack: Ack | None) -> None:
         """One part to its intake, or counted as unrouted."""
-        pipe = self.pipelines.get(target.intake) if target.intake is not None else None
+        pipe = None
+        if target.intake is not None:
+            pipe = self.pipelines.get(target.intake) or self.retired.get(target.intake)
+            if pipe is not None and pipe.closing:
+                pipe = None
         if pipe is None:
             self.unrouted.take(result, target.why or "no_route", ack)
         else:
@@ -113,13 +136,14 @@ class Routes:
 class RoutedInlet:
     """One connection's inlet (sources.base.Inlet)."""
 
-    __slots__ = ("_fixed", "_pipes", "_version", "decision", "origin", "reader", "routes",
-                 "splits")
+    __slots__ = ("_fixed", "_pipes", "_version", "decision", "framing", "origin", "reader",
+                 "routes", "splits")
 
-    def __init__(self, routes: Routes, origin: Origin, reader: ChunkReader,
+    def __init__(self, routes: Routes, origin: Origin, framing: str, reader: ChunkReader,
                  decision: Decision, *, splits: bool) -> None:
         self.routes = routes
         self.origin = origin
+        self.framing = framing
         self.reader = reader
         self.splits = splits
         self.decision = decision
@@ -135,26 +159,29 @@ class RoutedInlet:
         self._pipes = [live[n] for n in sorted(decision.intakes) if n in live]
 
     def _follow(self) -> None:
-        """The table changed: decide again (see the module docstring for what cannot)."""
+        """The table changed: decide again; change readers if the new routes read programs
+        and this one does not (or the other way round), at a frame boundary only."""
         r = self.routes
-        self._version = r.version
         new = r.table.decide(self.origin)
-        if new.fixed is None and not self.splits:
-            r.stuck += 1
-            if r.stuck == 1:
-                r.log.warning(
-                    "routes_need_reconnect",
-                    reason="new routes choose the intake by program for connections that "
-                           "were opened without program routes",
-                    action="they keep their intake until their sender reconnects")
-            # Its pipes may have gone: only the ones still live.
-            self._pipes = [p for p in self._pipes if p.name in r.pipelines]
-            return
+        splits = new.fixed is None
+        if splits != self.splits:
+            if self.reader.buffered:
+                # Mid-frame: what this reader already holds is read as before, to the intake
+                # it had; the next take tries again (the version is not taken yet).
+                r.wait_for_boundary()
+                self._pipes = [p for p in self._pipes if p.name in r.pipelines]
+                return
+            self.reader = r.new_reader(self.origin, self.framing, splits)
+            self.splits = splits
+        self._version = r.version
         self._settle(new)
 
     def take(self, result: ChunkResult, ack: Ack | None = None) -> None:
+        reader, fixed = self.reader, self._fixed  # what `result` was read for
         if self._version != self.routes.version:
             self._follow()
+            if self.reader is reader:
+                fixed = self._fixed
         if isinstance(result, SplitResult):
             parts: list[tuple[Target, ChunkResult]] = result.parts
             if not parts:
@@ -165,7 +192,8 @@ class RoutedInlet:
             for (target, part), one in zip(parts, acks, strict=True):
                 self.routes.deliver(target, part, one)
             return
-        fixed = self._fixed
+        # Read without programs: to the intake the reader read it for (the one of the new
+        # routes, unless the reader changed after reading it).
         self.routes.deliver(fixed if fixed is not None else Target(None, "no_route"),
                             result, ack)
 

@@ -10,8 +10,11 @@ operator sees on disk which intake holds what. The intake "default" (the one of 
 a single [intake]) keeps spool.dir itself, so upgrading changes nothing on disk; any other
 intake has spool.dir/intakes/NAME.
 
-Shares: `[intakes.NAME] spool_max_size`, else spool.max_size divided equally. Dead letters:
-each intake's own, under its directory, up to spool.dead_letter_max_size each.
+Shares: `[intakes.NAME] spool_max_size`, else what those leave of spool.max_size divided
+equally; computed when an intake's spool opens (at start, or when a reload adds the intake:
+the intakes already running keep theirs until a restart, so for that while the shares may
+add up to more than spool.max_size). Dead letters: each intake's own, under its directory,
+up to spool.dead_letter_max_size each.
 """
 
 from __future__ import annotations
@@ -51,7 +54,11 @@ def spool_share(settings: Settings, name: str) -> int:
     own = table[name].spool_max_size
     if own is not None:
         return own
-    return max(64 * 1024, settings.spool.max_size // len(table))
+    # What the intakes with a share of their own leave, divided equally among the others
+    # (config.py refuses shares adding up to more than spool.max_size).
+    fixed = sum(c.spool_max_size or 0 for c in table.values())
+    rest = sum(1 for c in table.values() if c.spool_max_size is None)
+    return max(64 * 1024, (settings.spool.max_size - fixed) // rest)
 
 
 def open_spool(settings: Settings, name: str, counters: Counters, log: Any) -> Spool | None:

@@ -152,7 +152,7 @@ def build(settings: Settings, log: Any,
     ctx = SourceContext(first.collector, counters, log, filt, pressure,
                         s.listen.max_message_size)
     ctx.routes = Routes(Table(s.route_list), intakes.live, counters, filt,
-                        lambda: ctx.max_message_size, ctx.reader, log)
+                        lambda: ctx.max_message_size, ctx.reader, log, intakes.retired)
     if s.tls_needed:
         # One for every TLS listener (RELP's with relp.tls too): certificate, handshake cap.
         ctx.server_tls.load(s.tls)  # validated with the config: it does not fail here

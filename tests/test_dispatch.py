@@ -110,6 +110,7 @@ class FakePipe:
     name: str
     collector: FakeCollector = field(default_factory=FakeCollector)
     pressure: Backpressure = field(default_factory=Backpressure)
+    closing: bool = False
 
 
 def routes(table: list[Route], names: tuple[str, ...] = ("a", "b")) -> tuple[Routes, Counters]:
@@ -207,19 +208,41 @@ def test_an_inlet_follows_a_new_table_at_its_next_take() -> None:
     assert collector(r, "b").events() == [b'"after"']
 
 
-def test_an_inlet_that_cannot_read_programs_keeps_its_intake_and_says_so() -> None:
+def test_an_inlet_changes_readers_at_a_frame_boundary_when_routes_come_to_read_programs(
+        ) -> None:
     r, _ = routes([Route(intake="a")])
     inlet = r.inlet(origin(), OCTET)
-    r.use(Table([Route(program=("haproxy-b",), intake="b"), Route(intake="b")]))
-    inlet.take(inlet.reader.feed(chunk(("haproxy-b", "x")), TS))
-    # Here both programs go to b anyway: the decision is fixed, so it follows.
-    assert collector(r, "b").events() == [b'"x"']
+    plain = inlet.reader
+    whole = chunk(("haproxy-b", "x"))
+    # A frame cut in two: the first half stays in the plain reader when the table changes.
+    inlet.take(inlet.reader.feed(whole[:5], TS))
     r.use(Table([Route(program=("haproxy-b",), intake="b"), Route(intake="a")]))
-    inlet.take(inlet.reader.feed(chunk(("haproxy-b", "y")), TS))
-    # The intake it had (b), not a guess and not the new catch-all.
-    assert collector(r, "b").events() == [b'"x"', b'"y"'] and collector(r, "a").events() == []
+    inlet.take(inlet.reader.feed(whole[5:] + chunk(("haproxy-b", "y"))[:4], TS))
+    # Read by the plain reader, which knows no program: the intake it had, not a guess.
+    assert collector(r, "a").events() == [b'"x"'] and collector(r, "b").events() == []
+    assert inlet.reader is plain
     log: Log = r.log
-    assert [e for e, _ in log.lines].count("routes_need_reconnect") == 1
+    assert [e for e, _ in log.lines].count("routes_switch_pending") == 1
+    inlet.take(inlet.reader.feed(chunk(("haproxy-b", "y"))[4:], TS))  # a boundary now
+    assert isinstance(inlet.reader, SplitReader)
+    inlet.take(inlet.reader.feed(chunk(("haproxy-b", "z"), ("haproxy", "w")), TS))
+    assert collector(r, "b").events() == [b'"z"']
+    assert collector(r, "a").events() == [b'"x"', b'"y"', b'"w"']
+    # And back to the plain (compiled) reader once the routes no longer read programs.
+    r.use(Table([Route(intake="b")]))
+    inlet.take(inlet.reader.feed(chunk(("haproxy", "v")), TS))
+    assert collector(r, "b").events()[-1] == b'"v"' and not isinstance(inlet.reader, SplitReader)
+
+
+def test_events_on_their_way_to_a_removed_intake_still_reach_it_while_it_drains() -> None:
+    r, counters = routes([Route(intake="a")])
+    retired = {"a": r.pipelines["a"]}
+    r.retired = retired
+    r.pipelines = {"b": FakePipe("b")}  # type: ignore[dict-item]
+    r.deliver(r.table.decide(origin()).target(""), ChunkResult(data=b'"q"', ends=[3],
+                                                              times=[TS], accepted=1), None)
+    assert retired["a"].collector.events() == [b'"q"']  # type: ignore[attr-defined]
+    assert counters.unrouted_events == 0
 
 
 def test_only_the_intakes_an_origin_reaches_hold_it() -> None:

@@ -80,11 +80,20 @@ class Health:
         self._status_mark = (time.monotonic(), 0, 0)
 
     def stall_reason(self) -> str | None:
-        """The first intake whose delivery stalls (the systemd watchdog's rule)."""
-        for pipe in self.intakes:
-            why = stall_reason(pipe.delivery, self.stall_after())
+        """Why the daemon counts as stalled (the systemd watchdog's rule, and the STALLED
+        mark of the STATUS= line): an intake's batches wait, undelivered for stall_after,
+        and no other intake delivered anything meanwhile either. One intake refusing its key
+        for an hour is its own problem (/healthz says so): restarting the daemon would not
+        cure it and would interrupt the intakes that work."""
+        after = self.stall_after()
+        pipes = list(self.intakes)
+        now = time.monotonic()
+        if any(now - p.delivery.last_progress <= after for p in pipes):
+            return None
+        for pipe in pipes:
+            why = stall_reason(pipe.delivery, after)
             if why:
-                return f"intake {pipe.name}: {why}"
+                return f"intake {pipe.name}: {why}" if len(pipes) > 1 else why
         return None
 
     def health(self) -> tuple[bool, dict[str, Any]]:
