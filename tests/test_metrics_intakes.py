@@ -10,7 +10,7 @@ daemon with two intakes, a drop route and an event no route takes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import pytest
 from prometheus_client.exposition import generate_latest
@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.daemon import Daemon, base_config
 from devtools.probe import wait_until
-from devtools.toml import toml_value
 from devtools.traffic import octet_counted, send_tcp, traditional
 from haproxy_forwarder import config, routing
 from haproxy_forwarder.observability.accounting import balance, balance_by_intake
@@ -341,31 +340,16 @@ def test_every_scalar_is_exported_once_and_said_per_intake_or_not() -> None:
 # -- the real daemon with two intakes ------------------------------------------------------------
 
 
-def _with_intakes(d: Daemon, intakes: dict[str, dict[str, Any]],
-                  routes: list[dict[str, Any]]) -> None:
-    """Append [intakes.NAME] tables and [[routes]] to the config `d` will start with (the
-    devtools TOML writer knows one level of tables)."""
-    lines: list[str] = []
-    for name, section in intakes.items():
-        lines.append(f"\n[intakes.{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in section.items()]
-    for route in routes:
-        lines.append("\n[[routes]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in route.items()]
-    with d.config_path.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 def test_a_daemon_with_two_intakes_labels_each_and_counts_the_unrouted(tmp_path: Path) -> None:
     other_key = "b" * 36
     with FakeIntake() as siem, FakeIntake(key=other_key) as archive:
         d = Daemon(tmp_path, base_config(
-            tmp_path, filter={"programs": ["haproxy", "hapee", "nginx", "sshd"]}))
-        _with_intakes(d, {"siem": intake_section(siem),
-                          "archive": intake_section(archive, key=other_key)},
-                      [{"program": "haproxy", "intake": "siem"},
-                       {"program": "nginx", "intake": "archive"},
-                       {"program": "sshd", "drop": True}])  # hapee: no route
+            tmp_path, filter={"programs": ["haproxy", "hapee", "nginx", "sshd"]},
+            intakes={"siem": intake_section(siem),
+                     "archive": intake_section(archive, key=other_key)},
+            routes=[{"program": "haproxy", "intake": "siem"},
+                    {"program": "nginx", "intake": "archive"},
+                    {"program": "sshd", "drop": True}]))  # hapee: no route
         with d:
             frames = ([traditional("haproxy", f"h{i}") for i in range(3)]
                       + [traditional("nginx", "n"), traditional("sshd", "s1"),
