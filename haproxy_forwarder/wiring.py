@@ -70,12 +70,13 @@ def register_gauges(registry: Registry, intakes: IntakeSet, listeners: ListenerS
     ctx = listeners.context
     registry.labelled_gauge("connections_open", "listener", listeners.connections)
     registry.labelled_gauge("listener_up", "listener", listeners.up)
-    registry.labelled_gauge("events_held", "where", functools.partial(_held, intakes))
+    registry.labelled_gauge("events_held", ("intake", "where"),
+                            functools.partial(_held, intakes))
 
     def per_intake(name: str, read: Callable[[Pipeline], float],
                    combine: Callable[[Iterable[float]], float] = sum) -> None:
-        registry.labelled_gauge(name, "intake", lambda: {p.name: float(read(p))
-                                                         for p in intakes}, combine=combine)
+        registry.labelled_gauge(name, "intake", functools.partial(_each, intakes, read),
+                                combine=combine)
 
     per_intake("in_memory_batches", lambda p: p.delivery.in_memory)
     # Dead letters given back by `spool replay-dead-letter` still to go, and how long since
@@ -103,13 +104,22 @@ def register_gauges(registry: Registry, intakes: IntakeSet, listeners: ListenerS
     per_intake("spool_blocked", lambda p: p.delivery.spool_blocked, max)
 
 
-def _held(intakes: IntakeSet) -> dict[str, int]:
-    """The `held` term of the accounting identity (observability/accounting.py), by where,
-    over every intake."""
-    out = {"memory": 0, "spool": 0}
+def _held(intakes: IntakeSet) -> dict[tuple[str, str], float]:
+    """The `held` term of the accounting identity (observability/accounting.py), by intake
+    and where."""
+    out: dict[tuple[str, str], float] = {}
     for p in intakes:
         for where, n in p.held_events().items():
-            out[where] += n
+            # A name both live and retired (added back while its old pipeline drains): both.
+            out[(p.name, where)] = out.get((p.name, where), 0.0) + n
+    return out
+
+
+def _each(intakes: IntakeSet, read: Callable[[Pipeline], float]) -> dict[str, float]:
+    """{intake: value} over every pipeline (a live and a retired one of one name: added)."""
+    out: dict[str, float] = {}
+    for p in intakes:
+        out[p.name] = out.get(p.name, 0.0) + float(read(p))
     return out
 
 

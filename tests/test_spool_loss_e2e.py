@@ -59,9 +59,9 @@ def test_daemon_quarantines_a_damaged_sealed_segment_and_counts_it(
     wait_at_rest(d.status_port, detail=d.stderr_text)  # a duplicate would be there now
     assert collections.Counter(intake.event_texts()) == collections.Counter(want)
     m = scrape(d.status_port)
-    assert value(m, "spool_corrupt_records_total") == 1
-    assert value(m, "spool_corrupt_events_total") == 4
-    assert value(m, "spool_recovered_events_total") == len(want) + 4
+    assert value(m, "spool_corrupt_records_total", intake="default") == 1
+    assert value(m, "spool_corrupt_events_total", intake="default") == 4
+    assert value(m, "spool_recovered_events_total", intake="default") == len(want) + 4
     assert (bad.parent.parent / "quarantine" / bad.name).exists()
     assert d.stop() == 0
 
@@ -73,7 +73,7 @@ def test_daemon_counts_a_damaged_sealed_segment_as_dropped(
     d.wait_log("spool_recovered_with_corruption")
     m = scrape(d.status_port)
     assert d.stop() == 0
-    assert value(m, "dropped_events_total", reason="spool_corrupt") == 4
+    assert value(m, "dropped_events_total", intake="default", reason="spool_corrupt") == 4
 
 
 def test_sigterm_after_drop_oldest_deleted_the_batch_being_sent_loses_nothing_silently(
