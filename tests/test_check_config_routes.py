@@ -167,7 +167,8 @@ key = "{KEY}"
 intake = "us"
 """)
     assert [line.removeprefix("config: ") for line in lines] == [
-        "intakes.bad name: not a valid name (letters, digits, '_', '-', '.'; at most 63)"]
+        "intakes.bad name: not a valid name (lower-case letters, digits, '_', '-', '.'; "
+        "at most 63)"]
 
 
 def test_a_good_table_loads(tmp_path: Path) -> None:
