@@ -97,7 +97,30 @@ def _parser() -> argparse.ArgumentParser:
     purge = _command(spool_sub, "purge", help="delete every spooled batch (daemon stopped)")
     purge.add_argument("--yes", action="store_true", help="really delete")
     _intake_option(purge)
+    _spool_deliver_parser(spool_sub)
     return p
+
+
+def _spool_deliver_parser(spool_sub: Any) -> None:
+    deliver = _command(
+        spool_sub, "deliver",
+        help="deliver a spool another forwarder left behind (its disk mounted, or a copy) "
+             "with this config's intake settings, no listeners; exit 0 once it is empty",
+        description="Deliver every batch of the spool at --dir (the spool.dir of a forwarder "
+                    "that is gone) to the intake of this config, acking each on that spool. "
+                    "Exit 0 once the spool is empty; 1 when nothing was delivered for "
+                    "--timeout seconds (what remains stays on disk), when interrupted, or "
+                    "when a running daemon holds the spool; 2 on a usage error.")
+    deliver.add_argument("--dir", metavar="PATH", required=True, type=Path,
+                         help="the spool.dir of the forwarder that left it; intake NAME's "
+                              "spool is PATH/intakes/NAME (PATH may be that folder itself), "
+                              "intake default's PATH itself")
+    deliver.add_argument("--intake", metavar="NAME",
+                         help="the intake whose settings deliver it, and whose spool it is "
+                              "(default: the config's only intake, or \"default\")")
+    deliver.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+                         help="give up when nothing was delivered for this long "
+                              "(default 600)")
 
 
 def _intake_option(cmd: argparse.ArgumentParser) -> None:
@@ -395,6 +418,13 @@ def _purge_one(folder: Path, max_size: int, yes: bool) -> int:
         spool.close()
 
 
+def _spool_deliver(settings: Settings, folder: Path, only: str | None,
+                   timeout: float | None) -> int:
+    from .drain import deliver
+
+    return deliver(settings, folder, only, timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -415,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _spool_requeue(settings, args.intake)
             if args.spool_command == "purge":
                 return _spool_purge(settings, args.yes, args.intake)
+            if args.spool_command == "deliver":
+                return _spool_deliver(settings, args.dir, args.intake, args.timeout)
     except ConfigError as exc:
         for line in exc.problems:
             sys.stderr.write(f"config error: {line}\n")
