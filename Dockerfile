@@ -48,8 +48,7 @@ assert not bad, f'not compiled: {bad}'; \
 from haproxy_forwarder import ingest; \
 assert ingest.IMPLEMENTATION == 'native', ingest.IMPORT_ERROR; \
 print('compiled:', ', '.join(sorted(mods)))" \
-    && /opt/haproxy-forwarder/bin/pip uninstall -y -q pip setuptools wheel 2>/dev/null; \
-    test -x /opt/haproxy-forwarder/bin/haproxy-forwarder
+    && /opt/haproxy-forwarder/bin/python -m pip uninstall -y -q pip setuptools wheel
 
 FROM ${BASE}
 
@@ -67,7 +66,7 @@ LABEL org.opencontainers.image.title="haproxy-forwarder" \
 # A fixed numeric uid/gid (10514): volumes and key files are chowned to it, and orchestrators
 # can check runAsNonRoot against USER. Its home is the spool (mode 0700: it holds log data).
 RUN groupadd --system --gid 10514 haproxy-forwarder \
-    && useradd --system --uid 10514 --gid 10514 --no-create-home \
+    && useradd --no-log-init --uid 10514 --gid 10514 --no-create-home \
         --home-dir /var/lib/haproxy-forwarder --shell /usr/sbin/nologin haproxy-forwarder \
     && install -d -m 0700 -o 10514 -g 10514 /var/lib/haproxy-forwarder \
     && install -d -m 0755 /etc/haproxy-forwarder /usr/share/doc/haproxy-forwarder
