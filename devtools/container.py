@@ -125,9 +125,16 @@ def podman(*args: str, check: bool = True,
     proc = subprocess.run(["podman", *args], env=podman_env(), capture_output=True,
                           timeout=timeout, text=True)
     if check and proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout,
-                                            proc.stderr)
+        raise PodmanError(proc.returncode, proc.args, proc.stdout, proc.stderr)
     return proc
+
+
+class PodmanError(subprocess.CalledProcessError):
+    """A podman command failed: its message ends with what podman said."""
+
+    def __str__(self) -> str:
+        said = str(self.stderr or "").strip()
+        return f"{super().__str__()}\n{said[-3000:]}"
 
 
 def podman_problem() -> str | None:
