@@ -55,6 +55,7 @@ INCLUDE = ("python3", "python3-dev", "python3-pip", "python3-venv", "python-is-p
 BASE_RECIPE_VERSION = 1
 BASE_IMAGE = f"localhost/haproxy-forwarder-test-base:{SUITE}"
 IMAGE_REPO = "localhost/haproxy-forwarder-test"
+BUILD_STAGE_REPO = "localhost/haproxy-forwarder-test-build"
 RECIPE_LABEL = "org.haproxy-forwarder.test-base-recipe"
 #: Containers and volumes made by these helpers carry it (value: the run's id), for cleanup.
 TEST_LABEL = "org.haproxy-forwarder.test"
@@ -357,25 +358,31 @@ def ensure_image(timeout: float = 1200.0) -> Built:
         t0 = time.monotonic()
         _say(f"building {name} on {base}")
         cmd = ["build", "--format", "docker", "--network", "host", "--pull=never",
-               *_ca_mount(), "--label", f"{TEST_LABEL}=image", "-t", name]
+               *_ca_mount(), "--label", f"{TEST_LABEL}=image"]
         for key, value in args.items():
             cmd += ["--build-arg", f"{key}={value}"]
-        proc = podman(*cmd, str(REPO), check=False, timeout=timeout)
+        proc = podman(*cmd, "-t", name, str(REPO), check=False, timeout=timeout)
         seconds = time.monotonic() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"podman build failed ({proc.returncode}) after {seconds:.0f} s:"
                                f"\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
         _say(f"built {name} in {seconds:.0f} s")
-        _remove_other_images(keep=name)
+        # Its build stage tagged too (from the cache: a second): the layers a rebuild starts
+        # from stay, and the previous build's go with its tag instead of piling up untagged.
+        stage = f"{BUILD_STAGE_REPO}:{name.rsplit(':', 1)[1]}"
+        podman(*cmd, "--target", "build", "-t", stage, str(REPO), check=False,
+               timeout=timeout)
+        _remove_other_images(keep=(name, stage))
         return Built(name, built=True, seconds=seconds, log=proc.stdout)
 
 
-def _remove_other_images(keep: str) -> None:
-    """Earlier test images (other keys) go: one forwarder image stays in the store."""
-    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", IMAGE_REPO, check=False)
-    for ref in listed.stdout.split():
-        if ref != keep and ref.startswith(IMAGE_REPO + ":"):
-            podman("rmi", ref, check=False)
+def _remove_other_images(keep: Sequence[str]) -> None:
+    """Earlier test images (other keys) go: one forwarder image (and its build stage) stays."""
+    for repo in (IMAGE_REPO, BUILD_STAGE_REPO):
+        listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", repo, check=False)
+        for ref in listed.stdout.split():
+            if ref not in keep and ref.startswith(repo + ":"):
+                podman("rmi", ref, check=False)
 
 
 # -- containers and volumes ----------------------------------------------------------------
@@ -520,9 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "clean":
         cleanup(None)
-        for ref in podman("images", "--format", "{{.Repository}}:{{.Tag}}", IMAGE_REPO,
-                          check=False).stdout.split():
-            podman("rmi", "-f", ref, check=False)
+        for repo in (IMAGE_REPO, BUILD_STAGE_REPO):
+            for ref in podman("images", "--format", "{{.Repository}}:{{.Tag}}", repo,
+                              check=False).stdout.split():
+                podman("rmi", "-f", ref, check=False)
         return 0
     problem = podman_problem() or base_problem()
     if problem is not None:
