@@ -40,7 +40,15 @@ import pytest
 from devtools.daemon import Daemon
 from devtools.probe import samples, steady, wait_at_rest, wait_until
 from tests.fake_intake import FakeIntake
-from tests.realpeers import free_port, haproxy_cfg, http_get
+from tests.realpeers import (
+    RSYSLOG_RULE,
+    RULE_LOCAL_FILE,
+    RULE_PORT,
+    RULE_TARGET,
+    free_port,
+    haproxy_cfg,
+    http_get,
+)
 from tests.test_realpeers import (
     BSD_TS,
     RFC3339_US,
@@ -199,6 +207,52 @@ def test_haproxy30_to_forwarder(
         assert_recent(events[0].timestamp or "")
     else:
         assert all(RECEIVED_TS.fullmatch(e.timestamp or "") for e in events), events[0]
+
+
+# ============================================================================ through rsyslog
+
+
+def test_haproxy30_via_rsyslog_8_2504_shipped_rule(
+    trixie: TrixieRun, intake: FakeIntake, daemon: MakeDaemon, copy_recorder: UdpRecorder,
+) -> None:
+    """HAProxy 3.0 -> unix socket -> rsyslog 8.2504 with the shipped rule
+    (config/rsyslog/haproxy-forwarder.conf: octet-counted TCP, traditional template) -> the
+    forwarder: every line once, byte-identical, timed at reception (no zone in the header)."""
+    d = daemon(intake)
+    rule = RSYSLOG_RULE.read_text()
+    local_copy = trixie.inner_path("haproxy.log")
+    for old, new in ((RULE_TARGET, 'target="127.0.0.1"'), (RULE_PORT, f'port="{d.tcp_port}"'),
+                     (RULE_LOCAL_FILE, local_copy)):
+        assert old in rule, f"{RSYSLOG_RULE} changed: {old!r} not found"
+        rule = rule.replace(old, new)
+    rs = trixie.rsyslog(rule)
+    port = free_port()
+    copy_line = f"log 127.0.0.1:{copy_recorder.port} len 8192 format raw local0"
+    hap = trixie.haproxy(haproxy_cfg(port, f"log {rs.socket_inner} local0\n    {copy_line}"))
+    local = trixie.host_path(local_copy)
+
+    def taken() -> int:
+        return local.read_bytes().count(b"\n") if local.exists() else 0
+
+    paths = []
+    for i in range(REQUESTS):
+        # A unix datagram socket queues 10 datagrams; HAProxy drops a line that finds it
+        # full: stay within 6 of what rsyslog has taken (tests/test_integration.py, WINDOW).
+        wait_until(lambda i=i: taken() >= i - 6, 10, f"rsyslog's local copy at {i - 6} lines")
+        paths += send_requests(port, f"rsyslog-{i}", 1)
+    assert intake.wait_for(REQUESTS, 15), intake.event_texts()
+    hap.stop()
+    rs.stop()  # its connection closed: at rest, nothing more can come
+    m = wait_at_rest(d.status_port, REQUESTS, detail=d.stderr_text)
+    assert d.stop() == 0
+    wait_until(lambda: len(copy_recorder.datagrams) >= REQUESTS, 10, "the copies")
+    logged = sorted(dgram.removesuffix(b"\n").decode() for dgram in copy_recorder.datagrams)
+    assert sorted(HTTPLOG.fullmatch(line)["path"] for line in logged) == sorted(  # type: ignore[index]
+        paths)
+    events = intake.events
+    assert sorted(e.event for e in events) == logged
+    assert m["received_frames_total"] == m["delivered_events_total"] == REQUESTS, m
+    assert all(RECEIVED_TS.fullmatch(e.timestamp or "") for e in events), events[0]
 
 
 # ============================================================================ the wire bytes

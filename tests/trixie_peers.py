@@ -372,11 +372,16 @@ class TrixieRun:
         self._closed = False
 
     def host_path(self, name: str) -> Path:
-        """``name`` (relative) in the work directory, as the host sees it."""
+        """``name`` (relative: in the work directory; absolute: an in-chroot path, as
+        ``inner_path`` gives) as the host sees it."""
+        if name.startswith("/"):
+            return self.trixie.host_path(name)
         return self.dir / name
 
     def inner_path(self, name: str) -> str:
         """``name`` (relative) in the work directory, as the chroot's engines see it."""
+        if name.startswith("/"):
+            raise ValueError(f"{name!r}: a name in the work directory is relative")
         return f"{self.inner}/{name}"
 
     def write(self, name: str, text: str) -> str:
