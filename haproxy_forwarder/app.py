@@ -53,7 +53,8 @@ class Daemon:
             stopping=self._stop.is_set, spool=not settings.dry_run)
         self.status = (
             StatusServer(*split_hostport(settings.status.listen), registry,
-                         self.health.health, log, ready=self.health.ready)
+                         self.health.health, log, ready=self.health.ready,
+                         live=self.health.live)
             if settings.status.listen else None
         )
         self.notifier = Notifier(log)
@@ -83,7 +84,7 @@ class Daemon:
                 raise ListenError([bind_problem("status.listen", st.host, st.port, exc)]) \
                     from None
             self.log.info("listening", proto="http", host=host, port=port,
-                          paths=["/metrics", "/healthz", "/readyz"])
+                          paths=["/metrics", "/healthz", "/readyz", "/livez"])
             bound.append(f"http://{host}:{port}")
         table = s.intake_table
         for name, cfg in table.items():

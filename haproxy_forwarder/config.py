@@ -629,6 +629,14 @@ def _format_error(err: Any) -> str:
     return f"{loc}: {msg}"
 
 
+# What Kubernetes puts in every pod's environment for a Service named haproxy-forwarder[-x]
+# (service links: HAPROXY_FORWARDER_SERVICE_HOST, HAPROXY_FORWARDER_X_PORT_1514_TCP_ADDR...):
+# never a setting (those have a double underscore), so not refused as a misspelt one.
+SERVICE_LINK = re.compile(
+    rf"{ENV_PREFIX[:-1]}(_[A-Z0-9]+)*?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)")
+
+
 def _unknown_env() -> list[str]:
     """HAPROXY_FORWARDER_* variables that name no setting: a typo must not pass silently."""
     known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields} | {CONFIG_ENV}
@@ -649,7 +657,7 @@ def _unknown_env() -> list[str]:
         f"{ENV_PREFIX}<SECTION>__<KEY>, with a double underscore)"
         for var in os.environ
         if var.upper().startswith(ENV_PREFIX) and var.upper() not in known
-        and not per_intake.fullmatch(var.upper())
+        and not per_intake.fullmatch(var.upper()) and not SERVICE_LINK.fullmatch(var.upper())
     )
 
 

@@ -132,6 +132,18 @@ class Health:
             "intakes": intakes,
         }
 
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        """/livez: what a restart could cure: the event loop answers, delivery is not stalled
+        everywhere (`stall_reason`, the systemd watchdog's rule), no listener closed on its
+        own. Not a full spool, nor one intake refusing its key while others deliver: /healthz
+        says those, and a restart cures neither. For orchestrators' liveness probes."""
+        reasons = [why] if (why := self.stall_reason()) else []
+        if not self.stopping():
+            reasons += [f"listener {name} is down (closed, not by us)"
+                        for name in self.listeners.down()]
+        return not reasons, {"status": "live" if not reasons else "failing",
+                             "reasons": reasons}
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """/readyz: every listener bound and the spool recovered (it is recovered before
         anything starts); not ready from the moment shutdown begins."""

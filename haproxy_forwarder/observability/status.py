@@ -55,12 +55,14 @@ class StatusServer:
         health: Check,
         log: Any,
         ready: Check | None = None,
+        live: Check | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.registry = registry
         self.health = health
         self.ready = ready or health
+        self.live = live or health
         self.log = log
         self.metrics = metrics_registry(registry)
         self.server: asyncio.Server | None = None
@@ -141,7 +143,9 @@ class StatusServer:
             return self._json(self.health)
         if path == b"/readyz":
             return self._json(self.ready)
-        return 404, b"text/plain", b"try /metrics, /healthz or /readyz\n"
+        if path == b"/livez":
+            return self._json(self.live)
+        return 404, b"text/plain", b"try /metrics, /healthz, /readyz or /livez\n"
 
     @staticmethod
     def _json(check: Check) -> tuple[int, bytes, bytes]:
