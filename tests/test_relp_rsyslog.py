@@ -170,7 +170,8 @@ def run_schedule(tmp: Path, intake: FakeIntake, rule: str,
         sender.start()
         for i, share in enumerate(KILLS):
             wait_until(functools.partial(sender.reached, N * share), 60,
-                       f"the sender {share:.0%} through its lines")
+                       f"the sender {share:.0%} through its lines",
+                       detail=lambda: f"sender error: {sender.error!r}")
             down = intake_down_first_kill and i == 0
             if down:
                 intake.set_down(True)
