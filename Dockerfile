@@ -5,8 +5,9 @@
 #
 # --format docker: podman's default OCI format has no HEALTHCHECK and drops it (with a warning).
 # Behind a TLS-inspecting proxy, pip in the build stage must trust its CA (docs/container.md):
-#   podman build -v /etc/ssl/certs:/etc/ssl/certs:ro \
-#       --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt ...
+#   podman build --secret id=build-ca,src=/etc/ssl/certs/ca-certificates.crt ...
+#   docker build --secret id=build-ca,src=/etc/ssl/certs/ca-certificates.crt ...
+# (a PEM bundle that includes the proxy's CA; used by pip in the build, kept out of the image).
 #
 # BASE: any Debian-like image with python3 (>= 3.11) and its headers, the venv module, apt and
 # useradd. The tests (tests/test_container.py) build on a Debian 12 base made with debootstrap.
@@ -14,9 +15,8 @@ ARG BASE=docker.io/library/python:3.11-slim
 
 FROM ${BASE} AS build
 
-# pip's CA bundle and index (a corporate mirror); the proxy variables (HTTPS_PROXY, NO_PROXY...)
-# are build arguments of their own. Only this stage downloads anything.
-ARG PIP_CERT=
+# pip's index (a corporate mirror); the proxy variables (HTTPS_PROXY, NO_PROXY...) are build
+# arguments of their own; its CA is the build-ca secret. Only this stage downloads anything.
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -34,7 +34,9 @@ COPY haproxy_forwarder ./haproxy_forwarder
 # The project's wheel (compiled here), then the virtualenv the image runs: the wheel and its
 # dependencies. Then proof, outside /src, that every .pyx of the sources is a compiled module
 # in the venv and imports: a build that fell back to pure Python fails here, not in production.
-RUN python3 -m venv /opt/haproxy-forwarder \
+RUN --mount=type=secret,id=build-ca \
+    if [ -f /run/secrets/build-ca ]; then export PIP_CERT=/run/secrets/build-ca; fi \
+    && python3 -m venv /opt/haproxy-forwarder \
     && /opt/haproxy-forwarder/bin/pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/haproxy-forwarder/bin/pip install --prefer-binary /wheels/*.whl \
     && cd / \

@@ -335,14 +335,13 @@ class Built:
     log: str = ""
 
 
-def _ca_mount() -> list[str]:
-    """pip in the build trusts this machine's CA bundle (PIP_CERT, else the system one)."""
+def _ca_secret() -> list[str]:
+    """pip in the build trusts this machine's CA bundle (PIP_CERT, else the system one): the
+    Dockerfile's build-ca secret, as docs/container.md tells users behind a TLS proxy."""
     for candidate in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"),
                       "/etc/ssl/certs/ca-certificates.crt"):
         if candidate and Path(candidate).is_file():
-            real = Path(candidate).resolve()
-            return ["-v", f"{real}:/etc/pip-build-ca.pem:ro",
-                    "--build-arg", "PIP_CERT=/etc/pip-build-ca.pem"]
+            return ["--secret", f"id=build-ca,src={Path(candidate).resolve()}"]
     return []
 
 
@@ -359,7 +358,7 @@ def ensure_image(timeout: float = 1200.0) -> Built:
         t0 = time.monotonic()
         _say(f"building {name} on {base}")
         cmd = ["build", "--format", "docker", "--network", "host", "--pull=never",
-               *_ca_mount(), "--label", f"{TEST_LABEL}=image"]
+               *_ca_secret(), "--label", f"{TEST_LABEL}=image"]
         for key, value in args.items():
             cmd += ["--build-arg", f"{key}={value}"]
         proc = podman(*cmd, "-t", name, str(REPO), check=False, timeout=timeout)
@@ -385,7 +384,7 @@ def _first_stage_id(output: str) -> str | None:
     for line in output.splitlines():
         if line.startswith("[2/"):
             return found
-        match = re.fullmatch(r"--> (?:Using cache )?([0-9a-f]{12,64})", line.strip())
+        match = re.fullmatch(r"--> (?:Using cache )?([0-9a-f]{6,64})", line.strip())
         if match:
             found = match.group(1)
     return None
