@@ -272,21 +272,45 @@ def test_refuses_to_start_without_the_compiled_core(image: str, tmp_path: Path) 
 
 
 def test_outage_stop_and_restart_on_the_same_volume(image: str, tmp_path: Path) -> None:
-    """Traffic in, events at the intake; the intake goes down, more traffic, SIGTERM (podman
-    stop) spools what is held; a new container on the same volume, the intake back: every
-    event exactly once."""
+    """Three containers, one after the other, on one spool volume, the key as compose gives it:
+
+    1. traffic in, every event at the intake; then the intake hangs (takes a request, never
+       answers) and more traffic comes: SIGTERM (podman stop) finds that batch in memory,
+       in flight, and writes it to the spool before exiting 0;
+    2. the intake down (connection refused): the new container finds the spool, cannot
+       deliver, more traffic goes to the spool, its healthcheck fails; SIGTERM, exit 0;
+    3. the intake back: the third container delivers the spool.
+    At the intake, every event exactly once: the hanging request of 1 was dropped unanswered
+    by the fake intake, so its batch, spooled as an uncertain delivery, counts once."""
     key = _key_file(tmp_path)
     status_port = _free_port()
     with FakeIntake() as intake:
         spool = container.volume()
         env = _run_env(intake, status_port,
                        # Short, so that the test sees the healthcheck fail during the outage
-                       # and the stop take seconds (the defaults: 300 s and 10 s).
+                       # and a stop with a batch in flight take seconds (defaults: 300, 10).
                        HAPROXY_FORWARDER_STATUS__STALL_AFTER="2",
                        HAPROXY_FORWARDER_SHUTDOWN_TIMEOUT="3")
         mounts = [f"{spool}:{container.SPOOL_DIR}", f"{intake.ca_file}:{CA_IN}:ro",
                   f"{key}:{KEY_IN}:ro"]
-        first = container.Container(image, env=env, mounts=mounts, extra=HARDENED).start()
+
+        def run() -> container.Container:
+            return container.Container(image, env=env, mounts=mounts, extra=HARDENED).start()
+
+        def stop(c: container.Container) -> tuple[float, list[dict[str, Any]]]:
+            """SIGTERM through podman stop: exit 0 well within the stop timeout; the time it
+            took and the log, its last line `stopped` (the final counters)."""
+            t0 = time.monotonic()
+            code = c.stop()
+            took = time.monotonic() - t0
+            assert code == 0, f"exit {code} (137: SIGKILL) after {took:.1f} s\n{c.logs()}"
+            assert took < c.stop_timeout, took
+            records = c.records()
+            assert records and records[-1]["event"] == "stopped", c.logs()
+            return took, records
+
+        # 1 --------------------------------------------------------------------------------
+        first = run()
         try:
             first.wait_started()
             # PID 1 is the daemon (exec form: it gets the signals), not running as root.
@@ -304,41 +328,59 @@ def test_outage_stop_and_restart_on_the_same_volume(image: str, tmp_path: Path) 
             health = first.healthcheck()
             assert health.returncode == 0, (health.stdout, health.stderr)
 
-            intake.set_down(True)
-            payload, during = _frames(3000, 2000)
+            intake.set_delay(600)  # a hung intake: the request is read, never answered
+            payload, held = _frames(3000, 1000)
             send_tcp(first.ports["tcp"], payload)
             wait_until(lambda: metric(status_port, "accepted_events_total")
-                       >= len(before) + len(during), 60, "the outage's events accepted",
+                       >= len(before) + len(held), 60, "the held events accepted",
                        detail=first.logs)
-            # The HEALTHCHECK reads /healthz: batches waiting, nothing delivered for 2 s.
-            wait_until(lambda: first.healthcheck().returncode == 1, 60,
-                       "the healthcheck failing during the outage", step=0.5)
-
-            t0 = time.monotonic()
-            code = first.stop()
-            took = time.monotonic() - t0
-            assert code == 0, f"exit {code} (137: SIGKILL) after {took:.1f} s\n{first.logs()}"
-            stopped = first.events("stopped")
-            assert stopped, first.logs()
-            assert took < first.stop_timeout, took
+            wait_until(lambda: any(r["status"] is None for r in intake.requests), 30,
+                       "a request hanging at the intake", detail=first.logs)
+            assert metric(status_port, "spool_events") == 0  # in memory, in flight
+            took, log = stop(first)
         finally:
             first.remove()
-        assert len(intake.events) == len(before), "events arrived while the intake was down"
+        incomplete = [r for r in log if r["event"] == "shutdown_incomplete"]
+        assert incomplete and incomplete[-1]["spooled_events"] == len(held), log
+        assert log[-1]["spool_events"] == len(held), log[-1]
+        assert log[-1]["uncertain_deliveries"] >= 1, log[-1]  # cut off in flight
+        assert took >= 3, f"SIGTERM did not wait shutdown_timeout for the intake: {took:.1f} s"
 
-        intake.set_down(False)
-        second = container.Container(image, env=env, mounts=mounts, extra=HARDENED).start()
+        # 2 --------------------------------------------------------------------------------
+        intake.set_down(True)  # the hanging request is dropped: nothing of it was ingested
+        assert len(intake.events) == len(before)
+        intake.set_delay(0)
+        second = run()
         try:
             second.wait_started()
-            wait_until(lambda: len(intake.events) >= len(before) + len(during), 60,
-                       "the spooled events after the restart", detail=second.logs)
-            final = wait_at_rest(status_port, detail=second.logs)
-            assert final.get("spool_recovered_events_total") == len(during), final
-            assert second.healthcheck().returncode == 0
-            assert second.stop() == 0, second.logs()
+            payload, during = _frames(4000, 2000)
+            send_tcp(second.ports["tcp"], payload)
+            wait_until(lambda: metric(status_port, "accepted_events_total") >= len(during), 60,
+                       "the outage's events accepted", detail=second.logs)
+            # The HEALTHCHECK reads /healthz: batches waiting, nothing delivered for 2 s.
+            wait_until(lambda: second.healthcheck().returncode == 1, 60,
+                       "the healthcheck failing during the outage", step=0.5)
+            _, log = stop(second)
         finally:
             second.remove()
+        assert log[-1]["spool_events"] == len(held) + len(during), log[-1]
+        assert len(intake.events) == len(before), "events arrived while the intake was down"
+
+        # 3 --------------------------------------------------------------------------------
+        intake.set_down(False)
+        third = run()
+        try:
+            third.wait_started()
+            wait_until(lambda: len(intake.events) >= len(before) + len(held) + len(during),
+                       60, "the spooled events after the restart", detail=third.logs)
+            final = wait_at_rest(status_port, detail=third.logs)
+            assert final.get("spool_recovered_events_total") == len(held) + len(during), final
+            assert third.healthcheck().returncode == 0
+            stop(third)
+        finally:
+            third.remove()
         got = collections.Counter(intake.event_texts())
-        want = collections.Counter(before + during)
+        want = collections.Counter(before + held + during)
         assert got == want, (f"lost {sum((want - got).values())}, "
                              f"duplicated {sum((got - want).values())}")
         container.remove_volume(spool)
