@@ -508,7 +508,9 @@ class Container:
         return self.exit_code()
 
     def remove(self) -> None:
-        podman("rm", "-f", "-t", "0", self.name, check=False)
+        """The container and its anonymous volumes (the image's VOLUME when nothing was
+        mounted there)."""
+        podman("rm", "-f", "-v", "-t", "0", self.name, check=False)
 
     def __enter__(self) -> Container:
         return self.start()
@@ -517,12 +519,25 @@ class Container:
         self.remove()
 
 
+def run_once(image: str, *args: str, options: Sequence[str] = (),
+             timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """`podman run` to completion (host network, no healthcheck timer), then removed with
+    its anonymous volume (`--rm` keeps that one in podman 4.3). PodmanError if it fails."""
+    name = unique("once")
+    try:
+        return podman("run", "--name", name, "--network", "host", "--label",
+                      f"{TEST_LABEL}={RUN_ID}", "--health-interval", "disable", *options,
+                      image, *args, timeout=timeout)
+    finally:
+        podman("rm", "-f", "-v", "-t", "0", name, check=False)
+
+
 def cleanup(run_id: str | None = RUN_ID) -> None:
     """Containers and volumes of this run (every run's with None)."""
     label = TEST_LABEL if run_id is None else f"{TEST_LABEL}={run_id}"
     ids = podman("ps", "-aq", "--filter", f"label={label}", check=False).stdout.split()
     if ids:
-        podman("rm", "-f", "-t", "0", *ids, check=False)
+        podman("rm", "-f", "-v", "-t", "0", *ids, check=False)
     vols = podman("volume", "ls", "-q", "--filter", f"label={label}", check=False).stdout.split()
     if vols:
         podman("volume", "rm", "-f", *vols, check=False)

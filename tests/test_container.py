@@ -223,15 +223,15 @@ def test_image_as_built(image: str) -> None:
     assert container.SPOOL_DIR in config["Volumes"]
     assert "HAPROXY_FORWARDER_EXPECT_COMPILED=1" in config["Env"]
 
-    version = container.podman("run", "--rm", image, "--version").stdout
+    version = container.run_once(image, "--version").stdout
     assert "ingest: native" in version, version
     # The final stage has no compiler (the build stage had gcc).
-    tools = container.podman("run", "--rm", "--entrypoint", "sh", image, "-c",
-                             "command -v gcc cc c99 || true").stdout
+    tools = container.run_once(image, "-c", "command -v gcc cc c99 || true",
+                               options=["--entrypoint", "sh"]).stdout
     assert tools.strip() == "", f"a compiler in the image: {tools}"
     # The shipped config is valid in the image, its spool on the volume.
-    checked = container.podman("run", "--rm", "-e", f"HAPROXY_FORWARDER_INTAKE__KEY={VALID_KEY}",
-                               image, "check-config")
+    checked = container.run_once(image, "check-config",
+                                 options=["-e", f"HAPROXY_FORWARDER_INTAKE__KEY={VALID_KEY}"])
     assert json.loads(checked.stdout)["spool"]["dir"] == container.SPOOL_DIR
 
 
@@ -240,9 +240,9 @@ def test_refuses_to_start_without_the_compiled_core(image: str, tmp_path: Path) 
     environment): with `_native` unloadable (an empty file over it: as a broken or foreign
     build would be), the daemon refuses to start, exit 1, saying why. An operator who asks for
     the pure-Python reader (HAPROXY_FORWARDER_NO_EXTENSIONS=1) gets it: a choice, not a fault."""
-    native = container.podman(
-        "run", "--rm", "--entrypoint", "python", image, "-c",
-        "import haproxy_forwarder.ingest._native as m; print(m.__file__)").stdout.strip()
+    native = container.run_once(
+        image, "-c", "import haproxy_forwarder.ingest._native as m; print(m.__file__)",
+        options=["--entrypoint", "python"]).stdout.strip()
     assert native.endswith(".so"), native
     empty = tmp_path / "empty.so"
     empty.write_bytes(b"")
