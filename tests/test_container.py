@@ -111,7 +111,8 @@ def test_compose_file() -> None:
     (secret,) = svc["secrets"]
     assert env["HAPROXY_FORWARDER_INTAKE__KEY_FILE"] == f"/run/secrets/{secret}"
     assert secret in compose["secrets"]
-    assert svc["healthcheck"]["test"] == ["CMD", "haproxy-forwarder", "status", "--once"]
+    assert svc["healthcheck"]["test"] == ["CMD-SHELL", "haproxy-forwarder status --once"]
+    assert svc["image"].startswith("localhost/")  # podman resolves no short name
     grace = int(svc["stop_grace_period"].rstrip("s"))
     assert grace > SHIPPED_CONFIG["shutdown_timeout"] + 2 * 2  # drain + delivery + spooling
     # Every variable names a setting the daemon knows, and the whole is a valid config: the
