@@ -337,12 +337,15 @@ def test_outage_stop_and_restart_on_the_same_volume(image: str, tmp_path: Path) 
                        detail=first.logs)
             wait_until(lambda: any(r["status"] is None for r in intake.requests), 30,
                        "a request hanging at the intake", detail=first.logs)
-            assert metric(status_port, "spool_events") == 0  # in memory, in flight
+            # In memory, in flight (a batch queued behind them for over 1 s would have been
+            # spilled to the spool already: on a slow machine, some may be).
+            on_disk = int(metric(status_port, "spool_events"))
+            assert on_disk < len(held)
             took, log = stop(first)
         finally:
             first.remove()
         incomplete = [r for r in log if r["event"] == "shutdown_incomplete"]
-        assert incomplete and incomplete[-1]["spooled_events"] == len(held), log
+        assert incomplete and incomplete[-1]["spooled_events"] == len(held) - on_disk, log
         assert log[-1]["spool_events"] == len(held), log[-1]
         assert log[-1]["uncertain_deliveries"] >= 1, log[-1]  # cut off in flight
         assert took >= 3, f"SIGTERM did not wait shutdown_timeout for the intake: {took:.1f} s"
