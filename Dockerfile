@@ -86,7 +86,7 @@ ENV PATH=/opt/haproxy-forwarder/bin:$PATH \
 # import (or is missing), the daemon refuses to start (exit 1, `startup_failed`) rather than run
 # at several times the CPU. HAPROXY_FORWARDER_NO_EXTENSIONS=1 still chooses pure Python.
 # The copied venv works on this stage's interpreter (no compiler here): checked once.
-RUN haproxy-forwarder --version | tee /dev/stderr | grep -q "ingest: native" \
+RUN haproxy-forwarder --version | grep "ingest: native" \
     && ! command -v gcc && ! command -v cc
 
 USER 10514:10514
