@@ -39,7 +39,7 @@ import pytest
 
 from devtools import REPO
 from devtools.daemon import Daemon, base_config, run_cli
-from devtools.probe import metric, steady, wait_at_rest, wait_until
+from devtools.probe import metric, samples, steady, wait_at_rest, wait_until
 from devtools.traffic import octet_frame, rfc5424
 from tests.conftest import intake_section
 from tests.fake_intake import FakeIntake
@@ -116,8 +116,9 @@ class Forwarder:
         """SIGKILL, as a crash (its last metrics kept first)."""
         d = self.daemon
         assert d is not None and d.proc is not None
-        with contextlib.suppress(OSError, AssertionError):
-            self.last_seen = {k: metric(d.status_port, k) for k in
+        with contextlib.suppress(OSError):
+            seen = samples(d.status_port)
+            self.last_seen = {k: seen.get(k, 0.0) for k in
                               ("accepted_events_total", "delivered_events_total",
                                "relp_acks_total", "spool_events")}
         d.proc.kill()
@@ -358,13 +359,15 @@ class KillReport:
     def line(self) -> str:
         lost = self.tally.lost
         lo, hi = self.window()
+        accepted = int(self.killed.last_seen.get("accepted_events_total", -1))
+        delivered = int(self.killed.last_seen.get("delivered_events_total", -1))
         return (f"{self.what}: {self.tally.n} sent, {len(self.tally.counts)} distinct at the "
                 f"intake, {len(lost)} lost ({100 * len(lost) / self.tally.n:.3f} %, sent "
                 f"{lo:+.2f} s to {hi:+.2f} s around the kill), {self.tally.duplicates} "
-                f"duplicates; {self.killed.name} had accepted "
-                f"{int(self.killed.last_seen.get('accepted_events_total', -1))} and delivered "
-                f"{int(self.killed.last_seen.get('delivered_events_total', -1))} when killed, "
-                f"its spool held {self.killed.recovered_events} at the restart; "
+                f"duplicates; {self.killed.name} had accepted {accepted} and delivered "
+                f"{delivered} at its last scrape before the kill ({accepted - delivered} "
+                f"in its memory: lost with it unless RELP has them resent), its spool held "
+                f"{self.killed.recovered_events} at the restart; "
                 f"{self.seconds:.1f} s")
 
 
