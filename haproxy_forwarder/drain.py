@@ -203,6 +203,9 @@ async def _deliver(settings: Settings, name: str, timeout: float, out: Out,
     verdict = EXIT_FAILED
     why = ""
     next_line = loop.time() + progress_every
+    # Progress: events delivered or dead-lettered (a batch the intake refuses for good is
+    # settled too: a spool of refused events is not an intake that keeps failing).
+    settled, moved_at = 0, time.monotonic()
     try:
         while True:
             if _done(pipe):
@@ -211,7 +214,10 @@ async def _deliver(settings: Settings, name: str, timeout: float, out: Out,
             if stop.is_set():
                 why = "interrupted"
                 break
-            idle = time.monotonic() - pipe.delivery.last_progress
+            now_settled = pipe.counters.delivered_events + pipe.counters.dead_lettered_events
+            if now_settled != settled:
+                settled, moved_at = now_settled, time.monotonic()
+            idle = time.monotonic() - moved_at
             if idle >= timeout:
                 why = (f"gave up: nothing delivered for {idle:.0f} s (--timeout {timeout:g}); "
                        "the intake keeps failing (the intake_retry / "

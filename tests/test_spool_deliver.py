@@ -183,3 +183,26 @@ def test_an_intake_still_down_gives_up_after_the_timeout_and_keeps_the_events(
     assert r.returncode == 0, r.stdout + r.stderr
     assert_exactly_once(intake, texts)
     assert spool_events(spool) == 0
+
+
+def test_a_batch_the_intake_refuses_for_good_goes_to_that_spools_dead_letters(
+        tmp_path: Path, intake: FakeIntake) -> None:
+    """400 for one request: its events are dead-lettered in the dead forwarder's folder (as
+    its daemon would have), the rest delivered; exit 0, the spool empty."""
+    spool, texts = dead_forwarder(tmp_path, intake, n=1000)
+    intake.set_down(False)
+    intake.inject(400, body=b'{"message": "bad event"}')
+    r = deliver(rescuer_config(tmp_path, intake), spool)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"spool deliver: (\d+) events refused for good by the intake are in (\S+)",
+                  r.stdout)
+    assert m is not None, r.stdout
+    refused = int(m[1])
+    assert Path(m[2]) == spool / "dead-letter"
+    assert refused > 0 and len(intake.events) + refused == len(texts)
+    assert_exactly_once(intake, [t for t in texts if t in set(intake.event_texts())])
+    cfg = spool.parent / "stats.toml"
+    write_toml(cfg, {"spool": {"dir": str(spool)}})
+    stats = orjson.loads(run_cli("--config", str(cfg), "spool", "stats").stdout)
+    assert stats["spool_events"] == 0
+    assert stats["dead_letter"]["events"] == refused
