@@ -182,7 +182,12 @@ def test_labelled_counters_histogram_and_status_classes_follow_real_traffic(
     send_tcp(d.tcp_port, lf)
     send_udp(d.udp_port, datagrams)
     assert intake.wait_for(7, 15)
-    m = scrape(d.status_port)
+    # The intake has them once it answered; the daemon counts them once it read the answer.
+    def counted() -> Samples | None:
+        got = scrape(d.status_port)
+        return got if value(got, "delivered_events_total", intake=DEFAULT) == 7 else None
+
+    m = wait_until(counted, 15, "the 7 events counted as delivered")
     assert value(m, "received_frames_total", listener=tcp, framing="octet") == 3
     assert value(m, "received_frames_total", listener=tcp, framing="lf") == 2
     assert value(m, "received_frames_total", listener=udp, framing="datagram") == 2
