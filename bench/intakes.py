@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import http.client
 import importlib
 import multiprocessing as mp
-import os
 import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -50,11 +47,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from devtools import REPO
 from devtools.daemon import Daemon, run_cli
 from haproxy_forwarder import statusreport
 
 from . import procs, suts
+from .machine import machine
 from .stream import Stream, load_stream
 
 NAMES = ("a", "b", "c")
@@ -320,30 +317,6 @@ def _requests_by_class(url: str, intake: str) -> dict[str, float]:
 
 
 # -- report ---------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, str]:
-    rev = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=REPO, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "haproxy_forwarder"],
-                               capture_output=True, text=True, cwd=REPO,
-                               timeout=10).stdout.strip()
-        if dirty:
-            rev += " (haproxy_forwarder/ has uncommitted changes)"
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": rev,
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-    }
 
 
 def loadavg() -> str:

@@ -192,6 +192,18 @@ def _substitute(text: str, old: str, new: str, what: str, rule_file: Path) -> st
     return text.replace(old, new)
 
 
+def end_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
+    """Send ``sig`` to a peer still running, wait up to ``timeout`` s, then SIGKILL."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class _Process:
     """Common start/stop for a foreground child with output captured to a file."""
 
@@ -230,14 +242,7 @@ class _Process:
         proc = self.proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        end_process(proc, sig, timeout)
         self._output.close()
         self._cleanup()
         return proc.returncode

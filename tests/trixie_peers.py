@@ -51,7 +51,7 @@ import pytest
 
 from devtools.probe import wait_until
 from devtools.trixie import PACKAGES, Trixie, chroot
-from tests.realpeers import port_listening
+from tests.realpeers import end_process, port_listening
 
 __all__ = [
     "ChrootHaproxy", "ChrootProcess", "ChrootRsyslog", "TrixieRun", "haproxy_cli",
@@ -167,14 +167,7 @@ class ChrootProcess:
         proc = self.proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        end_process(proc, sig, timeout)
         close = getattr(self._output, "close", None)
         if close is not None:
             close()
