@@ -423,6 +423,12 @@ class RouteConfig(_Section):
             intake=None if self.drop else self.intake)
 
 
+def segment_size(max_size: int) -> int:
+    """The segment files of a spool of `max_size` bytes (an intake's share): several per
+    spool, so acked space comes back before the spool is full."""
+    return max(16 * KIB, min(32 * MIB, max_size // 8))
+
+
 class SpoolConfig(_Section):
     dir: Path = Path("/var/lib/haproxy-forwarder")
     # "overflow": disk only when a batch cannot be delivered at once; "always": write-ahead,
@@ -442,11 +448,6 @@ class SpoolConfig(_Section):
         if isinstance(value, str) and (not value or "\0" in value):
             raise ValueError("must be a directory path (not empty, no NUL byte)")
         return value
-
-    @property
-    def segment_size(self) -> int:
-        # Several segments per spool, so acked space comes back before the spool is full.
-        return max(16 * KIB, min(32 * MIB, self.max_size // 8))
 
 
 class StatusConfig(_Section):

@@ -22,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .batching import Batcher
 from .collector import Collector
-from .config import DEFAULT_INTAKE, IntakeConfig, Settings
+from .config import DEFAULT_INTAKE, IntakeConfig, Settings, segment_size
 from .delivery import Backoff, Delivery
 from .observability.counters import Counters, Registry
 from .sinks import make_sink
@@ -68,7 +68,7 @@ def open_spool(settings: Settings, name: str, counters: Counters, log: Any) -> S
     s = settings.spool
     size = spool_share(settings, name)
     spool = Spool(spool_dir(settings, name), max_size=size, when_full=s.when_full,
-                  segment_size=max(16 * 1024, min(32 * 1024 * 1024, size // 8)),
+                  segment_size=segment_size(size),
                   counters=counters.spool)
     report = spool.open()
     st = spool.stats()
@@ -102,7 +102,6 @@ class Pipeline:
     retired: bool = False
     closing: bool = False  # a retired one whose stop has begun: it cannot be revived
     kept_events: int = 0  # on its spool when it stopped
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self, settings: Settings) -> None:
         self.delivery.start()
@@ -130,8 +129,6 @@ class Pipeline:
 
     async def stop(self) -> tuple[int, int]:
         """Spool what is only in memory and stop; (spooled, dropped) events."""
-        for task in self._tasks:
-            task.cancel()
         self.collector.flush()
         result = await self.delivery.stop()
         if self.spool is not None:
@@ -207,7 +204,7 @@ class IntakeSet:
     def add(self, pipe: Pipeline) -> None:
         self.live[pipe.name] = pipe
 
-    def retire(self, name: str, settings: Settings) -> Pipeline:
+    def retire(self, name: str) -> Pipeline:
         """No route leads to `name` any more: it delivers what it holds, then closes."""
         pipe = self.live.pop(name)
         pipe.retired = True

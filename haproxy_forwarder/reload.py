@@ -357,7 +357,7 @@ def _commit(target: Target, plan: Plan, ready: _Prepared,
     s = plan.effective
     intakes = target.intakes
     for name in plan.intakes_remove:
-        intakes.retire(name, s)
+        intakes.retire(name)
     for name in ready.revived:
         if intakes.revive(name) is None:  # it closed meanwhile: a new one, next reload
             target.log.warning("intake_not_revived", intake=name,
