@@ -12,6 +12,28 @@ from pathlib import Path
 from devtools import REPO
 
 
+def commit() -> str:
+    """`git rev-parse --short HEAD`, plus " + uncommitted changes" when `git status
+    --porcelain` lists anything (anywhere in the work tree: what ran is not that commit)."""
+    rev = "?"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=REPO, timeout=10).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                               text=True, cwd=REPO, timeout=30).stdout.strip()
+        if dirty:
+            rev += " + uncommitted changes"
+    return rev
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages (os.getloadavg)."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def machine() -> dict[str, str]:
     model = "?"
     with contextlib.suppress(OSError):
@@ -23,15 +45,7 @@ def machine() -> dict[str, str]:
     with contextlib.suppress(OSError):
         kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f"{kb / 1024 / 1024:.1f} GiB"
-    rev = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=REPO, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "haproxy_forwarder"],
-                               capture_output=True, text=True, cwd=REPO,
-                               timeout=10).stdout.strip()
-        if dirty:
-            rev += " (haproxy_forwarder/ has uncommitted changes)"
+    rev = commit()
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": str(os.cpu_count()),
@@ -40,5 +54,5 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "commit": rev,
-        "loadavg": Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__(),
+        "loadavg": loadavg(),
     }

@@ -1,8 +1,11 @@
-"""The measurements: burst (throughput, CPU, peak RSS), paced latency, spool replay."""
+"""The measurements: burst (throughput, CPU, peak RSS), paced latency, spool replay; and how
+the figures of several rounds are told (median and min-max spread)."""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +41,11 @@ class Burst:
     notes: list[str] = field(default_factory=list)
 
 
-def wait_events(intake: Intake, expected: int, deadline: float,
+def wait_events(intake: Any, expected: int, deadline: float,
                  alive: Any = None) -> dict[str, Any]:
     last_n, last_change = -1, time.monotonic()
     while True:
-        st = intake.stats()
+        st: dict[str, Any] = intake.stats()
         if st["events"] >= expected:
             return st
         now = time.monotonic()
@@ -67,10 +70,18 @@ def _rate_between(timeline: list[tuple[float, float]], lo: float, hi: float) -> 
     return (n_hi - n_lo) / (t_hi - t_lo)
 
 
-def burst(sut: Any, intake: Intake, stream: Stream, timeout: float = 120.0) -> Burst:
+def burst(sut: Any, intake: Any, stream: Stream, timeout: float = 120.0) -> Burst:
     """Start the SUT fresh, push the whole stream as fast as it takes it, until the intake
-    has every event."""
-    res = Burst(sut.name, stream.count, stream.haproxy)
+    has every event.
+
+    `intake` is a bench.control.Intake, or anything that answers reset/stats/timeline and
+    has a pid (bench.concentrator.Sink). A SUT with an `expected(count, haproxy)` method says
+    how many events must arrive (the concentrator forwards every frame, having no filter);
+    otherwise the HAProxy frames must. A SUT with `burst_notes()` adds notes before it stops.
+    """
+    want = (sut.expected(stream.count, stream.haproxy) if hasattr(sut, "expected")
+            else stream.haproxy)
+    res = Burst(sut.name, stream.count, want)
     intake.reset("count")
     sut.start()
     try:
@@ -83,7 +94,7 @@ def burst(sut: Any, intake: Intake, stream: Stream, timeout: float = 120.0) -> B
         busy0, self0 = procs.machine_busy(), procs.self_cpu()
         sender = procs.Sender(sut.port, stream.path, stream.offsets, timeout=timeout)
         sender.start()
-        st = wait_events(intake, stream.haproxy, time.monotonic() + timeout,
+        st = wait_events(intake, want, time.monotonic() + timeout,
                           alive=lambda: sut.proc.poll() is None)
         cpu1 = procs.cpu_seconds(pid)
         res.main_thread_cpu = procs.thread_cpu(pid, pid) - main0
@@ -101,17 +112,19 @@ def burst(sut: Any, intake: Intake, stream: Stream, timeout: float = 120.0) -> B
             res.events_per_s = res.received / res.seconds if res.seconds > 0 else 0.0
         res.msgs_per_cpu_s = stream.count / res.cpu if res.cpu > 0 else 0.0
         tl = intake.timeline()
-        res.steady_per_s = _rate_between(tl, 0.1 * stream.haproxy, 0.9 * stream.haproxy)
+        res.steady_per_s = _rate_between(tl, 0.1 * want, 0.9 * want)
         if st.get("timeout") or st.get("died"):
             why = "died" if st.get("died") else "stalled/timed out"
-            res.error = (f"{why}: intake got {res.received} of {stream.haproxy} events"
+            res.error = (f"{why}: intake got {res.received} of {want} events"
                          + (f"; sender: {sender.error}" if sender.error else ""))
-        elif res.received > stream.haproxy:
-            res.notes.append(f"{res.received - stream.haproxy} duplicate events")
+        elif res.received > want:
+            res.notes.append(f"{res.received - want} duplicate events")
         if sender.error and not res.error:
             res.notes.append(f"sender: {sender.error}")
         if res.leaked:
             res.notes.append(f"{res.leaked} filtered-out (sshd) events reached the intake")
+        if hasattr(sut, "burst_notes"):
+            res.notes += sut.burst_notes(st)
     finally:
         sut.stop()
     res.sut_counters = _final_counters(sut)
@@ -275,3 +288,52 @@ def replay(make_sut: Any, intake: Intake, tmp: Path, batches: int, per_batch: in
     finally:
         sut.stop()
     return res
+
+
+# -- several rounds: median and min-max spread ----------------------------------------------
+
+
+def spread(values: Sequence[float | None]) -> tuple[float, float, float] | None:
+    """(median, min, max) of the measured values; None or 0 is a round without the figure."""
+    got = [v for v in values if v]
+    if not got:
+        return None
+    return statistics.median(got), min(got), max(got)
+
+
+def number(v: float, whole: bool = False) -> str:
+    """714,286 / 281 / 66.6 / 1.4: thousands separated, one decimal below 100 unless `whole`."""
+    if v >= 100 or whole:
+        return f"{v:,.0f}"
+    return f"{v:.1f}"
+
+
+def with_spread(values: Sequence[float | None]) -> str:
+    """`714,286 (655,738-769,231)`: the median, then the min-max over the rounds; a single
+    measurement alone; `-` when no round has it. Whole numbers (counts) without decimals."""
+    s = spread(values)
+    if s is None:
+        return "-"
+    med, lo, hi = s
+    got = [v for v in values if v]
+    whole = all(float(v).is_integer() for v in got) and float(med).is_integer()
+    if len(got) == 1:
+        return number(med, whole)
+    return f"{number(med, whole)} ({number(lo, whole)}-{number(hi, whole)})"
+
+
+def ratio_of_medians(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    sa, sb = spread(a), spread(b)
+    return sa[0] / sb[0] if sa and sb else None
+
+
+def ratio_cell(a: Sequence[float | None], b: Sequence[float | None]) -> str:
+    """`1.29x (1.10-1.50)`: the ratio of the medians, then the min-max of the ratios taken
+    round by round (the two figures of the same round, measured minutes apart at most)."""
+    r = ratio_of_medians(a, b)
+    if r is None:
+        return "-"
+    per_round = [x / y for x, y in zip(a, b, strict=False) if x and y]
+    if len(per_round) < 2:
+        return f"{r:.2f}x"
+    return f"{r:.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"

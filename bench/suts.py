@@ -1,5 +1,6 @@
 """Systems under test: haproxy-forwarder (through its CLI and a TOML config, as users run it)
-and syslog-ng 3.38 from Debian (extracted with apt-get download + dpkg -x, run from a folder)."""
+and syslog-ng 3.38 from Debian (extracted with apt-get download + dpkg -x, run from a folder).
+rsyslog as Sekoia's concentrator is in bench/concentrator.py (it uses extract_debs too)."""
 
 from __future__ import annotations
 
@@ -100,16 +101,25 @@ def _run(args: list[str], timeout: float = 180.0, **kw: Any) -> subprocess.Compl
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def _sng_env() -> dict[str, str]:
-    libs = [SNG_ROOT / "usr/lib/syslog-ng", SNG_ROOT / "usr/lib/x86_64-linux-gnu",
-            SNG_ROOT / "lib/x86_64-linux-gnu"]
-    # the multiarch triplet of this machine, in case it is not x86_64
+def _triplet() -> str:
+    """The multiarch triplet of this machine (x86_64-linux-gnu if dpkg cannot say)."""
     try:
         triplet = _run(["dpkg-architecture", "-qDEB_HOST_MULTIARCH"], 10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         triplet = ""
-    if triplet and triplet != "x86_64-linux-gnu":
-        libs += [SNG_ROOT / f"usr/lib/{triplet}", SNG_ROOT / f"lib/{triplet}"]
+    return triplet or "x86_64-linux-gnu"
+
+
+def lib_dirs(root: Path) -> list[Path]:
+    """The library folders of a Debian tree rooted at `root` (an extraction, or /)."""
+    triplets = ["x86_64-linux-gnu"]
+    if _triplet() not in triplets:
+        triplets.append(_triplet())
+    return [root / d / t for t in triplets for d in ("usr/lib", "lib")]
+
+
+def _sng_env() -> dict[str, str]:
+    libs = [SNG_ROOT / "usr/lib/syslog-ng", *lib_dirs(SNG_ROOT)]
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = ":".join(str(p) for p in libs)
     return env
@@ -137,16 +147,16 @@ def _missing_libs() -> list[str]:
     return sorted(missing)
 
 
-def _uninstalled_deps() -> list[str]:
-    """Direct dependencies of the syslog-ng packages that dpkg does not have installed."""
+def _uninstalled_deps(packages: tuple[str, ...]) -> list[str]:
+    """Direct dependencies of `packages` that dpkg does not have installed."""
     out = _run(["apt-cache", "depends", "--no-recommends", "--no-suggests", "--no-conflicts",
-                "--no-breaks", "--no-replaces", "--no-enhances", *SNG_PACKAGES], 60).stdout
+                "--no-breaks", "--no-replaces", "--no-enhances", *packages], 60).stdout
     deps: set[str] = set()
     for line in out.splitlines():
         line = line.strip()
         if line.startswith(("Depends:", "|Depends:")):
             name = line.split(":", 1)[1].strip()
-            if name.startswith("<") or name in SNG_PACKAGES:
+            if name.startswith("<") or name in packages:
                 continue  # virtual package, or one of ours
             deps.add(name.split(":")[0])
     missing = []
@@ -157,40 +167,51 @@ def _uninstalled_deps() -> list[str]:
     return missing
 
 
-def ensure_syslog_ng(log: Any = print) -> tuple[str, dict[str, Any]]:
-    """Extract syslog-ng (and its uninstalled dependencies) into .bench-cache; its version."""
+#: Dependencies never extracted: init-system glue, nothing a foreground daemon loads.
+SKIP_DEPS = ("lsb-base", "sysvinit-utils", "libelogind0", "init-system-helpers", "adduser",
+             "logrotate")
+
+
+def extract_debs(packages: tuple[str, ...], folder: Path, log: Any,
+                 error: type[Exception]) -> dict[str, Any]:
+    """Debian's `packages` and their uninstalled dependencies, extracted (apt-get download +
+    dpkg -x, no root needed) into folder/root once; raises `error` when that cannot be done."""
     info: dict[str, Any] = {}
-    if not _sng_binary().exists():
+    root = folder / "root"
+    debs = folder / "debs"
+    if not root.exists():
         if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-            raise SyslogNgUnavailable("apt-get/dpkg not found: syslog-ng is taken from Debian")
-        debs = SNG_DIR / "debs"
+            raise error(f"apt-get/dpkg not found: {' '.join(packages)} are taken from Debian")
         debs.mkdir(parents=True, exist_ok=True)
         try:
-            extra = [d for d in _uninstalled_deps()
-                     if d not in ("lsb-base", "sysvinit-utils", "libelogind0")]
+            extra = [d for d in _uninstalled_deps(packages) if d not in SKIP_DEPS]
         except (OSError, subprocess.SubprocessError) as exc:
-            raise SyslogNgUnavailable(f"apt-cache depends failed: {exc}") from exc
-        wanted = [*SNG_PACKAGES, *extra]
-        log(f"  extracting syslog-ng from Debian: apt-get download {' '.join(wanted)}")
+            raise error(f"apt-cache depends failed: {exc}") from exc
+        wanted = [*packages, *extra]
+        log(f"  extracting from Debian: apt-get download {' '.join(wanted)}")
         r = _run(["apt-get", "download", *wanted], 300, cwd=debs)
         if r.returncode != 0 and "Unable to locate" in r.stderr + r.stdout:
             log("  package lists missing: apt-get update")
             _run(["apt-get", "update", "-qq"], 300)
             r = _run(["apt-get", "download", *wanted], 300, cwd=debs)
         if r.returncode != 0:
-            raise SyslogNgUnavailable(
-                f"apt-get download {' '.join(wanted)} failed: "
-                f"{(r.stderr or r.stdout).strip()[-500:]}")
-        root_tmp = SNG_DIR / "root.tmp"
+            raise error(f"apt-get download {' '.join(wanted)} failed: "
+                        f"{(r.stderr or r.stdout).strip()[-500:]}")
+        root_tmp = folder / "root.tmp"
         shutil.rmtree(root_tmp, ignore_errors=True)
         for deb in sorted(debs.glob("*.deb")):
             x = _run(["dpkg", "-x", str(deb), str(root_tmp)], 120)
             if x.returncode != 0:
-                raise SyslogNgUnavailable(f"dpkg -x {deb.name} failed: {x.stderr.strip()}")
-        shutil.rmtree(SNG_ROOT, ignore_errors=True)
-        root_tmp.rename(SNG_ROOT)
+                raise error(f"dpkg -x {deb.name} failed: {x.stderr.strip()}")
+        root_tmp.rename(root)
         info["extracted_dependencies"] = extra
-    info["debs"] = sorted(p.name for p in (SNG_DIR / "debs").glob("*.deb"))
+    info["debs"] = sorted(p.name for p in debs.glob("*.deb"))
+    return info
+
+
+def ensure_syslog_ng(log: Any = print) -> tuple[str, dict[str, Any]]:
+    """Extract syslog-ng (and its uninstalled dependencies) into .bench-cache; its version."""
+    info = extract_debs(SNG_PACKAGES, SNG_DIR, log, SyslogNgUnavailable)
     missing = _missing_libs()
     if missing:
         raise SyslogNgUnavailable(
@@ -209,7 +230,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
     want = f"0100007F:{port:04X}"
     try:
         with open("/proc/net/tcp") as f:
@@ -295,7 +316,7 @@ class SyslogNg:
         self._out = (self.tmp / "stderr.log").open("wb")
         self.proc = proc = procs.spawn(self.args(), stdout=self._out, stderr=subprocess.STDOUT,
                                        env=_sng_env())
-        if not procs.wait_until(lambda: _listening(self.port) or proc.poll() is not None,
+        if not procs.wait_until(lambda: listening(self.port) or proc.poll() is not None,
                                 timeout, 0.01) or proc.poll() is not None:
             raise RuntimeError(f"syslog-ng did not start: {self.stderr()[-1500:]}")
         self.t_started = time.monotonic()
