@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -678,7 +678,7 @@ def streamed(status: int, body: bytes, headers: dict[str, str] | None = None) ->
     """An answer the client reads as from the network (a `content=bytes` answer comes read
     already, and IntakeClient streams it)."""
 
-    async def chunks() -> AsyncIterator[bytes]:
+    def chunks() -> Iterator[bytes]:  # read in the client's thread
         yield body
 
     return httpx.Response(status, headers=headers, content=chunks())

@@ -84,6 +84,17 @@ INTERNAL = "internal error while delivering"
 # -- a loop that moves only when told (tests/vclock.py), with no thread -----------------------
 
 
+class OnTheLoop(httpx.AsyncBaseTransport):
+    """Only asynchronous, so IntakeClient calls it on the loop (a MockTransport is also
+    synchronous, which the client would call in its threads)."""
+
+    def __init__(self, inner: httpx.MockTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.inner.handle_async_request(request)
+
+
 class InlineExecutor(Executor):
     """Runs the call at once, on the loop's thread: no thread, so no race with the steps."""
 
@@ -363,8 +374,8 @@ class DeliveryMachine(RuleBasedStateMachine):
         cfg = IntakeConfig(url="https://127.0.0.1:9", key=KEY, gzip=False, timeout=TIMEOUT,
                            concurrency=s["workers"], retry_max=RETRY_MAX, auth_retry=AUTH_RETRY)
         n = next(self.sink_tags)
-        client = IntakeClient(cfg, transport=httpx.MockTransport(
-            lambda request: self._handle(request, n)))
+        client = IntakeClient(cfg, transport=OnTheLoop(httpx.MockTransport(
+            lambda request: self._handle(request, n))))
         sink = IntakeSink(client, cfg.endpoint, False, max_body=BODY_LIMITS[s["per_body"]],
                           encoder=InlineExecutor())
         self.sinks[n] = (sink, None)

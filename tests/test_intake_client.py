@@ -132,11 +132,12 @@ def test_https_proxy_environment_is_honoured(intake: FakeIntake,
 @pytest.mark.parametrize("endpoint", ["plain-batch", "array"])
 def test_large_bodies_are_streamed_with_a_content_length(intake: FakeIntake,
                                                          endpoint: str) -> None:
-    """Bodies over SEND_PIECE go out in pieces (memory) but framed as one Content-Length body,
-    never chunked; what arrives is the whole body, and small bodies are unchanged."""
+    """Large bodies (several TLS records, several socket writes) are framed as one
+    Content-Length body, never chunked; what arrives is the whole body, and small bodies are
+    unchanged."""
     from haproxy_forwarder.batching import Batch
     from haproxy_forwarder.config import IntakeConfig
-    from haproxy_forwarder.sinks.intake import SEND_PIECE, IntakeClient, IntakeSink
+    from haproxy_forwarder.sinks.intake import IntakeClient, IntakeSink
     from tests.conftest import intake_section
 
     cfg = IntakeConfig(**intake_section(intake, endpoint=endpoint, gzip=False))
@@ -155,7 +156,7 @@ def test_large_bodies_are_streamed_with_a_content_length(intake: FakeIntake,
     assert asyncio.run(go()) == [Kind.DELIVERED, Kind.DELIVERED]
     assert intake.event_texts() == [*texts, "small one"]
     reqs = intake.requests
-    assert reqs[0]["body_size"] > 4 * SEND_PIECE >= SEND_PIECE > reqs[1]["body_size"]
+    assert reqs[0]["body_size"] > 4 * 65536 > reqs[1]["body_size"]
     for r in reqs:
         assert "transfer-encoding" not in r["headers"]
         assert int(r["headers"]["content-length"]) == r["body_size"]
@@ -173,10 +174,10 @@ def test_a_batch_of_several_bodies_stops_at_the_first_refused_one() -> None:
 
     seen: list[list[str]] = []
 
-    async def refuse(request: httpx.Request) -> httpx.Response:
-        seen.append([x["json"] for x in orjson.loads(await request.aread())])
+    def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append([x["json"] for x in orjson.loads(request.read())])
 
-        async def body() -> Any:
+        def body() -> Any:
             yield b'{"message": "malformed"}'
 
         return httpx.Response(400, content=body())
@@ -195,3 +196,92 @@ def test_a_batch_of_several_bodies_stops_at_the_first_refused_one() -> None:
     assert asyncio.run(go()) == [(["a"], Kind.REJECTED, 400), (["b"], Kind.NOT_SENT, None),
                                  (["c"], Kind.NOT_SENT, None)]
     assert seen == [["a"]]
+
+
+# --- a request that hangs on a real TLS connection: the deadline and shutdown end it -------
+
+@contextlib.contextmanager
+def silent_tls_intake(tmp: Any) -> Iterator[tuple[str, Any, list[float]]]:
+    """An HTTPS server on loopback that reads the request and never answers; records when
+    each connection was closed by the client (its EOF)."""
+    import socket
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    ca_file = tmp / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    listener = socket.create_server(("127.0.0.1", 0))
+    closed: list[float] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            raw, _ = listener.accept()
+            with ctx.wrap_socket(raw, server_side=True) as conn:
+                while conn.recv(65536):
+                    pass
+                closed.append(time.monotonic())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}", ca_file, closed
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def test_a_hanging_request_lets_go_of_its_connection_at_the_deadline(tmp_path: Any) -> None:
+    """The worker gets its retry at intake.timeout, and the thread making the request is not
+    left blocked on the socket: the connection is closed then, not at a later read timeout."""
+    from haproxy_forwarder.config import IntakeConfig
+    from haproxy_forwarder.sinks.intake import IntakeClient
+
+    with silent_tls_intake(tmp_path) as (url, ca_file, closed):
+        cfg = IntakeConfig(url=url, key="K3y", ca_file=ca_file, timeout=0.5)
+        client = IntakeClient(cfg)
+
+        async def go() -> Outcome:
+            try:
+                return await client.post(b"[]")
+            finally:
+                # Not closed before the server saw the connection end: the deadline did it.
+                deadline = time.monotonic() + 5
+                while not closed and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                await client.aclose()
+
+        start = time.monotonic()
+        outcome = asyncio.run(go())
+    assert (outcome.kind, outcome.uncertain) == (Kind.RETRY, True)
+    assert outcome.detail == "no answer within intake.timeout (0.5 s)"
+    assert closed and closed[0] - start < 2.0
+
+
+def test_shutdown_ends_a_hanging_request_at_once(tmp_path: Any) -> None:
+    """The daemon stopping (the worker cancelled, the sink closed) while a request hangs with a
+    long intake.timeout: the request's socket is shut down, nothing waits for the timeout."""
+    from haproxy_forwarder.config import IntakeConfig
+    from haproxy_forwarder.sinks.intake import IntakeClient
+
+    with silent_tls_intake(tmp_path) as (url, ca_file, closed):
+        client = IntakeClient(IntakeConfig(url=url, key="K3y", ca_file=ca_file, timeout=60))
+
+        async def go() -> None:
+            task = asyncio.create_task(client.post(b"[]"))
+            await asyncio.sleep(0.5)  # connected, sent, waiting for the answer
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await client.aclose()
+
+        start = time.monotonic()
+        asyncio.run(go())
+        assert time.monotonic() - start < 3
+        deadline = time.monotonic() + 5
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert closed and closed[0] - start < 3

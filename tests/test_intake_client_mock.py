@@ -1,6 +1,7 @@
 """The intake client in process, through httpx.MockTransport: every Outcome kind, Retry-After,
 the answer cap, the request as sent per endpoint, NOT_SENT parts, and the key kept out of every
-outcome. No socket, no thread (tests/fake_intake.py stays for the end-to-end tests).
+outcome. No socket (tests/fake_intake.py stays for the end-to-end tests); the handlers run in
+the client's request threads, as its transport does.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import dataclasses
 import email.utils
 import gzip
 import json
+import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -27,7 +29,6 @@ from haproxy_forwarder.sinks.intake import (
     ANSWER_CAP,
     MASK,
     NOT_SENT,
-    SEND_PIECE,
     IntakeClient,
     IntakeSink,
     Kind,
@@ -39,7 +40,38 @@ KEY = "Zq7vKeyMustNotLeak4Xw9"
 URL = "https://intake.example.test"
 TS = "2026-12-01T00:00:00.000Z"
 
-Handler = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
+Handler = Callable[[httpx.Request], httpx.Response]
+# What a stalled handler or answer waits for: set when the test ends (a blocked thread cannot
+# be cancelled; its socket would be shut down, and a mock has none).
+RELEASE = threading.Event()
+
+
+@pytest.fixture(autouse=True)
+def _release_stalls() -> Iterator[None]:
+    RELEASE.clear()
+    yield
+    RELEASE.set()
+
+
+def stall_until_aborted(error: type[httpx.TransportError] = httpx.ReadError) -> None:
+    """Block, as a read on a silent connection does, until the client shuts the request's
+    socket down (its deadline, its close): a mock has no socket, so the request's abort flag
+    stands for it, and the read then fails as on a shut-down socket."""
+    exchange = intake._current.exchange
+    while not exchange.aborted:
+        if RELEASE.wait(0.005):
+            raise AssertionError("the request was never aborted")
+    raise error("socket shut down")
+
+
+def eventually(check: Callable[[], bool], within: float = 5.0) -> bool:
+    """The client thread ends its request after the deadline gave the worker its outcome."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def config(**settings: Any) -> IntakeConfig:
@@ -59,29 +91,29 @@ def post(handler: Handler, body: bytes = b"[]", **settings: Any) -> Outcome:
 
 
 def answer(status: int, content: bytes = b"", headers: dict[str, str] | None = None,
-           stream: httpx.AsyncByteStream | None = None) -> Handler:
-    async def handler(request: httpx.Request) -> httpx.Response:
+           stream: httpx.SyncByteStream | None = None) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
         return respond(status, content, headers, stream)
 
     return handler
 
 
 def respond(status: int, content: bytes = b"", headers: Any = None,
-            stream: httpx.AsyncByteStream | None = None) -> httpx.Response:
+            stream: httpx.SyncByteStream | None = None) -> httpx.Response:
     # Always a stream, as from a connection: httpx.Response(content=bytes) counts as already
-    # read, and the client reads answers raw (aiter_raw), which refuses a read response.
+    # read, and the client reads answers raw (iter_raw), which refuses a read response.
     return httpx.Response(status, headers=headers,
                           stream=stream if stream is not None else AnswerStream([content]))
 
 
 def raising(exc: BaseException) -> Handler:
-    async def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx.Request) -> httpx.Response:
         raise exc
 
     return handler
 
 
-class AnswerStream(httpx.AsyncByteStream):
+class AnswerStream(httpx.SyncByteStream):
     """An answer body handed over piece by piece; records how much of it the client pulled
     and whether it closed it. After the pieces: end, raise `then`, or block on an event that
     nobody sets (an answer that stops coming)."""
@@ -94,16 +126,16 @@ class AnswerStream(httpx.AsyncByteStream):
         self.pulled = 0
         self.closed = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __iter__(self) -> Iterator[bytes]:
         for piece in self.pieces:
             self.pulled += len(piece)
             yield piece
         if self.then is not None:
             raise self.then
         if self.stall:
-            await asyncio.Event().wait()
+            stall_until_aborted()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         self.closed = True
 
 
@@ -152,7 +184,7 @@ def test_a_redirect_is_not_followed() -> None:
     """A 3xx is a wrong URL (AUTH, kept and retried): the body is not posted elsewhere."""
     seen: list[str] = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx.Request) -> httpx.Response:
         seen.append(str(request.url))
         return respond(307, headers={"Location": "https://elsewhere.example/array"})
 
@@ -205,44 +237,44 @@ def test_an_answer_broken_off_after_its_status_is_judged_by_the_status(
 
 def test_no_answer_within_the_deadline_is_an_uncertain_retry() -> None:
     entered: list[bool] = []
-    cancelled: list[bool] = []
+    ended: list[bool] = []
 
-    async def never(request: httpx.Request) -> httpx.Response:
+    def never(request: httpx.Request) -> httpx.Response:
         entered.append(True)
         try:
-            await asyncio.Event().wait()  # the intake took the body and says nothing
-        except asyncio.CancelledError:
-            cancelled.append(True)
-            raise
+            stall_until_aborted()  # the intake took the body and says nothing
+        finally:
+            ended.append(True)
         raise AssertionError("unreachable")
 
     outcome = post(never, timeout=0.05)
-    assert entered == [True] and cancelled == [True]
+    assert entered == [True]
+    assert eventually(lambda: ended == [True])  # the thread was woken, not left blocked
     assert (outcome.kind, outcome.status, outcome.retry_after) == (Kind.RETRY, None, None)
     assert outcome.detail == "no answer within intake.timeout (0.05 s)"
     assert outcome.uncertain  # the body was handed over: a retry may duplicate
-    # Not before the deadline (a timer never fires early); its end is the test's own return.
-    assert outcome.elapsed is not None and outcome.elapsed >= 0.04
+    # Not before the deadline (a timer never fires early), nor held by the blocked thread.
+    assert outcome.elapsed is not None and 0.04 <= outcome.elapsed < 5
 
 
-class StallingTransport(httpx.AsyncBaseTransport):
-    """Takes the first piece of the body, then nothing more (a peer that stopped reading):
-    MockTransport reads the whole body before its handler runs, so it cannot show this."""
+class StallingTransport(httpx.BaseTransport):
+    """Takes the body, but blocks writing it (a peer that stopped reading): MockTransport
+    reads the whole body before its handler runs, so it cannot show this."""
 
     def __init__(self) -> None:
         self.got: list[bytes] = []
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        assert isinstance(request.stream, httpx.AsyncByteStream)
-        async for piece in request.stream:
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.SyncByteStream)
+        for piece in request.stream:
             self.got.append(bytes(piece))
-            break
-        await asyncio.Event().wait()
+            break  # the write of this piece never completes
+        stall_until_aborted(httpx.WriteError)
         raise AssertionError("unreachable")
 
 
 def test_a_body_not_sent_within_the_deadline_is_a_certain_retry() -> None:
-    body = b"x" * (SEND_PIECE * 3)
+    body = b"x" * (3 * 64 * 1024)
     transport = StallingTransport()
 
     async def go() -> Outcome:
@@ -253,7 +285,7 @@ def test_a_body_not_sent_within_the_deadline_is_a_certain_retry() -> None:
             await client.aclose()
 
     outcome = asyncio.run(go())
-    assert transport.got == [body[:SEND_PIECE]]
+    assert transport.got == [body]  # written whole, in one call
     assert (outcome.kind, outcome.status) == (Kind.RETRY, None)
     assert not outcome.uncertain  # the intake never had the whole body: no duplicate
 
@@ -272,7 +304,7 @@ def test_an_answer_that_stops_coming_is_judged_by_its_status_at_the_deadline(
     assert (outcome.kind, outcome.status, outcome.retry_after) == (kind, status, retry_after)
     assert outcome.detail == detail
     assert not outcome.uncertain
-    assert stream.closed
+    assert eventually(lambda: stream.closed)
 
 
 # --- Retry-After ------------------------------------------------------------------------
@@ -310,7 +342,7 @@ def test_retry_after_of_a_non_ascii_digit_is_garbage() -> None:
     """A header byte 0xB2 (latin-1 '²') from a proxy: str.isdigit() is true of it and float()
     refuses it; it was a ValueError out of post() (the worker's bug path: a batch held only
     in memory dead-lettered), it is now a Retry-After ignored."""
-    async def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx.Request) -> httpx.Response:
         return respond(429, headers=[(b"Retry-After", b"\xb2")])
 
     outcome = post(handler)
@@ -381,7 +413,7 @@ def capture_sent(endpoint: str, use_gzip: bool,
                  **settings: Any) -> tuple[list[httpx.Request], list[Outcome]]:
     seen: list[httpx.Request] = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return respond(202)
 
@@ -443,11 +475,11 @@ def test_the_path_is_appended_to_a_region_base_url() -> None:
 
 
 def test_a_large_body_arrives_whole_with_its_length() -> None:
-    """Handed to the transport in pieces, but framed as one Content-Length body."""
-    body = bytes(range(256)) * (3 * SEND_PIECE // 256 + 7)
+    """Handed to the transport whole, framed as one Content-Length body (never chunked)."""
+    body = bytes(range(256)) * (3 * 64 * 1024 // 256 + 7)
     seen: list[httpx.Request] = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return respond(200)
 
@@ -477,7 +509,7 @@ def answering(*steps: int | BaseException) -> tuple[Handler, list[list[str]]]:
     """A handler giving these answers in turn; and the events of each request it got."""
     seen: list[list[str]] = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx.Request) -> httpx.Response:
         seen.append([x["json"] for x in json.loads(request.content)])
         step = steps[len(seen) - 1]
         if isinstance(step, BaseException):
@@ -539,7 +571,7 @@ def test_an_internal_error_on_the_first_body_is_raised() -> None:
 def echo(status: int, **headers: str) -> Handler:
     """An intake (or proxy) answering with the whole request: headers, URL and body, and the
     key again URL- and JSON-encoded."""
-    async def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx.Request) -> httpx.Response:
         text = (f"{request.method} {request.url}\n"
                 + "".join(f"{k}: {v}\n" for k, v in request.headers.items())
                 + request.content.decode() + "\n"
