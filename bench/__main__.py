@@ -335,8 +335,12 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
     table(results, kinds, lats, reps, peers)
     results["elapsed_s"] = round(time.monotonic() - t_start, 1)
     results["loadavg_end"] = loadavg()
-    say(f"\n  load average at start {m['loadavg']}, at end {results['loadavg_end']}; "
-        f"commit {commit()}")
+    results["commit_end"] = commit()
+    say(f"\n  load average at start {m['loadavg']}, at end {results['loadavg_end']}")
+    say(f"  commit at start {m['commit']}, at end {results['commit_end']}"
+        + ("" if results["commit_end"] == m["commit"] else
+           "  (CHANGED DURING THE RUN: the forwarder runs from the work tree, so rounds may "
+           "have run different code)"))
     say(f"\n(total {results['elapsed_s']:.0f} s; raw results in {args.json})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1, default=str))
