@@ -116,7 +116,7 @@ def run(frames: int, tmp: Path) -> None:
         b = Batcher(cfg.max_events, cfg.max_bytes)
         out: list[Batch] = []
         for r in results:
-            out += b.add(r.data, r.ends, r.times)
+            out += b.add(r.data, r.lens, r.tdata, r.tlens)
         last = b.take()
         return [*out, last] if last is not None else out
 

@@ -35,9 +35,9 @@ def cpu_seconds(reader: ChunkReader, chunks: list[bytes]) -> tuple[int, float]:
     for c in chunks:
         res = reader.feed(c, TS)
         if isinstance(res, SplitResult):
-            events += sum(len(part.ends) for _, part in res.parts)
+            events += sum(len(part) for _, part in res.parts)
         else:
-            events += len(res.ends)
+            events += len(res)
     return events, time.process_time() - start
 
 

@@ -12,22 +12,22 @@ message. The text is decoded only on demand (dead letters, dry-run, /plain/batch
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from array import array
 from collections.abc import Iterable, Sequence
-from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import orjson
+
+from .storage import cut, ends_of, lens_of, new_lens, new_tlens, offsets, pack_times, pieces
 
 if TYPE_CHECKING:
     from .acks import Waiter
 
 
 class Batch:
-    """`data` holds the fragments back to back; `ends[i]` is where fragment i stops.
-
-    `times[i]` is the event's timestamp (RFC 3339, ASCII, JSON-safe: it is written between
-    quotes as is). Parallel sequences, not an object per event: cheaper to build and split.
+    """Encoded events stored as storage.py says: `data` and `lens` (the JSON literals),
+    `tdata` and `tlens` (their timestamps: RFC 3339, ASCII, JSON-safe, written between quotes
+    as is). Four buffers, not an object per event: cheaper to build, split and keep.
 
     `acks`: the waiters (acks.Waiter) of the takes whose events it holds, each held once by
     it; the collector gives them before handing the batch to delivery, which keeps them on
@@ -35,74 +35,98 @@ class Batch:
     batch's parts itself) nor written to the spool.
     """
 
-    __slots__ = ("acks", "data", "ends", "times")
+    __slots__ = ("acks", "data", "lens", "tdata", "tlens")
 
     def __init__(
         self,
-        data: bytes | bytearray = b"",
-        ends: list[int] | None = None,
-        times: list[bytes] | None = None,
+        data: bytes | bytearray | memoryview = b"",
+        lens: array[int] | None = None,
+        tdata: bytes | bytearray | memoryview = b"",
+        tlens: array[int] | None = None,
     ) -> None:
         self.data = bytearray(data)
-        self.ends: list[int] = ends if ends is not None else []
-        self.times: list[bytes] = times if times is not None else []
+        self.lens: array[int] = lens if lens is not None else new_lens()
+        self.tdata = bytearray(tdata)
+        self.tlens: array[int] = tlens if tlens is not None else new_tlens()
         self.acks: list[Waiter] | None = None
-        if len(self.ends) != len(self.times):
-            raise ValueError(f"{len(self.ends)} fragments but {len(self.times)} timestamps")
+        if len(self.lens) != len(self.tlens):
+            raise ValueError(f"{len(self.lens)} fragments but {len(self.tlens)} timestamps")
+
+    @classmethod
+    def from_lists(cls, data: bytes | bytearray | memoryview, ends: Sequence[int],
+                   times: Sequence[bytes]) -> Batch:
+        """A batch from end offsets and timestamp objects (tests, the rare paths)."""
+        tdata, tlens = pack_times(times)
+        if len(ends) != len(times):
+            raise ValueError(f"{len(ends)} fragments but {len(times)} timestamps")
+        return cls(data, lens_of(ends), tdata, tlens)
 
     @classmethod
     def from_events(cls, events: Iterable[str], times: Iterable[str | bytes]) -> Batch:
         """A batch of plain texts (requeued dead letters, spool v1 records, tests)."""
         frags = [orjson.dumps(e) for e in events]
-        ts = [t.encode("ascii") if isinstance(t, str) else t for t in times]
-        return cls(b"".join(frags), list(accumulate(map(len, frags))), ts)
+        tdata, tlens = pack_times(t.encode("ascii") if isinstance(t, str) else t for t in times)
+        return cls(b"".join(frags), new_lens(map(len, frags)), tdata, tlens)
 
     def __len__(self) -> int:
-        return len(self.ends)
+        return len(self.lens)
 
     @property
     def nbytes(self) -> int:
         """Bytes of encoded events: what the size limits are about."""
         return len(self.data)
 
-    def starts(self) -> list[int]:
-        return [0, *self.ends[:-1]] if self.ends else []
+    # Lists, made on demand (dead letters, dry-run, tests): an object per event, off the
+    # hot path.
+    @property
+    def ends(self) -> list[int]:
+        """Where each fragment stops in `data`."""
+        return ends_of(self.lens)
+
+    @property
+    def times(self) -> list[bytes]:
+        return pieces(self.tdata, self.tlens)
 
     def fragments(self) -> list[bytes]:
         """Each event's JSON string literal, quotes included."""
-        d = bytes(self.data)
-        return [d[s:e] for s, e in zip(self.starts(), self.ends, strict=True)]
+        return pieces(self.data, self.lens)
 
     def events(self) -> list[str]:
         """The event texts, decoded (dead letters, dry-run, /plain/batch)."""
         return [orjson.loads(f) for f in self.fragments()]
 
     def append(self, fragment: bytes, timestamp: bytes) -> None:
+        tdata, tlens = pack_times((timestamp,))
         self.data += fragment
-        self.ends.append(len(self.data))
-        self.times.append(timestamp)
+        self.lens.append(len(fragment))
+        self.tdata += tdata
+        self.tlens += tlens
 
     def slice(self, lo: int, hi: int) -> Batch:
         """Events lo..hi-1 as a new batch, without decoding."""
-        base = self.ends[lo - 1] if lo else 0
-        end = self.ends[hi - 1] if hi > lo else base
-        return Batch(
-            self.data[base:end], [e - base for e in self.ends[lo:hi]], self.times[lo:hi]
-        )
+        hi = max(lo, hi)
+        d0, t0 = offsets(self.lens, self.tlens, lo)
+        d1, t1 = offsets(self.lens, self.tlens, hi)
+        return Batch(self.data[d0:d1], self.lens[lo:hi], self.tdata[t0:t1], self.tlens[lo:hi])
 
     def split(self) -> tuple[Batch, Batch]:
         """Two halves, order kept (used on 413 and when an encoded body is too large)."""
         mid = len(self) // 2
         return self.slice(0, mid), self.slice(mid, len(self))
 
+    def extend(self, data: bytes | bytearray | memoryview, lens: array[int],
+               tdata: bytes | bytearray | memoryview, tlens: array[int]) -> None:
+        """Append another run of events (four copies, nothing per event)."""
+        self.data += data
+        self.lens += lens
+        self.tdata += tdata
+        self.tlens += tlens
+
     @classmethod
     def join(cls, parts: Sequence[Batch]) -> Batch:
         out = cls()
         for p in parts:
-            base = len(out.data)
-            out.data += p.data
-            out.ends.extend([e + base for e in p.ends])
-            out.times.extend(p.times)
+            out.extend(p.data, p.lens, p.tdata, p.tlens)
         return out
 
 
@@ -114,25 +138,32 @@ class Batcher:
         self.max_bytes = max_bytes
         self.current = Batch()
 
-    def add(self, data: bytes, ends: Sequence[int], times: Sequence[bytes]) -> list[Batch]:
-        """Append fragments (`ends` relative to `data`); returns the batches closed by it."""
+    def add(self, data: bytes, lens: array[int], tdata: bytes,
+            tlens: array[int]) -> list[Batch]:
+        """Append a run of events (storage.py's four parts); returns the batches closed by it."""
         closed: list[Batch] = []
-        n = len(ends)
+        n = len(lens)
+        cur = self.current
+        if (len(cur) + n < self.max_events and len(cur.data) + len(data) < self.max_bytes
+                and len(tlens) == n):
+            # The common case: the whole run fits and closes nothing.
+            cur.extend(data, lens, tdata, tlens)
+            return closed
         i = 0
+        pos = tpos = 0
+        view = memoryview(data)
+        tview = memoryview(tdata)
         while i < n:
             cur = self.current
-            room = self.max_events - len(cur)
-            j = min(n, i + room)
-            base = ends[i - 1] if i else 0
+            j = min(n, i + self.max_events - len(cur))
             # Events i..j-1 fit the count; cut further where the byte limit is crossed.
             # Closing after the crossing event overshoots max_bytes by at most one event
             # (250 KiB); the encoder still splits any body over the request limit.
-            budget = self.max_bytes - len(cur.data)
-            stop = min(j, bisect_left(ends, base + budget, i, j) + 1)
-            shift = len(cur.data) - base
-            cur.data += data[base : ends[stop - 1]]
-            cur.ends.extend(map(shift.__add__, ends[i:stop]) if shift else ends[i:stop])
-            cur.times.extend(times[i:stop])
+            stop, nbytes, tbytes = cut(lens, tlens, i, j, self.max_bytes - len(cur.data))
+            cur.extend(view[pos : pos + nbytes], lens[i:stop], tview[tpos : tpos + tbytes],
+                       tlens[i:stop])
+            pos += nbytes
+            tpos += tbytes
             i = stop
             if len(cur) >= self.max_events or len(cur.data) >= self.max_bytes:
                 closed.append(cur)
@@ -141,7 +172,7 @@ class Batcher:
 
     def take(self) -> Batch | None:
         """The open batch, if it has any event (age limit, shutdown)."""
-        if not self.current.ends:
+        if not self.current.lens:
             return None
         full, self.current = self.current, Batch()
         return full

@@ -109,12 +109,12 @@ class Collector:
         c.accepted_events += result.accepted
         c.filtered_out += result.filtered
         c.invalid_timestamps += result.bad_times
-        if ack is not None and not result.ends and not result.too_large:
+        if ack is not None and not result.lens and not result.too_large:
             ack.durable()
             return
         w = Waiter.of(ack, self.acks) if ack is not None else None
-        if result.ends:
-            closed = self.batcher.add(result.data, result.ends, result.times)
+        if result.lens:
+            closed = self.batcher.add(result.data, result.lens, result.tdata, result.tlens)
             # Every batch the take closed holds some of its events (add() closes a batch only
             # right after filling it), and if the open one has any, it holds the take's last.
             for batch in closed:
@@ -122,7 +122,7 @@ class Collector:
                     _give(batch, w)
                 self.delivery.submit(batch)
             cur = self.batcher.current
-            if cur.ends:
+            if cur.lens:
                 loop = asyncio.get_running_loop()
                 self._last = now = loop.time()
                 if w is not None:
@@ -134,7 +134,7 @@ class Collector:
                     # One timer for the open batch, not one per chunk: it re-arms itself.
                     self._timer = loop.call_at(now + self.idle_flush, self._on_timer)
         for fragment, ts in result.too_large:
-            fut = self.delivery.dead_letter(Batch(fragment, [len(fragment)], [ts]),
+            fut = self.delivery.dead_letter(Batch.from_lists(fragment, [len(fragment)], [ts]),
                                             OVERSIZED_REASON)
             if w is None:
                 continue
@@ -148,7 +148,7 @@ class Collector:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self.batcher.current.ends:
+        if not self.batcher.current.lens:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()

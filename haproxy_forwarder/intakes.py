@@ -113,7 +113,7 @@ class Pipeline:
     @property
     def idle(self) -> bool:
         """Holds nothing any more: no open batch, nothing in memory or on its spool."""
-        return not self.collector.batcher.current.ends and self.delivery.backlog == 0 \
+        return not self.collector.batcher.current.lens and self.delivery.backlog == 0 \
             and self.delivery.in_memory == 0
 
     def held_events(self) -> dict[str, int]:

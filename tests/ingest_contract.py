@@ -13,6 +13,7 @@ import pytest
 
 from haproxy_forwarder.config import MAX_EVENT_BYTES
 from haproxy_forwarder.ingest import DATAGRAM, ChunkReader, ChunkResult, ProgramFilter
+from haproxy_forwarder.storage import LENS, TLENS
 from haproxy_forwarder.syslog.framing import FrameDecoder
 from haproxy_forwarder.syslog.header import event_text, read_header, valid_time
 
@@ -83,8 +84,11 @@ class Outcome:
 
 def check_result(r: ChunkResult) -> None:
     """What holds for every single ChunkResult, whatever the input."""
-    assert isinstance(r.data, bytes)
-    assert len(r.ends) == len(r.times) == len(r)
+    assert isinstance(r.data, bytes) and isinstance(r.tdata, bytes)
+    # storage.py's typed parts: no Python object per event
+    assert (r.lens.typecode, r.tlens.typecode) == (LENS, TLENS)
+    assert sum(r.tlens) == len(r.tdata)
+    assert len(r.ends) == len(r.times) == len(r.lens) == len(r.tlens) == len(r)
     assert r.ends == sorted(r.ends)
     assert (r.ends[-1] if r.ends else 0) == len(r.data)
     assert r.frames == r.accepted + r.filtered

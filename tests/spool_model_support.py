@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from haproxy_forwarder.spool import Filesystem
+from haproxy_forwarder.spool import format as fmt
 
 HEADER = 24
 _HEAD = struct.Struct("<2sBBIIQ")
@@ -452,11 +453,12 @@ def seq_of_name(name: str) -> int:
 
 
 def record_bytes_ok(data: bytes, off: int, payload: bytes, events: int, flags: int = 0) -> bool:
-    """A whole, checksummed version-2 record with exactly this payload at `off`."""
+    """A whole, checksummed record of the written version with exactly this payload at
+    `off`."""
     if off < 0 or off + HEADER + len(payload) > len(data):
         return False
     magic, version, fl, plen, n, _created = _HEAD.unpack_from(data, off)
-    if (magic, version, fl, plen, n) != (b"\xfeS", 2, flags, len(payload), events):
+    if (magic, version, fl, plen, n) != (b"\xfeS", fmt.VERSION, flags, len(payload), events):
         return False
     if data[off + HEADER : off + HEADER + plen] != payload:
         return False
@@ -467,13 +469,14 @@ def record_bytes_ok(data: bytes, off: int, payload: bytes, events: int, flags: i
 def fillers(data: bytes) -> list[tuple[int, int]]:
     """(offset, length) of every whole filler record (what recovery writes over a hole)."""
     out = []
-    i = data.find(b"\xfeS\x02\x01")
+    mark = b"\xfeS" + bytes([fmt.VERSION, 1])
+    i = data.find(mark)
     while i != -1:
         if i + HEADER <= len(data):
             plen = _HEAD.unpack_from(data, i)[3]
             if record_bytes_ok(data, i, bytes(plen), 0, flags=1):
                 out.append((i, HEADER + plen))
-        i = data.find(b"\xfeS\x02\x01", i + 1)
+        i = data.find(mark, i + 1)
     return out
 
 

@@ -1,12 +1,12 @@
 """Body assembly: the compiled functions and their pure-Python twins give the same bytes,
-and hostile offsets (a batch is data read back from disk) raise instead of reading past."""
+and hostile lengths (a batch is data read back from disk) raise instead of reading past."""
 
 from __future__ import annotations
 
 import importlib
 import os
+from array import array
 from collections.abc import Callable
-from itertools import accumulate
 from typing import Any
 
 import orjson
@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from haproxy_forwarder.sinks import assemble
+from haproxy_forwarder.storage import new_lens, new_tlens, pack_times, pieces
 
 try:
     native: Any = importlib.import_module("haproxy_forwarder.sinks._assemble")
@@ -30,48 +31,66 @@ MID, SEP, LAST = b',"timestamp":"', b'"},{"intake_key":"K","json":', b'"}'
 texts = st.lists(st.text(max_size=40), max_size=30)
 
 
-def encoded(events: list[str]) -> tuple[bytes, list[int], list[bytes]]:
+def encoded(events: list[str]) -> tuple[bytes, array[int], bytes, array[int]]:
+    """storage.py's four parts for `events` (timestamps of varying length)."""
     frags = [orjson.dumps(e) for e in events]
-    times = [f"2026-12-01T00:00:{i % 60:02d}.000Z".encode() for i in range(len(events))]
-    return b"".join(frags), list(accumulate(map(len, frags))), times
+    times = [f"2026-12-01T00:00:{i % 60:02d}.{'0' * (i % 7)}Z".encode()
+             for i in range(len(events))]
+    tdata, tlens = pack_times(times)
+    return b"".join(frags), new_lens(map(len, frags)), tdata, tlens
 
 
 @needs_native
 @settings(max_examples=300, deadline=None)
 @given(texts, st.data())
 def test_array_chunk_agrees(events: list[str], data: st.DataObject) -> None:
-    raw, ends, times = encoded(events)
-    n = len(ends)
+    raw, lens, tdata, tlens = encoded(events)
+    n = len(lens)
     lo = data.draw(st.integers(0, n))
     hi = data.draw(st.integers(lo, n))
-    for buf in (raw, bytearray(raw)):
-        assert native.array_chunk(buf, ends, times, lo, hi, MID, SEP, LAST) == \
-            assemble.py_array_chunk(buf, ends, times, lo, hi, MID, SEP, LAST)
+    for buf, tbuf in ((raw, tdata), (bytearray(raw), bytearray(tdata))):
+        got = native.array_chunk(buf, lens, tbuf, tlens, lo, hi, MID, SEP, LAST)
+        assert got == assemble.py_array_chunk(buf, lens, tbuf, tlens, lo, hi, MID, SEP, LAST)
+    if hi > lo:  # the reference of the reference: the events and times lo..hi-1, in order
+        frags = pieces(raw, lens)[lo:hi]
+        times = pieces(tdata, tlens)[lo:hi]
+        assert got == SEP.join(f + MID + t for f, t in zip(frags, times, strict=True)) + LAST
 
 
 @needs_native
 @settings(max_examples=300, deadline=None)
 @given(texts, st.sampled_from([b",", b"", b"\n", b"--sep--"]))
 def test_join_fragments_agrees(events: list[str], sep: bytes) -> None:
-    raw, ends, _ = encoded(events)
-    got = native.join_fragments(bytearray(raw), ends, sep)
-    assert got == assemble.py_join_fragments(raw, ends, sep)
+    raw, lens, _, _ = encoded(events)
+    got = native.join_fragments(bytearray(raw), lens, sep)
+    assert got == assemble.py_join_fragments(raw, lens, sep)
     if sep == b",":
         assert orjson.loads(b"[" + got + b"]") == events
 
 
-@needs_native
-@pytest.mark.parametrize("ends", [[5, 3], [-1], [999], [2, 2, 1000]])
-def test_bad_offsets_raise_instead_of_reading_past(ends: list[int]) -> None:
+@pytest.mark.parametrize("impl", ["native", "python"])
+@pytest.mark.parametrize(("lengths", "tdata"), [([5, 3], b"tt"), ([999], b"t"),
+                                                ([2, 2, 1000], b"ttt"), ([4, 3], b"t")])
+def test_bad_lengths_raise_instead_of_reading_past(impl: str, lengths: list[int],
+                                                   tdata: bytes) -> None:
+    """Lengths past the data, or timestamps past theirs (a batch read back from disk)."""
+    if impl == "native" and native is None:
+        pytest.skip("compiled assembly not built")
+    mod = native if impl == "native" else None
+    chunk = mod.array_chunk if mod else assemble.py_array_chunk
+    join = mod.join_fragments if mod else assemble.py_join_fragments
     data = b'"ab""c"'
-    times = [b"t"] * len(ends)
+    lens, tlens = new_lens(lengths), new_tlens([1] * len(lengths))
     calls: list[Callable[[], bytes]] = [
-        lambda: native.array_chunk(data, ends, times, 0, len(ends), MID, SEP, LAST),
-        lambda: native.join_fragments(data, ends, b","),
+        lambda: chunk(data, lens, tdata, tlens, 0, len(lens), MID, SEP, LAST),
     ]
+    if sum(lengths) > len(data):
+        calls.append(lambda: join(data, lens, b","))
     for call in calls:
         with pytest.raises(ValueError):
             call()
+    with pytest.raises(ValueError):  # a range past the events
+        chunk(data, lens, tdata, tlens, 0, len(lens) + 1, MID, SEP, LAST)
 
 
 def test_the_chosen_implementation_is_named() -> None:
@@ -95,12 +114,12 @@ plain_texts = st.lists(
 @settings(max_examples=400, deadline=None)
 @given(plain_texts, st.sampled_from([b"\n", b"", b"--"]))
 def test_plain_lines_agrees(events: list[str], sep: bytes) -> None:
-    raw, ends, _ = encoded(events)
+    raw, lens, _, _ = encoded(events)
     want = sep.decode().join(events).encode("utf-8")
-    assert assemble.py_plain_lines(raw, ends, sep) == want
+    assert assemble.py_plain_lines(raw, lens, sep) == want
     for buf in (raw, bytearray(raw)):
-        assert native.plain_lines(buf, ends, sep) == want
-        assert assemble.plain_lines(buf, ends, sep) == want
+        assert native.plain_lines(buf, lens, sep) == want
+        assert assemble.plain_lines(buf, lens, sep) == want
 
 
 # JSON the decoder accepts although orjson never writes it that way.
@@ -108,7 +127,7 @@ def test_plain_lines_agrees(events: list[str], sep: bytes) -> None:
 @pytest.mark.parametrize("fragment", [b'"\\/"', b'"\\u00e9\\u20AC"', b'"\\ud83d\\ude00"',
                                       b'"\\u0000x"', b'""'])
 def test_plain_lines_other_escapes(fragment: bytes) -> None:
-    assert native.plain_lines(fragment, [len(fragment)], b"\n") == \
+    assert native.plain_lines(fragment, new_lens([len(fragment)]), b"\n") == \
         orjson.loads(fragment).encode("utf-8")
 
 
@@ -123,7 +142,7 @@ BAD_FRAGMENTS = [b"x", b'"', b'"a', b'a"', b'"a"b"', b'"\\"', b'"\\x"', b'"\\u12
 @pytest.mark.parametrize("fragment", BAD_FRAGMENTS)
 def test_plain_lines_refuses_what_is_not_plain(fragment: bytes) -> None:
     data = b'"ok"' + fragment
-    ends = [4, len(data)]
+    ends = new_lens([4, len(fragment)])
     with pytest.raises(ValueError):
         native.plain_lines(data, ends, b"\n")
     try:
@@ -140,4 +159,4 @@ def test_plain_lines_refuses_what_is_not_plain(fragment: bytes) -> None:
 @needs_native
 def test_plain_lines_bad_offsets_raise() -> None:
     with pytest.raises(ValueError):
-        native.plain_lines(b'"ab""c"', [5, 3], b"\n")
+        native.plain_lines(b'"ab""c"', new_lens([5, 3]), b"\n")

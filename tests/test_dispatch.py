@@ -27,6 +27,7 @@ from haproxy_forwarder.ingest.split import SplitReader, SplitResult
 from haproxy_forwarder.observability.counters import Counters
 from haproxy_forwarder.routing import Origin, Route, Table
 from haproxy_forwarder.sources import Backpressure
+from haproxy_forwarder.storage import new_lens, new_tlens
 from tests.recording import Log
 
 FILTER = ProgramFilter(["haproxy", "hapee"], ["hapee"])
@@ -239,8 +240,8 @@ def test_events_on_their_way_to_a_removed_intake_still_reach_it_while_it_drains(
     retired = {"a": r.pipelines["a"]}
     r.retired = retired
     r.pipelines = {"b": FakePipe("b")}  # type: ignore[dict-item]
-    r.deliver(r.table.decide(origin()).target(""), ChunkResult(data=b'"q"', ends=[3],
-                                                              times=[TS], accepted=1), None)
+    r.deliver(r.table.decide(origin()).target(""), ChunkResult(data=b'"q"', lens=new_lens([3]),
+              tdata=TS, tlens=new_tlens([len(TS)]), accepted=1), None)
     assert retired["a"].collector.events() == [b'"q"']  # type: ignore[attr-defined]
     assert counters.unrouted_events == 0
 

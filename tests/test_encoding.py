@@ -96,14 +96,14 @@ def test_batcher_closes_on_count_and_bytes() -> None:
 
     src = Batch.from_events(texts(25), stamps(25))
     by_count = Batcher(max_events=10, max_bytes=1 << 20)
-    closed = by_count.add(bytes(src.data), src.ends, src.times)
+    closed = by_count.add(bytes(src.data), src.lens, bytes(src.tdata), src.tlens)
     assert [len(c) for c in closed] == [10, 10] and len(by_count.current) == 5
     rest = by_count.take()
     assert rest is not None
     assert [e for c in [*closed, rest] for e in c.events()] == texts(25)
     # Each event is 5 or 6 bytes encoded: the batch closes on the event crossing 20 bytes.
     by_size = Batcher(max_events=1000, max_bytes=20)
-    closed = by_size.add(bytes(src.data), src.ends, src.times)
+    closed = by_size.add(bytes(src.data), src.lens, bytes(src.tdata), src.tlens)
     assert all(c.nbytes >= 20 and c.nbytes - len(c.fragments()[-1]) < 20 for c in closed)
     assert [e for c in closed for e in c.events()] == texts(25)[: sum(map(len, closed))]
 

@@ -41,6 +41,7 @@ from haproxy_forwarder.spool import (
 from haproxy_forwarder.spool import format as fmt
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "spool-v1"
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "spool-v2"
 
 ODD = [
     "",
@@ -266,7 +267,7 @@ def test_empty_batch_and_inconsistent_batch(make: Callable[..., Spool]) -> None:
     assert item is not None and len(item[1]) == 0 and item[1].data == b"" and item[1].times == []
     size = sp.size_bytes
     with pytest.raises(ValueError):
-        sp.append(Batch(b'"ab"', [3], [b"t"]))  # ends short of the data
+        sp.append(Batch.from_lists(b'"ab"', [3], [b"t"]))  # ends short of the data
     assert sp.size_bytes == size and sp.pending_batches == 1
 
 
@@ -846,13 +847,15 @@ def test_second_writer_is_refused(make: Callable[..., Spool]) -> None:
 # -- version 1 segments (written by the releases before) -----------------------------------------
 
 
-def test_v1_segment_is_replayed_then_the_spool_goes_on_in_v2(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("fixture", "version"), [(FIXTURE_V1, 1), (FIXTURE_V2, 2)])
+def test_old_segment_is_replayed_then_the_spool_goes_on_in_the_current_version(
+        tmp_path: Path, fixture: Path, version: int) -> None:
     d = tmp_path / "spool"
-    shutil.copytree(FIXTURE_V1 / "segments", d / "segments")
-    expected = json.loads((FIXTURE_V1 / "expected.json").read_text())
+    shutil.copytree(fixture / "segments", d / "segments")
+    expected = json.loads((fixture / "expected.json").read_text())
     pending = [e for e in expected if not e["acked"]]
-    v1 = (d / "segments" / "000000000000.seg").read_bytes()
-    assert all(v1[e["record_id"] + 2] == 1 for e in expected)  # really version 1
+    old = (d / "segments" / "000000000000.seg").read_bytes()
+    assert all(old[e["record_id"] + 2] == version for e in expected)  # really that version
     sp = Spool(d)
     report = sp.open()
     assert report.clean and report.acked_records == 1
@@ -863,20 +866,20 @@ def test_v1_segment_is_replayed_then_the_spool_goes_on_in_v2(tmp_path: Path) -> 
         assert b.events() == e["events"], e["what"]
         assert b.times == [t.encode() for t in e["times"]]
         assert b.fragments() == [orjson.dumps(x) for x in e["events"]]  # what ingest makes
-    # Appending to the same spool writes version 2, next to the v1 segment.
-    new = [put(sp, batch(f"v2-{i}")) for i in range(3)]
+    # Appending to the same spool writes the current version, next to the old segment.
+    new = [put(sp, batch(f"new-{i}")) for i in range(3)]
     sp.ack(got[0][0])
     sp.close()
-    assert (d / "segments" / "000000000000.seg").read_bytes() == v1  # never rewritten
-    v2 = seg_files(d)[1].read_bytes()
-    assert all(v2[offset(r) + 2] == fmt.VERSION == 2 for r in new)
+    assert (d / "segments" / "000000000000.seg").read_bytes() == old  # never rewritten
+    current = seg_files(d)[1].read_bytes()
+    assert all(current[offset(r) + 2] == fmt.VERSION == 3 for r in new)
     sp = Spool(d)
     report = sp.open()
     assert report.clean and report.records == len(pending) - 1 + 3
     replay = drain(sp)
     assert [r for r, _ in replay] == [e["record_id"] for e in pending[1:]] + new
     assert [b.events() for _, b in replay] == [e["events"] for e in pending[1:]] + [
-        batch(f"v2-{i}").events() for i in range(3)
+        batch(f"new-{i}").events() for i in range(3)
     ]
     for r, _ in replay:
         sp.ack(r)

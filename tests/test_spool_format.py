@@ -1,6 +1,7 @@
 """The spool's record format (haproxy_forwarder/spool/format.py), pure: bytes in, bytes out.
 
-Version-1 records are built here from the format's description (nothing writes them any more).
+Version-1 and version-2 records are built here from the format's description (nothing writes
+them any more).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from haproxy_forwarder.batching import Batch
-from haproxy_forwarder.spool import HEADER_SIZE, RecordTooLarge
+from haproxy_forwarder.spool import HEADER_SIZE
 from haproxy_forwarder.spool import format as fmt
+from haproxy_forwarder.storage import new_lens, new_tlens
 
 
 def v1_record(events: list[str], times: list[str], created: int = 0, flags: int = 0) -> bytes:
@@ -28,10 +30,18 @@ def v1_record(events: list[str], times: list[str], created: int = 0, flags: int 
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
 
 
-def v2_raw(n: int, payload: bytes) -> bytes:
-    """A version-2 record with a good checksum around any payload (to test the decoder)."""
-    head = struct.pack("<2sBBIIQ", b"\xfeS", 2, 0, len(payload), n, 0)
+def raw_record(version: int, n: int, payload: bytes, created: int = 0) -> bytes:
+    """A record with a good checksum around any payload (to test the decoder)."""
+    head = struct.pack("<2sBBIIQ", b"\xfeS", version, 0, len(payload), n, created)
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def v2_raw(n: int, payload: bytes, created: int = 0) -> bytes:
+    return raw_record(2, n, payload, created)
+
+
+def v3_raw(n: int, payload: bytes) -> bytes:
+    return raw_record(3, n, payload)
 
 
 def texts(b: Batch) -> list[str]:
@@ -49,19 +59,38 @@ def raw_batches(draw: st.DrawFn) -> Batch:
     """Any bytes cut anywhere: the spool stores a batch as it is, whatever its bytes."""
     frags = draw(st.lists(st.binary(max_size=20), max_size=20))
     times = draw(st.lists(st.binary(max_size=10), min_size=len(frags), max_size=len(frags)))
-    return Batch(b"".join(frags), list(accumulate(map(len, frags))), times)
+    return Batch.from_lists(b"".join(frags), list(accumulate(map(len, frags))), times)
+
+
+def v2_payload(b: Batch) -> bytes:
+    """A batch as version 2 stored it (end offsets), what the releases before wrote."""
+    ends, tends = b.ends, list(accumulate(map(len, b.times)))
+    return struct.pack(f"<{2 * len(b)}I", *ends, *tends) + bytes(b.data) + b"".join(b.times)
 
 
 @given(raw_batches(), st.integers(0, 2**63))
 @settings(max_examples=200, deadline=None)
-def test_v2_stores_the_batch_bytes_as_they_are(b: Batch, created: int) -> None:
+def test_v3_stores_the_batch_bytes_as_they_are(b: Batch, created: int) -> None:
     rec = fmt.encode_record(b, created)
-    assert rec[2] == fmt.VERSION == 2
+    assert rec[2] == fmt.VERSION == 3
     parsed = fmt.parse_at(rec, 0)
-    assert parsed == fmt.Parsed(len(rec), len(b), created, 0, 2)
+    assert parsed == fmt.Parsed(len(rec), len(b), created, 0, 3)
     got = fmt.decode_record(rec, len(b))
     assert (got.data, got.ends, got.times) == (b.data, b.ends, b.times)
-    assert bytes(b.data) in rec  # not re-encoded: the block itself is in the record
+    assert (got.lens, got.tdata, got.tlens) == (b.lens, b.tdata, b.tlens)
+    # Not re-encoded: the blocks themselves are in the record, lengths little-endian.
+    assert bytes(b.data) + bytes(b.tdata) in rec
+    assert struct.pack(f"<{len(b)}I", *b.lens) + struct.pack(f"<{len(b)}H", *b.tlens) in rec
+
+
+@given(raw_batches(), st.integers(0, 2**63))
+@settings(max_examples=200, deadline=None)
+def test_v2_records_written_before_are_still_read(b: Batch, created: int) -> None:
+    rec = v2_raw(len(b), v2_payload(b), created)
+    assert fmt.parse_at(rec, 0) == fmt.Parsed(len(rec), len(b), created, 0, 2)
+    got = fmt.decode_record(rec, len(b))
+    assert (got.data, got.lens, got.tdata, got.tlens) == (b.data, b.lens, b.tdata, b.tlens)
+    assert [r.offset for r in fmt.scan(rec + fmt.encode_record(b, 0)).records] == [0, len(rec)]
 
 
 @given(st.lists(TEXT, max_size=20), st.data())
@@ -121,7 +150,7 @@ def test_v1_filler_is_skipped_v2_fillers_are_written() -> None:
     scan = fmt.scan(v1_filler + r)
     assert [x.offset for x in scan.records] == [len(v1_filler)] and scan.holes == []
     f = fmt.filler(100)
-    assert f[2] == 2 and fmt.parse_at(f, 0) == fmt.Parsed(100, 0, 0, fmt.FLAG_FILLER, 2)
+    assert f[2] == 3 and fmt.parse_at(f, 0) == fmt.Parsed(100, 0, 0, fmt.FLAG_FILLER, 3)
 
 
 @pytest.mark.parametrize("length", [HEADER_SIZE, HEADER_SIZE + 1, 1000])
@@ -152,17 +181,25 @@ def test_decoder_rejects_what_the_checksum_cannot_catch() -> None:
         "ab",
         "c",
     ]
+    # Version 3: lengths that do not add up to the payload, with a good checksum.
+    lens = struct.pack("<2I2H", 4, 3, 2, 2)
+    assert fmt.decode_record(v3_raw(2, lens + body), 2).events() == ["ab", "c"]
+    for bad in (struct.pack("<2I2H", 4, 4, 2, 2), struct.pack("<2I2H", 4, 3, 2, 1)):
+        with pytest.raises(fmt.CorruptRecord):
+            fmt.decode_record(v3_raw(2, bad + body), 2)
     with pytest.raises(fmt.CorruptRecord):  # v1 text that is not UTF-8
         fmt.decode_record(v1_record(["a"], ["t"])[:-1] + b"\xff", 1)
 
 
 def test_inconsistent_batch_is_refused() -> None:
     with pytest.raises(ValueError):
-        fmt.encode_record(Batch(b'"ab"', [3], [b"t"]), 0)
+        fmt.encode_record(Batch.from_lists(b'"ab"', [3], [b"t"]), 0)
     with pytest.raises(ValueError):
         fmt.encode_record(Batch(b'"ab"'), 0)  # bytes but no fragment
-    with pytest.raises(RecordTooLarge):  # an offset past 4 GiB (without allocating 4 GiB)
-        fmt.encode_record(Batch(b"", [1 << 32, 0], [b"", b""]), 0)
+    with pytest.raises(ValueError):  # timestamps that do not add up to their bytes
+        fmt.encode_record(Batch(b'"ab"', new_lens([4]), b"t", new_tlens([2])), 0)
+    with pytest.raises(OverflowError):  # a fragment over 4 GiB cannot even be held
+        Batch.from_lists(b"", [1 << 32], [b""])
 
 
 def test_ack_entries() -> None:

@@ -9,16 +9,18 @@ Same contract and same ChunkResult as PyChunkReader (`_py`), byte for byte, for 
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.list cimport PyList_Append
+from cpython cimport array
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy
 
 include "_header.pxi"
 
+import array
 import orjson
 
 from ..config import MAX_EVENT_BYTES
+from ..storage import LENS, MAX_TIME_BYTES, TLENS
 from ..syslog.framing import AUTO, LF, OCTET
 from ..syslog.header import event_text, read_header, valid_time
 from ._py import DATAGRAM
@@ -81,38 +83,89 @@ cdef inline void _release(Buf* b) noexcept:
     b.cap = 0
 
 
-# The output of one feed() is built here, then copied into the chunk's one `data` bytes.  One
-# buffer for the process rather than one per connection: many idle connections then hold no
-# output memory.  feed() holds the GIL throughout, so only a re-entrant call (a finalizer run by
-# the GC inside feed) can find it busy; that call uses a buffer of its own.
-cdef Buf _shared_out
+# The output of one feed(), in storage.py's four parts: the events' JSON literals, their
+# lengths (u32), their timestamps and the timestamps' lengths (u16).  Each part is copied
+# into one object at the end of the call: no Python object per event.
+cdef struct Out:
+    Buf data
+    Buf lens
+    Buf tdata
+    Buf tlens
+
+
+# Built here, then copied out.  One set of buffers for the process rather than one per
+# connection: many idle connections then hold no output memory.  feed() holds the GIL
+# throughout, so only a re-entrant call (a finalizer run by the GC inside feed) can find them
+# busy; that call uses buffers of its own.
+cdef Out _shared_out
 cdef bint _shared_busy = False
 # Kept between calls up to this size; a bigger one (after huge frames) is given back.
 cdef Py_ssize_t _KEEP_OUT = 4 << 20
+cdef array.array _LENS_TEMPLATE = array.array(LENS)
+cdef array.array _TLENS_TEMPLATE = array.array(TLENS)
+cdef Py_ssize_t _MAX_TIME = MAX_TIME_BYTES
 # Per reader, the partial frame kept between calls is given back above this when emptied.
 cdef Py_ssize_t _KEEP_PARTIAL = 64 << 10
 
 
-cdef inline Buf* _take_out(Buf* own) noexcept:
-    """The output buffer for one call: the shared one, or `own` (emptied) if it is busy."""
+cdef inline void _empty(Buf* b) noexcept:
+    b.p = NULL
+    b.len = b.cap = 0
+
+
+cdef inline Out* _take_out(Out* own) noexcept:
+    """The output buffers for one call: the shared ones, or `own` (emptied) if busy."""
     global _shared_busy
-    own.p = NULL
-    own.len = own.cap = 0
+    _empty(&own.data)
+    _empty(&own.lens)
+    _empty(&own.tdata)
+    _empty(&own.tlens)
     if _shared_busy:
         return own
     _shared_busy = True
     return &_shared_out
 
 
-cdef inline void _give_out(Buf* out, Buf* own) noexcept:
+cdef inline void _keep(Buf* b) noexcept:
+    b.len = 0
+    if b.cap > _KEEP_OUT:
+        _release(b)
+
+
+cdef inline void _give_out(Out* out, Out* own) noexcept:
     global _shared_busy
     if out == own:
-        _release(own)
+        _release(&own.data)
+        _release(&own.lens)
+        _release(&own.tdata)
+        _release(&own.tlens)
         return
-    out.len = 0
-    if out.cap > _KEEP_OUT:
-        _release(out)
+    _keep(&out.data)
+    _keep(&out.lens)
+    _keep(&out.tdata)
+    _keep(&out.tlens)
     _shared_busy = False
+
+
+cdef inline int _put_event(Out* out, Py_ssize_t n, const unsigned char* ts,
+                           Py_ssize_t tn) except -1:
+    # The event whose literal is the last n bytes of out.data, with its timestamp ts[0:tn].
+    cdef uint32_t ln = <uint32_t>n
+    cdef uint16_t tl
+    if tn > _MAX_TIME:
+        raise ValueError(f"timestamp of {tn} bytes, over {_MAX_TIME}")
+    tl = <uint16_t>tn
+    _append(&out.lens, <const unsigned char*>&ln, 4)
+    _append(&out.tlens, <const unsigned char*>&tl, 2)
+    _append(&out.tdata, ts, tn)
+    return 0
+
+
+cdef object _array_of(array.array template, Buf* b, Py_ssize_t itemsize):
+    cdef array.array a = array.clone(template, b.len // itemsize, zero=False)
+    if b.len:
+        memcpy(a.data.as_voidptr, b.p, <size_t>b.len)
+    return a
 
 
 # -- UTF-8 decoding with "replace" and JSON escaping ----------------------------------------------
@@ -261,11 +314,12 @@ cdef class NativeChunkReader:
     cdef unsigned char** _pre
     cdef Py_ssize_t* _plen
     cdef Py_ssize_t _nprog, _nkeep
-    cdef object _last_ts  # the last zoned timestamp made, reused while equal
     cdef readonly Py_ssize_t fallbacks
     # per call
-    cdef list _ends, _times, _too_large
-    cdef object _received
+    cdef list _too_large
+    cdef bytes _received  # held through the call: _rp points into it
+    cdef const unsigned char* _rp
+    cdef Py_ssize_t _rn
     cdef Py_ssize_t _frames, _accepted, _oversized, _bad_times
 
     # No __cinit__: the object's memory is zeroed at allocation (tp_alloc), so the buffers and
@@ -293,7 +347,6 @@ cdef class NativeChunkReader:
         self._need = self._flen = self._skip = 0
         self._discard = self._closed = self._seen_error = False
         self._error = None
-        self._last_ts = None
         self.fallbacks = 0
 
     cdef int _load_filter(self) except -1:
@@ -341,13 +394,13 @@ cdef class NativeChunkReader:
         cdef bytes data = chunk if type(chunk) is bytes else bytes(chunk)
         cdef const unsigned char* d = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-        cdef Buf own
+        cdef Out own
         if self._mode == M_DATAGRAM:
             if n > self._max:
                 return ChunkResult(oversized=1)
             if n and d[n - 1] == 0x0A:
                 n -= 1
-        cdef Buf* out = _take_out(&own)
+        cdef Out* out = _take_out(&own)
         try:
             self._begin(received_at)
             if self._mode == M_DATAGRAM:
@@ -366,10 +419,10 @@ cdef class NativeChunkReader:
             _give_out(out, &own)
 
     def close(self, received_at) -> ChunkResult:
-        cdef Buf own
+        cdef Out own
         if self._mode == M_DATAGRAM:
             return ChunkResult()
-        cdef Buf* out = _take_out(&own)
+        cdef Out* out = _take_out(&own)
         try:
             self._begin(received_at)
             if not self._closed:
@@ -381,7 +434,7 @@ cdef class NativeChunkReader:
             self._received = None
             _give_out(out, &own)
 
-    cdef int _close_stream(self, Buf* out) except -1:
+    cdef int _close_stream(self, Out* out) except -1:
         # FrameDecoder.close: flush an unterminated LF line; explain a cut octet frame.
         if self._mode == M_LF:
             if not self._discard and self._part.len:
@@ -407,14 +460,16 @@ cdef class NativeChunkReader:
         filt = self._filter
         if filt.programs is not self._programs or filt.keep_tag is not self._keep:
             self._load_filter()
-        self._ends = []
-        self._times = []
         self._too_large = []
-        self._received = received_at
+        self._received = received_at if type(received_at) is bytes else bytes(received_at)
+        self._rp = <const unsigned char*>PyBytes_AS_STRING(self._received)
+        self._rn = PyBytes_GET_SIZE(self._received)
+        if self._rn > _MAX_TIME:
+            raise ValueError(f"reception time of {self._rn} bytes, over {_MAX_TIME}")
         self._frames = self._accepted = self._oversized = self._bad_times = 0
         return 0
 
-    cdef object _result(self, Buf* out):
+    cdef object _result(self, Out* out):
         cdef object error = None
         cdef int errors = 0
         if self._mode != M_DATAGRAM and self._error is not None and not self._seen_error:
@@ -422,9 +477,12 @@ cdef class NativeChunkReader:
             errors = 1
             error = self._error
         return ChunkResult(
-            data=PyBytes_FromStringAndSize(<const char*>out.p, out.len) if out.len else b"",
-            ends=self._ends,
-            times=self._times,
+            data=PyBytes_FromStringAndSize(<const char*>out.data.p, out.data.len)
+            if out.data.len else b"",
+            lens=_array_of(_LENS_TEMPLATE, &out.lens, 4),
+            tdata=PyBytes_FromStringAndSize(<const char*>out.tdata.p, out.tdata.len)
+            if out.tdata.len else b"",
+            tlens=_array_of(_TLENS_TEMPLATE, &out.tlens, 2),
             too_large=self._too_large,
             frames=self._frames,
             accepted=self._accepted,
@@ -437,7 +495,7 @@ cdef class NativeChunkReader:
 
     # -- LF-delimited (FrameDecoder._feed_lf) ---------------------------------------------------
 
-    cdef int _feed_lf(self, const unsigned char* d, Py_ssize_t n, Buf* out) except -1:
+    cdef int _feed_lf(self, const unsigned char* d, Py_ssize_t n, Out* out) except -1:
         cdef Py_ssize_t maxlen = self._max, pos = 0, i, rest
         cdef const unsigned char* hit
         if self._discard or self._part.len:
@@ -484,7 +542,7 @@ cdef class NativeChunkReader:
 
     # -- octet-counted (FrameDecoder._feed_octet) -----------------------------------------------
 
-    cdef int _feed_octet(self, bytes data, Buf* out) except -1:
+    cdef int _feed_octet(self, bytes data, Out* out) except -1:
         cdef const unsigned char* d = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         cdef Py_ssize_t pos = 0, need, lim, sp, k, length, start, end
@@ -596,18 +654,20 @@ cdef class NativeChunkReader:
 
     # -- one frame: header, filter, event text, JSON ------------------------------------------
 
-    cdef int _frame(self, const unsigned char* f, Py_ssize_t n, Buf* out) except -1:
+    cdef int _frame(self, const unsigned char* f, Py_ssize_t n, Out* o_) except -1:
         cdef CHeader h
         cdef bint keep
         cdef Py_ssize_t a, total, start, textlen = 0, w
         cdef unsigned char* o
-        cdef object ts
+        cdef Buf* out = &o_.data
+        cdef const unsigned char* tp
+        cdef Py_ssize_t tn
         c_read_header(f, n, &h)
         self._frames += 1
         if not (_span_ok(h.prog_start, h.prog_end, n) and _span_ok(h.tag_start, n, n)
                 and _span_ok(h.msg_start, n, n) and _span_ok(h.proc_start, h.proc_end, n)
                 and (not h.ts_zoned or _span_ok(h.ts_start, h.ts_end, n))):
-            return self._fallback(f, n, out)
+            return self._fallback(f, n, o_)
         if not _starts(f, n, h.prog_start, h.prog_end, self._pre, self._plen, self._nprog):
             return 0
         self._accepted += 1
@@ -651,30 +711,22 @@ cdef class NativeChunkReader:
         w += 1
         # The span was checked above (_span_ok) when ts_zoned.
         if h.ts_zoned and _h_time_ok(f + h.ts_start, h.ts_end - h.ts_start):
-            ts = self._ts(f + h.ts_start, h.ts_end - h.ts_start)
+            tp = f + h.ts_start
+            tn = h.ts_end - h.ts_start
         else:
             if h.ts_zoned:  # a sender's impossible time: the reception time instead, counted
                 self._bad_times += 1
-            ts = self._received
+            tp = self._rp
+            tn = self._rn
         if textlen > _MAX_EVENT:
-            self._too_large.append((PyBytes_FromStringAndSize(<const char*>o, w), ts))
+            self._too_large.append((PyBytes_FromStringAndSize(<const char*>o, w),
+                                    PyBytes_FromStringAndSize(<const char*>tp, tn)))
             return 0
         out.len = start + w
-        PyList_Append(self._ends, out.len)
-        PyList_Append(self._times, ts)
+        _put_event(o_, w, tp, tn)
         return 0
 
-    cdef object _ts(self, const unsigned char* s, Py_ssize_t k):
-        # Consecutive events mostly share their timestamp: one bytes object for a run of them.
-        cdef object last = self._last_ts
-        if (last is not None and PyBytes_GET_SIZE(last) == k
-                and memcmp(PyBytes_AS_STRING(last), s, <size_t>k) == 0):
-            return last
-        last = PyBytes_FromStringAndSize(<const char*>s, k)
-        self._last_ts = last
-        return last
-
-    cdef int _fallback(self, const unsigned char* f, Py_ssize_t n, Buf* out) except -1:
+    cdef int _fallback(self, const unsigned char* f, Py_ssize_t n, Out* out) except -1:
         # The Python path for this one frame (PyChunkReader._frames' body); _frames is counted.
         cdef bytes frame = PyBytes_FromStringAndSize(<const char*>f, n)
         cdef bytes frag
@@ -694,7 +746,7 @@ cdef class NativeChunkReader:
         if len(text.encode("utf-8")) > _MAX_EVENT:
             self._too_large.append((frag, ts))
             return 0
-        _append(out, <const unsigned char*>PyBytes_AS_STRING(frag), PyBytes_GET_SIZE(frag))
-        PyList_Append(self._ends, out.len)
-        PyList_Append(self._times, ts)
+        _append(&out.data, <const unsigned char*>PyBytes_AS_STRING(frag), PyBytes_GET_SIZE(frag))
+        _put_event(out, PyBytes_GET_SIZE(frag), <const unsigned char*>PyBytes_AS_STRING(ts),
+                   PyBytes_GET_SIZE(ts))
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import orjson
 
 from ..config import MAX_EVENT_BYTES
+from ..storage import pack_times
 from ..syslog.framing import AUTO, FrameDecoder
 from ..syslog.header import event_text, read_header, valid_time
 from .filter import ProgramFilter
@@ -76,9 +77,8 @@ class PyChunkReader:
         bad_times = 0
         parts: list[bytes] = []
         append = parts.append
-        ends = out.ends
-        times = out.times
-        end = 0
+        lens = out.lens
+        tparts: list[bytes] = []
         accepted = 0
         for frame in frames:
             h = header(frame)
@@ -104,13 +104,13 @@ class PyChunkReader:
                 out.too_large.append((frag, ts))
                 continue
             append(frag)
-            end += len(frag)
-            ends.append(end)
-            times.append(ts)
+            lens.append(len(frag))
+            tparts.append(ts)
         out.accepted = accepted
         out.bad_times = bad_times
         out.filtered = out.frames - out.accepted
         out.data = b"".join(parts)
+        out.tdata, out.tlens = pack_times(tparts)
         dec = self._decoder
         if dec is not None and dec.error is not None and not self._seen_error:
             self._seen_error = True

@@ -5,24 +5,29 @@ The contract shared by the pure-Python reader and a compiled one: same bytes, sa
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from ..storage import ends_of, new_lens, new_tlens, pieces
 
 
 @dataclass(slots=True)
 class ChunkResult:
-    """Events completed by one chunk, in arrival order.
+    """Events completed by one chunk, in arrival order, stored as storage.py says.
 
     `data` holds each kept event as the JSON string literal orjson writes for its text
-    (quotes included), back to back; `ends[i]` is where event i stops in `data`; `times[i]`
-    its timestamp (the header's own RFC 3339 time if zoned and valid, else the reception time).
+    (quotes included), back to back, `lens[i]` the length of event i's; `tdata` its timestamp
+    (the header's own RFC 3339 time if zoned and valid, else the reception time), back to
+    back, `tlens[i]` the length of event i's. No Python object per event.
     `too_large` holds events over the intake's 250 KiB limit, as (fragment, timestamp):
     they go to dead letters, never to a batch.
     """
 
     data: bytes = b""
-    ends: list[int] = field(default_factory=list)
-    times: list[bytes] = field(default_factory=list)
+    lens: array[int] = field(default_factory=new_lens)
+    tdata: bytes = b""
+    tlens: array[int] = field(default_factory=new_tlens)
     too_large: list[tuple[bytes, bytes]] = field(default_factory=list)
     frames: int = 0  # complete frames read (kept, filtered or too large)
     accepted: int = 0  # frames whose program passed the filter (too_large included)
@@ -33,7 +38,21 @@ class ChunkResult:
     error: str | None = None  # set once: the connection must be closed
 
     def __len__(self) -> int:
-        return len(self.ends)
+        return len(self.lens)
+
+    # Lists, made on demand: for tests and diagnostics, never on the hot path.
+    @property
+    def ends(self) -> list[int]:
+        """Where each event stops in `data`."""
+        return ends_of(self.lens)
+
+    @property
+    def times(self) -> list[bytes]:
+        return pieces(self.tdata, self.tlens)
+
+    @property
+    def fragments(self) -> list[bytes]:
+        return pieces(self.data, self.lens)
 
 
 class ChunkReader(Protocol):

@@ -2,8 +2,8 @@
 """Compiled body assembly: the fragments of a batch interleaved with constant pieces.
 
 The same bytes as sinks/assemble.py's pure-Python functions, without a Python object per event.
-Every offset is checked against the buffer before it is used: a batch read back from the spool
-is data from disk.
+Events come as storage.py stores them (lengths, not offsets). Every span is checked against
+its buffer before it is read: a batch read back from the spool is data from disk.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -18,38 +18,41 @@ cdef extern from "Python.h":
     int _bytes_resize "_PyBytes_Resize"(PyObject** o, Py_ssize_t n)
 
 
-cdef inline Py_ssize_t _checked_end(list ends, Py_ssize_t i, Py_ssize_t prev,
-                                    Py_ssize_t size) except -1:
-    cdef Py_ssize_t e = <Py_ssize_t>ends[i]
-    if e < prev or e > size:
-        raise ValueError(f"fragment end {e} out of order or past the data ({size} bytes)")
-    return e
+cdef Py_ssize_t _span(const unsigned int[::1] lens, Py_ssize_t lo, Py_ssize_t hi,
+                      Py_ssize_t size, Py_ssize_t start) except -1:
+    # The bytes of events lo..hi-1 starting at `start`, checked to end inside `size`.
+    cdef Py_ssize_t i, total = 0
+    for i in range(lo, hi):
+        total += lens[i]
+    if start + total > size:
+        raise ValueError(f"fragments end at {start + total}, past the data ({size} bytes)")
+    return total
 
 
-def array_chunk(const unsigned char[::1] data, list ends, list times, Py_ssize_t lo,
+def array_chunk(const unsigned char[::1] data, const unsigned int[::1] lens,
+                const unsigned char[::1] tdata, const unsigned short[::1] tlens, Py_ssize_t lo,
                 Py_ssize_t hi, bytes mid, bytes sep, bytes last):
     """For events lo..hi-1: F mid T sep ... F mid T last (the /array middle part)."""
-    cdef Py_ssize_t size = data.shape[0]
-    cdef Py_ssize_t n = len(ends)
-    if lo < 0 or hi > n or lo > hi or len(times) != n:
+    cdef Py_ssize_t n = lens.shape[0]
+    if lo < 0 or hi > n or lo > hi or tlens.shape[0] != n:
         raise ValueError("bad event range")
-    cdef Py_ssize_t i, start, end, total = 0, tlen
+    cdef Py_ssize_t i, total, tlen, fl
     cdef Py_ssize_t lm = PyBytes_GET_SIZE(mid), ls = PyBytes_GET_SIZE(sep)
     cdef Py_ssize_t ll = PyBytes_GET_SIZE(last)
-    cdef object t
-    start = <Py_ssize_t>ends[lo - 1] if lo else 0
-    if start < 0 or start > size:
-        raise ValueError("bad first offset")
-    # First pass: validate and size, so the output is allocated once.
-    end = start
+    cdef Py_ssize_t start = 0, tstart = 0
+    for i in range(lo):
+        start += lens[i]
+        tstart += tlens[i]
+    # Validate and size first, so the output is allocated once.
+    cdef Py_ssize_t dbytes = _span(lens, lo, hi, data.shape[0], start)
+    cdef Py_ssize_t tbytes = 0
     for i in range(lo, hi):
-        end = _checked_end(ends, i, end, size)
-        t = times[i]
-        if type(t) is not bytes:
-            raise TypeError("timestamps must be bytes")
-        total += PyBytes_GET_SIZE(t)
-    if hi > lo:
-        total += (end - start) + (hi - lo) * (lm + ls) - ls + ll
+        tbytes += tlens[i]
+    if tstart + tbytes > tdata.shape[0]:
+        raise ValueError("timestamps past their data")
+    if hi == lo:
+        return b""
+    total = dbytes + tbytes + (hi - lo) * (lm + ls) - ls + ll
     out = PyBytes_FromStringAndSize(NULL, total)
     cdef char* w = PyBytes_AS_STRING(out)
     cdef const char* pm = PyBytes_AS_STRING(mid)
@@ -57,32 +60,31 @@ def array_chunk(const unsigned char[::1] data, list ends, list times, Py_ssize_t
     cdef const char* pl = PyBytes_AS_STRING(last)
     cdef Py_ssize_t pos = 0
     for i in range(lo, hi):
-        end = <Py_ssize_t>ends[i]
-        if end > start:
-            memcpy(w + pos, &data[start], end - start)
-        pos += end - start
+        fl = lens[i]
+        if fl:
+            memcpy(w + pos, &data[start], fl)
+        pos += fl
+        start += fl
         memcpy(w + pos, pm, lm)
         pos += lm
-        t = times[i]
-        tlen = PyBytes_GET_SIZE(t)
-        memcpy(w + pos, PyBytes_AS_STRING(t), tlen)
+        tlen = tlens[i]
+        if tlen:
+            memcpy(w + pos, &tdata[tstart], tlen)
         pos += tlen
+        tstart += tlen
         if i + 1 < hi:
             memcpy(w + pos, ps, ls)
             pos += ls
         else:
             memcpy(w + pos, pl, ll)
             pos += ll
-        start = end
     return out
 
 
-def join_fragments(const unsigned char[::1] data, list ends, bytes sep):
+def join_fragments(const unsigned char[::1] data, const unsigned int[::1] lens, bytes sep):
     """The fragments separated by `sep` (/jsons, /batch)."""
-    cdef Py_ssize_t size = data.shape[0]
-    cdef Py_ssize_t n = len(ends), i, start = 0, end = 0
-    for i in range(n):
-        end = _checked_end(ends, i, end, size)
+    cdef Py_ssize_t n = lens.shape[0], i, start = 0, fl
+    cdef Py_ssize_t end = _span(lens, 0, n, data.shape[0], 0)
     cdef Py_ssize_t ls = PyBytes_GET_SIZE(sep)
     cdef Py_ssize_t total = end + (ls * (n - 1) if n else 0)
     out = PyBytes_FromStringAndSize(NULL, total)
@@ -90,14 +92,14 @@ def join_fragments(const unsigned char[::1] data, list ends, bytes sep):
     cdef const char* ps = PyBytes_AS_STRING(sep)
     cdef Py_ssize_t pos = 0
     for i in range(n):
-        end = <Py_ssize_t>ends[i]
+        fl = lens[i]
         if i:
             memcpy(w + pos, ps, ls)
             pos += ls
-        if end > start:
-            memcpy(w + pos, &data[start], end - start)
-        pos += end - start
-        start = end
+        if fl:
+            memcpy(w + pos, &data[start], fl)
+        pos += fl
+        start += fl
     return out
 
 
@@ -225,13 +227,11 @@ cdef Py_ssize_t _unescape(const unsigned char* s, Py_ssize_t n, char* w,
     return pos
 
 
-def plain_lines(const unsigned char[::1] data, list ends, bytes sep):
+def plain_lines(const unsigned char[::1] data, const unsigned int[::1] lens, bytes sep):
     """The event texts, UTF-8, separated by `sep` (/plain/batch); ValueError for a fragment
     that is not a plain JSON string literal (the caller then decodes it the reference way)."""
-    cdef Py_ssize_t size = data.shape[0]
-    cdef Py_ssize_t n = len(ends), i, start = 0, end = 0
-    for i in range(n):
-        end = _checked_end(ends, i, end, size)
+    cdef Py_ssize_t n = lens.shape[0], i, start = 0, fl
+    cdef Py_ssize_t end = _span(lens, 0, n, data.shape[0], 0)
     if n == 0:
         return b""
     cdef Py_ssize_t ls = PyBytes_GET_SIZE(sep)
@@ -244,18 +244,18 @@ def plain_lines(const unsigned char[::1] data, list ends, bytes sep):
         raise MemoryError()
     cdef char* w = _bytes_ptr(out)
     for i in range(n):
-        end = <Py_ssize_t>ends[i]
+        fl = lens[i]
         if i:
             memcpy(w + pos, ps, ls)
             pos += ls
-        if end - start < 2:
+        if fl < 2:
             pos = -1
         else:
-            pos = _unescape(&data[start], end - start, w, pos)
+            pos = _unescape(&data[start], fl, w, pos)
         if pos < 0:
             Py_DECREF(<object>out)
             raise ValueError(f"fragment {i} is not a plain JSON string literal")
-        start = end
+        start += fl
     # Shrunk in place (realloc), not copied: the body may be megabytes.
     if _bytes_resize(&out, pos) < 0:
         raise MemoryError()

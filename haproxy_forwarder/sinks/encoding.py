@@ -67,7 +67,7 @@ def _array_chunks(batch: Batch, key: str) -> Iterator[bytes]:
     yield b"[" + head if n else b"["
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
-        yield array_chunk(batch.data, batch.ends, batch.times, lo, hi, mid, sep,
+        yield array_chunk(batch.data, batch.lens, batch.tdata, batch.tlens, lo, hi, mid, sep,
                           b'"}' if hi == n else sep)
     yield b"]"
 
@@ -76,13 +76,13 @@ def encode(batch: Batch, endpoint: str, key: str) -> bytes:
     if endpoint == "array":
         return b"".join(_array_chunks(batch, key))
     if endpoint == "batch":
-        frags = join_fragments(batch.data, batch.ends, b",")
+        frags = join_fragments(batch.data, batch.lens, b",")
         return b'{"intake_key":%s,"jsons":[%s]}' % (orjson.dumps(key), frags)
     if endpoint == "jsons":
-        return b"[" + join_fragments(batch.data, batch.ends, b",") + b"]"
+        return b"[" + join_fragments(batch.data, batch.lens, b",") + b"]"
     if endpoint == "plain-batch":
         # The intake splits on LF: an event containing one arrives in pieces (documented).
-        return plain_lines(batch.data, batch.ends, b"\n")
+        return plain_lines(batch.data, batch.lens, b"\n")
     raise ValueError(f"unknown endpoint {endpoint!r}")
 
 

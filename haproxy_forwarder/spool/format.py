@@ -14,11 +14,16 @@ A record is a 24-byte header then the payload, all little-endian:
     created (unix ms) u64 | crc32 of header bytes 0..19 + payload
 flags is 0 for a batch. n is the header's events field.
 
-Version 2 (written since the batches are encoded blocks) stores the Batch as it is:
-    n fragment end offsets u32 | n timestamp end offsets u32 | batch.data | the timestamps
+Version 3 (written since batches store lengths, storage.py) stores the Batch as it is:
+    n fragment lengths u32 | n timestamp lengths u16 | batch.data | batch.tdata
 batch.data is the events' JSON string literals back to back (`orjson.dumps(text)`, quotes
-included) and fragment i ends at offset i into it; the timestamps (ASCII) are concatenated
-the same way. Reading is slicing: no event is decoded or re-encoded.
+included), batch.tdata their timestamps (ASCII) back to back. Writing is four copies and
+reading four slices: no event is decoded or re-encoded, no Python object made per event.
+
+Version 2 (written from the encoded batches until version 3) holds the same bytes with end
+offsets instead of lengths:
+    n fragment end offsets u32 | n timestamp end offsets u32 | batch.data | the timestamps
+It is still read, its offsets turned into lengths.
 
 Version 1 (written by the releases before) stores 2n u32 lengths in code points (the n
 events, then the n timestamps) followed by the UTF-8 (surrogatepass) encoding of all those
@@ -30,9 +35,9 @@ writes version 1 any more.
 
 flags 1 marks a filler: events 0, created 0, a zero payload. Fillers are written only by
 recovery, over corrupt byte ranges, so that every other record keeps its offset; they are never
-replayed. New fillers are version 2; version-1 fillers (written by the releases before) are
-read as well. (A release that knows only version 1 sees a v2 record as corruption; spools are
-not meant to be downgraded.)
+replayed. New fillers are version 3; version-1 and 2 fillers (written by the releases before) are
+read as well. (A release that does not know a version sees its records as corruption; spools
+are not meant to be downgraded.)
 
 An ack entry is 12 bytes: record offset u64 | crc32(seq u64, offset u64). Torn or bad entries
 are ignored (the record is then replayed: a duplicate, never a loss).
@@ -71,11 +76,14 @@ from typing import NamedTuple
 import orjson
 
 from ..batching import Batch
+from ..storage import new_lens, new_tlens, offsets
 from .errors import RecordTooLarge
 
 MAGIC = b"\xfeS"
-VERSION = 2  # what is written
-READ_VERSIONS = (1, 2)
+VERSION = 3  # what is written
+READ_VERSIONS = (1, 2, 3)
+# The least payload bytes per event of each version: what a header's event count must fit.
+_MIN_EVENT_BYTES = {1: 8, 2: 8, 3: 6}
 FLAG_FILLER = 0x01  # a record covering a corrupt range: skipped, never replayed
 
 _HEAD = struct.Struct("<2sBBIIQ")  # everything the crc covers, before the crc itself
@@ -110,16 +118,19 @@ def split_id(rid: int) -> tuple[int, int]:
 # -- batch payloads ----------------------------------------------------------------------------
 
 
-def _u32s(values: list[int] | array[int]) -> bytes:
-    arr = values if isinstance(values, array) else array("I", values)
+def _le(arr: array[int]) -> bytes | array[int]:
+    # The array's bytes, little-endian (what is on disk).
     if _BIG_ENDIAN:
-        arr = array("I", arr)
+        arr = array(arr.typecode, arr)
         arr.byteswap()
-    return arr.tobytes()
+    return arr
 
 
 def _read_u32s(raw: memoryview) -> array[int]:
-    arr = array("I")
+    return _read(new_lens(), raw)
+
+
+def _read(arr: array[int], raw: memoryview) -> array[int]:
     arr.frombytes(raw)
     if _BIG_ENDIAN:
         arr.byteswap()
@@ -127,16 +138,25 @@ def _read_u32s(raw: memoryview) -> array[int]:
 
 
 def encode_payload(batch: Batch) -> bytes:
-    """The version-2 payload of `batch` (its own bytes, not re-encoded)."""
-    end = batch.ends[-1] if batch.ends else 0
-    if end != len(batch.data):
-        raise ValueError(f"batch fragments end at {end} but it holds {len(batch.data)} bytes")
-    try:
-        ends = _u32s(batch.ends)
-        tends = _u32s(list(accumulate(map(len, batch.times))))
-    except OverflowError as e:
-        raise RecordTooLarge("batch over 4 GiB") from e
-    return b"".join((ends, tends, batch.data, *batch.times))
+    """The version-3 payload of `batch` (its own bytes, not re-encoded)."""
+    dlen, tlen = offsets(batch.lens, batch.tlens, len(batch))
+    if dlen != len(batch.data) or tlen != len(batch.tdata):
+        raise ValueError(f"batch fragments end at {dlen} but it holds {len(batch.data)} bytes"
+                         if dlen != len(batch.data) else
+                         f"timestamps end at {tlen} but it holds {len(batch.tdata)} bytes")
+    return b"".join((_le(batch.lens), _le(batch.tlens), batch.data, batch.tdata))
+
+
+def _decode_v3(payload: memoryview, n: int) -> Batch:
+    k = 4 * n
+    lens = _read(new_lens(), payload[:k])
+    tlens = _read(new_tlens(), payload[k : k + 2 * n])
+    body = payload[k + 2 * n :]
+    dlen, tlen = offsets(lens, tlens, n)
+    # The checksum already held: this only catches a writer bug.
+    if dlen + tlen != len(body):
+        raise CorruptRecord("fragment lengths do not match the payload")
+    return Batch(body[:dlen], lens, body[dlen:], tlens)
 
 
 def _decode_v2(payload: memoryview, n: int) -> Batch:
@@ -151,9 +171,7 @@ def _decode_v2(payload: memoryview, n: int) -> Batch:
         raise CorruptRecord("fragment offsets do not match the payload")
     tb = bytes(body[dlen:])
     times = [tb[a:b] for a, b in zip([0, *tends], tends, strict=False)]
-    batch = Batch(b"", ends, times)
-    batch.data = bytearray(body[:dlen])  # one copy, not two through the constructor
-    return batch
+    return Batch.from_lists(body[:dlen], ends, times)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -183,6 +201,8 @@ def _decode_v1(payload: memoryview, n: int) -> Batch:
 
 def decode_payload(version: int, payload: memoryview, n: int) -> Batch:
     try:
+        if version == 3:
+            return _decode_v3(payload, n)
         if version == 2:
             return _decode_v2(payload, n)
         return _decode_v1(payload, n)
@@ -201,7 +221,7 @@ def _pack(version: int, flags: int, payload: bytes | bytearray, n: int, created:
 
 
 def encode_record(batch: Batch, created_ms: int) -> bytes:
-    """A version-2 batch record: header then payload."""
+    """A version-3 batch record: header then payload."""
     payload = encode_payload(batch)
     if len(payload) > MAX_PAYLOAD:
         raise RecordTooLarge(f"batch payload of {len(payload)} bytes exceeds 4 GiB")
@@ -430,7 +450,7 @@ def _header(data: bytes | bytearray | memoryview, pos: int) -> Parsed | None:
     if len(data) - pos < HEADER_SIZE:
         return None
     magic, version, flags, plen, n, created = _HEAD.unpack_from(data, pos)
-    if magic != MAGIC or version not in READ_VERSIONS or 8 * n > plen:
+    if magic != MAGIC or version not in READ_VERSIONS or _MIN_EVENT_BYTES[version] * n > plen:
         return None
     if flags != 0 and (flags != FLAG_FILLER or n != 0):
         return None
