@@ -78,7 +78,8 @@ deb:
 # The compiled ingest under AddressSanitizer + UndefinedBehaviorSanitizer (gcc), on the ingest
 # suites and the fuzz corpus; a sanitizer report aborts the run (devtools/sanitized.py).
 ASAN_TESTS := tests/test_ingest.py tests/test_native_reader.py tests/test_native_header.py \
-	tests/test_assemble.py tests/test_framing.py tests/test_header.py tests/test_fuzz_corpus.py
+	tests/test_assemble.py tests/test_storage.py tests/test_framing.py tests/test_header.py \
+	tests/test_fuzz_corpus.py tests/test_spool_format.py
 asan: $(STAMP)
 	$(BIN)/python -m devtools.sanitized build --kind asan
 	$(BIN)/python -m devtools.sanitized run --kind asan -- \
