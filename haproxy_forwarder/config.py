@@ -218,16 +218,19 @@ class FilterConfig(_Section):
 
 
 class BatchConfig(_Section):
-    max_events: int = Field(default=5000, ge=1, le=100_000)
+    # 10,000 (was 5,000): the most Sekoia's own clients put in one request. Half the requests
+    # per event: 12-14 % less CPU per message through a 2M burst (bench.cpu, BENCHMARKS.md),
+    # for ~12 MiB more peak memory (each batch in flight holds twice the events).
+    max_events: int = Field(default=10_000, ge=1, le=100_000)
     max_bytes: int = Field(default=4 * MIB, ge=1024, le=8 * MIB)
     max_delay: float = Field(default=1.0, gt=0, le=60)
     # The open batch also closes when no event came for this long (the end of a burst goes out
     # at once, as syslog-ng flushes an idle queue); at or above max_delay it changes nothing.
     idle_flush: float = Field(default=0.05, gt=0, le=60)
     # Batches waiting for delivery in memory; at this many the listeners stop reading. 2 (was
-    # 8, then 4): each waiting batch is ~1.25 MiB held, and with `intake.concurrency` requests
-    # in flight beside them the workers never starve (measured in BENCHMARKS.md); it also
-    # halves what a crash in overflow mode can lose.
+    # 8, then 4): each waiting batch is ~3 MiB held (10,000 events), and with
+    # `intake.concurrency` requests in flight beside them the workers never starve (measured in
+    # BENCHMARKS.md); it also halves what a crash in overflow mode can lose.
     max_in_flight: int = Field(default=2, ge=1, le=1024)
 
 

@@ -193,7 +193,7 @@ def spool_stats(d: Daemon) -> dict[str, Any]:
 # -- 1. intake down for a while under steady load -----------------------------------------------
 
 RATE = 1000  # per connection; three connections
-BATCH_MAX_EVENTS = 5000  # batch.max_events' default: the most one uncertain request can repeat
+BATCH_MAX_EVENTS = 10_000  # batch.max_events' default: the most one uncertain request can repeat
 
 
 @pytest.mark.parametrize(

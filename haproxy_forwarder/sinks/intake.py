@@ -430,8 +430,8 @@ class IntakeSink:
         self.max_body = max_body
         # One thread encodes for every worker, not one each: glibc gives each thread that
         # allocates its own arena, which keeps the freed bodies of its busiest moment resident
-        # (measured: ~2.5 MiB per thread through a burst). Assembly and gzip of a 5000-event
-        # batch take ~2.5 ms, so one thread keeps up with several event loops' worth of input.
+        # (measured: ~2.5 MiB per thread through a burst). Assembly and gzip of a 10,000-event
+        # batch take ~5 ms, so one thread keeps up with several event loops' worth of input.
         self._encoder = encoder or ThreadPoolExecutor(1, thread_name_prefix="encode")
 
     def _bodies(self, batch: Batch) -> list[tuple[Batch, bytes]]:
