@@ -61,6 +61,8 @@ from .stream import Stream, load_stream
 
 CACHE = suts.CACHE
 
+# Events per spooled batch in the replay run: batch.max_events' default, as a daemon spools.
+REPLAY_PER_BATCH = 10_000
 TARGETS = {
     "cpu_ratio": 2.0,  # forwarder input msgs per CPU-s >= 2x syslog-ng (issue 21)
     "cpu_ratio_aim": 3.0,  # ... and the aim: 3x
@@ -120,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="interleaved rounds, each running every system once (default 5)")
     ap.add_argument("--rate", type=float, default=20_000, help="latency run: messages/s")
     ap.add_argument("--latency-seconds", type=float, default=15.0)
-    ap.add_argument("--replay-batches", type=int, default=60, help="spool replay: batches of "
-                    "batch.max_events (5000) events")
+    ap.add_argument("--replay-batches", type=int, default=200, help="spool replay: batches of "
+                    f"batch.max_events ({REPLAY_PER_BATCH:,}) events (default 200: 2M events, "
+                    "about 2 CPU-seconds)")
     ap.add_argument("--quick", action="store_true", help="1 round, shorter latency run")
     ap.add_argument("--variants-once", action="store_true",
                     help="run the forwarder's spool-always and /plain/batch variants in the "
@@ -265,7 +268,8 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
     lat_frames = int(args.rate * args.latency_seconds)
     say(f"\n[3/6] {rounds} round(s): bursts of {stream.count:,} messages (fresh process "
         f"each, order rotated every round), latency at {args.rate:,.0f} msg/s for "
-        f"{args.latency_seconds:.0f} s, spool replay of {args.replay_batches} x 5,000 events")
+        f"{args.latency_seconds:.0f} s, spool replay of {args.replay_batches} x "
+        f"{REPLAY_PER_BATCH:,} events")
     if args.variants_once:
         say(f"  --variants-once: {', '.join(LABELS[k] for k in VARIANTS)} run in round 1 "
             "only (their figures are ONE measurement, not a median)")
@@ -296,9 +300,9 @@ def _main(args: argparse.Namespace, tmp: Path, results: dict[str, Any], t_start:
                 + (f"  ERROR {lt.error}" if lt.error else ""))
         try:
             rp = runs.replay(lambda d: suts.Forwarder(tmp, intake, spool_dir=d, impl=impl),
-                             intake, tmp, args.replay_batches, 5000)
+                             intake, tmp, args.replay_batches, REPLAY_PER_BATCH)
         except Exception as exc:
-            rp = runs.Replay(args.replay_batches, args.replay_batches * 5000,
+            rp = runs.Replay(args.replay_batches, args.replay_batches * REPLAY_PER_BATCH,
                              error=f"{exc}"[:800])
         reps.append(rp)
         say(f"    replay {rp.received:,}/{rp.events:,} events: {rp.events_per_s:,.0f} ev/s "

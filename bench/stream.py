@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +94,11 @@ def load_stream(frames: int, cache: Path) -> Stream:
     return s
 
 
-def spool_batches(count: int, per_batch: int, seed: int = 99) -> list[tuple[list[str], list[str]]]:
-    """(events, times) lists as the daemon would have spooled them: MSG text, ISO times."""
+def spool_batches(count: int, per_batch: int,
+                  seed: int = 99) -> Iterator[tuple[list[str], list[str]]]:
+    """(events, times) lists as the daemon would have spooled them: MSG text, ISO times;
+    made one batch at a time (2M events at once would be half a GiB of strings)."""
     rng = random.Random(seed)
-    out = []
     seq = 0
     for b in range(count):
         ts = f"2026-11-26T21:{58 + b // 60 % 2:02d}:{b % 60:02d}.000Z"
@@ -104,5 +106,4 @@ def spool_batches(count: int, per_batch: int, seed: int = 99) -> list[tuple[list
         for _ in range(per_batch):
             events.append(httplog_line(rng, seq, 79_080 + b))
             seq += 1
-        out.append((events, [ts] * per_batch))
-    return out
+        yield events, [ts] * per_batch
