@@ -1600,22 +1600,21 @@ def _crafted_segment(path: Path, junk_bytes: int) -> tuple[bytes, int]:
 
 
 def _bytes_checksummed(monkeypatch: pytest.MonkeyPatch, path: Path) -> tuple[int, Spool]:
-    import zlib
-
     examined = 0
-    real = zlib.crc32
+    real = fmt.crc32  # the format's checksum function (ISA-L's or zlib's)
 
     def counting(data: Any, value: int = 0) -> int:
         nonlocal examined
         examined += len(data)
         return real(data, value)
 
-    monkeypatch.setattr(zlib, "crc32", counting)
+    monkeypatch.setattr(fmt, "crc32", counting)
     try:
         sp = Spool(path.parent.parent)
         sp.open()
     finally:
-        monkeypatch.setattr(zlib, "crc32", real)
+        monkeypatch.setattr(fmt, "crc32", real)
+    assert examined > 0, "the count missed the format's checksum calls"
     return examined, sp
 
 

@@ -68,12 +68,19 @@ from __future__ import annotations
 import re
 import struct
 import sys
-import zlib
 from array import array
 from itertools import accumulate
 from typing import NamedTuple
 
 import orjson
+
+try:
+    # ISA-L's CRC-32: the same checksum as zlib's (same polynomial, same running value), about
+    # 12x faster (0.019 against 0.24 ns per byte here): every record is checksummed when
+    # written, read back and scanned at start, 3 MiB or more each at 10,000 events.
+    from isal.isal_zlib import crc32
+except ImportError:  # a platform without an isal wheel: zlib's, slower, the same values
+    from zlib import crc32
 
 from ..batching import Batch
 from ..storage import new_lens, new_tlens, offsets
@@ -217,7 +224,7 @@ def decode_payload(version: int, payload: memoryview, n: int) -> Batch:
 
 def _pack(version: int, flags: int, payload: bytes | bytearray, n: int, created: int) -> bytes:
     head = _HEAD.pack(MAGIC, version, flags, len(payload), n, created)
-    return b"".join((head, _CRC.pack(zlib.crc32(payload, zlib.crc32(head))), payload))
+    return b"".join((head, _CRC.pack(crc32(payload, crc32(head))), payload))
 
 
 def encode_record(batch: Batch, created_ms: int) -> bytes:
@@ -321,18 +328,18 @@ class RangeCrc:
             c = _MASK
             for k in range(len(self.view) // _BLOCK + 1):
                 marks.append(c)
-                c = zlib.crc32(self.view[k * _BLOCK : (k + 1) * _BLOCK], c)
+                c = crc32(self.view[k * _BLOCK : (k + 1) * _BLOCK], c)
             self.examined += len(self.view)
             self.marks = marks
         k = x // _BLOCK
         self.examined += x - k * _BLOCK
-        return zlib.crc32(self.view[k * _BLOCK : x], self.marks[k])
+        return crc32(self.view[k * _BLOCK : x], self.marks[k])
 
     def crc32(self, start: int, stop: int, value: int) -> int:
         """== zlib.crc32(data[start:stop], value)."""
         if stop - start <= 2 * _BLOCK:
             self.examined += stop - start
-            return zlib.crc32(self.view[start:stop], value)
+            return crc32(self.view[start:stop], value)
         ga = ~self._prefix(start) & _MASK
         gb = ~self._prefix(stop) & _MASK
         return ~(_advance((~value & _MASK) ^ ga, stop - start) ^ gb) & _MASK
@@ -361,11 +368,11 @@ def parse_at(
         return None
     (crc,) = _CRC.unpack_from(data, pos + _HEAD.size)
     view = memoryview(data)
-    head_crc = zlib.crc32(view[pos : pos + _HEAD.size])
+    head_crc = crc32(view[pos : pos + _HEAD.size])
     if sums is not None:
         got = sums.crc32(pos + HEADER_SIZE, stop, head_crc)
     else:
-        got = zlib.crc32(view[pos + HEADER_SIZE : stop], head_crc)
+        got = crc32(view[pos + HEADER_SIZE : stop], head_crc)
     return parsed if got == crc else None
 
 
@@ -508,7 +515,7 @@ def repaired(data: bytes | bytearray, result: Scan) -> bytearray:
 
 
 def ack_entry(seq: int, offset: int) -> bytes:
-    return _ACK.pack(offset, zlib.crc32(_ACK_KEY.pack(seq, offset)))
+    return _ACK.pack(offset, crc32(_ACK_KEY.pack(seq, offset)))
 
 
 class AckScan(NamedTuple):
