@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .storage import cut, ends_of, lens_of, new_lens, new_tlens, offsets, pack_times, pieces
+from .storage import Stored, cut, lens_of, new_lens, new_tlens, offsets, pack_times
 
 if TYPE_CHECKING:
     from .acks import Waiter
 
 
-class Batch:
+class Batch(Stored):
     """Encoded events stored as storage.py says: `data` and `lens` (the JSON literals),
     `tdata` and `tlens` (their timestamps: RFC 3339, ASCII, JSON-safe, written between quotes
     as is). Four buffers, not an object per event: cheaper to build, split and keep.
@@ -68,28 +68,10 @@ class Batch:
         tdata, tlens = pack_times(t.encode("ascii") if isinstance(t, str) else t for t in times)
         return cls(b"".join(frags), new_lens(map(len, frags)), tdata, tlens)
 
-    def __len__(self) -> int:
-        return len(self.lens)
-
     @property
     def nbytes(self) -> int:
         """Bytes of encoded events: what the size limits are about."""
         return len(self.data)
-
-    # Lists, made on demand (dead letters, dry-run, tests): an object per event, off the
-    # hot path.
-    @property
-    def ends(self) -> list[int]:
-        """Where each fragment stops in `data`."""
-        return ends_of(self.lens)
-
-    @property
-    def times(self) -> list[bytes]:
-        return pieces(self.tdata, self.tlens)
-
-    def fragments(self) -> list[bytes]:
-        """Each event's JSON string literal, quotes included."""
-        return pieces(self.data, self.lens)
 
     def events(self) -> list[str]:
         """The event texts, decoded (dead letters, dry-run, /plain/batch)."""

@@ -70,6 +70,34 @@ def pack_times(times: Iterable[bytes]) -> tuple[bytes, array[int]]:
     return b"".join(ts), tlens
 
 
+class Stored:
+    """What a holder of the four parts (`data`, `lens`, `tdata`, `tlens`) gets for free: its
+    length, and its events as lists, made on demand (dead letters, dry-run, tests): an object
+    per event, never on the hot path."""
+
+    __slots__ = ()
+    data: bytes | bytearray
+    lens: array[int]
+    tdata: bytes | bytearray
+    tlens: array[int]
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    @property
+    def ends(self) -> list[int]:
+        """Where each event's literal stops in `data`."""
+        return ends_of(self.lens)
+
+    @property
+    def times(self) -> list[bytes]:
+        return pieces(self.tdata, self.tlens)
+
+    def fragments(self) -> list[bytes]:
+        """Each event's JSON string literal, quotes included."""
+        return pieces(self.data, self.lens)
+
+
 def py_cut(lens: array[int], tlens: array[int], i: int, j: int,
            budget: int) -> tuple[int, int, int]:
     """Where a batch with `budget` bytes left stops taking events i..j-1.

@@ -7,6 +7,7 @@ import importlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import pytest
@@ -19,6 +20,19 @@ from haproxy_forwarder.syslog.header import event_text, read_header, valid_time
 
 RECEIVED = b"2026-01-02T03:04:05.678Z"
 EXPECT_COMPILED = os.environ.get("HAPROXY_FORWARDER_EXPECT_COMPILED") == "1"
+
+
+
+def compiled_module(name: str) -> Any:
+    """The compiled module `name`, or None where it is not built; under
+    HAPROXY_FORWARDER_EXPECT_COMPILED=1 a missing one is an error, not a skip."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # pragma: no cover - depends on the build
+        if EXPECT_COMPILED:
+            raise
+        return None
+
 
 Factory = Callable[[ProgramFilter, int, str], ChunkReader]
 

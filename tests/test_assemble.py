@@ -3,7 +3,6 @@ and hostile lengths (a batch is data read back from disk) raise instead of readi
 
 from __future__ import annotations
 
-import importlib
 import os
 from array import array
 from collections.abc import Callable
@@ -16,13 +15,9 @@ from hypothesis import strategies as st
 
 from haproxy_forwarder.sinks import assemble
 from haproxy_forwarder.storage import new_lens, new_tlens, pack_times, pieces
+from tests.ingest_contract import compiled_module
 
-try:
-    native: Any = importlib.import_module("haproxy_forwarder.sinks._assemble")
-except ImportError:  # pragma: no cover - depends on the build
-    native = None
-    if os.environ.get("HAPROXY_FORWARDER_EXPECT_COMPILED") == "1":
-        raise
+native: Any = compiled_module("haproxy_forwarder.sinks._assemble")
 
 needs_native = pytest.mark.skipif(native is None, reason="compiled assembly not built")
 

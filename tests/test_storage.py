@@ -4,7 +4,6 @@ order, with its timestamp, at every boundary, whichever implementation runs."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from array import array
@@ -20,13 +19,9 @@ from hypothesis import strategies as st
 from haproxy_forwarder import batching, storage
 from haproxy_forwarder.batching import Batch, Batcher
 from haproxy_forwarder.storage import new_lens, new_tlens, pack_times, pieces
+from tests.ingest_contract import compiled_module
 
-try:
-    native: Any = importlib.import_module("haproxy_forwarder._storage")
-except ImportError:  # pragma: no cover - depends on the build
-    native = None
-    if os.environ.get("HAPROXY_FORWARDER_EXPECT_COMPILED") == "1":
-        raise
+native: Any = compiled_module("haproxy_forwarder._storage")
 
 IMPLS = ["python", "native"]
 # `impl` only swaps two functions, the same for every example: no reset between them needed.

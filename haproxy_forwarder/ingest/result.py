@@ -9,11 +9,11 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..storage import ends_of, new_lens, new_tlens, pieces
+from ..storage import Stored, new_lens, new_tlens
 
 
 @dataclass(slots=True)
-class ChunkResult:
+class ChunkResult(Stored):
     """Events completed by one chunk, in arrival order, stored as storage.py says.
 
     `data` holds each kept event as the JSON string literal orjson writes for its text
@@ -37,22 +37,6 @@ class ChunkResult:
     framing_errors: int = 0  # 1 when the stream became unreadable (then `error` says why)
     error: str | None = None  # set once: the connection must be closed
 
-    def __len__(self) -> int:
-        return len(self.lens)
-
-    # Lists, made on demand: for tests and diagnostics, never on the hot path.
-    @property
-    def ends(self) -> list[int]:
-        """Where each event stops in `data`."""
-        return ends_of(self.lens)
-
-    @property
-    def times(self) -> list[bytes]:
-        return pieces(self.tdata, self.tlens)
-
-    @property
-    def fragments(self) -> list[bytes]:
-        return pieces(self.data, self.lens)
 
 
 class ChunkReader(Protocol):
