@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing as mp
 import os
 import ssl
 import subprocess
@@ -36,11 +35,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import trustme
-
 from devtools.keys import INTAKE_KEY
 
 from . import procs, suts
+from .control import Child
+from .intake import answer_commands
 
 #: A fake key shaped like Sekoia's (the concentrator checks ^[a-zA-Z0-9]{16}).
 KEY = INTAKE_KEY
@@ -371,92 +370,18 @@ async def _main(conn: Connection, cert_pem: bytes, key_pem: bytes, tmpdir: str,
     server = await loop.create_server(lambda: _FrameCounter(state, mark), "127.0.0.1", 0,
                                       ssl=ctx, backlog=128, reuse_address=True)
     conn.send(("port", server.sockets[0].getsockname()[1]))
-    done = asyncio.Event()
-
-    def on_command() -> None:
-        os.set_blocking(conn.fileno(), True)
-        try:
-            cmd = conn.recv()
-        except (EOFError, OSError):
-            done.set()
-            return
-        if cmd[0] == "reset":
-            state.reset(cmd[1])
-            conn.send("ok")
-        elif cmd[0] == "stats":
-            conn.send(state.snapshot())
-        elif cmd[0] == "timeline":
-            conn.send(state.timeline.tobytes())
-        elif cmd[0] == "stop":
-            conn.send("bye")
-            done.set()
-
-    loop.add_reader(conn.fileno(), on_command)
-    await done.wait()
-    loop.remove_reader(conn.fileno())
+    await answer_commands(conn, state)
     server.close()
 
 
-class Sink:
-    """The driver's side of the TLS sink: its CA, its process, its command pipe. Answers
-    reset/stats/timeline like bench.control.Intake, so bench.runs.burst measures through it."""
+class Sink(Child):
+    """The driver's side of the TLS sink (bench.control.Child), so that bench.runs.burst
+    measures through it as through the intake."""
 
     def __init__(self, tmp: Path, key: str = KEY) -> None:
-        self.tmp = tmp
-        self.ca = trustme.CA()
-        self.ca_file = tmp / "sink-ca.pem"
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-        cert = self.ca.issue_cert(PEER_NAME)
-        self._cert = b"".join(p.bytes() for p in cert.cert_chain_pems)
-        self._key = cert.private_key_pem.bytes()
+        super().__init__(tmp, "bench TLS sink", "sink-ca.pem", PEER_NAME)
         self.mark = f'[SEKOIA@53288 intake_key="{key}"]'.encode()
-        self.port = 0
-        self.proc: Any = None
-        self.conn: Any = None
 
     def start(self) -> Sink:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve, name="bench-tls-sink", daemon=True,
-                                args=(child, self._cert, self._key, str(self.tmp), self.mark))
-        self.proc.start()
-        child.close()
-        self.conn = parent
-        if not parent.poll(30):
-            raise RuntimeError("bench TLS sink did not start within 30 s")
-        tag, port = parent.recv()
-        assert tag == "port"
-        self.port = int(port)
+        self._spawn(serve, "bench-tls-sink", self.mark)
         return self
-
-    @property
-    def pid(self) -> int:
-        return int(self.proc.pid)
-
-    def _ask(self, *cmd: Any, timeout: float = 30.0) -> Any:
-        self.conn.send(cmd)
-        if not self.conn.poll(timeout):
-            raise RuntimeError(f"bench TLS sink did not answer {cmd[0]!r}")
-        return self.conn.recv()
-
-    def reset(self, mode: str = "count") -> None:
-        self._ask("reset", mode)
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self._ask("stats"))
-
-    def timeline(self) -> list[tuple[float, float]]:
-        a = array("d")
-        a.frombytes(self._ask("timeline"))
-        return list(zip(a[0::2], a[1::2], strict=True))
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(Exception):
-            self._ask("stop", timeout=5)
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-        self.proc = None

@@ -25,8 +25,9 @@ import ssl
 import time
 import zlib
 from array import array
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 ARRAY_MARK = b'{"intake_key":'
 LEAK_MARK = b"Accepted publickey"  # text of an sshd message: must never reach the intake
@@ -224,8 +225,25 @@ async def _main(conn: Connection, cert_pem: bytes, key_pem: bytes, tmpdir: str) 
     server = await loop.create_server(
         lambda: HttpConn(state), "127.0.0.1", 0, ssl=ctx, backlog=128, reuse_address=True
     )
-    port = server.sockets[0].getsockname()[1]
-    conn.send(("port", port))
+    conn.send(("port", server.sockets[0].getsockname()[1]))
+    await answer_commands(conn, state, latency=lambda: (state.lat_times, state.lat_seqs))
+    server.close()
+
+
+class Counting(Protocol):
+    """What a bench server counts, as answer_commands serves it."""
+
+    timeline: array[float]
+
+    def reset(self, mode: str, /) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+async def answer_commands(conn: Connection, state: Counting,
+                          **more: Callable[[], Any]) -> None:
+    """The child's side of bench.control.Child: answer reset / stats / timeline (and the
+    commands in `more`) on the pipe until `stop` or the driver is gone."""
+    loop = asyncio.get_running_loop()
     done = asyncio.Event()
 
     def on_command() -> None:
@@ -242,10 +260,10 @@ async def _main(conn: Connection, cert_pem: bytes, key_pem: bytes, tmpdir: str) 
             conn.send("ok")
         elif op == "stats":
             conn.send(state.snapshot())
-        elif op == "latency":
-            conn.send((state.lat_times, state.lat_seqs))
         elif op == "timeline":
             conn.send(state.timeline.tobytes())
+        elif op in more:
+            conn.send(more[op]())
         elif op == "stop":
             conn.send("bye")
             done.set()
@@ -253,4 +271,3 @@ async def _main(conn: Connection, cert_pem: bytes, key_pem: bytes, tmpdir: str) 
     loop.add_reader(conn.fileno(), on_command)
     await done.wait()
     loop.remove_reader(conn.fileno())
-    server.close()
