@@ -143,6 +143,31 @@ def async_variant(url: str, ca: str, concurrency: int, whole: bool) -> tuple[Pos
     return post, client.aclose
 
 
+def read_capped(resp: Any, deadline: float = float("inf")) -> int:
+    """Read an answer up to CAP bytes (or the deadline), as the client does; its status."""
+    answer = bytearray()
+    try:
+        for chunk in resp.iter_raw():
+            answer += chunk[: CAP - len(answer)]
+            if len(answer) >= CAP or time.monotonic() > deadline:
+                break
+    finally:
+        resp.close()
+    return int(resp.status_code)
+
+
+def in_threads(pool: ThreadPoolExecutor, blocking: Callable[[bytes], int]) -> Post:
+    """A `post` that runs the blocking one in `pool`, awaited under a 30 s deadline."""
+
+    async def post(body: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(30.0):
+            status = await loop.run_in_executor(pool, blocking, body)
+        assert status == 200, status
+
+    return post
+
+
 def sync_variant(url: str, ca: str, concurrency: int, whole: bool) -> tuple[Post, Any]:
     import httpx
 
@@ -157,28 +182,13 @@ def sync_variant(url: str, ca: str, concurrency: int, whole: bool) -> tuple[Post
         deadline = time.monotonic() + 30.0
         request = client.build_request("POST", url, content=content,
                                        headers={"Content-Length": str(len(body))})
-        resp = client.send(request, stream=True)
-        answer = bytearray()
-        try:
-            for chunk in resp.iter_raw():
-                answer += chunk[: CAP - len(answer)]
-                if len(answer) >= CAP or time.monotonic() > deadline:
-                    break
-        finally:
-            resp.close()
-        return resp.status_code
-
-    async def post(body: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(30.0):
-            status = await loop.run_in_executor(pool, blocking, body)
-        assert status == 200, status
+        return read_capped(client.send(request, stream=True), deadline)
 
     async def close() -> None:
         client.close()
         pool.shutdown()
 
-    return post, close
+    return in_threads(pool, blocking), close
 
 
 def h11_variant(url: str, ca: str, concurrency: int) -> tuple[Post, Any]:
@@ -295,27 +305,12 @@ def h11_transport_variant(url: str, ca: str, concurrency: int) -> tuple[Post, An
 
     def blocking(body: bytes) -> int:
         request = client.build_request("POST", url, content=body)
-        resp = client.send(request, stream=True)
-        answer = bytearray()
-        try:
-            for chunk in resp.iter_raw():
-                answer += chunk[: CAP - len(answer)]
-                if len(answer) >= CAP:
-                    break
-        finally:
-            resp.close()
-        return resp.status_code
-
-    async def post(body: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(30.0):
-            status = await loop.run_in_executor(pool, blocking, body)
-        assert status == 200, status
+        return read_capped(client.send(request, stream=True))
 
     async def close() -> None:
         pool.shutdown()
 
-    return post, close
+    return in_threads(pool, blocking), close
 
 
 def intake_variant(url: str, ca: str, concurrency: int) -> tuple[Post, Any]:
