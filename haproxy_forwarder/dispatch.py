@@ -18,7 +18,10 @@ drains before it closes: intakes.IntakeSet.retire).
 
 Events no route sends to an intake (`drop = true`, or no route matched) are counted as
 `unrouted_events{reason}` and settled at once (a RELP sender is answered: they were
-received, and the config says not to forward them).
+received, and the config says not to forward them). The first events of each origin no route
+matched are also said in one `events_unrouted` line (listener, source, certificate names):
+which sender the route table misses is what the operator must learn, and a counter cannot
+say it. Once per origin until the next reload, so a flood of them is one line per sender.
 """
 
 from __future__ import annotations
@@ -35,21 +38,44 @@ from .observability.counters import Counters
 from .routing import Decision, Origin, Table, Target, UnroutedReason
 from .sources.base import Inlet
 
+# Origins whose unrouted events were said since the last reload: bounded, as senders are
+# many behind a NAT or a balancer; once full it starts again (some origins said twice).
+SAID_ORIGINS_MAX = 1024
+
 
 class Unrouted:
-    """Where events routed nowhere go: counted, settled."""
+    """Where events routed nowhere go: counted, settled, and each origin no route matched
+    said once (until the next reload)."""
 
-    def __init__(self, counters: Counters) -> None:
+    def __init__(self, counters: Counters, log: Any) -> None:
         self.counters = counters
+        self.log = log
+        self.said: set[Origin] = set()
 
-    def take(self, result: ChunkResult, why: UnroutedReason, ack: Ack | None) -> None:
+    def take(self, result: ChunkResult, why: UnroutedReason, ack: Ack | None,
+             origin: Origin) -> None:
         c = self.counters
         c.filtered_out += result.filtered
         c.invalid_timestamps += result.bad_times
         if result.accepted:
             c.unrouted(result.accepted, why)
+            if why == "no_route" and origin not in self.said:
+                self._say(origin, result.accepted)
         if ack is not None:
             ack.durable()
+
+    def _say(self, origin: Origin, events: int) -> None:
+        # A drop route is the config's intent; no route at all is a gap in the table.
+        if len(self.said) >= SAID_ORIGINS_MAX:
+            self.said.clear()
+        self.said.add(origin)
+        self.log.warning(
+            "events_unrouted", listener=origin.listener, source=origin.source,
+            tls_names=list(origin.tls_names), events=events,
+            action="no route matches this sender and there is no catch-all route: its events "
+                   "are dropped, counted in unrouted_events{reason=\"no_route\"}; add a route "
+                   "(haproxy-forwarder check-config prints the table), then reload; said once "
+                   "per sender until the next reload")
 
 
 class Routes:
@@ -64,7 +90,7 @@ class Routes:
         # Intakes a reload removed, still draining (IntakeSet.retired): events already on
         # their way to one (an inlet waiting for a frame boundary) are still delivered.
         self.retired: Mapping[str, Pipeline] = retired if retired is not None else {}
-        self.unrouted = Unrouted(counters)
+        self.unrouted = Unrouted(counters, log)
         self.filter = filt
         self.max_message_size = max_message_size
         self.reader = reader
@@ -75,10 +101,12 @@ class Routes:
         self.waiting = 0
 
     def use(self, table: Table) -> None:
-        """A reload's table: every inlet decides again at its next take."""
+        """A reload's table: every inlet decides again at its next take; a sender it still
+        misses is said again."""
         self.table = table
         self.version += 1
         self.waiting = 0
+        self.unrouted.said.clear()
 
     def inlet(self, origin: Origin, framing: str) -> Inlet:
         decision = self.table.decide(origin)
@@ -120,15 +148,16 @@ class Routes:
             return t
         return target
 
-    def deliver(self, target: Target, result: ChunkResult, ack: Ack | None) -> None:
-        """One part to its intake, or counted as unrouted."""
+    def deliver(self, target: Target, result: ChunkResult, ack: Ack | None,
+                origin: Origin) -> None:
+        """One part of `origin`'s events to its intake, or counted as unrouted."""
         pipe = None
         if target.intake is not None:
             pipe = self.pipelines.get(target.intake) or self.retired.get(target.intake)
             if pipe is not None and pipe.closing:
                 pipe = None
         if pipe is None:
-            self.unrouted.take(result, target.why or "no_route", ack)
+            self.unrouted.take(result, target.why or "no_route", ack, origin)
         else:
             pipe.collector.take(result, ack)
 
@@ -190,12 +219,12 @@ class RoutedInlet:
                 return
             acks = split(ack, len(parts)) if ack is not None else [None] * len(parts)
             for (target, part), one in zip(parts, acks, strict=True):
-                self.routes.deliver(target, part, one)
+                self.routes.deliver(target, part, one, self.origin)
             return
         # Read without programs: to the intake the reader read it for (the one of the new
         # routes, unless the reader changed after reading it).
         self.routes.deliver(fixed if fixed is not None else Target(None, "no_route"),
-                            result, ack)
+                            result, ack, self.origin)
 
     def flush(self) -> None:
         for pipe in self._pipes:

@@ -199,6 +199,32 @@ def test_what_no_route_takes_is_counted_and_settled_at_once() -> None:
     assert acked == ["d2", "durable"]
 
 
+def test_each_sender_no_route_matches_is_said_once_until_the_next_reload() -> None:
+    r, counters = routes([Route(source=(ip_network("127.0.0.9/32"),), intake=None),
+                          Route(source=(ip_network("127.0.0.8/32"),), intake="a")])
+    log: Log = r.log
+    for _ in range(3):
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.9"):
+            inlet = r.inlet(origin(source), OCTET)
+            inlet.take(inlet.reader.feed(chunk(("haproxy", "x"), ("haproxy", "y")), TS))
+    # A drop route is what the config asks for: counted, not said. No route at all is a
+    # gap in the table: the first events of each such sender are said, once.
+    assert counters.unrouted_reasons == {"no_route": 12, "drop": 6}
+    said = log.named("events_unrouted")
+    assert [(f["source"], f["listener"], f["events"]) for f in said] == [
+        ("127.0.0.2", "tcp://127.0.0.1:1514", 2), ("127.0.0.3", "tcp://127.0.0.1:1514", 2)]
+    assert "add a route" in said[0]["action"]
+    r.use(Table([Route(source=(ip_network("127.0.0.3/32"),), intake="a")]))
+    for source in ("127.0.0.2", "127.0.0.3"):
+        inlet = r.inlet(origin(source), OCTET)
+        inlet.take(inlet.reader.feed(chunk(("haproxy", "z")), TS))
+    # After the reload, the sender the new table still misses is said again; the one it
+    # routes now is not.
+    assert [f["source"] for f in log.named("events_unrouted")] == [
+        "127.0.0.2", "127.0.0.3", "127.0.0.2"]
+    assert collector(r, "a").events() == [b'"z"']
+
+
 def test_an_inlet_follows_a_new_table_at_its_next_take() -> None:
     r, _ = routes([Route(intake="a")])
     inlet = r.inlet(origin(), OCTET)
@@ -241,7 +267,8 @@ def test_events_on_their_way_to_a_removed_intake_still_reach_it_while_it_drains(
     r.retired = retired
     r.pipelines = {"b": FakePipe("b")}  # type: ignore[dict-item]
     r.deliver(r.table.decide(origin()).target(""), ChunkResult(data=b'"q"', lens=new_lens([3]),
-              tdata=TS, tlens=new_tlens([len(TS)]), accepted=1), None)
+              tdata=TS, tlens=new_tlens([len(TS)]), accepted=1), None,
+              origin())
     assert retired["a"].collector.events() == [b'"q"']  # type: ignore[attr-defined]
     assert counters.unrouted_events == 0
 
