@@ -296,6 +296,10 @@ def test_an_event_no_route_takes_is_counted_as_no_route(tmp_path: Path) -> None:
             assert val(m, "unrouted_events_total", reason="drop") == 0
             assert val(m, "delivered_events_total", intake="a") == len(to_a)
             assert val(m, "delivered_events_total", intake="b") == len(to_b)
+            # The sender the table misses is named, once (not the one routed by source).
+            said = d.events("events_unrouted")
+            assert [(e["source"], e["listener"]) for e in said] == [
+                ("127.0.0.3", f"tcp://127.0.0.1:{d.tcp_port}")], said
             assert d.stop() == 0
 
 
