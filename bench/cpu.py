@@ -6,7 +6,7 @@ Each `--set` is a config overlay (JSON, e.g. '{"intake": {"concurrency": 2}}'; n
 defaults); the settings are run in turn, `--rounds` times, each in a fresh daemon that first
 delivers a 2,000-message warm-up (connections opened, lazy imports done) so that what is printed
 is the cost of the burst itself: CPU-seconds (user + sys, per thread), msgs per CPU-second and
-VmHWM. `--perf FILE` records the first run with `perf record` (then `perf report -i FILE
+VmHWM and minor page faults. `--perf FILE` records the first run with `perf record` (then `perf report -i FILE
 --no-children --sort dso`). Loopback only, like the rest of bench/.
 """
 
@@ -65,9 +65,9 @@ def one_run(tmp: Path, intake: Intake, small: Stream, stream: Stream, extra: dic
                if perf else None)
         if rec is not None:
             time.sleep(0.5)
-        c0, t0 = procs.cpu_seconds(pid), thread_cpu(pid)
+        c0, t0, f0 = procs.cpu_seconds(pid), thread_cpu(pid), procs.minor_faults(pid)
         push(fwd, intake, stream)
-        c1, t1 = procs.cpu_seconds(pid), thread_cpu(pid)
+        c1, t1, f1 = procs.cpu_seconds(pid), thread_cpu(pid), procs.minor_faults(pid)
         if rec is not None:
             rec.send_signal(2)
             rec.wait(30)
@@ -79,7 +79,8 @@ def one_run(tmp: Path, intake: Intake, small: Stream, stream: Stream, extra: dic
         cpu = c1 - c0
         rate = f"{stream.count / cpu:,.0f}" if cpu > 0 else "n/a"
         return (f"{cpu:.2f} CPU-s = {rate} msgs/CPU-s, VmHWM "
-                f"{procs.status_kib(pid, 'VmHWM') / 1024:.1f} MiB  [{', '.join(busy)}]")
+                f"{procs.status_kib(pid, 'VmHWM') / 1024:.1f} MiB, {f1 - f0:,} minor faults  "
+                f"[{', '.join(busy)}]")
     finally:
         fwd.stop()
 

@@ -61,6 +61,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of the whole process so far (fresh pages touched: the cost of memory
+    that is mapped and unmapped rather than reused), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rindex(b")") + 2 :].split()[7])
+
+
 def thread_cpu(pid: int, tid: int) -> float:
     """user + sys of one thread (tid == pid: the main thread, the event loop)."""
     try:
