@@ -5,9 +5,9 @@
 Each `--set` is a config overlay (JSON, e.g. '{"intake": {"concurrency": 2}}'; none: the
 defaults); the settings are run in turn, `--rounds` times, each in a fresh daemon that first
 delivers a 2,000-message warm-up (connections opened, lazy imports done) so that what is printed
-is the cost of the burst itself: CPU-seconds (user + sys, per thread), msgs per CPU-second and
-VmHWM and minor page faults. `--perf FILE` records the first run with `perf record` (then `perf report -i FILE
---no-children --sort dso`). Loopback only, like the rest of bench/.
+is the cost of the burst itself: CPU-seconds (user + sys, per thread), msgs per CPU-second,
+VmHWM and minor page faults. `--perf FILE` records the first run with `perf record` (then
+`perf report -i FILE --no-children --sort dso`). Loopback only, like the rest of bench/.
 """
 
 from __future__ import annotations
