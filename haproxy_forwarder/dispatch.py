@@ -35,7 +35,7 @@ from .ingest import ChunkReader, ChunkResult, ProgramFilter
 from .ingest.split import SplitReader, SplitResult
 from .intakes import Pipeline
 from .observability.counters import Counters
-from .routing import Decision, Origin, Table, Target, UnroutedReason
+from .routing import NO_ROUTE, Decision, Origin, Table, Target, UnroutedReason
 from .sources.base import Inlet
 
 # Origins whose unrouted events were said since the last reload: bounded, as senders are
@@ -63,6 +63,10 @@ class Unrouted:
                 self._say(origin, result.accepted)
         if ack is not None:
             ack.durable()
+
+    def forget(self) -> None:
+        """A new route table: the senders it still misses are said again."""
+        self.said.clear()
 
     def _say(self, origin: Origin, events: int) -> None:
         # A drop route is the config's intent; no route at all is a gap in the table.
@@ -106,7 +110,7 @@ class Routes:
         self.table = table
         self.version += 1
         self.waiting = 0
-        self.unrouted.said.clear()
+        self.unrouted.forget()
 
     def inlet(self, origin: Origin, framing: str) -> Inlet:
         decision = self.table.decide(origin)
@@ -223,8 +227,7 @@ class RoutedInlet:
             return
         # Read without programs: to the intake the reader read it for (the one of the new
         # routes, unless the reader changed after reading it).
-        self.routes.deliver(fixed if fixed is not None else Target(None, "no_route"),
-                            result, ack, self.origin)
+        self.routes.deliver(fixed if fixed is not None else NO_ROUTE, result, ack, self.origin)
 
     def flush(self) -> None:
         for pipe in self._pipes:
