@@ -52,31 +52,32 @@ def kill_children() -> None:
     _children.clear()
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + sys of the whole process (all threads), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
+def _stat_fields(path: str) -> list[bytes]:
+    """The fields of a /proc stat file after `comm`, from `state` on (field 3 is index 0)."""
+    with open(path, "rb") as f:
         data = f.read()
     # comm may contain spaces: fields start after the last ")"
-    fields = data[data.rindex(b")") + 2 :].split()
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + sys of the whole process (all threads), from /proc/<pid>/stat."""
+    fields = _stat_fields(f"/proc/{pid}/stat")
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def minor_faults(pid: int) -> int:
     """Minor page faults of the whole process so far (fresh pages touched: the cost of memory
     that is mapped and unmapped rather than reused), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2 :].split()[7])
+    return int(_stat_fields(f"/proc/{pid}/stat")[7])
 
 
 def thread_cpu(pid: int, tid: int) -> float:
     """user + sys of one thread (tid == pid: the main thread, the event loop)."""
     try:
-        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-            data = f.read()
+        fields = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
     except OSError:
         return 0.0
-    fields = data[data.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
